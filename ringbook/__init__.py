@@ -1,0 +1,24 @@
+"""ringbook: learn, check and measure ring attention.
+
+Tensors are ``b n h d`` (batch, sequence, heads, head_dim); the log-sum-exp
+``lse`` is ``b h n``. Every attention function takes ``(q, k, v, *,
+causal=..., scale=..., <variant options>)`` and returns ``(out, lse)``.
+
+``import ringbook`` needs only torch and einops: plotting, widgets and the
+benchmark import matplotlib, ipywidgets and tqdm when they are used.
+"""
+
+from .naive import causal_mask, naive_attention
+from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "naive_attention",
+    "causal_mask",
+    "merge_partials",
+    "attend_block",
+    "blockwise_attention",
+    "online_softmax_trace",
+    "__version__",
+]

@@ -1,0 +1,96 @@
+"""The reference: attention with the full score matrix, in float64.
+
+.. math::
+
+    S = \\mathrm{scale}\\cdot Q K^\\top, \\quad
+    \\mathrm{lse}_i = \\log \\sum_j e^{S_{ij}}, \\quad
+    O_i = \\sum_j e^{S_{ij} - \\mathrm{lse}_i} V_j
+
+Everything else in ringbook is tested against this function. It is written
+to be obviously right, not fast: it materialises the ``b h i j`` scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum, rearrange
+
+from ._utils import check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+
+
+def causal_mask(n_q: int, n_k: int, device=None, q_offset: int = 0, k_offset: int = 0) -> torch.Tensor:
+    """Boolean ``(n_q, n_k)`` mask, True where key position ≤ query position.
+
+    Positions start at ``q_offset`` and ``k_offset``; with both 0 this is the
+    top-left aligned mask of ``torch.nn.functional.scaled_dot_product_attention``.
+    """
+    i = torch.arange(q_offset, q_offset + n_q, device=device)
+    j = torch.arange(k_offset, k_offset + n_k, device=device)
+    return rearrange(j, "j -> 1 j") <= rearrange(i, "i -> i 1")
+
+
+def _check_mask(mask, b: int, h: int, n_q: int, n_k: int, device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a boolean torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = attend), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but q is on {device}")
+    expected = "(seq_q, seq_k) = " f"({n_q}, {n_k}) or broadcastable to (batch, heads, seq_q, seq_k) = ({b}, {h}, {n_q}, {n_k})"
+    if mask.dim() not in (2, 4):
+        raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, (b, h, n_q, n_k))
+    except RuntimeError:
+        raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}") from None
+    if tuple(mask.shape[-2:]) != (n_q, n_k) and mask.dim() == 2:
+        raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}")
+    return mask
+
+
+def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, precision="float64"):
+    """Reference attention. Returns ``(out, lse)``.
+
+    Args:
+        q, k, v: ``b n h d`` tensors (k and v may have another length than q).
+        causal: key j is seen by query i only if j ≤ i (top-left aligned).
+        mask: boolean ``(seq_q, seq_k)`` or broadcastable ``(b, h, seq_q, seq_k)``,
+            True = attend. Combined with ``causal`` by logical and.
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        precision: ``"float64"`` (default, the reference) or ``"input"``, which
+            does the same arithmetic in the input dtype (float32 for lse). The
+            latter is the naive low-precision baseline of flash-attention's
+            2× error rule, and the "naive" benchmark row.
+
+    Returns:
+        out ``b n h d`` in the input dtype and lse ``b h n`` (natural log;
+        float32 for float16/bfloat16 input). A query that sees no key gets
+        out 0 and lse -inf.
+    """
+    check_qkv(q, k, v)
+    check_bool(causal, "causal")
+    if precision not in ("float64", "input"):
+        raise ValueError(f"precision must be 'float64' or 'input', got {precision!r}")
+    b, n_q, h, d = q.shape
+    n_k = k.shape[1]
+    scale = resolve_scale(scale, d)
+    work = torch.float64 if precision == "float64" else q.dtype
+
+    keep = None
+    if mask is not None:
+        keep = _check_mask(mask, b, h, n_q, n_k, q.device)
+    if causal:
+        cm = causal_mask(n_q, n_k, device=q.device)
+        keep = cm if keep is None else keep & cm
+
+    # Scores in the working dtype; the softmax itself in at least float32, as
+    # torch.softmax does internally for half-precision input.
+    s = einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale
+    s = s.to(compute_dtype(work))
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # b h i; -inf for a row with no key
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - rearrange(lse_safe, "b h i -> b h i 1"))
+    out = einsum(p.to(work), v.to(work), "b h i j, b j h d -> b i h d")
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))

@@ -1,0 +1,156 @@
+"""The online-softmax core: one block of attention, the lse merge, and the
+blockwise loop built from the two (derived in ``notebooks/01_online_softmax``).
+
+Attention over a key set J can be summarised per query by two numbers of the
+softmax — the output ``O_J`` and the log-sum-exp ``lse_J`` — and two
+summaries over disjoint key sets A and B combine exactly (equation (M)):
+
+.. math::
+
+    \\mathrm{lse} = \\log(e^{\\mathrm{lse}_A} + e^{\\mathrm{lse}_B}), \\qquad
+    O = e^{\\mathrm{lse}_A - \\mathrm{lse}}\\, O_A + e^{\\mathrm{lse}_B - \\mathrm{lse}}\\, O_B
+
+The merge is commutative and associative with ``(0, -inf)`` as identity, so
+blocks can be visited in any order and grouping: the online softmax of
+Milakov & Gimelshein (2018) and Rabe & Staats (2021) visits them in a loop,
+ring attention visits them as they travel round a ring.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import einsum, rearrange
+
+from ._utils import (
+    check_bool,
+    check_positive_int,
+    check_qkv,
+    check_tensor,
+    compute_dtype,
+    lse_dtype,
+    resolve_scale,
+)
+from .naive import causal_mask
+
+
+def _check_partial(out, lse, tag: str) -> None:
+    check_tensor(out, f"out_{tag}", ndim=4)
+    check_tensor(lse, f"lse_{tag}", ndim=3)
+    b, n, h, _ = out.shape
+    if tuple(lse.shape) != (b, h, n):
+        raise ValueError(
+            f"lse_{tag} must have shape (batch, heads, seq) = {(b, h, n)} to match out_{tag} "
+            f"{tuple(out.shape)} ('b n h d'), got {tuple(lse.shape)}"
+        )
+
+
+def merge_partials(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets, equation (M). Returns ``(out, lse)``.
+
+    ``out_*`` are ``b n h d`` and ``lse_*`` are ``b h n``. The work is done in
+    at least float32 and the result has the promoted dtype of the inputs. It is
+    stable for any magnitude of lse: every exponent is ≤ 0. A row with no key
+    on either side (lse -inf on both) gives out 0 and lse -inf, so merging
+    with an empty partial ``(0, -inf)`` is the identity.
+    """
+    _check_partial(out_a, lse_a, "a")
+    _check_partial(out_b, lse_b, "b")
+    if out_a.shape != out_b.shape:
+        raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must have the same shape")
+    for x in (lse_a, out_b, lse_b):
+        if x.device != out_a.device:
+            raise ValueError(f"all partials must be on one device, got {out_a.device} and {x.device}")
+    out_dtype = torch.promote_types(out_a.dtype, out_b.dtype)
+    lse_dtype_ = torch.promote_types(lse_a.dtype, lse_b.dtype)
+    work = torch.promote_types(compute_dtype(out_dtype), compute_dtype(lse_dtype_))
+
+    lse_a, lse_b = lse_a.to(work), lse_b.to(work)
+    lse = torch.logaddexp(lse_a, lse_b)  # -inf only when both are -inf
+    empty = torch.isneginf(lse)
+    lse_safe = torch.where(empty, torch.zeros_like(lse), lse)
+    w_a = rearrange(torch.exp(lse_a - lse_safe), "b h n -> b n h 1")
+    w_b = rearrange(torch.exp(lse_b - lse_safe), "b h n -> b n h 1")
+    out = w_a * out_a.to(work) + w_b * out_b.to(work)
+    return out.to(out_dtype), lse.to(lse_dtype_)
+
+
+def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0):
+    """Exact attention of a query block to one key/value block, in ``compute_dtype``.
+
+    The one place that materialises scores: a ``b h i j`` tile of the block's
+    size. Positions start at ``q_offset``/``k_offset`` for the causal test
+    (key position ≤ query position). Returns ``(out, lse)`` in float32 for
+    low-precision input (the accumulator dtype), else in the input dtype;
+    rows with no visible key give out 0 and lse -inf. Inputs are assumed valid.
+    """
+    work = compute_dtype(q.dtype)
+    s = einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale
+    if causal:
+        keep = causal_mask(q.shape[1], k.shape[1], device=q.device, q_offset=q_offset, k_offset=k_offset)
+        s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)  # running max m of the notebook
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1)  # normaliser l
+    out = einsum(p, v.to(work), "b h i j, b j h d -> b i h d")
+    out = out / rearrange(l.clamp_min(torch.finfo(work).tiny), "b h i -> b i h 1")
+    lse = rearrange(m, "b h i 1 -> b h i") + torch.log(l)  # log 0 = -inf for empty rows
+    return out, lse
+
+
+def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
+    """Online-softmax attention over key/value blocks. Returns ``(out, lse)``.
+
+    Keys and values are visited ``block_size`` at a time (the last block may
+    be shorter); each block's ``(out, lse)`` from :func:`attend_block` is
+    folded into float32 (or float64) accumulators with :func:`merge_partials`.
+    All query rows are processed together, so at most one ``block_size``-wide
+    tile of scores per query exists at a time: memory O(n·block_size), not
+    O(n²). With ``causal``, a key block is attended only by the queries at or
+    after its first position, and blocks no query can see are never computed.
+    """
+    check_qkv(q, k, v)
+    check_bool(causal, "causal")
+    block_size = check_positive_int(block_size, "block_size")
+    b, n_q, h, d = q.shape
+    n_k = k.shape[1]
+    scale = resolve_scale(scale, d)
+    work = compute_dtype(q.dtype)
+
+    out = torch.zeros(b, n_q, h, d, dtype=work, device=q.device)
+    lse = torch.full((b, h, n_q), float("-inf"), dtype=work, device=q.device)
+    for start in range(0, n_k, block_size):
+        stop = min(start + block_size, n_k)
+        first_q = start if causal else 0  # queries before `start` see none of this block
+        if first_q >= n_q:
+            break
+        o_blk, lse_blk = attend_block(
+            q[:, first_q:], k[:, start:stop], v[:, start:stop],
+            scale=scale, causal=causal, q_offset=first_q, k_offset=start,
+        )
+        out[:, first_q:], lse[:, :, first_q:] = merge_partials(
+            out[:, first_q:], lse[:, :, first_q:], o_blk, lse_blk
+        )
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+def online_softmax_trace(scores: torch.Tensor, block_size: int):
+    """Running max ``m``, normaliser ``l`` after each block of a 1-D score row.
+
+    Teaching helper for notebook 01: returns a list of ``(m, l)`` floats, one
+    per block seen, using the update
+    ``m' = max(m, max(s_blk)),  l' = l·e^{m - m'} + Σ e^{s_blk - m'}``.
+    After the last block, ``m + log l`` equals ``logsumexp(scores)``.
+    """
+    check_tensor(scores, "scores", ndim=1)
+    block_size = check_positive_int(block_size, "block_size")
+    m, l = float("-inf"), 0.0
+    trace = []
+    for start in range(0, scores.numel(), block_size):
+        blk = scores[start:start + block_size].double()
+        m_new = max(m, blk.max().item())
+        l = l * (torch.exp(torch.tensor(m - m_new)).item() if m != float("-inf") else 0.0)
+        l += torch.exp(blk - m_new).sum().item()
+        m = m_new
+        trace.append((m, l))
+    return trace
