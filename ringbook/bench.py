@@ -1,0 +1,404 @@
+"""The benchmark harness: one JSON row per (implementation, sequence length,
+ring size, causal) measurement.
+
+Every row is measured the same way:
+
+* fresh random inputs (``torch.randn``, seeded), never zeros;
+* warm-up calls, then timed repeats — CUDA events on a GPU, a monotonic
+  clock on the CPU — and the **median** is reported;
+* peak memory of one call: ``reset_peak_memory_stats`` /
+  ``max_memory_allocated`` on CUDA (inputs included); on the CPU the
+  process's resident high-water mark, labelled as such;
+* work counted as 4·b·h·n_q·n_k·d FLOPs (half for causal) → TFLOP/s, and
+  tokens/s = b·n / time;
+* the output checked against :func:`ringbook.naive_attention` in float64,
+  on a slice of evenly spaced query rows where the full reference would not
+  fit (``max_rel_err`` = max |out − ref| / max |ref| over the checked rows);
+* a status: ``ok``, ``oom`` (the sweep goes on) or ``error`` with the
+  message. A row that is not run says so and why in ``error``.
+
+Implementations are registered in :data:`IMPLS`; later features add rows by
+registering more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import math
+import platform
+import resource
+import statistics
+import time
+import traceback
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from . import __version__
+from ._utils import attention_flops
+from .naive import naive_attention
+from .online_softmax import blockwise_attention
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+# A row whose max_rel_err exceeds this is a wrong answer: status "error".
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """A benchmarked implementation: ``fn(q, k, v, *, causal, ring_size, **options) -> (out, lse)``."""
+
+    name: str
+    fn: Callable
+    description: str
+    ring: bool = False  # takes ring_size > 1
+    cuda_only: bool = False
+    # bytes of transient memory it needs beyond inputs/outputs (for the CPU guard)
+    extra_bytes: Callable[[int, int, int, int, int], float] | None = None
+    flops: Callable[..., float] = attention_flops
+
+
+def _naive(q, k, v, *, causal, ring_size, **_):
+    return naive_attention(q, k, v, causal=causal, precision="input")
+
+
+def _blockwise(q, k, v, *, causal, ring_size, block_size=None, **_):
+    return blockwise_attention(q, k, v, block_size=block_size or 1024, causal=causal)
+
+
+def _sdpa(backend_name: str | None):
+    def fn(q, k, v, *, causal, ring_size, **_):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(getattr(SDPBackend, backend_name)) if backend_name else nullcontext()
+        qt, kt, vt = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
+        with ctx:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        return rearrange(out, "b h n d -> b n h d"), None
+
+    return fn
+
+
+def _scores_bytes(b, h, n_q, n_k, itemsize):
+    return 3.0 * b * h * n_q * n_k * max(itemsize, 4)
+
+
+IMPLS: dict[str, Impl] = {}
+
+
+def register(impl: Impl) -> Impl:
+    """Add an implementation to the benchmark (later modules add their rows)."""
+    IMPLS[impl.name] = impl
+    return impl
+
+
+register(Impl("naive", _naive, "materialised seq×seq scores in the input dtype", extra_bytes=_scores_bytes))
+register(Impl(
+    "blockwise", _blockwise, "ringbook.blockwise_attention (einops online softmax, block 1024)",
+    extra_bytes=lambda b, h, n_q, n_k, s: 3.0 * b * h * n_q * min(n_k, 1024) * 4,
+))
+register(Impl("sdpa", _sdpa(None), "torch scaled_dot_product_attention, default dispatch"))
+for _backend, _label in (("FLASH_ATTENTION", "flash"), ("CUDNN_ATTENTION", "cudnn"), ("EFFICIENT_ATTENTION", "efficient")):
+    register(Impl(f"sdpa_{_label}", _sdpa(_backend), f"torch SDPA, {_label} backend only", cuda_only=True))
+
+
+# --------------------------------------------------------------------------- environment
+
+def environment(device: torch.device) -> dict:
+    """Device name, versions and the timing/memory method, recorded in every row."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        mem_kind = "cuda max_memory_allocated (one call, inputs included)"
+        timer = "CUDA events"
+    else:
+        name = _cpu_name()
+        mem_kind = "CPU process max RSS (high-water mark of the whole process; never falls)"
+        timer = "time.perf_counter"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "ringbook_version": __version__,
+        "python_version": platform.python_version(),
+        "timer": timer,
+        "peak_mem_kind": mem_kind,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU ({line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _available_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8e9
+
+
+# --------------------------------------------------------------------------- measurement
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
+              target_s: float = 2.0) -> list[float]:
+    """Warm up, then time ``repeats`` calls (fewer for slow calls, at least 3); milliseconds.
+
+    Warm-up stops early once a call takes over a second (it is then long
+    past compilation and caching effects).
+    """
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if time.perf_counter() - t0 > 1.0:
+            break
+    times = []
+    for i in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and sum(times) / 1e3 > target_s:
+            break
+    return times
+
+
+def peak_memory_gb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call (GB). CUDA: allocator peak. CPU: process max RSS."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        _sync(device)
+        del out
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    out = fn()
+    del out
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def check_against_reference(q, k, v, out, *, causal: bool, budget_bytes: float = 2e9):
+    """max |out − ref| / max |ref| over evenly spaced query rows; returns (err, rows checked).
+
+    The float64 reference runs one head at a time on as many query rows as
+    fit in ``budget_bytes`` (all rows when they fit).
+    """
+    b, n_q, h, _ = q.shape
+    n_k = k.shape[1]
+    per_row = 3.0 * 8 * b * n_k
+    m = int(max(8, min(n_q, budget_bytes // per_row)))
+    idx = torch.linspace(0, n_q - 1, m, device=q.device).round().long().unique()
+    mask = (torch.arange(n_k, device=q.device)[None, :] <= idx[:, None]) if causal else None
+    err, scale = 0.0, 0.0
+    for head in range(h):
+        sl = slice(head, head + 1)
+        ref, _ = naive_attention(q[:, idx, sl], k[:, :, sl], v[:, :, sl], mask=mask)
+        got = out[:, idx, sl].double()
+        err = max(err, (got - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    return err / max(scale, 1e-300), int(idx.numel())
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: torch.dtype, batch: int,
+            heads: int, head_dim: int, device: torch.device, warmup: int, repeats: int,
+            options: dict | None = None, seed: int = 0, env: dict | None = None) -> dict:
+    """Measure one configuration; never raises (failures become the row's status)."""
+    row = {
+        **(env or environment(device)),
+        "impl": impl.name, "seq_len": seq_len, "ring_size": ring_size, "causal": causal,
+        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "heads": heads, "head_dim": head_dim,
+        "flops": impl.flops(batch, heads, seq_len, seq_len, head_dim, causal),
+        "time_ms": None, "times_ms": [], "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
+        "max_rel_err": None, "checked_rows": None, "status": "error", "error": None,
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    options = dict(options or {})
+    q = k = v = out = None
+    try:
+        if impl.cuda_only and device.type != "cuda":
+            raise RuntimeError(f"not run: {impl.name} needs a CUDA device")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        need = 4.0 * batch * seq_len * heads * head_dim * itemsize
+        if impl.extra_bytes is not None:
+            need += impl.extra_bytes(batch, heads, seq_len, seq_len, itemsize)
+        if device.type == "cpu" and need > 0.7 * _available_bytes(device):
+            row["status"] = "oom"
+            row["error"] = (f"not run: needs about {need / 1e9:.1f} GB by estimate, "
+                            f"more than 70% of the {_available_bytes(device) / 1e9:.1f} GB available")
+            return row
+        gen = torch.Generator(device=device).manual_seed(seed)
+        q, k, v = (torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device, dtype=dtype)
+                   for _ in range(3))
+
+        def call():
+            return impl.fn(q, k, v, causal=causal, ring_size=ring_size, **options)
+
+        times = time_call(call, device, warmup=warmup, repeats=repeats)
+        row["peak_mem_gb"] = peak_memory_gb(call, device)
+        out, _ = call()
+        row["max_rel_err"], row["checked_rows"] = check_against_reference(q, k, v, out, causal=causal)
+        t = statistics.median(times)
+        row.update(time_ms=t, times_ms=times, tflops=row["flops"] / (t * 1e-3) / 1e12,
+                   tokens_per_s=batch * seq_len / (t * 1e-3))
+        tol = TOLERANCE[dtype]
+        if not math.isfinite(row["max_rel_err"]) or row["max_rel_err"] > tol:
+            row["error"] = f"wrong result: max_rel_err {row['max_rel_err']:.3g} exceeds {tol:g} for {row['dtype']}"
+        else:
+            row["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a row
+        row["status"] = "oom" if _is_oom(exc) else "error"
+        row["error"] = f"{type(exc).__name__}: {exc}".strip()[:500]
+        if row["status"] == "error" and not str(exc).startswith("not run"):
+            row["traceback"] = traceback.format_exc(limit=4)
+    finally:
+        del q, k, v, out
+        _free(device)
+    return row
+
+
+# --------------------------------------------------------------------------- the sweep
+
+@dataclasses.dataclass
+class SweepConfig:
+    """What one ``python -m ringbook bench`` measures."""
+
+    impls: list[str]
+    seq_lens: list[int]
+    ring_sizes: list[int] = dataclasses.field(default_factory=lambda: [1])
+    causal: list[bool] = dataclasses.field(default_factory=lambda: [False, True])
+    dtype: torch.dtype = torch.float32
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    warmup: int = 1
+    repeats: int = 5
+    max_row_seconds: float = 20.0  # a call predicted to take longer is not run (and says so)
+    device: str = "cpu"
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def default_config(device: str | torch.device | None = None) -> SweepConfig:
+    """The embedded default, sized to the device.
+
+    GPU: bf16, sequence lengths 4K…1M (each implementation stops where it runs
+    out of memory or a call would exceed 10 s), every SDPA backend as a peer.
+    CPU: float32, 256…2048 tokens, done in about a minute on 2 cores.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return SweepConfig(
+            impls=["naive", "blockwise", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
+            seq_lens=[2 ** p for p in range(12, 21)], dtype=torch.bfloat16,
+            warmup=2, repeats=10, max_row_seconds=10.0, device=str(device),
+        )
+    return SweepConfig(impls=["naive", "blockwise", "sdpa"], seq_lens=[256, 512, 1024, 2048],
+                       dtype=torch.float32, warmup=1, repeats=5, device=str(device))
+
+
+def plan(config: SweepConfig) -> list[dict]:
+    """The rows a sweep will measure, in order (plain dicts; ring sizes only for ring impls)."""
+    unknown = [name for name in config.impls if name not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; choose from {sorted(IMPLS)}")
+    specs = []
+    for name in config.impls:
+        rings = config.ring_sizes if IMPLS[name].ring else [1]
+        for causal in config.causal:
+            for ring_size in rings:
+                for n in sorted(config.seq_lens):
+                    specs.append({"impl": name, "causal": causal, "ring_size": ring_size, "seq_len": n})
+    return specs
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
+    """Measure every planned row; an OOM or error never stops the sweep.
+
+    Within one (impl, causal, ring_size) series, once a length ran out of
+    memory the longer ones are recorded as ``oom`` without running, and a
+    length whose call is predicted (quadratic growth from the last row) to
+    exceed ``max_row_seconds`` is recorded as ``error`` "not run: …".
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(config.device)
+    env = environment(device)
+    specs = plan(config)
+    rows, last = [], {}
+    bar = tqdm(specs, desc="bench", unit="row", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec['impl']} n={spec['seq_len']} r={spec['ring_size']} causal={spec['causal']}")
+        series = (spec["impl"], spec["causal"], spec["ring_size"])
+        prev = last.get(series)
+        skip = None
+        if prev is not None and prev["status"] == "oom":
+            skip = ("oom", f"not run: seq_len {prev['seq_len']} already ran out of memory")
+        elif prev is not None and prev["status"] == "ok":
+            predicted = prev["time_ms"] / 1e3 * (spec["seq_len"] / prev["seq_len"]) ** 2
+            if predicted > config.max_row_seconds:
+                skip = ("error", f"not run: a call is predicted to take {predicted:.0f} s "
+                                 f"(> max_row_seconds={config.max_row_seconds:g})")
+        elif prev is not None and str(prev.get("error", "")).startswith("not run"):
+            skip = (prev["status"], prev["error"])
+        if skip:
+            row = {**env, **spec, "dtype": str(config.dtype).replace("torch.", ""), "batch": config.batch,
+                   "heads": config.heads, "head_dim": config.head_dim, "status": skip[0], "error": skip[1],
+                   "time_ms": None, "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
+                   "max_rel_err": None}
+        else:
+            row = run_row(IMPLS[spec["impl"]], seq_len=spec["seq_len"], ring_size=spec["ring_size"],
+                          causal=spec["causal"], dtype=config.dtype, batch=config.batch, heads=config.heads,
+                          head_dim=config.head_dim, device=device, warmup=config.warmup,
+                          repeats=config.repeats, options=config.options, env=env)
+        rows.append(row)
+        last[series] = row
+    return rows
