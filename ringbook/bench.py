@@ -373,22 +373,21 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
     device = torch.device(config.device)
     env = environment(device)
     specs = plan(config)
-    rows, last = [], {}
+    rows, last_run = [], {}  # last row of each series that was actually measured
     bar = tqdm(specs, desc="bench", unit="row", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(f"{spec['impl']} n={spec['seq_len']} r={spec['ring_size']} causal={spec['causal']}")
         series = (spec["impl"], spec["causal"], spec["ring_size"])
-        prev = last.get(series)
+        prev = last_run.get(series)
         skip = None
         if prev is not None and prev["status"] == "oom":
-            skip = ("oom", f"not run: seq_len {prev['seq_len']} already ran out of memory")
+            skip = ("oom", f"not run: seq_len {prev['seq_len']:,} already ran out of memory")
         elif prev is not None and prev["status"] == "ok":
             predicted = prev["time_ms"] / 1e3 * (spec["seq_len"] / prev["seq_len"]) ** 2
             if predicted > config.max_row_seconds:
                 skip = ("error", f"not run: a call is predicted to take {predicted:.0f} s "
-                                 f"(> max_row_seconds={config.max_row_seconds:g})")
-        elif prev is not None and str(prev.get("error", "")).startswith("not run"):
-            skip = (prev["status"], prev["error"])
+                                 f"(> max_row_seconds={config.max_row_seconds:g}), from "
+                                 f"{prev['time_ms'] / 1e3:.2g} s at seq_len {prev['seq_len']:,}")
         if skip:
             row = {**env, **spec, "dtype": str(config.dtype).replace("torch.", ""), "batch": config.batch,
                    "heads": config.heads, "head_dim": config.head_dim, "status": skip[0], "error": skip[1],
@@ -399,6 +398,6 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                           causal=spec["causal"], dtype=config.dtype, batch=config.batch, heads=config.heads,
                           head_dim=config.head_dim, device=device, warmup=config.warmup,
                           repeats=config.repeats, options=config.options, env=env)
+            last_run[series] = row
         rows.append(row)
-        last[series] = row
     return rows

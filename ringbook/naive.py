@@ -40,9 +40,11 @@ def _check_mask(mask, b: int, h: int, n_q: int, n_k: int, device) -> torch.Tenso
     if mask.dim() not in (2, 4):
         raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}")
     try:
-        torch.broadcast_shapes(mask.shape, (b, h, n_q, n_k))
+        shape = torch.broadcast_shapes(mask.shape, (b, h, n_q, n_k))
     except RuntimeError:
         raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}") from None
+    if tuple(shape) != (b, h, n_q, n_k):  # e.g. a batch-3 mask for batch-1 q would grow the output
+        raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}")
     if tuple(mask.shape[-2:]) != (n_q, n_k) and mask.dim() == 2:
         raise ValueError(f"mask must be {expected}, got shape {tuple(mask.shape)}")
     return mask

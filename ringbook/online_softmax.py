@@ -65,9 +65,14 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     work = torch.promote_types(compute_dtype(out_dtype), compute_dtype(lse_dtype_))
 
     lse_a, lse_b = lse_a.to(work), lse_b.to(work)
-    lse = torch.logaddexp(lse_a, lse_b)  # -inf only when both are -inf
-    empty = torch.isneginf(lse)
-    lse_safe = torch.where(empty, torch.zeros_like(lse), lse)
+    # A row is empty when both sides are -inf. logaddexp(-inf, -inf) is -inf
+    # but its gradient is NaN, so empty rows go through logaddexp as (0, 0)
+    # and are set to -inf afterwards (the "double where" trick).
+    empty = torch.isneginf(lse_a) & torch.isneginf(lse_b)
+    zero = torch.zeros((), dtype=work, device=lse_a.device)
+    lse_safe = torch.logaddexp(torch.where(empty, zero, lse_a), torch.where(empty, zero, lse_b))
+    lse_safe = torch.where(empty, zero, lse_safe)
+    lse = torch.where(empty, torch.full_like(lse_safe, float("-inf")), lse_safe)
     w_a = rearrange(torch.exp(lse_a - lse_safe), "b h n -> b n h 1")
     w_b = rearrange(torch.exp(lse_b - lse_safe), "b h n -> b n h 1")
     out = w_a * out_a.to(work) + w_b * out_b.to(work)
@@ -128,9 +133,11 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
             q[:, first_q:], k[:, start:stop], v[:, start:stop],
             scale=scale, causal=causal, q_offset=first_q, k_offset=start,
         )
-        out[:, first_q:], lse[:, :, first_q:] = merge_partials(
-            out[:, first_q:], lse[:, :, first_q:], o_blk, lse_blk
-        )
+        out_q, lse_q = merge_partials(out[:, first_q:], lse[:, :, first_q:], o_blk, lse_blk)
+        # Rebuild rather than assign into slices: merge_partials saves views
+        # of `out`/`lse` for backward, and an in-place write would break autograd.
+        out = torch.cat([out[:, :first_q], out_q], dim=1)
+        lse = torch.cat([lse[:, :, :first_q], lse_q], dim=2)
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
