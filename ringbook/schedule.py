@@ -1,0 +1,148 @@
+"""Who holds which tokens, and which blocks each rank computes at each ring step.
+
+This module is pure data: no attention math and no communication. The
+one-process ring (:mod:`ringbook.ring`), the multi-process ring
+(:mod:`ringbook.distributed`), the notebooks' figures and the tests all read
+the same schedule.
+
+Layouts (how the ``n`` tokens are dealt to ``w`` ranks, ``c = n / w`` each):
+
+* ``"contiguous"`` — rank r holds the r-th of w chunks.
+* ``"zigzag"`` — the sequence is cut into 2w chunks; rank r holds chunks r
+  and 2w−1−r, so every rank has one early and one late chunk and causal work
+  is balanced.
+* ``"striped"`` — rank r holds tokens r, r+w, r+2w, … (Brandon et al., 2023).
+
+The ring: at step t, rank r holds the key/value shard that started on rank
+(r − t) mod w; after each step every shard moves one rank along (r → r+1).
+A rank's shard is made of contiguous *pieces* (one for contiguous, two for
+zigzag; striped is treated as one piece whose positions interleave). Each
+(query piece, key piece) pair of a step is a *block*: ``"full"`` (every key
+visible to every query), ``"causal"`` (needs the position mask) or skipped
+(no key visible — never computed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._utils import check_positive_int
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def check_layout(n: int, world_size: int, layout: str) -> None:
+    """Raise ValueError unless ``layout`` can deal ``n`` tokens evenly to ``world_size`` ranks."""
+    check_positive_int(world_size, "ring_size")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    parts = 2 * world_size if layout == "zigzag" else world_size
+    if n % parts:
+        divisors = [d for d in range(1, min(n, 64) + 1) if n % (2 * d if layout == "zigzag" else d) == 0]
+        need = f"2·ring_size = {parts}" if layout == "zigzag" else f"ring_size = {parts}"
+        raise ValueError(
+            f"ring_size={world_size} does not fit sequence length {n} with layout={layout!r}: "
+            f"{need} must divide {n}; ring sizes that work: {divisors}"
+        )
+
+
+def layout_pieces(n: int, world_size: int, layout: str) -> list[list[tuple[int, int]]]:
+    """For each rank, its pieces as (start, stop) token ranges (striped: one strided piece)."""
+    check_layout(n, world_size, layout)
+    w = world_size
+    if layout == "contiguous":
+        c = n // w
+        return [[(r * c, (r + 1) * c)] for r in range(w)]
+    if layout == "zigzag":
+        c = n // (2 * w)
+        return [[(r * c, (r + 1) * c), ((2 * w - 1 - r) * c, (2 * w - r) * c)] for r in range(w)]
+    return [[(r, n)] for r in range(w)]  # striped: positions r, r+w, ... < n
+
+
+def layout_positions(n: int, world_size: int, layout: str) -> torch.Tensor:
+    """``(w, c)`` LongTensor: the token positions each rank holds, in shard order."""
+    check_layout(n, world_size, layout)
+    if layout == "striped":
+        return torch.arange(n).reshape(n // world_size, world_size).T.contiguous()
+    return torch.stack([
+        torch.cat([torch.arange(a, b) for a, b in pieces])
+        for pieces in layout_pieces(n, world_size, layout)
+    ])
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One computed block: query rows ``q`` and key rows ``kv`` (ranges inside the shards)."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+    kind: str  # "full" or "causal"
+
+    @property
+    def area(self) -> int:
+        return (self.q[1] - self.q[0]) * (self.kv[1] - self.kv[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What ``rank`` does at ring step ``step``: attend to the shard that started on ``kv_rank``."""
+
+    rank: int
+    step: int
+    kv_rank: int
+    blocks: tuple[Block, ...]
+    skipped: tuple[Block, ...]
+
+    @property
+    def computed(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def work(self) -> int:
+        """Scores computed (tile areas), the unit of the load-balance plots."""
+        return sum(b.area for b in self.blocks)
+
+
+def _shard_ranges(pieces: list[tuple[int, int]], layout: str, world_size: int):
+    """(start, stop) inside the shard for each piece, with its token positions."""
+    out, offset = [], 0
+    for a, b in pieces:
+        pos = torch.arange(a, b, world_size) if layout == "striped" else torch.arange(a, b)
+        out.append(((offset, offset + pos.numel()), pos))
+        offset += pos.numel()
+    return out
+
+
+def ring_schedule(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[list[Step]]:
+    """``schedule[t][r]``: what rank r computes at step t, for ``n`` tokens.
+
+    Without ``causal`` every block is ``"full"``. With it, a block whose keys
+    all come after its queries is skipped, one whose keys all come at or
+    before its queries is ``"full"`` and the rest are ``"causal"``.
+    """
+    pieces = [_shard_ranges(p, layout, world_size) for p in layout_pieces(n, world_size, layout)]
+    schedule = []
+    for t in range(world_size):
+        row = []
+        for r in range(world_size):
+            src = (r - t) % world_size
+            blocks, skipped = [], []
+            for q_rng, q_pos in pieces[r]:
+                for k_rng, k_pos in pieces[src]:
+                    if not causal or k_pos.max() <= q_pos.min():
+                        blocks.append(Block(q_rng, k_rng, "full"))
+                    elif k_pos.min() > q_pos.max():
+                        skipped.append(Block(q_rng, k_rng, "skip"))
+                    else:
+                        blocks.append(Block(q_rng, k_rng, "causal"))
+            row.append(Step(r, t, src, tuple(blocks), tuple(skipped)))
+        schedule.append(row)
+    return schedule
+
+
+def work_per_rank(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = True) -> list[int]:
+    """Scores each rank computes over the whole ring (the causal load-balance picture)."""
+    sched = ring_schedule(n, world_size, layout=layout, causal=causal)
+    return [sum(sched[t][r].work for t in range(world_size)) for r in range(world_size)]
