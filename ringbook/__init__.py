@@ -10,6 +10,8 @@ benchmark import matplotlib, ipywidgets and tqdm when they are used.
 
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
+from .ring import ring_attention
+from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,10 @@ __all__ = [
     "attend_block",
     "blockwise_attention",
     "online_softmax_trace",
+    "ring_attention",
+    "ring_schedule",
+    "layout_positions",
+    "work_per_rank",
+    "LAYOUTS",
     "__version__",
 ]

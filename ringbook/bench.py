@@ -43,6 +43,7 @@ from . import __version__
 from ._utils import attention_flops
 from .naive import naive_attention
 from .online_softmax import blockwise_attention
+from .ring import ring_attention
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -76,6 +77,11 @@ def _blockwise(q, k, v, *, causal, ring_size, block_size=None, **_):
     return blockwise_attention(q, k, v, block_size=block_size or 1024, causal=causal)
 
 
+def _ring(q, k, v, *, causal, ring_size, layout=None, **_):
+    layout = layout or ("zigzag" if causal else "contiguous")
+    return ring_attention(q, k, v, ring_size=ring_size, causal=causal, layout=layout)
+
+
 def _sdpa(backend_name: str | None):
     def fn(q, k, v, *, causal, ring_size, **_):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -106,6 +112,12 @@ register(Impl("naive", _naive, "materialised seq×seq scores in the input dtype"
 register(Impl(
     "blockwise", _blockwise, "ringbook.blockwise_attention (einops online softmax, block 1024)",
     extra_bytes=lambda b, h, n_q, n_k, s: 3.0 * b * h * n_q * min(n_k, 1024) * 4,
+))
+register(Impl(
+    "ring", _ring, "ringbook.ring_attention, all ranks in one process (layout option; "
+    "default zigzag when causal, else contiguous)", ring=True,
+    # the largest score tile is one shard pair; at ring_size 1 that is the whole matrix (upper bound)
+    extra_bytes=_scores_bytes,
 ))
 register(Impl("sdpa", _sdpa(None), "torch scaled_dot_product_attention, default dispatch"))
 for _backend, _label in (("FLASH_ATTENTION", "flash"), ("CUDNN_ATTENTION", "cudnn"), ("EFFICIENT_ATTENTION", "efficient")):
@@ -331,18 +343,20 @@ def default_config(device: str | torch.device | None = None) -> SweepConfig:
     """The embedded default, sized to the device.
 
     GPU: bf16, sequence lengths 4K…1M (each implementation stops where it runs
-    out of memory or a call would exceed 10 s), every SDPA backend as a peer.
-    CPU: float32, 256…2048 tokens, done in about a minute on 2 cores.
+    out of memory or a call would exceed 10 s), every SDPA backend as a peer,
+    the one-process ring at ring sizes 1, 4, 8 and 16.
+    CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about a minute
+    on 2 cores.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return SweepConfig(
-            impls=["naive", "blockwise", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
-            seq_lens=[2 ** p for p in range(12, 21)], dtype=torch.bfloat16,
+            impls=["naive", "blockwise", "ring", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
+            seq_lens=[2 ** p for p in range(12, 21)], ring_sizes=[1, 4, 8, 16], dtype=torch.bfloat16,
             warmup=2, repeats=10, max_row_seconds=10.0, device=str(device),
         )
-    return SweepConfig(impls=["naive", "blockwise", "sdpa"], seq_lens=[256, 512, 1024, 2048],
-                       dtype=torch.float32, warmup=1, repeats=5, device=str(device))
+    return SweepConfig(impls=["naive", "blockwise", "ring", "sdpa"], seq_lens=[256, 512, 1024, 2048],
+                       ring_sizes=[1, 4], dtype=torch.float32, warmup=1, repeats=5, device=str(device))
 
 
 def plan(config: SweepConfig) -> list[dict]:

@@ -26,7 +26,16 @@ def causal_mask(n_q: int, n_k: int, device=None, q_offset: int = 0, k_offset: in
     """
     i = torch.arange(q_offset, q_offset + n_q, device=device)
     j = torch.arange(k_offset, k_offset + n_k, device=device)
-    return rearrange(j, "j -> 1 j") <= rearrange(i, "i -> i 1")
+    return causal_mask_positions(i, j)
+
+
+def causal_mask_positions(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(len(q_pos), len(k_pos))`` mask, True where ``k_pos[j] ≤ q_pos[i]``.
+
+    The same test as :func:`causal_mask` for tokens whose positions are not a
+    contiguous range, e.g. a striped or zigzag shard of the ring.
+    """
+    return rearrange(k_pos, "j -> 1 j") <= rearrange(q_pos, "i -> i 1")
 
 
 def _check_mask(mask, b: int, h: int, n_q: int, n_k: int, device) -> torch.Tensor:

@@ -18,6 +18,8 @@ ring attention visits them as they travel round a ring.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import einsum, rearrange
 
@@ -30,7 +32,7 @@ from ._utils import (
     lse_dtype,
     resolve_scale,
 )
-from .naive import causal_mask
+from .naive import causal_mask, causal_mask_positions
 
 
 def _check_partial(out, lse, tag: str) -> None:
@@ -79,19 +81,28 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out.to(out_dtype), lse.to(lse_dtype_)
 
 
-def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0):
+def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0,
+                 q_pos=None, k_pos=None):
     """Exact attention of a query block to one key/value block, in ``compute_dtype``.
 
     The one place that materialises scores: a ``b h i j`` tile of the block's
     size. Positions start at ``q_offset``/``k_offset`` for the causal test
-    (key position ≤ query position). Returns ``(out, lse)`` in float32 for
-    low-precision input (the accumulator dtype), else in the input dtype;
-    rows with no visible key give out 0 and lse -inf. Inputs are assumed valid.
+    (key position ≤ query position); explicit LongTensor positions ``q_pos``
+    (length i) and ``k_pos`` (length j) replace them when given, for shards
+    whose tokens are not contiguous (the ring's striped layout). Returns
+    ``(out, lse)`` in float32 for low-precision input (the accumulator
+    dtype), else in the input dtype; rows with no visible key give out 0 and
+    lse -inf. Inputs are assumed valid.
     """
     work = compute_dtype(q.dtype)
     s = einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale
     if causal:
-        keep = causal_mask(q.shape[1], k.shape[1], device=q.device, q_offset=q_offset, k_offset=k_offset)
+        if q_pos is None and k_pos is None:
+            keep = causal_mask(q.shape[1], k.shape[1], device=q.device, q_offset=q_offset, k_offset=k_offset)
+        else:  # explicit positions; a missing side falls back to its offset
+            i = q_pos if q_pos is not None else torch.arange(q_offset, q_offset + q.shape[1], device=q.device)
+            j = k_pos if k_pos is not None else torch.arange(k_offset, k_offset + k.shape[1], device=q.device)
+            keep = causal_mask_positions(i, j)
         s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)  # running max m of the notebook
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -156,8 +167,60 @@ def online_softmax_trace(scores: torch.Tensor, block_size: int):
     for start in range(0, scores.numel(), block_size):
         blk = scores[start:start + block_size].double()
         m_new = max(m, blk.max().item())
-        l = l * (torch.exp(torch.tensor(m - m_new)).item() if m != float("-inf") else 0.0)
-        l += torch.exp(blk - m_new).sum().item()
+        if m_new == float("-inf"):  # nothing visible yet: m and l stay (-inf, 0)
+            trace.append((m, l))
+            continue
+        l = l * math.exp(m - m_new) + torch.exp(blk - m_new).sum().item()
         m = m_new
         trace.append((m, l))
     return trace
+
+
+def _block_keep(n_q: int, n_k: int, device, q_offset: int, k_offset: int, q_pos, k_pos) -> torch.Tensor:
+    """The causal keep-mask of one block, from offsets or explicit positions (as in :func:`attend_block`)."""
+    if q_pos is None and k_pos is None:
+        return causal_mask(n_q, n_k, device=device, q_offset=q_offset, k_offset=k_offset)
+    i = q_pos if q_pos is not None else torch.arange(q_offset, q_offset + n_q, device=device)
+    j = k_pos if k_pos is not None else torch.arange(k_offset, k_offset + n_k, device=device)
+    return causal_mask_positions(i, j)
+
+
+def attend_block_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, q_offset: int = 0,
+                          k_offset: int = 0, q_pos=None, k_pos=None, delta=None):
+    """Gradients of one query block's attention through one key/value block. Returns ``(dq, dk, dv)``.
+
+    The FlashAttention backward for a block, given the *final* ``out`` and
+    ``lse`` of the query rows (over all keys, not just this block's), so the
+    recomputed probabilities are the global ones:
+
+    .. math::
+
+        P = e^{S - \\mathrm{lse}},\\quad dV = P^\\top dO,\\quad dP = dO\\, V^\\top,\\quad
+        D = \\mathrm{rowsum}(dO \\circ O),\\quad dS = P \\circ (dP - D),\\quad
+        dQ = \\mathrm{scale}\\cdot dS\\, K,\\quad dK = \\mathrm{scale}\\cdot dS^\\top Q
+
+    Summing ``dq`` over every key block of a row, and ``dk``/``dv`` over every
+    query block of a key, gives the gradients of full attention. ``delta``
+    (``b h i``) replaces D when given; a gradient ``dlse`` of the lse output
+    enters as ``delta = D − dlse``. Causal masking as in :func:`attend_block`
+    (offsets or explicit positions). Work and results are in float32 for
+    low-precision input, else in the input dtype; rows with lse -inf (no key
+    anywhere) get zero gradient. Inputs are assumed valid.
+    """
+    work = compute_dtype(q.dtype)
+    qw, kw, vw, ow, dow = (x.to(work) for x in (q, k, v, out, dout))
+    lse = lse.to(work)
+    s = einsum(qw, kw, "b i h d, b j h d -> b h i j") * scale
+    if causal:
+        keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos)
+        s = s.masked_fill(~keep, float("-inf"))
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - rearrange(lse_safe, "b h i -> b h i 1"))  # masked or empty rows: exp(-inf) = 0
+    if delta is None:
+        delta = einsum(dow, ow, "b i h d, b i h d -> b h i")
+    dv = einsum(p, dow, "b h i j, b i h d -> b j h d")
+    dp = einsum(dow, vw, "b i h d, b j h d -> b h i j")
+    ds = p * (dp - rearrange(delta.to(work), "b h i -> b h i 1"))
+    dq = einsum(ds, kw, "b h i j, b j h d -> b i h d") * scale
+    dk = einsum(ds, qw, "b h i j, b i h d -> b j h d") * scale
+    return dq, dk, dv

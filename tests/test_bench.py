@@ -1,0 +1,200 @@
+"""The benchmark harness: rows, statuses, the sweep's failure handling, the CLI and report."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringbook import bench, report
+from ringbook._utils import attention_flops
+
+REQUIRED = {"device", "torch_version", "impl", "seq_len", "ring_size", "causal", "dtype", "batch", "heads",
+            "head_dim", "time_ms", "tflops", "tokens_per_s", "peak_mem_gb", "max_rel_err", "status"}
+CPU = torch.device("cpu")
+SMALL = dict(ring_size=1, dtype=torch.float32, batch=1, heads=2, head_dim=16, device=CPU, warmup=1, repeats=3)
+
+
+def test_flops_count():
+    assert attention_flops(1, 8, 1024, 1024, 64) == 4 * 8 * 1024 * 1024 * 64
+    assert attention_flops(2, 8, 1024, 512, 64, causal=True) == 2 * 2 * 8 * 1024 * 512 * 64
+
+
+@pytest.mark.parametrize("name", ["naive", "blockwise", "sdpa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_ok_and_consistent(name, causal):
+    row = bench.run_row(bench.IMPLS[name], seq_len=96, causal=causal, **SMALL)
+    assert REQUIRED <= row.keys()
+    assert row["status"] == "ok", row["error"]
+    assert row["max_rel_err"] < 1e-5
+    assert row["checked_rows"] == 96
+    assert row["time_ms"] > 0 and len(row["times_ms"]) >= 3
+    assert row["time_ms"] == pytest.approx(sorted(row["times_ms"])[len(row["times_ms"]) // 2]) or len(row["times_ms"]) % 2 == 0
+    assert row["tflops"] == pytest.approx(attention_flops(1, 2, 96, 96, 16, causal) / (row["time_ms"] * 1e-3) / 1e12)
+    assert row["tokens_per_s"] == pytest.approx(96 / (row["time_ms"] * 1e-3))
+    assert row["dtype"] == "float32" and row["device_type"] == "cpu"
+
+
+def _fake(name, fn, **kw):
+    return bench.Impl(name, fn, "test double", **kw)
+
+
+def test_wrong_answer_is_an_error_row():
+    impl = _fake("zeros", lambda q, k, v, **_: (torch.zeros_like(q), None))
+    row = bench.run_row(impl, seq_len=64, causal=False, **SMALL)
+    assert row["status"] == "error"
+    assert "wrong result" in row["error"]
+    assert row["max_rel_err"] == pytest.approx(1.0)
+
+
+def test_reference_check_catches_one_bad_row():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 300, 2, 8, generator=g) for _ in range(3))
+    from ringbook import naive_attention
+
+    out, _ = naive_attention(q, k, v, causal=True)
+    err, rows = bench.check_against_reference(q, k, v, out, causal=True, budget_bytes=1)
+    assert rows == 8 and err < 1e-6  # a small budget checks few rows
+    out[:, -1] += 1.0  # the last row is always among the checked ones
+    err, _ = bench.check_against_reference(q, k, v, out, causal=True, budget_bytes=1)
+    assert err > 0.1
+
+
+def test_exceptions_become_rows():
+    def boom(q, k, v, **_):
+        raise RuntimeError("kernel exploded")
+
+    row = bench.run_row(_fake("boom", boom), seq_len=32, causal=False, **SMALL)
+    assert row["status"] == "error" and "kernel exploded" in row["error"]
+
+    def oom(q, k, v, **_):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+
+    row = bench.run_row(_fake("oom", oom), seq_len=32, causal=False, **SMALL)
+    assert row["status"] == "oom"
+
+
+def test_cuda_only_impl_refused_on_cpu():
+    row = bench.run_row(bench.IMPLS["sdpa_cudnn"], seq_len=32, causal=False, **SMALL)
+    assert row["status"] == "error" and row["error"].startswith("RuntimeError: not run")
+
+
+def test_cpu_guard_refuses_rows_that_cannot_fit():
+    huge = bench.run_row(bench.IMPLS["naive"], seq_len=2 ** 22, causal=False, **{**SMALL, "heads": 8})
+    assert huge["status"] == "oom" and huge["error"].startswith("not run: needs about")
+    assert huge["time_ms"] is None
+
+
+def test_sweep_goes_on_after_oom_and_error(monkeypatch):
+    calls = []
+
+    def oom_above_64(q, k, v, **_):
+        calls.append(q.shape[1])
+        if q.shape[1] > 64:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return bench.IMPLS["naive"].fn(q, k, v, causal=False, ring_size=1)
+
+    def boom(q, k, v, **_):
+        raise ValueError("broken")
+
+    monkeypatch.setitem(bench.IMPLS, "fake_oom", _fake("fake_oom", oom_above_64))
+    monkeypatch.setitem(bench.IMPLS, "fake_err", _fake("fake_err", boom))
+    config = bench.SweepConfig(impls=["fake_oom", "fake_err", "sdpa"], seq_lens=[32, 64, 128, 256],
+                               causal=[False], heads=2, head_dim=8, repeats=3)
+    rows = bench.run_sweep(config, progress=False)
+    by = {(r["impl"], r["seq_len"]): r for r in rows}
+    assert len(rows) == 12
+    assert [by[("fake_oom", n)]["status"] for n in (32, 64, 128, 256)] == ["ok", "ok", "oom", "oom"]
+    assert by[("fake_oom", 256)]["error"] == "not run: seq_len 128 already ran out of memory"
+    assert 256 not in calls  # the longer length was not attempted
+    assert all(by[("fake_err", n)]["status"] == "error" for n in (32, 64, 128, 256))
+    assert all(by[("sdpa", n)]["status"] == "ok" for n in (32, 64, 128, 256))
+
+
+def test_sweep_does_not_run_calls_predicted_too_slow(monkeypatch):
+    def slow(q, k, v, **_):
+        time.sleep(0.02 * (q.shape[1] / 32) ** 2)
+        return bench.IMPLS["naive"].fn(q, k, v, causal=False, ring_size=1)
+
+    monkeypatch.setitem(bench.IMPLS, "slow", _fake("slow", slow))
+    config = bench.SweepConfig(impls=["slow"], seq_lens=[32, 64, 1024], causal=[False], heads=1, head_dim=8,
+                               repeats=3, max_row_seconds=1.0)
+    rows = bench.run_sweep(config, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok", "error"]
+    assert rows[2]["error"].startswith("not run: a call is predicted to take")
+
+
+def test_plan_rejects_unknown_impl_and_expands_ring_sizes_only_for_ring_impls(monkeypatch):
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bench.plan(bench.SweepConfig(impls=["nope"], seq_lens=[8]))
+    monkeypatch.setitem(bench.IMPLS, "fake_ring", _fake("fake_ring", None, ring=True))
+    specs = bench.plan(bench.SweepConfig(impls=["sdpa", "fake_ring"], seq_lens=[8, 16], ring_sizes=[1, 4],
+                                         causal=[True]))
+    assert {(s["impl"], s["ring_size"]) for s in specs} == {("sdpa", 1), ("fake_ring", 1), ("fake_ring", 4)}
+    assert len(specs) == 2 + 4
+
+
+def test_default_config_is_small_on_cpu():
+    config = bench.default_config("cpu")
+    assert config.dtype == torch.float32 and max(config.seq_lens) <= 4096
+    flops = sum(attention_flops(config.batch, config.heads, n, n, config.head_dim) for n in config.seq_lens)
+    assert flops < 1e11  # about a minute on two cores, reference checks included
+
+
+def test_report_and_plots_from_rows(tmp_path):
+    config = bench.SweepConfig(impls=["naive", "sdpa"], seq_lens=[32, 64], heads=2, head_dim=8, repeats=3)
+    rows = bench.run_sweep(config, progress=False)
+    rows.append({**rows[0], "seq_len": 128, "status": "oom", "error": "CUDA out of memory", "time_ms": None,
+                 "tflops": None, "tokens_per_s": None, "peak_mem_gb": None, "max_rel_err": None})
+    paths = report.write_outputs(rows, tmp_path, meta={"warmup": 1, "repeats": 3})
+    text = paths["report"].read_text()
+    assert "### Summary Table" in text and "#### Sequence Length: 64 tokens" in text
+    assert "| naive | 1 | True | 64 |" in text  # max seq reached for causal naive
+    assert "Rows that did not succeed" in text and "CUDA out of memory" in text
+    assert "RingDilatedV2_r8" in text and "Production_r16" in text  # the seed's rows stay
+    assert report.load_rows(paths["json"]) == json.loads(json.dumps(rows, default=str))
+    for key in ("throughput", "memory"):
+        assert paths[key].stat().st_size > 10_000
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="rows is empty"):
+        report.markdown_report([])
+    with pytest.raises(ValueError, match="metric must be one of"):
+        report.plot_results(rows, "speed")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ringbook", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_cli_end_to_end(tmp_path):
+    res = _cli("bench", "--impl", "naive", "blockwise", "--seq-lens", "64", "128", "--heads", "2",
+               "--head-dim", "8", "--causal", "both", "--repeats", "3", "--quiet", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "status" in res.stdout and "wrote report" in res.stdout
+    data = json.loads((tmp_path / "bench-cpu-float32.json").read_text())
+    assert len(data["rows"]) == 8 and all(REQUIRED <= r.keys() for r in data["rows"])
+    assert all(r["status"] == "ok" for r in data["rows"])
+    assert data["meta"]["repeats"] == 3
+    res = _cli("report", str(tmp_path / "bench-cpu-float32.json"), "--out", str(tmp_path / "again"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "again" / "bench-cpu-float32.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-lens", "0"], "positive integer"),
+    (["--causal", "maybe"], "false, true or both"),
+    (["--impl", "nope"], "invalid choice"),
+])
+def test_cli_rejects_bad_options(args, message, tmp_path):
+    res = _cli("bench", *args, "--out", str(tmp_path))
+    assert res.returncode == 2 and message in res.stderr
+
+
+def test_seq_len_suffixes():
+    from ringbook.cli import _seq
+
+    assert _seq("16K") == 16384 and _seq("1M") == 1048576 and _seq("300") == 300
