@@ -5,7 +5,7 @@ Tensors are ``b n h d`` (batch, sequence, heads, head_dim); the log-sum-exp
 causal=..., scale=..., <variant options>)`` and returns ``(out, lse)``.
 
 ``import ringbook`` needs only torch and einops: plotting, widgets and the
-benchmark import matplotlib, ipywidgets and tqdm when they are used.
+benchmark import matplotlib and ipywidgets only when they are used.
 """
 
 from .naive import causal_mask, naive_attention
