@@ -97,7 +97,8 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
     for t, row in enumerate(schedule):
         for r, step in enumerate(row):  # every rank, one after the other
             kv = held[r]
-            assert kv.origin == step.kv_rank, f"step {t}: rank {r} holds shard {kv.origin}, schedule says {step.kv_rank}"
+            assert kv.origin == step.kv_rank, (
+                f"step {t}: rank {r} holds shard {kv.origin}, schedule says {step.kv_rank}")
             for blk in step.blocks:  # skipped (fully masked) blocks are not in step.blocks
                 (qa, qb), (ka, kb) = blk.q, blk.kv
                 out_blk, lse_blk = attend_block(
