@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests use small tensors; one intra-op thread keeps them fast and predictable
+# on a 2-core CI machine, where processes started by the distributed tests
+# would otherwise oversubscribe the cores (seen: 20-30x slowdowns).
+torch.set_num_threads(1)
+
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
