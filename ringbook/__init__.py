@@ -8,9 +8,11 @@ causal=..., scale=..., <variant options>)`` and returns ``(out, lse)``.
 benchmark import matplotlib and ipywidgets only when they are used.
 """
 
+from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
 from .ring import ring_attention
+from .ring_dilated import dilated_ring_plan, ring_dilated_attention
 from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank
 
 __version__ = "0.1.0"
@@ -23,6 +25,12 @@ __all__ = [
     "blockwise_attention",
     "online_softmax_trace",
     "ring_attention",
+    "dilated_attention",
+    "dilated_attention_dense",
+    "dilated_weights",
+    "dilated_flops",
+    "ring_dilated_attention",
+    "dilated_ring_plan",
     "ring_schedule",
     "layout_positions",
     "work_per_rank",

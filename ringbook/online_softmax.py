@@ -35,6 +35,10 @@ from ._utils import (
 from .naive import causal_mask, causal_mask_positions
 
 
+# Keys per score tile when a ring attends one shard: the tile is (shard × KEY_CHUNK),
+# so memory per rank stays O(n / w) however long the shards get.
+KEY_CHUNK = 2048
+
 def _check_partial(out, lse, tag: str) -> None:
     check_tensor(out, f"out_{tag}", ndim=4)
     check_tensor(lse, f"lse_{tag}", ndim=3)
@@ -82,7 +86,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0,
-                 q_pos=None, k_pos=None):
+                 q_pos=None, k_pos=None, chunk: int | None = None):
     """Exact attention of a query block to one key/value block, in ``compute_dtype``.
 
     The one place that materialises scores: a ``b h i j`` tile of the block's
@@ -93,16 +97,23 @@ def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int =
     ``(out, lse)`` in float32 for low-precision input (the accumulator
     dtype), else in the input dtype; rows with no visible key give out 0 and
     lse -inf. Inputs are assumed valid.
+
+    ``chunk`` bounds the tile: longer key blocks are visited ``chunk`` keys
+    at a time and folded with :func:`merge_partials` (memory O(i·chunk)
+    instead of O(i·j); the ring uses it to keep memory per rank O(n / w)).
     """
+    if chunk is not None and k.shape[1] > chunk:
+        out = lse = None
+        for a in range(0, k.shape[1], chunk):
+            part = attend_block(q, k[:, a:a + chunk], v[:, a:a + chunk], scale=scale, causal=causal,
+                                q_offset=q_offset, k_offset=k_offset + a, q_pos=q_pos,
+                                k_pos=None if k_pos is None else k_pos[a:a + chunk])
+            out, lse = part if out is None else merge_partials(out, lse, *part)
+        return out, lse
     work = compute_dtype(q.dtype)
     s = einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale
     if causal:
-        if q_pos is None and k_pos is None:
-            keep = causal_mask(q.shape[1], k.shape[1], device=q.device, q_offset=q_offset, k_offset=k_offset)
-        else:  # explicit positions; a missing side falls back to its offset
-            i = q_pos if q_pos is not None else torch.arange(q_offset, q_offset + q.shape[1], device=q.device)
-            j = k_pos if k_pos is not None else torch.arange(k_offset, k_offset + k.shape[1], device=q.device)
-            keep = causal_mask_positions(i, j)
+        keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos)
         s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)  # running max m of the notebook
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -186,7 +197,7 @@ def _block_keep(n_q: int, n_k: int, device, q_offset: int, k_offset: int, q_pos,
 
 
 def attend_block_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, q_offset: int = 0,
-                          k_offset: int = 0, q_pos=None, k_pos=None, delta=None):
+                          k_offset: int = 0, q_pos=None, k_pos=None, delta=None, chunk: int | None = None):
     """Gradients of one query block's attention through one key/value block. Returns ``(dq, dk, dv)``.
 
     The FlashAttention backward for a block, given the *final* ``out`` and
@@ -205,9 +216,23 @@ def attend_block_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool
     enters as ``delta = D − dlse``. Causal masking as in :func:`attend_block`
     (offsets or explicit positions). Work and results are in float32 for
     low-precision input, else in the input dtype; rows with lse -inf (no key
-    anywhere) get zero gradient. Inputs are assumed valid.
+    anywhere) get zero gradient. Inputs are assumed valid. ``chunk`` bounds
+    the tile as in :func:`attend_block`.
     """
     work = compute_dtype(q.dtype)
+    if chunk is not None and k.shape[1] > chunk:
+        if delta is None:
+            delta = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i")
+        dq, dks, dvs = 0, [], []
+        for a in range(0, k.shape[1], chunk):
+            dq_c, dk_c, dv_c = attend_block_backward(
+                q, k[:, a:a + chunk], v[:, a:a + chunk], out, lse, dout, scale=scale, causal=causal,
+                q_offset=q_offset, k_offset=k_offset + a, q_pos=q_pos,
+                k_pos=None if k_pos is None else k_pos[a:a + chunk], delta=delta)
+            dq = dq + dq_c
+            dks.append(dk_c)
+            dvs.append(dv_c)
+        return dq, torch.cat(dks, dim=1), torch.cat(dvs, dim=1)
     qw, kw, vw, ow, dow = (x.to(work) for x in (q, k, v, out, dout))
     lse = lse.to(work)
     s = einsum(qw, kw, "b i h d, b j h d -> b h i j") * scale

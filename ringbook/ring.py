@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 
 from ._utils import check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
-from .online_softmax import attend_block, merge_partials
+from .online_softmax import KEY_CHUNK, attend_block, merge_partials
 from .schedule import check_layout, layout_positions, ring_schedule
 
 
@@ -103,7 +103,7 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
                 (qa, qb), (ka, kb) = blk.q, blk.kv
                 out_blk, lse_blk = attend_block(
                     q_sh[r][:, qa:qb], kv.k[:, ka:kb], kv.v[:, ka:kb], scale=scale,
-                    causal=blk.kind == "causal", q_pos=pos[r][qa:qb], k_pos=kv.pos[ka:kb],
+                    causal=blk.kind == "causal", q_pos=pos[r][qa:qb], k_pos=kv.pos[ka:kb], chunk=KEY_CHUNK,
                 )
                 outs[r], lses[r] = _merge_rows(outs[r], lses[r], blk.q, out_blk, lse_blk)
         # Communication: every rank sends its shard to rank r+1 (receives from r-1).

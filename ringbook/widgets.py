@@ -45,3 +45,26 @@ def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, b
         return plots.plot_online_softmax(scores, block_size, m, l, outs, exact_out, blocks_seen=blocks_seen)
 
     return _interactive(draw, blocks_seen=slider)
+
+
+def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = "zigzag", causal: bool = True):
+    """A step slider, a layout dropdown and a causal checkbox, redrawing :func:`plots.plot_ring_step`.
+
+    ``n`` must suit every layout (a multiple of ``2 · world_size``); the
+    keyword arguments are the controls' start values.
+    """
+    from ipywidgets import Checkbox, Dropdown, IntSlider, Layout
+
+    from .schedule import LAYOUTS
+
+    slider = IntSlider(
+        value=step, min=0, max=world_size - 1, step=1, description="ring step",
+        continuous_update=False, style={"description_width": "initial"}, layout=Layout(width="420px"),
+    )
+    dropdown = Dropdown(options=list(LAYOUTS), value=layout, description="layout")
+    checkbox = Checkbox(value=causal, description="causal")
+
+    def draw(step, layout, causal):
+        return plots.plot_ring_step(n, world_size, step, layout=layout, causal=causal)
+
+    return _interactive(draw, step=slider, layout=dropdown, causal=checkbox)

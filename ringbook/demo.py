@@ -1,0 +1,92 @@
+"""Helpers for notebook 02: a real ring's worker, and what a rank holds in memory.
+
+:func:`ring_worker` is the function notebook 02 starts on ``w`` local
+processes with :func:`ringbook.launch.spawn` (a spawned function must be
+importable, so it lives here and not in the notebook). Every rank builds the
+same global inputs from a seed (:func:`global_inputs`) — only so that the
+notebook can check the gathered result against
+:func:`ringbook.naive_attention`; a real job would load just its shard — cuts
+its own shard with :func:`ringbook.distributed.shard`, runs
+:func:`ringbook.distributed.ring_attention` forward and backward, and sends
+back its part of out, lse and the gradients.
+
+:func:`ring_memory_bytes` is the memory model of one rank of
+:func:`ringbook.distributed.ring_attention` (forward), term by term: the
+q/k/v shard, the K/V buffers of the transfer in flight (double buffering),
+the accumulators, and the score tiles of ``c × KEY_CHUNK`` keys. Every term
+is linear in the shard length ``c = n / w``: memory per rank is O(n / w).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import compute_dtype
+from .online_softmax import KEY_CHUNK
+
+
+def global_inputs(n: int, *, batch: int = 2, heads: int = 2, head_dim: int = 8, seed: int = 0,
+                  dtype: torch.dtype = torch.float64):
+    """Seeded ``q, k, v, dout`` (``b n h d``): the same tensors on every rank and in the notebook."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, n, heads, head_dim, generator=gen, dtype=dtype) for _ in range(4))
+
+
+def ring_worker(rank: int, world_size: int, n: int, cases, seed: int = 0, batch: int = 2, heads: int = 2,
+                head_dim: int = 8) -> dict:
+    """Run :func:`ringbook.distributed.ring_attention` on this rank for each ``(layout, causal)`` in ``cases``.
+
+    Meant for :func:`ringbook.launch.spawn`: ``spawn(ring_worker, w, n, cases)``.
+    Returns ``{"cases": {(layout, causal): {"out", "lse", "dq", "dk", "dv"}}, "bytes": {...}}``:
+    this rank's shards (``b c h d``, lse ``b h c``) and the bytes of its
+    q/k/v shard next to those of the whole q/k/v.
+    """
+    from . import distributed as rd  # torch.distributed only in the worker
+
+    torch.set_num_threads(1)
+    q, k, v, dout = global_inputs(n, batch=batch, heads=heads, head_dim=head_dim, seed=seed)
+    results = {}
+    for layout, causal in cases:
+        qs, ks, vs = (rd.shard(x, rank, world_size, layout).requires_grad_() for x in (q, k, v))
+        out, lse = rd.ring_attention(qs, ks, vs, causal=causal, layout=layout)
+        (out * rd.shard(dout, rank, world_size, layout)).sum().backward()
+        results[(layout, causal)] = {"out": out.detach(), "lse": lse.detach(),
+                                     "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
+    held = sum(x.nbytes for x in (qs, ks, vs))
+    return {"cases": results, "bytes": {"q, k, v shard": held, "whole q, k, v": q.nbytes + k.nbytes + v.nbytes}}
+
+
+def ring_memory_bytes(n: int, world_size: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
+                      dtype: torch.dtype = torch.bfloat16, causal: bool = True,
+                      key_chunk: int = KEY_CHUNK) -> dict[str, int]:
+    """Bytes one rank of the distributed ring holds at its peak (forward), term by term.
+
+    With ``c = n / w`` tokens a rank, ``S = b·c·h·d`` elements in a shard,
+    ``e`` bytes per input element and ``a`` per accumulator element (float32
+    for float16/bfloat16 input), and a score tile of ``T = b·h·c·min(c, key_chunk)``:
+
+    * q, k, v shards: ``3·S·e``;
+    * the K/V in flight: the stacked K/V message being attended and sent,
+      and the buffer the next one is received into (double buffering): ``4·S·e``;
+    * accumulators: out and lse, plus the partials and temporaries of the
+      merge (M), at most ``8·S·a + 8·b·h·c·a``;
+    * score tiles: inside :func:`~ringbook.online_softmax.attend_block` at
+      most three float tiles are alive at once (scores, scores − m, their
+      exp) and, when causal, a boolean mask: ``T·(3·a + causal)``.
+
+    The sum is an upper bound on what the rank allocates (and so on a
+    measured CUDA allocator peak); every term is linear in ``c``.
+    """
+    if n % world_size:
+        raise ValueError(f"world_size={world_size} does not divide n={n}")
+    c = n // world_size
+    e = torch.empty((), dtype=dtype).element_size()
+    a = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    s = batch * c * heads * head_dim
+    tile = batch * heads * c * min(c, key_chunk)
+    return {
+        "q, k, v shards": 3 * s * e,
+        "K/V in flight (double buffer)": 4 * s * e,
+        "accumulators": 8 * s * a + 8 * batch * heads * c * a,
+        "score tiles": tile * (3 * a + int(causal)),
+    }

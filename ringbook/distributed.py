@@ -1,0 +1,373 @@
+"""Ring attention over a ``torch.distributed`` process group (notebook 02, one rank per process).
+
+Each process holds one shard of q, k and v (``b c h d``, ``c = n / w`` tokens
+dealt by a layout of :mod:`ringbook.schedule`) and never the whole sequence:
+memory per rank is O(n / w). The key/value shard travels round the ring,
+rank r → r+1, by batched point-to-point messages
+(``dist.batch_isend_irecv``); while the next shard is in flight the current
+one is attended (double buffering), and each block's ``(out, lse)`` is folded
+into the rank's running summary with equation (M),
+:func:`~ringbook.online_softmax.merge_partials`. Which blocks each rank
+computes at each step is read from :func:`~ringbook.schedule.ring_schedule`.
+
+The backward runs the ring again (:func:`~ringbook.online_softmax.attend_block_backward`
+per block, with the final lse): dq stays home, dk/dv travel with their
+key/value shard and one more hop after the last step brings them back to
+the rank that owns the shard.
+
+Every wait on the network has a deadline (``timeout=``, default from the
+environment variable ``RINGBOOK_P2P_TIMEOUT`` or 60 s): a peer that died,
+raised or stalls makes the others raise a ``TimeoutError``/``RuntimeError``
+naming the peer and the step instead of hanging. Inputs that do not fit
+together across ranks (unequal shard lengths, a layout the shards cannot
+have) are refused with a ``ValueError`` on every rank. Ranks in messages
+are ranks in the process group passed as ``group``.
+
+:func:`~ringbook.launch.spawn` (re-exported here) starts a function on ``w``
+local processes (gloo by default) for tests and notebooks. Importing this
+module starts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from einops import einsum
+
+from ._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward, merge_partials
+from .schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+# --------------------------------------------------------------------------- sharding
+
+def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """Rank ``rank``'s shard of ``x`` along ``dim`` (1 for ``b n h d``, 2 for an lse ``b h n``)."""
+    positions = layout_positions(x.shape[dim], world_size, layout)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    return x.index_select(dim, positions[rank].to(x.device))
+
+
+def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """Put per-rank shards (a list, rank order) back into token order along ``dim``."""
+    shards = list(shards)
+    if not shards:
+        raise ValueError("unshard needs at least one shard")
+    lengths = {s.shape[dim] for s in shards}
+    if len(lengths) != 1:
+        raise ValueError(f"shards must have equal length along dim {dim}, got {[s.shape[dim] for s in shards]}")
+    w = len(shards)
+    positions = layout_positions(w * lengths.pop(), w, layout).reshape(-1)  # where each row of the cat goes
+    inverse = torch.argsort(positions).to(shards[0].device)
+    return torch.cat(shards, dim=dim).index_select(dim, inverse)
+
+
+# --------------------------------------------------------------------------- communication
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Who this rank talks to, and how long it waits."""
+
+    group: object
+    rank: int  # rank in the group
+    world: int
+    next_global: int  # global rank of group rank (rank + 1) % world
+    prev_global: int
+    timeout_s: float
+
+    def describe(self, phase: str, step: int, what: str) -> str:
+        """Words for an error: which step, which peer, what was in flight."""
+        return (f"{phase} step {step}: receiving {what} from rank {(self.rank - 1) % self.world} "
+                f"(and sending to rank {(self.rank + 1) % self.world})")
+
+    @classmethod
+    def of(cls, group, timeout_s: float) -> "_Ring":
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ringbook.distributed.ring_attention needs an initialised process group: start the "
+                "processes with torchrun or ringbook.distributed.spawn and call "
+                "torch.distributed.init_process_group first (ringbook.ring_attention plays the ring in one process)"
+            )
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+        return cls(group, rank, world, glob((rank + 1) % world), glob((rank - 1) % world), timeout_s)
+
+
+def resolve_timeout(timeout) -> float:
+    """Seconds to wait for a peer: ``timeout``, else ``$RINGBOOK_P2P_TIMEOUT``, else 60."""
+    if timeout is None:
+        env = os.environ.get("RINGBOOK_P2P_TIMEOUT")
+        try:
+            timeout = float(env) if env else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"RINGBOOK_P2P_TIMEOUT must be a number of seconds, got {env!r}") from None
+    if isinstance(timeout, _dt.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _peer_error(ring: _Ring, what: str, exc: BaseException) -> Exception:
+    """The error a rank raises when the network fails it: who, where, and what to do."""
+    text = str(exc).strip()
+    timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
+    kind = TimeoutError if timed_out else RuntimeError
+    return kind(
+        f"ring_attention on rank {ring.rank} of {ring.world}: {what} "
+        f"{'did not complete within' if timed_out else 'failed before'} the {ring.timeout_s:g} s timeout "
+        f"({type(exc).__name__}: {text[:300]}). The peer probably died, raised or stopped taking part — "
+        "look at its own error; if the ring is just slow, pass a larger timeout= or set RINGBOOK_P2P_TIMEOUT."
+    )
+
+
+def _wait(works, ring: _Ring, what: str) -> None:
+    """Wait for ``works`` for at most ``ring.timeout_s``; raise naming the peers and ``what``.
+
+    gloo takes a deadline in ``work.wait(timeout=...)``; other backends (NCCL)
+    are polled with ``is_completed()`` until the deadline, then waited on
+    (which only orders the streams).
+    """
+    deadline = time.monotonic() + ring.timeout_s
+    backend = dist.get_backend(ring.group)
+    for work in works:
+        try:
+            if backend == "gloo":
+                work.wait(timeout=_dt.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            else:
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("deadline passed")
+                    time.sleep(1e-4)
+                work.wait()
+        except Exception as exc:  # noqa: BLE001 - re-raised with who and where
+            raise _peer_error(ring, what, exc) from exc
+
+
+def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, tag: int, what: str):
+    """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one."""
+    ops = [dist.P2POp(dist.isend, t, ring.next_global, ring.group, tag + i) for i, t in enumerate(send)]
+    ops += [dist.P2POp(dist.irecv, t, ring.prev_global, ring.group, tag + i) for i, t in enumerate(recv)]
+    try:
+        return dist.batch_isend_irecv(ops)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what, exc) from exc
+
+
+# --------------------------------------------------------------------------- input checks
+
+def _local_problem(q, k, v, causal, layout) -> Exception | None:
+    """The first thing wrong with this rank's own input, or None."""
+    try:
+        check_qkv(q, k, v)
+        check_bool(causal, "causal")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
+                f"k {k.shape[1]} tokens; shard all three with ringbook.distributed.shard"
+            )
+    except (TypeError, ValueError) as exc:
+        return exc
+    return None
+
+
+def _check_agreement(q, k, v, causal, layout, ring: _Ring) -> None:
+    """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together."""
+    problem = _local_problem(q, k, v, causal, layout)
+    if problem is None:
+        info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], LAYOUTS.index(layout), int(causal),
+                FLOAT_DTYPES.index(q.dtype)]
+    else:
+        info = [0] + [-1] * 7
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor(info, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(ring.world)]
+    what = "checking the shards with all ranks before step 0 (all_gather of shard lengths)"
+    try:
+        work = dist.all_gather(every, mine, group=ring.group, async_op=True)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what, exc) from exc
+    _wait([work], ring, what)
+    table = torch.stack(every).cpu().tolist()
+    if problem is not None:
+        raise problem
+    bad = [r for r, row in enumerate(table) if row[0] == 0]
+    if bad:
+        raise ValueError(f"rank(s) {bad} refused their input to ring_attention (see their errors); "
+                         "every rank stops")
+    lengths = [row[1] for row in table]
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"ring_attention needs shards of equal length on every rank, got lengths {lengths} on ranks "
+            f"0..{ring.world - 1}; cut the sequence with ringbook.distributed.shard(x, rank, world_size, "
+            "layout), which needs a length divisible by world_size (2·world_size for zigzag)"
+        )
+    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype"}
+    for col, name in names.items():
+        values = [row[col] for row in table]
+        if len(set(values)) != 1:
+            if name == "layout":
+                values = [LAYOUTS[x] for x in values]
+            elif name == "dtype":
+                values = [str(FLOAT_DTYPES[x]) for x in values]
+            raise ValueError(f"every rank must call ring_attention with the same {name}, got {values} on "
+                             f"ranks 0..{ring.world - 1}")
+    c = lengths[0]
+    if layout == "zigzag" and c % 2:
+        raise ValueError(
+            f"layout='zigzag' gives each rank two chunks of equal length, so the local length must be "
+            f"even, got {c}; shard with layout='zigzag' (sequence length divisible by "
+            f"2·world_size = {2 * ring.world}) or pass the layout the shards were made with"
+        )
+    check_layout(c * ring.world, ring.world, layout)
+
+
+# --------------------------------------------------------------------------- the ring
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    ring: _Ring
+    causal: bool
+    layout: str
+    scale: float
+    positions: torch.Tensor  # (w, c) token positions of every rank's shard
+    schedule: list
+
+
+def _block_args(plan: _Plan, step, block):
+    """Row slices and mask keywords of one block of the schedule."""
+    (q0, q1), (k0, k1) = block.q, block.kv
+    kw = {"scale": plan.scale, "causal": block.kind == "causal", "chunk": KEY_CHUNK}
+    if kw["causal"]:
+        kw["q_pos"] = plan.positions[step.rank, q0:q1]
+        kw["k_pos"] = plan.positions[step.kv_rank, k0:k1]
+    return slice(q0, q1), slice(k0, k1), kw
+
+
+def _forward(q, k, v, plan: _Plan):
+    ring = plan.ring
+    b, c, h, d = q.shape
+    work = compute_dtype(q.dtype)
+    out = torch.zeros(b, c, h, d, dtype=work, device=q.device)
+    lse = torch.full((b, h, c), float("-inf"), dtype=work, device=q.device)
+    held = torch.stack([k, v]).contiguous()  # what travels: "2 b c h d"
+    spare = torch.empty_like(held)
+    for t in range(ring.world):
+        what = ring.describe("forward", t, "the K/V shard")
+        works = _exchange([held], [spare], ring, 0, what) if t < ring.world - 1 else []
+        step = plan.schedule[t][ring.rank]
+        for block in step.blocks:
+            rows, keys, kw = _block_args(plan, step, block)
+            o_blk, lse_blk = attend_block(q[:, rows], held[0][:, keys], held[1][:, keys], **kw)
+            out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_blk, lse_blk)
+        if works:
+            _wait(works, ring, what)
+            held, spare = spare, held
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+def _backward(q, k, v, out, lse, dout, dlse, plan: _Plan):
+    ring = plan.ring
+    work = compute_dtype(q.dtype)
+    delta = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i")  # D = rowsum(dO ∘ O)
+    if dlse is not None:
+        delta = delta - dlse.to(work)  # a gradient of lse adds P ∘ dlse to dS
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    held = torch.stack([k, v]).contiguous()
+    spare = torch.empty_like(held)
+    grad_works, grad_in, grad_out = [], None, None
+    for t in range(ring.world):
+        kv_what = ring.describe("backward", t, "the K/V shard")
+        kv_works = _exchange([held], [spare], ring, 0, kv_what) if t < ring.world - 1 else []
+        step = plan.schedule[t][ring.rank]
+        grad = torch.zeros((2, *k.shape), dtype=work, device=q.device)  # this rank's dk, dv of the held shard
+        for block in step.blocks:
+            rows, keys, kw = _block_args(plan, step, block)
+            dq_b, dk_b, dv_b = attend_block_backward(
+                q[:, rows], held[0][:, keys], held[1][:, keys], out[:, rows], lse[:, :, rows],
+                dout[:, rows], delta=delta[:, :, rows], **kw)
+            dq[:, rows] += dq_b
+            grad[0][:, keys] += dk_b
+            grad[1][:, keys] += dv_b
+        if t > 0:  # add what the ranks before me accumulated for this shard
+            _wait(grad_works, ring, grad_what)
+            grad += grad_in
+        # send the shard's gradients on with it; after the last step this hop brings them home
+        grad_out, grad_in = grad, torch.empty_like(grad)
+        if ring.world > 1:
+            grad_what = ring.describe("backward", t, "dK/dV" if t < ring.world - 1 else "dK/dV (the hop home)")
+            grad_works = _exchange([grad_out], [grad_in], ring, 2, grad_what)
+        if kv_works:
+            _wait(kv_works, ring, kv_what)
+            held, spare = spare, held
+    if ring.world > 1:
+        _wait(grad_works, ring, grad_what)
+    else:
+        grad_in = grad_out
+    return dq.to(q.dtype), grad_in[0].to(k.dtype), grad_in[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = _forward(q, k, v, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan)
+        return dq, dk, dv, None
+
+
+def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, scale=None, timeout=None):
+    """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
+
+    Args:
+        q, k, v: this rank's ``b c h d`` shards, as :func:`shard` cuts them
+            with the same ``layout``; the sequence is ``n = w · c`` tokens.
+        causal: key j is seen by query i only if j ≤ i (positions in the
+            original token order, whatever the layout).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (:mod:`ringbook.schedule`).
+        group: the process group (default: the world).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
+
+    Returns:
+        out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
+        float16/bfloat16) for this rank's queries; :func:`unshard` of every
+        rank's parts equals :func:`ringbook.naive_attention` of the whole
+        sequence. Differentiable: the backward is a second trip round the
+        ring, which every rank must take (call ``backward`` on every rank).
+
+    Raises:
+        ValueError on every rank if the shards do not fit together (unequal
+        lengths, a layout they cannot have, different batch/heads/dtype);
+        TimeoutError or RuntimeError naming the peer and step if a peer does
+        not answer within ``timeout``.
+    """
+    ring = _Ring.of(group, resolve_timeout(timeout))
+    _check_agreement(q, k, v, causal, layout, ring)
+    n = q.shape[1] * ring.world
+    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]),
+                 layout_positions(n, ring.world, layout).to(q.device),
+                 ring_schedule(n, ring.world, layout=layout, causal=causal))
+    return _RingAttention.apply(q, k, v, plan)
+
+
+# The local launcher lives in ringbook.launch; re-exported for convenience.
+from .launch import SpawnError, free_port, spawn  # noqa: E402,F401

@@ -1,0 +1,380 @@
+"""The multi-process ring (ringbook.distributed) against the float64 reference.
+
+Real processes, gloo on CPU. Starting a process costs seconds on a 2-core
+runner, so each world size is started once (a module fixture) and every
+check of that world runs inside it; the tests below then assert on what the
+ranks sent back:
+
+* world 2 and 4: every layout, causal and not, forward and backward (with a
+  gradient on lse too) in float64, and one bfloat16 case under the 2× rule;
+* refusals on every rank: shards of unequal length, a zigzag layout with an
+  odd local length — and the group still works afterwards;
+* faults: in world 2, rank 1 stalls inside the ring and rank 0 must raise a
+  TimeoutError naming rank 1 within its timeout; in world 4, rank 3 raises
+  before the ring and the other three must fail with a clear error, quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ringbook
+from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn, rounding_atol, to64
+from ringbook import distributed as rd
+from ringbook.online_softmax import attend_block_backward
+from ringbook.schedule import LAYOUTS
+
+B, H, D = 2, 2, 4
+CASES = [(layout, causal) for layout in LAYOUTS for causal in (False, True)]
+LOWP = ("zigzag", True, torch.bfloat16)
+STALL_TIMEOUT_S = 1.5
+RAISE_TIMEOUT_S = 10.0
+
+
+def _global_inputs(n, dtype=torch.float64, seed=0):
+    q, k, v = make_qkv(B, n, H, D, dtype=dtype, seed=seed)
+    dout = randn(B, n, H, D, dtype=dtype, seed=seed + 3)
+    dlse = randn(B, H, n, dtype=torch.float64, seed=seed + 4)
+    return q, k, v, dout, dlse
+
+
+def _n(world):
+    return 2 * world * 5  # divisible for every layout: 10 tokens a rank, zigzag chunks of 5
+
+
+def _ring_case(rank, world, layout, causal, dtype=torch.float64, timeout=30.0):
+    """This rank's out, lse and gradients for the global inputs of the case (seeded, same on every rank)."""
+    q, k, v, dout, dlse = _global_inputs(_n(world), dtype)
+    qs, ks, vs = (rd.shard(x, rank, world, layout).requires_grad_() for x in (q, k, v))
+    out, lse = rd.ring_attention(qs, ks, vs, causal=causal, layout=layout, timeout=timeout)
+    dlse_s = rd.shard(dlse, rank, world, layout, dim=2).to(lse.dtype)
+    ((out * rd.shard(dout, rank, world, layout)).sum() + (lse * dlse_s).sum()).backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
+
+
+def _refusal(fn):
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return {"type": type(exc).__name__, "msg": str(exc), "elapsed": time.monotonic() - t0}
+    return {"type": None, "msg": "no error", "elapsed": time.monotonic() - t0}
+
+
+def _stalling_attend_block(seconds):
+    original = rd.attend_block
+    state = {"slept": False}
+
+    def attend_block(*args, **kwargs):
+        if not state["slept"]:
+            state["slept"] = True
+            time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    return attend_block
+
+
+def _world_checks(rank, world, fault, save_dir):
+    """Everything one spawned world checks; runs on every rank.
+
+    The checks before the fault are saved to ``save_dir/rank<r>.pt`` (so a
+    rank that then raises on purpose still hands them back); the fault's
+    outcome is returned.
+    """
+    res = {"cases": {case: _ring_case(rank, world, *case) for case in CASES}}
+    if world == 2:
+        res["lowp"] = _ring_case(rank, world, *LOWP)
+    # shards of unequal length: 4 tokens on rank 0, 6 elsewhere
+    c = 4 if rank == 0 else 6
+    q, k, v = make_qkv(B, c, H, D, seed=rank)
+    res["unequal"] = _refusal(lambda: rd.ring_attention(q, k, v, timeout=30))
+    # zigzag needs an even local length
+    q, k, v = make_qkv(B, 3, H, D, seed=rank)
+    res["zigzag_odd"] = _refusal(lambda: rd.ring_attention(q, k, v, layout="zigzag", causal=True, timeout=30))
+    # the group still works after refusing
+    res["after"] = _ring_case(rank, world, "striped", True)
+    torch.save(res, Path(save_dir) / f"rank{rank}.pt")
+
+    res = {}
+    if fault == "stall":  # rank 1 sleeps inside its first block; rank 0 must not wait for ever
+        if rank == 1:
+            rd.attend_block = _stalling_attend_block(STALL_TIMEOUT_S + 3)
+        res["fault"] = _refusal(lambda: _ring_case(rank, world, "contiguous", False, timeout=STALL_TIMEOUT_S))
+    elif fault == "raise":  # the last rank raises before the ring; the others must fail, not hang
+        if rank == world - 1:
+            raise RuntimeError(f"injected failure on rank {rank} before the ring")
+        res["fault"] = _refusal(lambda: _ring_case(rank, world, "zigzag", True, timeout=RAISE_TIMEOUT_S))
+    return res
+
+
+def _load(save_dir, world):
+    return [torch.load(Path(save_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    """World 2, ending with rank 1 stalling: (per-rank checks, per-rank fault outcomes, seconds)."""
+    save_dir = tmp_path_factory.mktemp("world2")
+    t0 = time.monotonic()
+    faults = rd.spawn(_world_checks, 2, "stall", str(save_dir), timeout=180)
+    return _load(save_dir, 2), faults, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    """World 4, ending with rank 3 raising: (per-rank checks, the SpawnError, seconds)."""
+    save_dir = tmp_path_factory.mktemp("world4")
+    t0 = time.monotonic()
+    with pytest.raises(rd.SpawnError) as info:
+        rd.spawn(_world_checks, 4, "raise", str(save_dir), timeout=180)
+    return _load(save_dir, 4), info.value, time.monotonic() - t0
+
+
+def _results(world, world2, world4):
+    return (world2 if world == 2 else world4)[0]
+
+
+def _reference(world, layout, causal, dtype=torch.float64):
+    """Unsharded float64 reference and its gradients (and the low-precision naive baseline for other dtypes)."""
+    q, k, v, dout, dlse = _global_inputs(_n(world), dtype)
+    out = {}
+    for name, precision in (("ref", "float64"), ("base", "input")):
+        if precision == "input" and dtype == torch.float64:
+            continue
+        xs = [x.detach().clone().requires_grad_() for x in ((q, k, v) if precision == "input" else to64(q, k, v))]
+        o, l = ringbook.naive_attention(*xs, causal=causal, precision=precision)
+        ((o * dout.to(o.dtype)).sum() + (l * dlse.to(l.dtype)).sum()).backward()
+        out[name] = {"out": o.detach(), "lse": l.detach(), "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
+    return out
+
+
+def _gathered(parts, layout):
+    return {key: rd.unshard([p[key] for p in parts], layout, dim=2 if key == "lse" else 1) for key in parts[0]}
+
+
+# --------------------------------------------------------------------------- no processes
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_unshard_round_trip(layout, world):
+    n = 2 * world * 3
+    x = randn(B, n, H, D, seed=world)
+    lse = randn(B, H, n, seed=world + 1)
+    shards = [rd.shard(x, r, world, layout) for r in range(world)]
+    positions = ringbook.layout_positions(n, world, layout)
+    for r, s in enumerate(shards):
+        assert torch.equal(s, x[:, positions[r]])
+    assert torch.equal(rd.unshard(shards, layout), x)
+    assert torch.equal(rd.unshard([rd.shard(lse, r, world, layout, dim=2) for r in range(world)], layout, dim=2), lse)
+
+
+def test_shard_refuses_bad_sizes():
+    x = randn(1, 10, 1, 2)
+    with pytest.raises(ValueError, match="must divide 10"):
+        rd.shard(x, 0, 4, "contiguous")
+    with pytest.raises(ValueError, match="rank must be in 0..1"):
+        rd.shard(x, 2, 2)
+    with pytest.raises(ValueError, match="equal length"):
+        rd.unshard([x[:, :4], x[:, 4:]])
+
+
+def test_ring_attention_without_process_group_says_what_to_do():
+    q, k, v = make_qkv(1, 4, 1, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        rd.ring_attention(q, k, v)
+
+
+def test_timeout_from_argument_and_environment(monkeypatch):
+    monkeypatch.delenv("RINGBOOK_P2P_TIMEOUT", raising=False)
+    assert rd.resolve_timeout(None) == rd.DEFAULT_TIMEOUT_S == 60.0
+    assert rd.resolve_timeout(2) == 2.0
+    monkeypatch.setenv("RINGBOOK_P2P_TIMEOUT", "7.5")
+    assert rd.resolve_timeout(None) == 7.5
+    monkeypatch.setenv("RINGBOOK_P2P_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="RINGBOOK_P2P_TIMEOUT"):
+        rd.resolve_timeout(None)
+    for bad in (0, -1, "1", True):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            rd.resolve_timeout(bad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("positions", [False, True])
+def test_attend_block_backward_sums_to_autograd_of_naive(causal, positions):
+    """Block gradients, summed over key blocks (dq) and query blocks (dk, dv), equal full attention's, float64."""
+    n_q, n_k = 7, 11
+    q, k, v = make_qkv(2, n_q, 3, 5, n_k=n_k, seed=3, requires_grad=True)
+    dout, dlse = randn(2, n_q, 3, 5, seed=7), randn(2, 3, n_q, seed=8)
+    scale = 0.3
+    # queries at positions 4..10, keys 0..10: every query sees at least one key
+    q_pos, k_pos = torch.arange(4, 4 + n_q), torch.arange(n_k)
+    mask = (k_pos[None, :] <= q_pos[:, None]) if causal else None
+    out, lse = ringbook.naive_attention(q, k, v, mask=mask, scale=scale)
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+    delta = torch.einsum("bihd,bihd->bhi", dout, out.detach()) - dlse
+
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for q0, q1 in ((0, 3), (3, 7)):
+        for k0, k1 in ((0, 4), (4, 5), (5, 11)):
+            where = ({"q_pos": q_pos[q0:q1], "k_pos": k_pos[k0:k1]} if positions
+                     else {"q_offset": 4 + q0, "k_offset": k0})
+            g = attend_block_backward(q[:, q0:q1].detach(), k[:, k0:k1].detach(), v[:, k0:k1].detach(),
+                                      out[:, q0:q1].detach(), lse[:, :, q0:q1].detach(), dout[:, q0:q1],
+                                      scale=scale, causal=causal, delta=delta[:, :, q0:q1], **where)
+            dq[:, q0:q1] += g[0]
+            dk[:, k0:k1] += g[1]
+            dv[:, k0:k1] += g[2]
+    for got, ref, name in ((dq, q.grad, "dq"), (dk, k.grad, "dk"), (dv, v.grad, "dv")):
+        assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10), f"{name}: {(got - ref).abs().max():.3g}"
+
+
+def test_attend_block_backward_default_delta_and_empty_rows():
+    """Without ``delta`` it uses rowsum(dO∘O); rows that see no key get zero gradient, never NaN."""
+    q, k, v = make_qkv(1, 5, 2, 4, n_k=6, seed=11, requires_grad=True)
+    dout = randn(1, 5, 2, 4, seed=12)
+    # keys at positions 2..7, queries 0..4: queries 0 and 1 see nothing
+    mask = torch.arange(2, 8)[None, :] <= torch.arange(5)[:, None]
+    out, lse = ringbook.naive_attention(q, k, v, mask=mask)
+    assert torch.isneginf(lse[:, :, :2]).all()
+    seen = slice(2, 5)
+    o2, _ = ringbook.naive_attention(q[:, seen], k, v, mask=mask[seen])
+    (o2 * dout[:, seen]).sum().backward()
+    dq, dk, dv = attend_block_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout,
+                                       scale=4 ** -0.5, causal=True, q_offset=0, k_offset=2)
+    assert not any(torch.isnan(g).any() for g in (dq, dk, dv))
+    assert torch.equal(dq[:, :2], torch.zeros_like(dq[:, :2]))
+    assert torch.allclose(dq[:, seen], q.grad[:, seen], atol=1e-12)
+    assert torch.allclose(dk, k.grad, atol=1e-12) and torch.allclose(dv, v.grad, atol=1e-12)
+
+
+def test_attend_block_backward_low_precision_accumulates_in_float32():
+    q, k, v = make_qkv(1, 6, 2, 4, dtype=torch.bfloat16, seed=5)
+    out, lse = ringbook.attend_block(q, k, v, scale=0.5)
+    grads = attend_block_backward(q, k, v, out.to(q.dtype), lse, randn(1, 6, 2, 4, dtype=torch.bfloat16),
+                                  scale=0.5)
+    assert all(g.dtype == torch.float32 for g in grads)
+
+
+# --------------------------------------------------------------------------- real processes (gloo)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout,causal", CASES)
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_matches_naive_float64(world, layout, causal, world2, world4):
+    parts = [r["cases"][(layout, causal)] for r in _results(world, world2, world4)]
+    assert len(parts) == world
+    got = _gathered(parts, layout)
+    ref = _reference(world, layout, causal)["ref"]
+    assert_matches_reference(got["out"], got["lse"], ref["out"], ref["lse"])
+    for key in ("dq", "dk", "dv"):
+        assert got[key].shape == ref[key].shape
+        assert torch.allclose(got[key], ref[key], atol=1e-10, rtol=1e-10), \
+            f"{key}: max error {(got[key] - ref[key]).abs().max():.3g}"
+
+
+@pytest.mark.slow
+def test_distributed_low_precision_within_2x_rule(world2):
+    layout, causal, dtype = LOWP
+    got = _gathered([r["lowp"] for r in world2[0]], layout)
+    ref = _reference(2, layout, causal, dtype)
+    assert got["out"].dtype == dtype and got["lse"].dtype == torch.float32
+    assert got["dq"].dtype == dtype
+    assert_within_2x_rule(got["out"], ref["ref"]["out"], ref["base"]["out"], what="out")
+    assert_within_2x_rule(got["lse"], ref["ref"]["lse"], ref["base"]["lse"],
+                          atol=rounding_atol(ref["ref"]["lse"], torch.float32), what="lse")
+    for key in ("dq", "dk", "dv"):
+        assert_within_2x_rule(got[key], ref["ref"][key], ref["base"][key], what=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_unequal_shards_refused_on_every_rank(world, world2, world4):
+    for r, res in enumerate(_results(world, world2, world4)):
+        assert res["unequal"]["type"] == "ValueError", f"rank {r}: {res['unequal']}"
+        assert "equal length on every rank" in res["unequal"]["msg"]
+        assert "[4, 6" in res["unequal"]["msg"], res["unequal"]["msg"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_layout_mismatch_refused_on_every_rank(world, world2, world4):
+    for r, res in enumerate(_results(world, world2, world4)):
+        assert res["zigzag_odd"]["type"] == "ValueError", f"rank {r}: {res['zigzag_odd']}"
+        assert "local length must be even, got 3" in res["zigzag_odd"]["msg"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_group_still_works_after_refusals(world, world2, world4):
+    parts = [r["after"] for r in _results(world, world2, world4)]
+    ref = _reference(world, "striped", True)["ref"]
+    positions = ringbook.layout_positions(_n(world), world, "striped")
+    for r, part in enumerate(parts):
+        assert_matches_reference(part["out"], part["lse"], ref["out"][:, positions[r]],
+                                 ref["lse"][:, :, positions[r]], what=f"rank {r}")
+
+
+@pytest.mark.slow
+def test_stalled_peer_times_out_with_named_rank_and_step(world2):
+    _, results, elapsed = world2
+    fault = results[0]["fault"]
+    assert fault["type"] == "TimeoutError", fault
+    assert "rank 0 of 2" in fault["msg"] and "from rank 1" in fault["msg"] and "step 0" in fault["msg"], fault
+    assert "timeout" in fault["msg"]
+    assert fault["elapsed"] < STALL_TIMEOUT_S + 2.0, fault
+    # the stalled rank, once awake, finds its peer gone and fails too (it does not hang)
+    late = results[1]["fault"]
+    assert late["type"] in ("TimeoutError", "RuntimeError"), late
+    assert "ring_attention on rank 1 of 2" in late["msg"] and "from rank 0" in late["msg"], late
+    assert late["elapsed"] < STALL_TIMEOUT_S + 3 + STALL_TIMEOUT_S + 2.0, late
+    assert elapsed < 120
+
+
+@pytest.mark.slow
+def test_rank_that_raises_does_not_hang_the_others(world4):
+    _, err, elapsed = world4
+    assert sorted(err.errors) == [3]
+    assert "injected failure on rank 3" in err.errors[3]
+    assert "rank 3" in str(err)
+    for r in range(3):
+        fault = err.results[r]["fault"]
+        assert fault["type"] in ("TimeoutError", "RuntimeError"), f"rank {r}: {fault}"
+        assert f"ring_attention on rank {r} of 4" in fault["msg"] and "peer" in fault["msg"], fault
+        assert fault["elapsed"] < RAISE_TIMEOUT_S + 2.0, fault
+    assert elapsed < 150
+
+
+@pytest.mark.slow
+def test_dist_bench_under_torchrun(tmp_path):
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+           "--seq-lens", "128", "--dtype", "fp32", "--causal", "both", "--heads", "2", "--head-dim", "16",
+           "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path), "--stem", "rows"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["causal"] for r in rows] == [False, True]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["impl"] == "ring_dist" and row["ring_size"] == 2 and row["seq_len"] == 128
+        assert row["layout"] == ("zigzag" if row["causal"] else "contiguous")
+        assert row["max_rel_err"] < 1e-4 and row["checked_rows"] == 128
+        assert "gathered on rank 0" in row["check"]
+        assert len(row["per_rank_time_ms"]) == 2 and len(row["per_rank_peak_mem_gb"]) == 2
+        assert row["time_ms"] == statistics.median(row["times_ms"]) > 0
+        assert row["peak_mem_gb"] == max(row["per_rank_peak_mem_gb"]) > 0
+        assert row["tflops"] > 0 and row["tokens_per_s"] > 0
+        for key in ("device", "torch_version", "dtype", "batch", "heads", "head_dim", "peak_mem_kind"):
+            assert key in row
