@@ -509,7 +509,7 @@ def plot_causal_work(computed: Mapping[str, Sequence[float]], needed: Mapping[st
     """
     layouts = list(computed)
     ncols = len(layouts) + (critical is not None)
-    fig, axes = new_figure(1, ncols, figsize=(3.4 * ncols, 3.9))
+    fig, axes = new_figure(1, ncols, figsize=(3.4 * ncols, 4.2))
     top = max(max(computed[k]) for k in layouts) * 1.22
     for ax, name in zip(axes[0], layouts):
         comp, need = np.asarray(computed[name], float), np.asarray(needed[name], float)
@@ -523,8 +523,8 @@ def plot_causal_work(computed: Mapping[str, Sequence[float]], needed: Mapping[st
         ax.set_ylim(0, top)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("rank")
-        ax.set_title(f"{name}\nbusiest / mean = {comp.max() / comp.mean():.2f}, "
-                     f"needed {need.sum() / comp.sum():.0%}", fontsize=10)
+        ax.set_title(f"{name}\nbusiest / mean = {comp.max() / comp.mean():.2f}\n"
+                     f"needed / computed = {need.sum() / comp.sum():.0%}", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].set_ylabel("scores per rank (whole ring)")
     axes[0, 0].legend(loc="upper left", fontsize=8)
@@ -533,14 +533,14 @@ def plot_causal_work(computed: Mapping[str, Sequence[float]], needed: Mapping[st
         names = list(critical)
         vals = np.array([critical[k] for k in names], float)
         ax.bar(np.arange(len(names)), vals, color=COLORS["score"], width=0.6)
-        ideal = sum(np.sum(needed[k]) for k in names[:1]) / len(needed[names[0]])
+        ideal = np.sum(needed[names[0]]) / len(needed[names[0]])  # the same total for every layout
         ax.axhline(ideal, color=COLORS["exact"], ls="--", lw=1, label="Σ needed / w")
         for x, v in enumerate(vals):
             ax.text(x, v, f"{v / ideal:.2f}×", ha="center", va="bottom", fontsize=9)
         ax.set_xticks(np.arange(len(names)), names)
         ax.set_ylim(0, vals.max() * 1.2)
         ax.set_ylabel("scores on the critical path")
-        ax.set_title("ring time: Σ over steps of\nthe busiest rank's scores", fontsize=10)
+        ax.set_title("ring time: Σ over steps of\nthe busiest rank's scores\n(× the ideal)", fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     return fig
@@ -576,7 +576,7 @@ def plot_memory_per_rank(seq_lens: Sequence[int], bytes_per_rank: Mapping[int, S
         names = list(terms)
         vals = np.array([terms[k] for k in names], float) / 1e9
         y = np.arange(len(names))
-        ax_t.barh(y, vals, color=[_rank_color(i + 4) for i in y], height=0.6)
+        ax_t.barh(y, vals, color=COLORS["score"], height=0.6)
         for yi, v in zip(y, vals):
             ax_t.annotate(f"{v:.3g} GB", xy=(v, yi), xytext=(4, 0), textcoords="offset points", va="center",
                           fontsize=8)

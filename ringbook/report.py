@@ -177,33 +177,38 @@ def plot_results(rows: list[dict], metric: str = "tflops"):
     labels = {"tflops": "TFLOP/s (forward)", "tokens_per_s": "tokens / s", "peak_mem_gb": "peak memory (GB)"}
     if metric not in labels:
         raise ValueError(f"metric must be one of {sorted(labels)}, got {metric!r}")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    series_all = _series(rows)
+    names = sorted({label for label, _, _ in series_all}, key=lambda x: list(dict.fromkeys(
+        label for label, _, _ in series_all)).index(x))
+    colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}
+    styles = ["-", "--", "-.", ":"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     for ax, causal in zip(axes, (False, True)):
-        for (label, _ring, c), series in _series(rows).items():
+        for (label, _ring, c), series in series_all.items():
             if c != causal:
                 continue
             ok = sorted((r for r in series if r["status"] == "ok"), key=lambda r: r["seq_len"])
             if not ok:
                 continue
-            (line,) = ax.plot([r["seq_len"] for r in ok], [r[metric] for r in ok], marker="o", label=label)
-            bad = [r for r in series if r["status"] == "oom" and not str(r.get("error")).startswith("not run")]
-            for r in bad[:1]:
-                ax.axvline(r["seq_len"], color=line.get_color(), ls=":", lw=1)
-                ax.annotate("OOM", (r["seq_len"], ax.get_ylim()[1]), color=line.get_color(), fontsize=8,
-                            ha="center", va="top")
+            (line,) = ax.plot([r["seq_len"] for r in ok], [r[metric] for r in ok], marker="o", ms=4,
+                              color=colors[label], ls=styles[names.index(label) // 20 % 4], label=label)
+            oom = [r for r in series if r["status"] == "oom" and not str(r.get("error")).startswith("not run")]
+            for r in oom[:1]:  # where the series ran out of memory
+                ax.plot([r["seq_len"]], [ok[-1][metric]], marker="x", ms=9, mew=2, color=colors[label], ls="")
         ax.set_xscale("log", base=2)
-        if metric == "peak_mem_gb":
-            ax.set_yscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)")
         ax.set_title("causal" if causal else "non-causal")
         ax.grid(alpha=0.3, which="both")
-        if ax.lines:
-            ax.legend(fontsize=8)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines() if not h.get_label().startswith("_")}
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8,
+                   title="× = out of memory", title_fontsize=8)
     axes[0].set_ylabel(labels[metric])
     first = rows[0]
     fig.suptitle(f"{labels[metric]} — {first['device']}, {first['dtype']}, b={first['batch']} "
                  f"h={first['heads']} d={first['head_dim']}, torch {first['torch_version']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     return fig
 
 

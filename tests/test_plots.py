@@ -1,0 +1,97 @@
+"""The plots and widgets of notebook 02 draw what the schedule says (matplotlib Agg, no display)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+from ringbook import LAYOUTS, layout_positions, ring_schedule, work_per_rank  # noqa: E402
+from ringbook.demo import ring_memory_bytes  # noqa: E402
+from ringbook.plots import (  # noqa: E402
+    plot_causal_work,
+    plot_memory_per_rank,
+    plot_ring_step,
+    ring_step_cells,
+)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n, w", [(8, 1), (16, 2), (24, 3), (32, 4)])
+def test_ring_step_cells_follow_the_schedule(layout, causal, n, w):
+    owner, origin, step, state = ring_step_cells(n, w, layout=layout, causal=causal)
+    pos = layout_positions(n, w, layout)
+    for r in range(w):
+        assert (owner[pos[r].numpy()] == r).all() and (origin[pos[r].numpy()] == r).all()
+    i, j = np.indices((n, n))
+    if causal:
+        assert ((state == 0) == ((j <= i) & (state != 2))).all()  # needed: exactly the visible cells
+        assert (state[j <= i] == 0).all()  # no visible cell is skipped or masked
+    else:
+        assert (state == 0).all()
+    # cells computed at step t by rank r are that step's tile areas
+    sched = ring_schedule(n, w, layout=layout, causal=causal)
+    for t in range(w):
+        for r in range(w):
+            cells = ((owner[:, None] == r) & (step == t) & (state != 2)).sum()
+            assert cells == sched[t][r].work
+    computed = [((owner[:, None] == r) & (state != 2)).sum() for r in range(w)]
+    assert computed == work_per_rank(n, w, layout=layout, causal=causal)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plot_ring_step_draws_every_step(layout):
+    for t in range(4):
+        fig = plot_ring_step(32, 4, t, layout=layout, causal=True)
+        ax, ring = fig.axes
+        assert ax.get_title() == f"step {t} of 4 · layout {layout} · causal (n = 32, w = 4)"
+        assert ring.get_title() == f"the ring at step {t}"
+        labels = [text.get_text() for text in ring.texts]
+        for r, s in enumerate(ring_schedule(32, 4, layout=layout, causal=True)[t]):
+            assert f"holds K/V {s.kv_rank}\n{s.work} scores" in labels
+    with pytest.raises(ValueError, match="step must be in 0..3"):
+        plot_ring_step(32, 4, 4, layout=layout)
+
+
+def test_plot_causal_work_and_memory():
+    n, w = 64, 4
+    computed = {k: work_per_rank(n, w, layout=k) for k in LAYOUTS}
+    needed = {k: (layout_positions(n, w, k) + 1).sum(1).tolist() for k in LAYOUTS}
+    critical = {k: sum(max(s.work for s in row) for row in ring_schedule(n, w, layout=k, causal=True))
+                for k in LAYOUTS}
+    fig = plot_causal_work(computed, needed, critical=critical)
+    assert len(fig.axes) == 4
+    assert fig.axes[0].get_title().startswith("contiguous\nbusiest / mean = 1.60\n")
+    assert plot_causal_work(computed, needed).axes[-1].get_title().startswith("striped")
+
+    seq = [2**p for p in range(10, 14)]
+    per_rank = {w: [sum(ring_memory_bytes(s, w).values()) for s in seq] for w in (1, 2)}
+    fig = plot_memory_per_rank(seq, per_rank, terms=ring_memory_bytes(4096, 2), terms_label="x")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2
+
+
+def test_ring_memory_bytes_is_linear_in_the_shard():
+    kw = {"batch": 1, "heads": 8, "head_dim": 64, "dtype": torch.bfloat16}
+    a = ring_memory_bytes(2**16, 2, **kw)
+    assert a == ring_memory_bytes(2**17, 4, **kw)  # depends on n / w only
+    assert {k: 2 * v for k, v in a.items()} == ring_memory_bytes(2**17, 2, **kw)  # c >= KEY_CHUNK: linear
+    c = 2**15
+    assert a["q, k, v shards"] == 3 * c * 8 * 64 * 2
+    assert a["score tiles"] == 8 * c * 2048 * (3 * 4 + 1)
+    assert ring_memory_bytes(2**16, 2, causal=False, **kw)["score tiles"] == 8 * c * 2048 * 12
+    with pytest.raises(ValueError, match="does not divide"):
+        ring_memory_bytes(10, 3)
+
+
+def test_ring_step_explorer_redraws():
+    pytest.importorskip("ipywidgets")
+    from ringbook.widgets import ring_step_explorer
+
+    widget = ring_step_explorer(16, 2, step=0, layout="zigzag", causal=True)
+    widget.children[2].value = False
+    widget.children[0].value = 1
+    assert widget.result.axes[0].get_title() == "step 1 of 2 · layout zigzag · no mask (n = 16, w = 2)"
