@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     finally:
         if rank == 0 and rows:
             from .cli import print_table
-            from .report import save_json, slug
+            from .report import slug, write_outputs
 
             stem = args.stem or f"dist-bench-{'cpu' if device.type == 'cpu' else slug(env['device'])}-" \
                                 f"{str(dtype).replace('torch.', '')}-w{world}"
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
                                + " ".join(argv if argv is not None else sys.argv[1:]),
                     "warmup": args.warmup, "repeats": args.repeats, "world_size": world}
             print_table(rows)
-            print(f"wrote json       {save_json(rows, args.out / f'{stem}.json', meta)}")
+            for kind, path in write_outputs(rows, args.out, stem=stem, meta=meta).items():
+                print(f"wrote {kind:<10} {path}")
         dist.destroy_process_group()
     return 1 if any(r["status"] == "error" for r in rows) else 0
 

@@ -99,7 +99,13 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
         f"up to {meta.get('repeats', '?')} timed calls",
         f"- Peak memory: {first.get('peak_mem_kind', '?')}",
         "- TFLOP/s counts 4·b·h·n²·d per forward (half for causal); every row is checked against the "
-        "float64 naive reference (max_rel_err = max|out−ref| / max|ref| over the checked query rows)", "",
+        "float64 naive reference (max_rel_err = max|out−ref| / max|ref| over the checked query rows)",
+    ]
+    if any(r.get("per_rank_peak_mem_gb") for r in rows):
+        lines.append("- Multi-process rows: time is the median over repeats of the slowest rank; memory is the "
+                     "largest per-rank peak (every rank's peak is in the JSON, `per_rank_peak_mem_gb`)")
+    lines += [
+        "",
         "## Results", "", "### Summary Table", "",
         "| Model | Ring Size | Causal | Max Seq Length | Time at Max | Memory at Max | TFLOP/s at Max | Throughput at Max |",
         "|-------|-----------|--------|----------------|-------------|---------------|----------------|-------------------|",
