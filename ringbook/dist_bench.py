@@ -32,7 +32,6 @@ import math
 import os
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -110,17 +109,7 @@ def _time(call, device, *, warmup, repeats):
     times = []
     for _ in range(repeats):
         dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(bench.time_once(call, device))
     return times
 
 
