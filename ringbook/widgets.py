@@ -68,3 +68,37 @@ def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = 
         return plots.plot_ring_step(n, world_size, step, layout=layout, causal=causal)
 
     return _interactive(draw, step=slider, layout=dropdown, causal=checkbox)
+
+
+def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_length: int = 8,
+                             dilation_rate: int = 1, num_pairs: int = 3, head: int = 0, heads: str = "grouped",
+                             causal: bool = False):
+    """Sliders for a LongNet configuration, redrawing :func:`plots.plot_dilated_pattern`.
+
+    The pairs are geometric, as in LongNet: ``(w, r), (2w, 2r), (4w, 4r), …``
+    for ``num_pairs`` pairs, with ``w`` and ``r`` on the sliders. Segment
+    lengths are powers of two with ``w · 2^(num_pairs−1)`` dividing
+    ``seq_len`` (checked by :func:`ringbook.dilated_weights` when drawn).
+    The keyword arguments are the controls' start values.
+    """
+    from ipywidgets import Checkbox, Dropdown, IntSlider, Layout, SelectionSlider
+
+    from .dilated import HEAD_MODES
+
+    wide = {"continuous_update": False, "style": {"description_width": "initial"}, "layout": Layout(width="420px")}
+    segs = [2**p for p in range(1, seq_len.bit_length()) if seq_len % 2**p == 0 and 2**p <= seq_len // 4]
+    seg_slider = SelectionSlider(options=segs, value=segment_length, description="segment length w", **wide)
+    rate_slider = SelectionSlider(options=[1, 2, 4, 8], value=dilation_rate, description="dilation rate r", **wide)
+    pairs_slider = IntSlider(value=num_pairs, min=1, max=3, description="pairs (w, r)·2^k", **wide)
+    head_slider = IntSlider(value=head, min=0, max=num_heads - 1, description="head", **wide)
+    mode = Dropdown(options=list(HEAD_MODES), value=heads, description="heads")
+    checkbox = Checkbox(value=causal, description="causal")
+
+    def draw(segment_length, dilation_rate, num_pairs, head, heads, causal):
+        rate = min(dilation_rate, segment_length)  # r must divide w
+        return plots.plot_dilated_pattern(
+            seq_len, num_heads, segment_lengths=[segment_length * 2**k for k in range(num_pairs)],
+            dilation_rates=[rate * 2**k for k in range(num_pairs)], head=head, heads=heads, causal=causal)
+
+    return _interactive(draw, segment_length=seg_slider, dilation_rate=rate_slider, num_pairs=pairs_slider,
+                        head=head_slider, heads=mode, causal=checkbox)

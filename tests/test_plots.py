@@ -95,3 +95,66 @@ def test_ring_step_explorer_redraws():
     widget.children[2].value = False
     widget.children[0].value = 1
     assert widget.result.axes[0].get_title() == "step 1 of 2 · layout zigzag · no mask (n = 16, w = 2)"
+
+
+SEED64 = {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
+
+
+def test_plot_dilated_pattern_draws_the_weights():
+    from ringbook import dilated_weights
+    from ringbook.plots import plot_dilated_pattern
+
+    fig = plot_dilated_pattern(64, 8, head=6, heads="grouped", **SEED64)
+    ax, cov = fig.axes
+    assert ax.get_title() == "head 6: $c_{ij}$ · segments [8, 16, 32] · rates [1, 2, 4] · heads grouped"
+    c = dilated_weights(64, 8, heads="grouped", **SEED64)
+    assert np.array_equal(ax.images[0].get_array(), c[6].numpy())  # the image is c_ij of the head
+    assert "240 of 512" in cov.get_title()  # (head, position) cells kept by no pair: 2·0 + 3·32 + 3·48
+    fig = plot_dilated_pattern(64, 8, head=1, heads="all", causal=True, **SEED64)
+    assert fig.axes[0].get_title().endswith("heads all · causal")
+    with pytest.raises(ValueError, match="head must be in 0..7"):
+        plot_dilated_pattern(64, 8, head=8, **SEED64)
+
+
+def test_plot_dilated_coverage_and_scaling():
+    from ringbook.plots import plot_dilated_coverage, plot_dilated_scaling
+
+    fig = plot_dilated_coverage(64, 8, heads="grouped", **SEED64)
+    bars = [p.get_width() for p in fig.axes[1].patches]
+    assert bars == [0, 0, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75]
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert "group w = 32, r = 4:\n25% seen by no head" in texts
+    fig = plot_dilated_scaling([8, 16], {"dense": [64, 256], "dilated": [8, 16]}, measured={"x": ([8, 16], [1, 2])})
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 1
+    assert len(plot_dilated_scaling([8, 16], {"dense": [64, 256]}).axes) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_plot_dilated_ring_plan_follows_the_plan(causal):
+    from ringbook import dilated_ring_plan
+    from ringbook.plots import KIND_COLORS, plot_dilated_ring_plan
+
+    plan = dilated_ring_plan(48, 3, [6, 12, 24], [1, 2, 4], num_heads=8, heads="grouped", causal=causal)
+    fig = plot_dilated_ring_plan(plan, batch=2, head_dim=4)
+    ax, bars = fig.axes
+    boxes = ax.patches
+    assert len(boxes) == len(plan.segments)
+    for box, seg in zip(boxes, plan.segments):
+        assert box.get_x() == seg.start and box.get_width() == seg.stop - seg.start
+        assert matplotlib.colors.same_color(box.get_facecolor(), KIND_COLORS[seg.kind])
+    heights = np.array([p.get_height() for p in bars.patches]).reshape(len(plan.pairs), plan.ring_size).sum(0)
+    assert heights.tolist() == plan.sent_elements(2, 4)
+    assert ax.get_title().endswith("8 local, 6 exchanged")
+
+
+def test_dilated_pattern_explorer_redraws():
+    pytest.importorskip("ipywidgets")
+    from ringbook.widgets import dilated_pattern_explorer
+
+    widget = dilated_pattern_explorer(64, 8, segment_length=8, dilation_rate=1, num_pairs=3, head=0)
+    widget.children[2].value = 1  # one pair
+    widget.children[1].value = 4
+    widget.children[0].value = 16
+    assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [16] · rates [4] · heads grouped"
+    widget.children[0].value = 2  # the rate is clipped to the segment length
+    assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [2] · rates [2] · heads grouped"

@@ -1,0 +1,351 @@
+"""Ring dilated attention over a ``torch.distributed`` process group (notebook 03, one rank per process).
+
+The multi-process form of :func:`ringbook.ring_dilated_attention`: the same
+function as :func:`ringbook.dilated_attention` (equation (D)) for every
+world size ``w`` dividing ``n``, each process holding only its contiguous
+shard (``b c h d``, ``c = n / w``, as :func:`ringbook.distributed.shard`
+cuts it with ``layout="contiguous"``). Which segment spans which ranks, and
+what each rank sends, is read from :func:`~ringbook.ring_dilated.dilated_ring_plan`:
+
+* a segment inside one shard is **local**: computed from the rank's own
+  shard, with no communication;
+* a segment spanning several ranks is **exchanged**: each spanned rank sends
+  the *dilated* rows of its piece of K and V (``w/r`` tokens of the segment
+  per head, never the whole K or V) to the other spanned ranks (with
+  ``causal``, to the later ones only), then attends its own dilated queries
+  to the gathered segment.
+
+Why point-to-point among the spanned ranks and not a collective over the
+group: a segment concerns only the ranks it spans (two of eight, say), the
+pieces differ in size (a piece shorter than ``r`` may hold no kept row) and
+causal traffic is one-way, none of which an ``all_gather`` (every rank, equal
+sizes, every direction) expresses. Every piece a rank sends to one peer —
+all pairs, all segments, all offsets — is packed into **one** flat buffer,
+so a call posts at most one send and one receive per peer, in a single
+``dist.batch_isend_irecv`` (safe under NCCL, where separate per-peer calls
+could deadlock). Both ends compute the buffer's layout from the plan, so no
+sizes travel.
+
+Backward: a custom autograd Function. The forward keeps the local graph —
+leaves for q, k, v and for the received pieces — so the backward is that
+graph's backward plus the reverse exchange: each rank sends the dK/dV of
+the pieces it received back to their owners and adds what comes back for
+the pieces it sent (gradient of the rows they were gathered from). The
+reverse exchange moves exactly the bytes of the forward, the other way.
+
+Guarantees, as :func:`ringbook.distributed.ring_attention`: every wait has a
+deadline (``timeout=``, default ``$RINGBOOK_P2P_TIMEOUT`` or 60 s) after
+which a ``TimeoutError``/``RuntimeError`` names the peer and the phase;
+inputs that do not fit together across ranks (unequal shard lengths,
+different options) are refused with a ``ValueError`` on every rank, and an
+invalid dilated configuration raises the one-process form's ``ValueError``
+on every rank. Ranks are ranks in ``group``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, resolve_scale
+from .distributed import _peer_error, _Ring, _wait, resolve_timeout
+from .online_softmax import merge_partials
+from .ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
+
+FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
+
+# --------------------------------------------------------------------------- who sends what (from the plan)
+
+
+def routes(plan: DilatedRingPlan, rank: int) -> tuple[dict, dict]:
+    """The pieces ``rank`` sends to and receives from each peer: ``{peer: [(segment, offset, heads), ...]}``.
+
+    Both ends list a message's pieces in the same order (plan order, then
+    offset), which is how a receiver knows the layout of a flat buffer.
+    """
+    send: dict[int, list] = {}
+    recv: dict[int, list] = {}
+    for seg in plan.segments:
+        if seg.kind == "local" or rank not in seg.ranks:
+            continue
+        me = seg.ranks.index(rank)
+        for o, hs in _offset_groups(*plan.patterns[seg.pair]).items():
+            for i, peer in enumerate(seg.ranks):
+                if i != me and (not plan.causal or i > me):  # causal: a piece goes to later ranks only
+                    send.setdefault(peer, []).append((seg, o, tuple(hs)))
+                if i != me and (not plan.causal or i < me):
+                    recv.setdefault(peer, []).append((seg, o, tuple(hs)))
+    return send, recv
+
+
+def _piece_rows(plan: DilatedRingPlan, seg, rank: int, o: int) -> int:
+    """Kept rows (offset ``o``) of ``rank``'s piece of ``seg``."""
+    a, z = seg.piece(rank, plan.shard_len)
+    return _count(a - seg.start, z - seg.start, o, plan.pairs[seg.pair][1])
+
+
+def _pack(k, v, pieces, plan, rank):
+    """One flat buffer: K then V rows of each piece of ``rank``'s own shard, in ``pieces`` order."""
+    parts = []
+    for seg, o, hs in pieces:
+        r = plan.pairs[seg.pair][1]
+        parts += [_dilated_rows(x, seg, rank, plan, o, r, list(hs))[0].reshape(-1) for x in (k, v)]
+    return torch.cat(parts)
+
+
+def _unpack(flat, pieces, plan, sender, b, d):
+    """Inverse of :func:`_pack` for a buffer from ``sender``: ``{(pair, segment, offset): (k, v)}``, ``b m h d``."""
+    shapes = [(b, _piece_rows(plan, seg, sender, o), len(hs), d) for seg, o, hs in pieces]
+    sizes = [s[0] * s[1] * s[2] * s[3] for s in shapes for _ in (0, 1)]
+    chunks = flat.split(sizes)
+    return {(seg.pair, seg.index, o): (chunks[2 * i].view(shapes[i]), chunks[2 * i + 1].view(shapes[i]))
+            for i, (seg, o, _) in enumerate(pieces)}
+
+
+def _numel(pieces, plan, sender, b, d) -> int:
+    return sum(2 * b * _piece_rows(plan, seg, sender, o) * len(hs) * d for seg, o, hs in pieces)
+
+
+# --------------------------------------------------------------------------- communication
+
+
+def _deliver(send: dict, recv_numel: dict, like: torch.Tensor, ring: _Ring, tag: int, phase: str) -> dict:
+    """Post every send and receive in one batch; wait (one deadline for all) per peer. Returns ``{peer: flat}``."""
+    recv = {p: like.new_empty(n) for p, n in recv_numel.items() if n}
+    glob = (lambda p: dist.get_global_rank(ring.group, p)) if ring.group is not None else (lambda p: p)
+    ops, peer_of = [], []
+    for p, t in send.items():
+        if t.numel():
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), glob(p), ring.group, tag))
+            peer_of.append(p)
+    for p, t in recv.items():
+        ops.append(dist.P2POp(dist.irecv, t, glob(p), ring.group, tag))
+        peer_of.append(p)
+    if not ops:
+        return recv
+    peers = sorted(set(peer_of))
+
+    def what(ps):
+        ps = [ps] if isinstance(ps, int) else list(ps)
+        return (f"ring_dilated_attention {phase}: exchanging dilated K/V pieces with rank{'s' * (len(ps) > 1)} "
+                f"{', '.join(map(str, ps))} (ranks this rank shares segments with)")
+
+    try:
+        works = dist.batch_isend_irecv(ops)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what(peers), exc) from exc
+    by_peer = {p: [w for w, q in zip(works, peer_of) if q == p] for p in peers} if len(works) == len(ops) \
+        else {tuple(peers): works}  # a coalescing backend (NCCL) returns one work for the batch
+    deadline = time.monotonic() + ring.timeout_s
+    for p, ws in by_peer.items():
+        left = dataclasses.replace(ring, timeout_s=max(deadline - time.monotonic(), 1e-3))
+        try:
+            _wait(ws, left, what(p))
+        except (TimeoutError, RuntimeError) as exc:  # say the whole timeout, not what was left of it
+            cause = exc.__cause__ or exc
+            raise _peer_error(ring, what(p), cause) from cause
+    return recv
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _fingerprint(x) -> int:
+    """A stable (cross-process) 31-bit digest of an option, to compare it across ranks."""
+    if isinstance(x, (list, tuple)):
+        x = list(x)
+    return zlib.crc32(repr(x).encode()) & 0x7FFFFFFF
+
+
+def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring) -> float:
+    """All-gather a few ints per rank; refuse on every rank inputs that do not fit together. Returns the scale."""
+    try:
+        check_qkv(q, k, v)
+        check_bool(causal, "causal")
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
+                             f"k {k.shape[1]} tokens; shard all three with ringbook.distributed.shard")
+        scale = resolve_scale(scale, q.shape[3])
+        problem = None
+    except (TypeError, ValueError) as exc:
+        problem = exc
+    kv_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+    names = ["shard length", "batch", "num_heads", "head_dim", "causal", "dtype", "k/v requires_grad"] + list(options)
+    if problem is None:
+        info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], int(causal), FLOAT_DTYPES.index(q.dtype),
+                int(kv_grad)] + [_fingerprint(x) for x in options.values()] + [_fingerprint(scale)]
+    else:
+        info = [0] + [-1] * (len(names) + 1)
+    names.append("scale")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor(info, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(ring.world)]
+    what = "checking the shards with all ranks before the exchange (all_gather of shard lengths and options)"
+    try:
+        work = dist.all_gather(every, mine, group=ring.group, async_op=True)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what, exc) from exc
+    _wait([work], ring, what)
+    table = torch.stack(every).cpu().tolist()
+    if problem is not None:
+        raise problem
+    bad = [r for r, row in enumerate(table) if row[0] == 0]
+    if bad:
+        raise ValueError(f"rank(s) {bad} refused their input to ring_dilated_attention (see their errors); "
+                         "every rank stops")
+    lengths = [row[1] for row in table]
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"ring_dilated_attention needs shards of equal length on every rank, got lengths {lengths} on ranks "
+            f"0..{ring.world - 1}; cut the sequence with ringbook.distributed.shard(x, rank, world_size, "
+            "'contiguous'), which needs a length divisible by world_size")
+    readable = {"dtype": lambda x: str(FLOAT_DTYPES[x]), "causal": bool, "k/v requires_grad": bool}
+    for col, name in enumerate(names[1:], start=2):
+        values = [row[col] for row in table]
+        if len(set(values)) == 1:
+            continue
+        if col <= 7:
+            values = [readable.get(name, int)(x) for x in values]
+            got = f"got {values} on ranks 0..{ring.world - 1}"
+        else:  # an option: say which ranks agree, and this rank's value
+            groups = [[r for r, x in enumerate(values) if x == y] for y in dict.fromkeys(values)]
+            mine_value = scale if name == "scale" else options[name]
+            got = f"ranks agree only in groups {groups}; this rank (rank {ring.rank}) has {mine_value!r}"
+        hint = (" (call backward on every rank or on none: run every rank with the same torch.no_grad() "
+                "state and requires_grad on k and v)") if name == "k/v requires_grad" else ""
+        raise ValueError(f"every rank must call ring_dilated_attention with the same {name}: {got}{hint}")
+    return scale
+
+
+# --------------------------------------------------------------------------- math (one rank)
+
+
+def _attend(q, k, v, received: dict, plan: DilatedRingPlan, scale: float, rank: int):
+    """This rank's ``(out, lse)`` from its own shard and the pieces it received (``{peer: {key: (k, v)}}``).
+
+    Builds the inbox of :func:`ringbook.ring_dilated_attention` (each exchanged
+    segment's dilated K/V in sequence order, this rank's own piece cut from
+    its shard) and runs the same per-rank computation.
+    """
+    inbox = {}
+    for seg in plan.segments:
+        if seg.kind == "local" or rank not in seg.ranks:
+            continue
+        me = seg.ranks.index(rank)
+        r = plan.pairs[seg.pair][1]
+        for o, hs in _offset_groups(*plan.patterns[seg.pair]).items():
+            parts = []
+            for i, peer in enumerate(seg.ranks[:me + 1] if plan.causal else seg.ranks):
+                if peer == rank:
+                    parts.append(tuple(_dilated_rows(x, seg, rank, plan, o, r, hs)[0] for x in (k, v)))
+                else:
+                    parts.append(received[peer][(seg.pair, seg.index, o)])
+            inbox[(rank, seg.pair, seg.index, o)] = tuple(torch.cat([p[j] for p in parts], dim=1) for j in (0, 1))
+    out = lse = None
+    for p in range(len(plan.pairs)):
+        o_p, l_p = _rank_pair(rank, p, q, k, v, inbox, plan, scale, plan.causal)
+        out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    ring: _Ring
+    plan: DilatedRingPlan
+    scale: float
+    grad: bool  # whether this rank keeps a graph (autograd on and q, k or v requires grad)
+    kv_grad: bool  # the same on every rank (checked): whether backward runs the reverse exchange
+
+
+class _RingDilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, setup: _Setup):
+        plan, ring, rank = setup.plan, setup.ring, setup.ring.rank
+        b, _, _, d = q.shape
+        send, recv = routes(plan, rank)
+        grad = setup.grad
+        with torch.enable_grad() if grad else torch.no_grad():
+            leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+            sent = {p: _pack(leaves[1], leaves[2], pieces, plan, rank) for p, pieces in send.items()}
+            flats = _deliver({p: t.detach() for p, t in sent.items()},
+                             {p: _numel(pieces, plan, p, b, d) for p, pieces in recv.items()},
+                             k, ring, FORWARD_TAG, "forward")
+            flats = {p: f.requires_grad_(grad) for p, f in flats.items()}
+            received = {p: _unpack(flats.get(p, k.new_empty(0)), pieces, plan, p, b, d)
+                        for p, pieces in recv.items()}
+            out, lse = _attend(*leaves, received, plan, setup.scale, rank)
+        if grad:
+            ctx.graph = (leaves, flats, sent, out, lse)
+            ctx.setup = setup
+        return out.detach(), lse.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        (q, k, v), flats, sent, out, lse = ctx.graph
+        del ctx.graph  # the local graph is used once
+        setup = ctx.setup
+        peers = list(flats)
+        grads = torch.autograd.grad((out, lse), (q, k, v, *flats.values()), (dout, dlse), allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads[:3]))
+        if setup.kv_grad:
+            # dK/dV of the received pieces go home; those of the pieces this rank sent come back.
+            back = {p: torch.zeros_like(flats[p]) if g is None else g for p, g in zip(peers, grads[3:])}
+            home = _deliver(back, {p: t.numel() for p, t in sent.items()}, k, setup.ring, BACKWARD_TAG,
+                            "backward")
+            sent = {p: t for p, t in sent.items() if t.numel()}
+            if sent:
+                dk_s, dv_s = torch.autograd.grad(tuple(sent.values()), (k, v), tuple(home[p] for p in sent),
+                                                 allow_unused=True)
+                dk = dk if dk_s is None else dk + dk_s
+                dv = dv if dv_s is None else dv + dv_s
+        return dq, dk, dv, None
+
+
+def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=False, heads="all", group=None,
+                           scale=None, timeout=None):
+    """Dilated attention (equation (D)) over the shards held by the ranks of ``group``. Returns ``(out, lse)``.
+
+    Args:
+        q, k, v: this rank's ``b c h d`` shards, cut with
+            ``ringbook.distributed.shard(x, rank, world_size, "contiguous")``;
+            the sequence is ``n = world_size · c`` tokens.
+        segment_lengths, dilation_rates, heads, causal, scale: as
+            :func:`ringbook.dilated_attention` (each ``w`` must divide ``n``).
+        group: the process group (default: the world).
+        timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
+
+    Returns:
+        out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
+        float16/bfloat16) for this rank's queries; ``unshard`` of every
+        rank's parts equals :func:`ringbook.dilated_attention` of the whole
+        sequence. Differentiable; if k or v needs a gradient, the backward
+        is an exchange too, so every rank must call ``backward``.
+
+    Raises:
+        ValueError on every rank if the shards or options do not fit together
+        or the dilated configuration is invalid (the one-process messages);
+        TimeoutError or RuntimeError naming the peer if it does not answer
+        within ``timeout``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "ringbook.dist_dilated.ring_dilated_attention needs an initialised process group: start the processes "
+            "with torchrun or ringbook.distributed.spawn and call torch.distributed.init_process_group first "
+            "(ringbook.ring_dilated_attention plays the ring in one process)")
+    ring = _Ring.of(group, resolve_timeout(timeout))
+    options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads}
+    scale = _check_agreement(q, k, v, causal, scale, options, ring)
+    # Agreed options and lengths: this raises the one-process ValueError identically on every rank.
+    plan = dilated_ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates,
+                             num_heads=q.shape[2], heads=heads, causal=causal)
+    on = torch.is_grad_enabled()
+    setup = _Setup(ring, plan, scale, on and any(x.requires_grad for x in (q, k, v)),
+                   on and (k.requires_grad or v.requires_grad))
+    return _RingDilatedAttention.apply(q, k, v, setup)
