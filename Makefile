@@ -7,8 +7,11 @@ PY     := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_PIN := $(if $(HAS_GPU),,-c constraints/cpu.txt)
 BENCH_ARGS ?=
+# tests/test_browser.py drives this Chromium (Debian's `chromium` package) through Playwright.
+CHROMIUM ?= /usr/bin/chromium
+export RINGBOOK_CHROMIUM := $(CHROMIUM)
 
-.PHONY: bench test unit notebooks sync-notebooks clean
+.PHONY: bench test unit notebooks sync-notebooks browser-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +29,25 @@ $(VENV)/.test: $(VENV)/.base
 bench: $(VENV)/.base
 	$(PY) -m ringbook bench $(BENCH_ARGS)
 
-## Unit tests, then every notebook under nbval.
-test: $(VENV)/.test
+## Chromium for the browser test: installed with apt when missing (as root), else a clear error.
+browser-deps:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$(CHROMIUM)" = /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Chromium for tests/test_browser.py: apt-get install -y chromium"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	else \
+		echo "make test needs Chromium at $(CHROMIUM) for tests/test_browser.py (notebooks in a real browser)." >&2; \
+		echo "Install Debian's chromium package: sudo apt-get install -y chromium" >&2; \
+		echo "(or run make as root and it installs it; or make test CHROMIUM=/path/to/chromium)." >&2; \
+		exit 1; \
+	fi
+
+## Unit tests (the browser test included), then every notebook under nbval.
+test: $(VENV)/.test browser-deps
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval --nbval-current-env notebooks
 
-unit: $(VENV)/.test
+unit: $(VENV)/.test browser-deps
 	$(PY) -m pytest -q tests
 
 notebooks: $(VENV)/.test

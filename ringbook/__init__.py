@@ -11,6 +11,7 @@ benchmark import matplotlib and ipywidgets only when they are used.
 from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
+from .production import production_plan, production_ring_attention
 from .ring import ring_attention
 from .ring_dilated import dilated_ring_plan, ring_dilated_attention
 from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank
@@ -25,6 +26,8 @@ __all__ = [
     "blockwise_attention",
     "online_softmax_trace",
     "ring_attention",
+    "production_ring_attention",
+    "production_plan",
     "dilated_attention",
     "dilated_attention_dense",
     "dilated_weights",

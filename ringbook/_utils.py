@@ -43,11 +43,14 @@ def check_tensor(x, name: str, ndim: int | None = None) -> None:
         )
 
 
-def check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v, *, allow_gqa: bool = False) -> None:
     """Validate attention inputs in the ``b n h d`` layout.
 
     Checks types, dimensions, dtype and device agreement, and that batch, heads
-    and head_dim agree and k/v have the same length.
+    and head_dim agree and k/v have the same length. With ``allow_gqa``
+    (grouped-query attention) k and v may have fewer heads than q, as long as
+    they have the same number and it divides q's: q head i then reads k/v
+    head ``i // (heads_q / heads_kv)``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(x, name, ndim=4)
@@ -57,7 +60,17 @@ def check_qkv(q, k, v) -> None:
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; q, k and v must be on one device")
     names = ("batch", "seq", "heads", "head_dim")
+    if allow_gqa:
+        if k.shape[2] != v.shape[2] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+            raise ValueError(
+                f"grouped-query attention needs k and v with the same number of heads dividing q's heads, got "
+                f"q {q.shape[2]}, k {k.shape[2]}, v {v.shape[2]} heads (shapes q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}, v {tuple(v.shape)}); choose heads_kv among "
+                f"{[x for x in range(1, q.shape[2] + 1) if q.shape[2] % x == 0]}"
+            )
     for axis in (0, 2, 3):
+        if axis == 2 and allow_gqa:
+            continue
         for name, x in (("k", k), ("v", v)):
             if x.shape[axis] != q.shape[axis]:
                 raise ValueError(

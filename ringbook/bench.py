@@ -43,7 +43,8 @@ from . import __version__
 from ._utils import attention_flops
 from .dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
 from .naive import naive_attention
-from .online_softmax import blockwise_attention
+from .online_softmax import KEY_CHUNK, blockwise_attention
+from .production import production_ring_attention
 from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
 
@@ -122,6 +123,19 @@ register(Impl(
     "default zigzag when causal, else contiguous)", ring=True,
     # the largest score tile is one shard pair; at ring_size 1 that is the whole matrix (upper bound)
     extra_bytes=_scores_bytes,
+))
+
+
+def _production(q, k, v, *, causal, ring_size, layout=None, **_):
+    return production_ring_attention(q, k, v, ring_size=ring_size, causal=causal, layout=layout)
+
+
+register(Impl(
+    "production", _production, "ringbook.production_ring_attention, all ranks in one process stacked in the "
+    "batch (one batched kernel call per ring step; cuDNN/flash/efficient SDPA per block on CUDA, einops on CPU; "
+    "fused float32 merge; layout option, default zigzag when causal, else contiguous)", ring=True,
+    # einops path: a (shard × KEY_CHUNK) fp32 score tile per rank, scores + probabilities + mask
+    extra_bytes=lambda b, h, n_q, n_k, s: 3.0 * b * h * n_q * min(n_k, KEY_CHUNK) * 4,
 ))
 register(Impl("sdpa", _sdpa(None), "torch scaled_dot_product_attention, default dispatch"))
 for _backend, _label in (("FLASH_ATTENTION", "flash"), ("CUDNN_ATTENTION", "cudnn"), ("EFFICIENT_ATTENTION", "efficient")):
@@ -415,19 +429,20 @@ def default_config(device: str | torch.device | None = None) -> SweepConfig:
 
     GPU: bf16, sequence lengths 4K…512K (each implementation stops where it runs
     out of memory or a call would exceed 10 s), every SDPA backend as a peer,
-    the one-process rings (ring, ring_dilated) at ring sizes 1, 4, 8 and 16.
+    the one-process rings (ring, production, ring_dilated) at ring sizes 1, 4, 8 and 16.
     CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about a minute
     on 2 cores.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return SweepConfig(
-            impls=["naive", "blockwise", "ring", "ring_dilated", "sdpa", "sdpa_flash", "sdpa_cudnn",
+            impls=["naive", "blockwise", "ring", "production", "ring_dilated", "sdpa", "sdpa_flash", "sdpa_cudnn",
                    "sdpa_efficient"],
             seq_lens=[2 ** p for p in range(12, 20)], ring_sizes=[1, 4, 8, 16], dtype=torch.bfloat16,
             warmup=2, repeats=10, max_row_seconds=10.0, device=str(device),
         )
-    return SweepConfig(impls=["naive", "blockwise", "ring", "ring_dilated", "sdpa"], seq_lens=[256, 512, 1024, 2048],
+    return SweepConfig(impls=["naive", "blockwise", "ring", "production", "ring_dilated", "sdpa"],
+                       seq_lens=[256, 512, 1024, 2048],
                        ring_sizes=[1, 4], dtype=torch.float32, warmup=1, repeats=5, device=str(device))
 
 

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, resolve_scale
-from .distributed import _peer_error, _Ring, _wait, resolve_timeout
+from ._comm import _peer_error, _Ring, _wait, resolve_timeout
 from .online_softmax import merge_partials
 from .ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 
@@ -339,7 +339,7 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=F
             "ringbook.dist_dilated.ring_dilated_attention needs an initialised process group: start the processes "
             "with torchrun or ringbook.distributed.spawn and call torch.distributed.init_process_group first "
             "(ringbook.ring_dilated_attention plays the ring in one process)")
-    ring = _Ring.of(group, resolve_timeout(timeout))
+    ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")
     options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads}
     scale = _check_agreement(q, k, v, causal, scale, options, ring)
     # Agreed options and lengths: this raises the one-process ValueError identically on every rank.

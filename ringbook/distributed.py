@@ -31,20 +31,17 @@ module starts nothing.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
-import math
-import os
-import time
 
 import torch
 import torch.distributed as dist
 from einops import einsum
 
 from ._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._comm import DEFAULT_TIMEOUT_S, _exchange, _peer_error, _Ring, _wait, resolve_timeout  # noqa: F401
+from .kernels import BACKENDS, _forward_block, block_attention_backward, expand_kv, merge_into_, reduce_kv
 from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward, merge_partials
 from .schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
 
-DEFAULT_TIMEOUT_S = 60.0
 
 
 # --------------------------------------------------------------------------- sharding
@@ -73,102 +70,12 @@ def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- communication
 
-@dataclasses.dataclass(frozen=True)
-class _Ring:
-    """Who this rank talks to, and how long it waits."""
-
-    group: object
-    rank: int  # rank in the group
-    world: int
-    next_global: int  # global rank of group rank (rank + 1) % world
-    prev_global: int
-    timeout_s: float
-
-    def describe(self, phase: str, step: int, what: str) -> str:
-        """Words for an error: which step, which peer, what was in flight."""
-        return (f"{phase} step {step}: receiving {what} from rank {(self.rank - 1) % self.world} "
-                f"(and sending to rank {(self.rank + 1) % self.world})")
-
-    @classmethod
-    def of(cls, group, timeout_s: float) -> "_Ring":
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
-                "ringbook.distributed.ring_attention needs an initialised process group: start the "
-                "processes with torchrun or ringbook.distributed.spawn and call "
-                "torch.distributed.init_process_group first (ringbook.ring_attention plays the ring in one process)"
-            )
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-        return cls(group, rank, world, glob((rank + 1) % world), glob((rank - 1) % world), timeout_s)
-
-
-def resolve_timeout(timeout) -> float:
-    """Seconds to wait for a peer: ``timeout``, else ``$RINGBOOK_P2P_TIMEOUT``, else 60."""
-    if timeout is None:
-        env = os.environ.get("RINGBOOK_P2P_TIMEOUT")
-        try:
-            timeout = float(env) if env else DEFAULT_TIMEOUT_S
-        except ValueError:
-            raise ValueError(f"RINGBOOK_P2P_TIMEOUT must be a number of seconds, got {env!r}") from None
-    if isinstance(timeout, _dt.timedelta):
-        timeout = timeout.total_seconds()
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
-
-
-def _peer_error(ring: _Ring, what: str, exc: BaseException) -> Exception:
-    """The error a rank raises when the network fails it: who, where, and what to do."""
-    text = str(exc).strip()
-    timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
-    kind = TimeoutError if timed_out else RuntimeError
-    return kind(
-        f"ring_attention on rank {ring.rank} of {ring.world}: {what} "
-        f"{'did not complete within' if timed_out else 'failed before'} the {ring.timeout_s:g} s timeout "
-        f"({type(exc).__name__}: {text[:300]}). The peer probably died, raised or stopped taking part — "
-        "look at its own error; if the ring is just slow, pass a larger timeout= or set RINGBOOK_P2P_TIMEOUT."
-    )
-
-
-def _wait(works, ring: _Ring, what: str) -> None:
-    """Wait for ``works`` for at most ``ring.timeout_s``; raise naming the peers and ``what``.
-
-    gloo takes a deadline in ``work.wait(timeout=...)``; other backends (NCCL)
-    are polled with ``is_completed()`` until the deadline, then waited on
-    (which only orders the streams).
-    """
-    deadline = time.monotonic() + ring.timeout_s
-    backend = dist.get_backend(ring.group)
-    for work in works:
-        try:
-            if backend == "gloo":
-                work.wait(timeout=_dt.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
-            else:
-                while not work.is_completed():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("deadline passed")
-                    time.sleep(1e-4)
-                work.wait()
-        except Exception as exc:  # noqa: BLE001 - re-raised with who and where
-            raise _peer_error(ring, what, exc) from exc
-
-
-def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, tag: int, what: str):
-    """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one."""
-    ops = [dist.P2POp(dist.isend, t, ring.next_global, ring.group, tag + i) for i, t in enumerate(send)]
-    ops += [dist.P2POp(dist.irecv, t, ring.prev_global, ring.group, tag + i) for i, t in enumerate(recv)]
-    try:
-        return dist.batch_isend_irecv(ops)
-    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
-        raise _peer_error(ring, what, exc) from exc
-
-
 # --------------------------------------------------------------------------- input checks
 
-def _local_problem(q, k, v, causal, layout) -> Exception | None:
+def _local_problem(q, k, v, causal, layout, kernel="einops") -> Exception | None:
     """The first thing wrong with this rank's own input, or None."""
     try:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, allow_gqa=kernel != "einops")
         check_bool(causal, "causal")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -182,14 +89,14 @@ def _local_problem(q, k, v, causal, layout) -> Exception | None:
     return None
 
 
-def _check_agreement(q, k, v, causal, layout, ring: _Ring) -> None:
+def _check_agreement(q, k, v, causal, layout, ring: _Ring, kernel="einops") -> None:
     """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together."""
-    problem = _local_problem(q, k, v, causal, layout)
+    problem = _local_problem(q, k, v, causal, layout, kernel)
     if problem is None:
         info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], LAYOUTS.index(layout), int(causal),
-                FLOAT_DTYPES.index(q.dtype)]
+                FLOAT_DTYPES.index(q.dtype), k.shape[2]]
     else:
-        info = [0] + [-1] * 7
+        info = [0] + [-1] * 8
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
         else torch.device("cpu")
     mine = torch.tensor(info, dtype=torch.int64, device=device)
@@ -214,7 +121,7 @@ def _check_agreement(q, k, v, causal, layout, ring: _Ring) -> None:
             f"0..{ring.world - 1}; cut the sequence with ringbook.distributed.shard(x, rank, world_size, "
             "layout), which needs a length divisible by world_size (2·world_size for zigzag)"
         )
-    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype"}
+    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads"}
     for col, name in names.items():
         values = [row[col] for row in table]
         if len(set(values)) != 1:
@@ -244,6 +151,33 @@ class _Plan:
     scale: float
     positions: torch.Tensor  # (w, c) token positions of every rank's shard
     schedule: list
+    kernel: str = "einops"  # "einops": attend_block; else a ringbook.kernels backend for the block kernel
+    top_left: frozenset = frozenset()  # (step, rank, block index) of causal blocks the top-left mask is exact for
+
+
+def _top_left_blocks(positions: torch.Tensor, schedule) -> frozenset:
+    """Causal blocks whose position mask is the top-left one (square, key i the last one query i sees).
+
+    Those the fused kernels take with ``is_causal=True``: every diagonal
+    block, and striped blocks from an earlier rank. Computed once, on the CPU.
+    """
+    found = set()
+    for t, row in enumerate(schedule):
+        for step in row:
+            for i, block in enumerate(step.blocks):
+                if block.kind != "causal":
+                    continue
+                (q0, q1), (k0, k1) = block.q, block.kv
+                qp, kp = positions[step.rank, q0:q1], positions[step.kv_rank, k0:k1]
+                if qp.numel() == kp.numel() and bool((kp[1:] > kp[:-1]).all()) and torch.equal(
+                        torch.searchsorted(kp, qp, right=True), torch.arange(1, qp.numel() + 1)):
+                    found.add((t, step.rank, i))
+    return frozenset(found)
+
+
+def _fast_block(plan: _Plan, t: int, step, i: int, block) -> bool:
+    """Whether block ``i`` of ``step`` goes to the fused kernel (else the einops path with positions)."""
+    return plan.kernel != "einops" and (block.kind == "full" or (t, step.rank, i) in plan.top_left)
 
 
 def _block_args(plan: _Plan, step, block):
@@ -268,10 +202,18 @@ def _forward(q, k, v, plan: _Plan):
         what = ring.describe("forward", t, "the K/V shard")
         works = _exchange([held], [spare], ring, 0, what) if t < ring.world - 1 else []
         step = plan.schedule[t][ring.rank]
-        for block in step.blocks:
+        for i, block in enumerate(step.blocks):
             rows, keys, kw = _block_args(plan, step, block)
-            o_blk, lse_blk = attend_block(q[:, rows], held[0][:, keys], held[1][:, keys], **kw)
-            out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_blk, lse_blk)
+            if plan.kernel == "einops":
+                o_blk, lse_blk = attend_block(q[:, rows], held[0][:, keys], held[1][:, keys], **kw)
+                out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], o_blk, lse_blk)
+                continue
+            if _fast_block(plan, t, step, i, block):
+                o_blk, lse_blk = _forward_block(q[:, rows], held[0][:, keys], held[1][:, keys], scale=plan.scale,
+                                                causal=block.kind == "causal", backend=plan.kernel)
+            else:  # a causal block the top-left mask cannot express: positions, einops
+                o_blk, lse_blk = attend_block(q[:, rows], *(expand_kv(x[:, keys], q.shape[2]) for x in held), **kw)
+            merge_into_(out[:, rows], lse[:, :, rows], o_blk, lse_blk)
         if works:
             _wait(works, ring, what)
             held, spare = spare, held
@@ -284,6 +226,8 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: _Plan):
     delta = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i")  # D = rowsum(dO ∘ O)
     if dlse is not None:
         delta = delta - dlse.to(work)  # a gradient of lse adds P ∘ dlse to dS
+    # The flash backward op computes D itself and cannot take dlse: give it delta=None when it may run.
+    fast_delta = None if dlse is None else delta
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     held = torch.stack([k, v]).contiguous()
     spare = torch.empty_like(held)
@@ -293,11 +237,18 @@ def _backward(q, k, v, out, lse, dout, dlse, plan: _Plan):
         kv_works = _exchange([held], [spare], ring, 0, kv_what) if t < ring.world - 1 else []
         step = plan.schedule[t][ring.rank]
         grad = torch.zeros((2, *k.shape), dtype=work, device=q.device)  # this rank's dk, dv of the held shard
-        for block in step.blocks:
+        for i, block in enumerate(step.blocks):
             rows, keys, kw = _block_args(plan, step, block)
-            dq_b, dk_b, dv_b = attend_block_backward(
-                q[:, rows], held[0][:, keys], held[1][:, keys], out[:, rows], lse[:, :, rows],
-                dout[:, rows], delta=delta[:, :, rows], **kw)
+            if _fast_block(plan, t, step, i, block):
+                dq_b, dk_b, dv_b = block_attention_backward(
+                    q[:, rows], held[0][:, keys], held[1][:, keys], out[:, rows], lse[:, :, rows], dout[:, rows],
+                    scale=plan.scale, causal=block.kind == "causal",
+                    delta=None if fast_delta is None else fast_delta[:, :, rows], backend=plan.kernel)
+            else:
+                dq_b, dk_b, dv_b = attend_block_backward(
+                    q[:, rows], *(expand_kv(x[:, keys], q.shape[2]) for x in held), out[:, rows],
+                    lse[:, :, rows], dout[:, rows], delta=delta[:, :, rows], **kw)
+                dk_b, dv_b = reduce_kv(dk_b, k.shape[2]), reduce_kv(dv_b, k.shape[2])
             dq[:, rows] += dq_b
             grad[0][:, keys] += dk_b
             grad[1][:, keys] += dv_b
@@ -334,7 +285,8 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, scale=None, timeout=None):
+def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, scale=None, timeout=None,
+                   kernel="einops"):
     """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
 
     Args:
@@ -346,6 +298,13 @@ def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, sc
         group: the process group (default: the world).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
+        kernel: the block kernel. ``"einops"`` (default): :func:`~ringbook.online_softmax.attend_block`,
+            the reading path. ``"auto"`` (or a backend of :data:`ringbook.kernels.BACKENDS`):
+            the fused kernels of :mod:`ringbook.kernels` — PyTorch's cuDNN/flash/efficient SDPA
+            on CUDA, the flash backward op, the fused merge — and grouped-query attention
+            (k/v with fewer heads, dividing q's; they travel unexpanded). Causal blocks the
+            kernels' top-left mask cannot express (striped, from a later rank) use the einops
+            path with positions.
 
     Returns:
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
@@ -360,14 +319,34 @@ def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, sc
         TimeoutError or RuntimeError naming the peer and step if a peer does
         not answer within ``timeout``.
     """
+    if kernel not in BACKENDS:
+        raise ValueError(f"kernel must be one of {BACKENDS}, got {kernel!r}")
     ring = _Ring.of(group, resolve_timeout(timeout))
-    _check_agreement(q, k, v, causal, layout, ring)
+    _check_agreement(q, k, v, causal, layout, ring, kernel)
     n = q.shape[1] * ring.world
-    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]),
-                 layout_positions(n, ring.world, layout).to(q.device),
-                 ring_schedule(n, ring.world, layout=layout, causal=causal))
+    positions = layout_positions(n, ring.world, layout)
+    schedule = ring_schedule(n, ring.world, layout=layout, causal=causal)
+    top_left = _top_left_blocks(positions, schedule) if kernel != "einops" and causal else frozenset()
+    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]), positions.to(q.device), schedule,
+                 kernel, top_left)
     return _RingAttention.apply(q, k, v, plan)
+
+
+def production_ring_attention(q, k, v, *, causal=False, layout=None, group=None, scale=None, timeout=None,
+                              kernel="auto"):
+    """:func:`ring_attention` with the fused kernels (``kernel="auto"``) and the production default layout.
+
+    The multi-process form of :func:`ringbook.production_ring_attention`:
+    ``layout`` defaults to ``"zigzag"`` when causal (balanced work), else
+    ``"contiguous"``; k/v may have fewer heads than q (grouped-query
+    attention). Shards as :func:`shard` cuts them with that layout.
+    """
+    layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
+    return ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
+                          kernel=kernel)
 
 
 # The local launcher lives in ringbook.launch; re-exported for convenience.
 from .launch import SpawnError, free_port, spawn  # noqa: E402,F401
+# The multi-process dilated V2 (ringbook.dist_dilated), re-exported here.
+from .dist_dilated import ring_dilated_attention  # noqa: E402,F401

@@ -129,7 +129,7 @@ def _dilated_rows(x, seg: SegmentPlan, rank: int, plan: DilatedRingPlan, o: int,
 
 
 def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_size, causal=False, heads="all",
-                           scale=None, comm: dict | None = None):
+                           scale=None, comm: dict | None = None, segment_kernel=None):
     """Equation (D) computed by ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Args as :func:`ringbook.dilated_attention`, plus ``ring_size`` (must
@@ -137,6 +137,12 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_siz
     rank, K and V elements sent) and ``messages`` (send buffers delivered).
     The result equals :func:`ringbook.dilated_attention` for every ring size:
     no head group is skipped and no segment is cut to a shard.
+
+    ``segment_kernel`` (default :func:`~ringbook.dilated.attend_segments`) is
+    the kernel hook: the function that attends batched dilated segments,
+    ``(q, k, v, *, scale, causal, q_start) -> (out B m h d, lse B h m)`` in
+    the accumulator dtype. :func:`ringbook.production_ring_attention` passes
+    its fused-kernel version; the plan and the communication do not change.
     """
     check_qkv(q, k, v)
     check_bool(causal, "causal")
@@ -175,15 +181,19 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_siz
     for rank, (q_r, k_r, v_r) in enumerate(shards):
         out = lse = None
         for p in range(len(plan.pairs)):
-            o_p, l_p = _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal)
+            o_p, l_p = _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal,
+                                  segment_kernel=segment_kernel or attend_segments)
             out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=2).to(lse_dtype(q.dtype))
 
 
-def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal):
-    """One rank's ``(out b c h d, lse b h c)`` for pair ``p``: its local run, then its exchanged pieces."""
+def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kernel=attend_segments):
+    """One rank's ``(out b c h d, lse b h c)`` for pair ``p``: its local run, then its exchanged pieces.
+
+    ``segment_kernel`` attends batched segments (see :func:`ring_dilated_attention`).
+    """
     (w, r), (hs, offs) = plan.pairs[p], plan.patterns[p]
     b, c, h, _ = q_r.shape
     base = rank * c
@@ -193,8 +203,8 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal):
     def flush():  # all local segments of this rank, batched
         if run:
             a, z = run[0].start - base, run[-1].stop - base
-            o, l = attend_segments(*(gather_dilated(x[:, a:z], w, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
-                                   scale=scale, causal=causal)
+            o, l = segment_kernel(*(gather_dilated(x[:, a:z], w, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
+                                  scale=scale, causal=causal)
             regions.append(scatter_dilated(o, l, batch=b, num_heads=h, w=w, r=r, hs=hs_t, offs=offs_t))
             run.clear()
 
@@ -213,7 +223,7 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal):
                 continue
             k_o, v_o = inbox[(rank, p, seg.index, o)]
             m0 = (a - seg.start + first) // r  # dilated index of this rank's first query in the segment
-            og, lg = attend_segments(q_o, k_o, v_o, scale=scale, causal=causal, q_start=m0)
+            og, lg = segment_kernel(q_o, k_o, v_o, scale=scale, causal=causal, q_start=m0)
             rows = rearrange(torch.arange(first, length, r, device=q_r.device), "i -> i 1")
             heads = rearrange(torch.tensor(hs_o, device=q_r.device), "h -> 1 h")
             out = out.index_put((rows, heads), rearrange(og, "b i h d -> i h b d").to(out.dtype))

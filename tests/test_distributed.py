@@ -60,6 +60,20 @@ def _ring_case(rank, world, layout, causal, dtype=torch.float64, timeout=30.0):
     return {"out": out.detach(), "lse": lse.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
 
 
+PROD_CASES = [("contiguous", False), ("zigzag", True), ("striped", True)]
+
+
+def _prod_case(rank, world, layout, causal):
+    """rd.production_ring_attention (fused-kernel path, grouped-query K/V with one head) on this rank."""
+    q, k, v, dout, dlse = _global_inputs(_n(world))
+    k, v = k[:, :, :1], v[:, :, :1]
+    qs, ks, vs = (rd.shard(x, rank, world, layout).requires_grad_() for x in (q, k, v))
+    out, lse = rd.production_ring_attention(qs, ks, vs, causal=causal, layout=layout, timeout=30.0)
+    dlse_s = rd.shard(dlse, rank, world, layout, dim=2).to(lse.dtype)
+    ((out * rd.shard(dout, rank, world, layout)).sum() + (lse * dlse_s).sum()).backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
+
+
 def _refusal(fn):
     t0 = time.monotonic()
     try:
@@ -92,6 +106,7 @@ def _world_checks(rank, world, fault, save_dir):
     res = {"cases": {case: _ring_case(rank, world, *case) for case in CASES}}
     if world == 2:
         res["lowp"] = _ring_case(rank, world, *LOWP)
+        res["prod"] = {case: _prod_case(rank, world, *case) for case in PROD_CASES}
     # shards of unequal length: 4 tokens on rank 0, 6 elsewhere
     c = 4 if rank == 0 else 6
     q, k, v = make_qkv(B, c, H, D, seed=rank)
@@ -282,6 +297,20 @@ def test_distributed_matches_naive_float64(world, layout, causal, world2, world4
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout,causal", PROD_CASES)
+def test_distributed_production_gqa_matches_naive_float64(layout, causal, world2):
+    """kernel="auto" (the fused-kernel path; einops kernels on CPU) with one K/V head for two q heads."""
+    q, k, v, dout, dlse = _global_inputs(_n(2))
+    xs = [x.detach().clone().requires_grad_() for x in (q, k[:, :, :1], v[:, :, :1])]
+    o, l = ringbook.naive_attention(xs[0], *(x.expand(-1, -1, H, -1) for x in xs[1:]), causal=causal)
+    ((o * dout).sum() + (l * dlse).sum()).backward()
+    ref = {"out": o, "lse": l, "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
+    got = _gathered([r["prod"][(layout, causal)] for r in world2[0]], layout)
+    for key, value in ref.items():
+        assert got[key].shape == value.shape, key
+        assert torch.allclose(got[key], value.detach(), atol=1e-10, rtol=1e-10), key
+
+
 def test_distributed_low_precision_within_2x_rule(world2):
     layout, causal, dtype = LOWP
     got = _gathered([r["lowp"] for r in world2[0]], layout)

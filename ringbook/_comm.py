@@ -1,0 +1,108 @@
+"""Point-to-point plumbing shared by the multi-process rings (:mod:`ringbook.distributed`,
+:mod:`ringbook.dist_dilated`): who a rank talks to, deadlines on every wait, and
+errors that name the peer and the step instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Who this rank talks to, and how long it waits."""
+
+    group: object
+    rank: int  # rank in the group
+    world: int
+    next_global: int  # global rank of group rank (rank + 1) % world
+    prev_global: int
+    timeout_s: float
+    op: str = "ring_attention"  # the caller's name, for error messages
+
+    def describe(self, phase: str, step: int, what: str) -> str:
+        """Words for an error: which step, which peer, what was in flight."""
+        return (f"{phase} step {step}: receiving {what} from rank {(self.rank - 1) % self.world} "
+                f"(and sending to rank {(self.rank + 1) % self.world})")
+
+    @classmethod
+    def of(cls, group, timeout_s: float, op: str = "ring_attention") -> "_Ring":
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                f"ringbook.distributed.{op} needs an initialised process group: start the "
+                "processes with torchrun or ringbook.distributed.spawn and call "
+                "torch.distributed.init_process_group first (ringbook.ring_attention plays the ring in one process)"
+            )
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+        return cls(group, rank, world, glob((rank + 1) % world), glob((rank - 1) % world), timeout_s, op)
+
+
+def resolve_timeout(timeout) -> float:
+    """Seconds to wait for a peer: ``timeout``, else ``$RINGBOOK_P2P_TIMEOUT``, else 60."""
+    if timeout is None:
+        env = os.environ.get("RINGBOOK_P2P_TIMEOUT")
+        try:
+            timeout = float(env) if env else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"RINGBOOK_P2P_TIMEOUT must be a number of seconds, got {env!r}") from None
+    if isinstance(timeout, _dt.timedelta):
+        timeout = timeout.total_seconds()
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def _peer_error(ring: _Ring, what: str, exc: BaseException) -> Exception:
+    """The error a rank raises when the network fails it: who, where, and what to do."""
+    text = str(exc).strip()
+    timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in text.lower()
+    kind = TimeoutError if timed_out else RuntimeError
+    return kind(
+        f"{ring.op} on rank {ring.rank} of {ring.world}: {what} "
+        f"{'did not complete within' if timed_out else 'failed before'} the {ring.timeout_s:g} s timeout "
+        f"({type(exc).__name__}: {text[:300]}). The peer probably died, raised or stopped taking part — "
+        "look at its own error; if the ring is just slow, pass a larger timeout= or set RINGBOOK_P2P_TIMEOUT."
+    )
+
+
+def _wait(works, ring: _Ring, what: str) -> None:
+    """Wait for ``works`` for at most ``ring.timeout_s``; raise naming the peers and ``what``.
+
+    gloo takes a deadline in ``work.wait(timeout=...)``; other backends (NCCL)
+    are polled with ``is_completed()`` until the deadline, then waited on
+    (which only orders the streams).
+    """
+    deadline = time.monotonic() + ring.timeout_s
+    backend = dist.get_backend(ring.group)
+    for work in works:
+        try:
+            if backend == "gloo":
+                work.wait(timeout=_dt.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+            else:
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("deadline passed")
+                    time.sleep(1e-4)
+                work.wait()
+        except Exception as exc:  # noqa: BLE001 - re-raised with who and where
+            raise _peer_error(ring, what, exc) from exc
+
+
+def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, tag: int, what: str):
+    """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one."""
+    ops = [dist.P2POp(dist.isend, t, ring.next_global, ring.group, tag + i) for i, t in enumerate(send)]
+    ops += [dist.P2POp(dist.irecv, t, ring.prev_global, ring.group, tag + i) for i, t in enumerate(recv)]
+    try:
+        return dist.batch_isend_irecv(ops)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what, exc) from exc

@@ -1,0 +1,406 @@
+"""Fast kernels for the production ring: one block of attention, its backward, and the fused merge.
+
+A ring step attends a query block to a key/value block and folds the
+result into a running ``(out, lse)`` with equation (M) of notebook 01.
+:mod:`ringbook.online_softmax` does both in einops, for reading; this module
+does them fast, for :func:`ringbook.production_ring_attention`:
+
+* :func:`block_attention` — ``(out, lse)`` of one block. On CUDA it calls
+  PyTorch's lse-returning SDPA kernels (cuDNN, flash or memory-efficient:
+  ``torch.ops.aten._scaled_dot_product_{cudnn,flash,efficient}_attention``);
+  elsewhere, and for dtypes they refuse, :func:`~ringbook.online_softmax.attend_block`
+  (einops, keys visited ``KEY_CHUNK`` at a time). Block kinds: ``causal=False``
+  (no mask) or ``causal=True``, which means a *diagonal* block: query and key
+  rows are the same token positions, so the kernels' top-left causal mask
+  is exact. Anything else (a causal block with different positions) is not
+  a block these kernels take; the ring's plan never produces one.
+* :func:`block_attention_backward` — ``(dq, dk, dv)`` of one block given the
+  *global* ``out`` and ``lse`` of its query rows (the FlashAttention
+  backward; the ring sums the blocks). On CUDA in bfloat16/float16 the flash
+  backward op ``_scaled_dot_product_flash_attention_backward``; else
+  :func:`~ringbook.online_softmax.attend_block_backward`.
+* :func:`merge_into_` — equation (M) in place into float32 (or float64)
+  accumulators: one read of the block output, one read-modify-write of the
+  accumulator. A Triton kernel on CUDA when triton imports, else torch ops.
+
+Grouped-query attention: k/v may have ``h_kv`` heads dividing q's ``h``
+(q head i reads k/v head ``i // (h / h_kv)``); K/V are expanded only at the
+kernel call, and only for a kernel that cannot take them unexpanded.
+
+Trust, but check: before a CUDA kernel is used for a (device, dtype,
+head_dim, causal, GQA) combination it is run once on a small strided input
+and compared with the einops path; a kernel that errors or disagrees is
+skipped (:data:`STATUS` records why). The chosen backend is cached. Shapes:
+q ``b n h d``, k/v ``b n h_kv d``, lse ``b h n``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from einops import einsum, rearrange, reduce
+
+from ._utils import LOW_PRECISION, compute_dtype
+from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
+
+# What was chosen, skipped and why: {key: text}; printed by tools/gpu_check_production.py.
+STATUS: dict = {}
+_CHOICE: dict = {}  # (device, dtype, head_dim, causal, gqa) -> (backend, expand)
+_BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa) -> expand (bool), or an error text
+_FLASH_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, philox_seed, philox_offset) of a flash forward
+_TRITON: dict = {}  # device -> True or the reason it is not used
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``b n h_kv d`` → ``b n h d``: k/v head j serves q heads ``j·g … j·g+g−1`` (g = h / h_kv)."""
+    g = heads // x.shape[2]
+    return x if g == 1 else x.repeat_interleave(g, dim=2)
+
+
+def reduce_kv(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Inverse of :func:`expand_kv` for gradients: sum the g query heads that shared a k/v head."""
+    return dx if dx.shape[2] == kv_heads else reduce(dx, "b n (hk g) d -> b n hk d", "sum", hk=kv_heads)
+
+
+# --------------------------------------------------------------------------- forward of one block
+
+def _sdpa_call(backend: str, q, k, v, scale: float, causal: bool):
+    """One lse-returning SDPA kernel on ``b n h d`` views. Returns ``(out b n h d, lse b h n float32)``."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # b h n d views: the kernels take strides
+    if backend == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False,
+                                                                  scale=scale)
+        out, lse = res[0], res[1]
+        if lse.dim() == 4:  # (b, h, n, 1)
+            lse = lse[..., 0]
+    elif backend == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+        out, lse = res[0], res[1]
+    elif backend == "efficient":
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal,
+                                                                      scale=scale)
+        out, lse = res[0], res[1][..., :q.shape[1]]  # lse is padded to a multiple of 32 rows
+    else:
+        raise ValueError(f"unknown SDPA backend {backend!r}")
+    return out.transpose(1, 2), lse
+
+
+def _einops_block(q, k, v, scale: float, causal: bool):
+    """The reference path: :func:`attend_block` (top-left causal), keys ``KEY_CHUNK`` at a time."""
+    h = q.shape[2]
+    return attend_block(q, expand_kv(k, h), expand_kv(v, h), scale=scale, causal=causal, chunk=KEY_CHUNK)
+
+
+def _candidates(device: torch.device, dtype: torch.dtype, gqa: bool, backend: str):
+    """(backend, expand K/V) pairs to try, fastest first (cuDNN > flash > efficient on sm90 in half precision)."""
+    if device.type != "cuda" or backend == "einops":
+        return [("einops", False)]
+    names = [backend] if backend != "auto" else (
+        ["cudnn", "flash", "efficient"] if dtype in LOW_PRECISION else ["efficient"] if dtype == torch.float32 else [])
+    out = []
+    for name in names:
+        out += [(name, False), (name, True)] if gqa else [(name, False)]
+    return out + [("einops", False)]
+
+
+def _probe_inputs(device, dtype, shapes, seed=0):
+    """Random strided views (a window of a larger buffer) of the given ``b n h d`` shapes."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    views = []
+    for b, n, h, d in shapes:
+        base = torch.randn(b, 2 * n, h, d, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        views.append(base[:, n // 2:n // 2 + n])  # non-contiguous batch stride, like the ring's slices
+    return views
+
+
+def _tolerance(dtype) -> float:
+    return 3e-2 if dtype in LOW_PRECISION else 1e-4
+
+
+def _probe_forward(backend, expand, device, dtype, d, causal, h, hk, scale) -> str | None:
+    """None if the kernel agrees with the einops path on a small problem, else what went wrong."""
+    n_q, n_k = (128, 128) if causal else (128, 64)
+    q, k, v = _probe_inputs(device, dtype, [(2, n_q, h, d), (2, n_k, hk, d), (2, n_k, hk, d)])
+    try:
+        kk, vv = (expand_kv(k, h), expand_kv(v, h)) if expand else (k, v)
+        out, lse = _sdpa_call(backend, q, kk, vv, scale, causal)
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    ref_out, ref_lse = _einops_block(q, k, v, scale, causal)
+    err_o = (out.float() - ref_out.float()).abs().max().item()
+    err_l = (lse.float() - ref_lse.float()).abs().max().item()
+    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (2, h, n_q):
+        return f"wrong shapes: out {tuple(out.shape)}, lse {tuple(lse.shape)}"
+    if not (err_o <= _tolerance(dtype) and err_l <= _tolerance(dtype)):
+        return f"disagrees with the einops path: max |Δout| {err_o:.3g}, max |Δlse| {err_l:.3g}"
+    return None
+
+
+def _choose(q, k, causal: bool, scale: float, backend: str):
+    key = (str(q.device), q.dtype, q.shape[3], causal, q.shape[2] != k.shape[2], backend)
+    if key not in _CHOICE:
+        notes = []
+        for name, expand in _candidates(q.device, q.dtype, key[4], backend):
+            if name == "einops":
+                _CHOICE[key] = (name, False)
+                break
+            why = _probe_forward(name, expand, q.device, q.dtype, q.shape[3], causal, q.shape[2], k.shape[2], scale)
+            if why is None:
+                _CHOICE[key] = (name, expand)
+                break
+            notes.append(f"{name}{' (K/V expanded)' if expand else ''}: {why}")
+        chosen = _CHOICE[key]
+        STATUS[f"forward {key[:5]}"] = (f"{chosen[0]}{' (K/V expanded)' if chosen[1] else ''}"
+                                       + (f"; skipped {'; '.join(notes)}" if notes else ""))
+    return key, _CHOICE[key]
+
+
+def _forward_block(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
+    """:func:`block_attention` without autograd (the ring's own Function handles gradients)."""
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"a causal block must be diagonal (the same positions for queries and keys), got "
+                         f"{q.shape[1]} query and {k.shape[1]} key rows")
+    key, (name, expand) = _choose(q, k, causal, scale, backend)
+    if name == "einops":
+        return _einops_block(q, k, v, scale, causal)
+    h = q.shape[2]
+    try:
+        return _sdpa_call(name, q, *((expand_kv(k, h), expand_kv(v, h)) if expand else (k, v)), scale, causal)
+    except RuntimeError as exc:  # a shape the probe did not cover: demote this combination to the einops path
+        if "out of memory" in str(exc).lower():
+            raise
+        STATUS[f"forward {key[:5]}"] = f"einops after {name} failed at shape {tuple(q.shape)}: {str(exc)[:200]}"
+        _CHOICE[key] = ("einops", False)
+        return _einops_block(q, k, v, scale, causal)
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, backend):
+        ctx.set_materialize_grads(False)
+        out, lse = _forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, causal, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal, backend = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = None
+        if dlse is not None:  # a gradient of lse enters as delta = D − dlse (einops path)
+            work = compute_dtype(q.dtype)
+            delta = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i") - dlse.to(work)
+        dq, dk, dv = block_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta,
+                                              backend=backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def block_attention(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
+    """Attention of one query block to one key/value block with the fastest kernel available. Returns ``(out, lse)``.
+
+    ``q`` is ``b i h d``, ``k``/``v`` are ``b j h_kv d`` (``h_kv`` divides
+    ``h``). ``causal=True`` means a diagonal block (``i == j``, the same
+    token positions), masked top-left. ``out`` comes back in the kernel's
+    dtype (the input dtype from a CUDA kernel, the accumulator dtype from
+    the einops path) and ``lse`` (``b h i``) in float32 (float64 for float64
+    input). ``backend``: ``"auto"`` (cuDNN > flash > memory-efficient on
+    CUDA, checked once and cached; einops elsewhere) or one of
+    :data:`BACKENDS` to force it. Differentiable (through
+    :func:`block_attention_backward`), gradients of ``lse`` included.
+    """
+    check_backend(backend)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _BlockAttention.apply(q, k, v, scale, causal, backend)
+    return _forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
+
+
+# --------------------------------------------------------------------------- backward of one block
+
+def _flash_aux(device):
+    """The cum_seq/philox arguments the flash backward op wants, from one tiny flash forward (dropout 0: unused)."""
+    if device not in _FLASH_AUX:
+        x = torch.randn(1, 1, 16, 64, device=device, dtype=torch.bfloat16)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=0.125)
+        _FLASH_AUX[device] = (res[2], res[3], res[6], res[7])
+    return _FLASH_AUX[device]
+
+
+def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
+    cum_q, cum_k, seed, offset = _flash_aux(q.device)
+    qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dot, qt, kt, vt, ot, lse.float().contiguous(), cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, seed, offset,
+        scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+def _einops_backward(q, k, v, out, lse, dout, scale, causal, delta):
+    h, hk = q.shape[2], k.shape[2]
+    dq, dk, dv = attend_block_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale=scale,
+                                       causal=causal, delta=delta, chunk=KEY_CHUNK)
+    return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
+
+
+def _probe_backward(device, dtype, d, causal, h, hk, scale):
+    """Check the flash backward op against the einops backward; return ``expand`` (bool) or raise."""
+    n_q, n_k = (128, 128) if causal else (128, 64)
+    q, k, v, dout = _probe_inputs(device, dtype, [(2, n_q, h, d), (2, n_k, hk, d), (2, n_k, hk, d), (2, n_q, h, d)],
+                                  seed=1)
+    out, lse = _sdpa_call("flash", q, expand_kv(k, h), expand_kv(v, h), scale, causal)
+    ref = _einops_backward(q, k, v, out, lse, dout, scale, causal, None)
+    problems = []
+    for expand in (False, True):
+        try:
+            if expand:
+                got = _flash_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale, causal)
+                got = (got[0], reduce_kv(got[1].float(), hk), reduce_kv(got[2].float(), hk))
+            else:
+                got = _flash_backward(q, k, v, out, lse, dout, scale, causal)
+        except RuntimeError as exc:
+            problems.append(f"{'expanded' if expand else 'native'}: {str(exc).strip().splitlines()[0][:200]}")
+            continue
+        errs = [((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+                for g, r in zip(got, ref)]
+        if all(tuple(g.shape) == tuple(r.shape) for g, r in zip(got, ref)) and max(errs) <= _tolerance(dtype):
+            return expand
+        problems.append(f"{'expanded' if expand else 'native'}: relative errors dq/dk/dv {[f'{e:.2g}' for e in errs]}")
+        if h == hk:
+            break
+    raise RuntimeError(
+        f"the flash backward op (torch.ops.aten._scaled_dot_product_flash_attention_backward) does not agree with "
+        f"ringbook's einops backward for dtype {dtype}, head_dim {d}, causal={causal}, heads {h}/{hk} on {device} "
+        f"({'; '.join(problems)}); refusing to return gradients that may be wrong. Pass backend='einops' to use "
+        "the (slower, exact) einops backward.")
+
+
+def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, delta=None,
+                             backend: str = "auto"):
+    """Gradients ``(dq, dk, dv)`` of one block, given the global ``out``/``lse`` of its query rows.
+
+    The FlashAttention backward of :func:`~ringbook.online_softmax.attend_block_backward`
+    (same arguments; ``k``/``v`` may have fewer heads, their gradients are
+    summed over the query heads that share them). On CUDA in
+    bfloat16/float16 with ``delta`` None it runs the flash backward op,
+    checked once per combination against the einops path (a mismatch raises
+    rather than returning wrong gradients); with ``delta`` (a gradient of
+    lse: ``delta = D − dlse``), in float32/float64, on the CPU or with
+    ``backend="einops"`` it runs the einops path. Gradients come back in the
+    kernel's dtype (the input dtype from flash) or the accumulator dtype.
+    """
+    check_backend(backend)
+    fast = q.device.type == "cuda" and q.dtype in LOW_PRECISION and delta is None and backend != "einops"
+    if not fast:
+        return _einops_backward(q, k, v, out, lse, dout, scale, causal, delta)
+    key = (str(q.device), q.dtype, q.shape[3], causal, q.shape[2] != k.shape[2])
+    if key not in _BACKWARD_OK:
+        try:
+            _BACKWARD_OK[key] = _probe_backward(q.device, q.dtype, q.shape[3], causal, q.shape[2], k.shape[2], scale)
+            STATUS[f"backward {key}"] = f"flash backward op{' (K/V expanded)' if _BACKWARD_OK[key] else ''}"
+        except RuntimeError as exc:
+            _BACKWARD_OK[key] = str(exc)
+            STATUS[f"backward {key}"] = str(exc)
+    ok = _BACKWARD_OK[key]
+    if isinstance(ok, str):
+        raise RuntimeError(ok)
+    h, hk = q.shape[2], k.shape[2]
+    if ok:  # the op wants K/V expanded for grouped-query attention
+        dq, dk, dv = _flash_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale, causal)
+        return dq, reduce_kv(dk.float(), hk), reduce_kv(dv.float(), hk)
+    return _flash_backward(q, k, v, out, lse, dout, scale, causal)
+
+
+# --------------------------------------------------------------------------- the fused merge
+
+def merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk) -> None:
+    """Equation (M) in place with torch ops: ``(acc_out, acc_lse) ← merge(acc, blk)``.
+
+    ``acc_out`` (``b n h d``) and ``acc_lse`` (``b h n``) are the float32 or
+    float64 accumulators (views are fine); the block may be any float dtype.
+    Since ``w_a + w_b = 1``, the merge is a linear interpolation,
+    ``O ← O + w_b (O_blk − O)`` with ``w_b = e^{lse_blk − lse}``: one
+    ``lerp_`` pass over the accumulator. Rows empty on both sides stay
+    (0, -inf); merging an empty block changes nothing.
+    """
+    lse_blk = lse_blk.to(acc_lse.dtype)
+    lse = torch.logaddexp(acc_lse, lse_blk)  # -inf for rows empty on both sides
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
+    w_b = torch.exp(lse_blk - lse_safe)
+    acc_out.lerp_(out_blk.to(acc_out.dtype), rearrange(w_b, "b h n -> b n h 1"))
+    acc_lse.copy_(lse)
+
+
+def _triton_ready(device) -> bool:
+    """Whether the Triton merge runs on ``device``: triton imports and agrees with the torch merge once."""
+    if device not in _TRITON:
+        try:
+            from ._triton_merge import merge_into_triton_
+        except Exception as exc:  # noqa: BLE001 - absent or broken triton: the torch merge is used
+            _TRITON[device] = f"triton not importable ({type(exc).__name__}: {exc})"[:200]
+        else:
+            _TRITON[device] = _self_check_triton(merge_into_triton_, device)
+        STATUS[f"merge {device}"] = "triton" if _TRITON[device] is True else f"torch ({_TRITON[device]})"
+    return _TRITON[device] is True
+
+
+def _self_check_triton(fn, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    acc = torch.randn(2, 40, 3, 64, generator=gen, device=device)
+    lse = torch.randn(2, 3, 40, generator=gen, device=device)
+    lse[0, 1, :5] = float("-inf")
+    acc[0, :5, 1] = 0
+    blk = torch.randn(2, 60, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:50]  # strided view
+    lse_b = torch.randn(2, 3, 60, generator=gen, device=device)[:, :, 10:50]
+    lse_b[0, 1, :3] = float("-inf")
+    want_o, want_l = acc.clone(), lse.clone()
+    merge_into_torch_(want_o, want_l, blk, lse_b)
+    try:
+        fn(acc, lse, blk, lse_b)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001
+        return f"triton merge failed: {type(exc).__name__}: {str(exc)[:150]}"
+    if not (torch.allclose(acc, want_o, atol=1e-5, rtol=1e-5) and torch.equal(torch.isneginf(lse), torch.isneginf(want_l))
+            and torch.allclose(lse, want_l, atol=1e-5, rtol=1e-5)):
+        return "triton merge disagrees with the torch merge"
+    return True
+
+
+def merge_into_(acc_out, acc_lse, out_blk, lse_blk) -> None:
+    """Fold a block's ``(out_blk, lse_blk)`` into accumulators ``(acc_out, acc_lse)`` in place, equation (M).
+
+    The accumulators are float32 (float64 for float64 input), ``b n h d``
+    and ``b h n``, possibly strided views (rows of a rank's shard). One
+    read of the block output and one read-modify-write of the accumulator:
+    a Triton kernel on CUDA when triton is importable and passes a self-check
+    against :func:`merge_into_torch_`, which is used otherwise. Same result
+    as :func:`~ringbook.online_softmax.merge_partials`, without autograd.
+    """
+    if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 and out_blk.stride(-1) == 1 \
+            and _triton_ready(acc_out.device):
+        from ._triton_merge import merge_into_triton_
+        merge_into_triton_(acc_out, acc_lse, out_blk, lse_blk)
+    else:
+        merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk)
+
+
+def reset_caches() -> None:
+    """Forget the kernel choices and probes (tests, or after changing torch backends' settings)."""
+    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _FLASH_AUX, _TRITON):
+        cache.clear()
+
+
+def warn_once(message: str) -> None:
+    if message not in STATUS:
+        STATUS[message] = "warned"
+        warnings.warn(message, stacklevel=3)

@@ -1,0 +1,319 @@
+"""Ring attention made fast: every rank of a step in one batched kernel call (notebook 02, issue 5).
+
+:func:`production_ring_attention` computes exactly what :func:`ringbook.ring_attention`
+computes (or :func:`ringbook.ring_dilated_attention` when ``segment_lengths``
+is given), with the same ring: ``w`` ranks, each holding one shard of q,
+k and v, the key/value shards travelling r → r+1 for ``w`` steps. What
+changes is how one process plays the ranks:
+
+* **Ranks stacked in the batch.** Shard r of every tensor is batch slice
+  ``r·b … (r+1)·b`` of a ``(w b) c h d`` tensor. At step t every rank does
+  the same kind of block (contiguous non-causal: all of them), so one kernel
+  call does them all. With ``causal`` the ranks split into at most two
+  groups of equal block shapes (zigzag: ranks whose shard came from an
+  earlier rank attend all their queries to its first half; the others attend
+  their second half of queries to all of it) plus the diagonal step, one
+  causal call. :func:`production_plan` lists those calls — the schedule as
+  data, checked against :func:`ringbook.schedule.ring_schedule` in the tests.
+* **The "send" is a view.** On one device the shards do not need to move:
+  with the stacked K/V written twice in a row (``kv2 = [kv, kv]``, one copy
+  of K and V at the start), the shards held at step t are the window
+  ``kv2[(w−t)·b : (2w−t)·b]`` — a view, no copy. A real ring moves the
+  bytes (:mod:`ringbook.distributed`); this is the same schedule and
+  arithmetic without the network, and it does not pretend otherwise.
+* **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
+  SDPA kernels (:func:`ringbook.kernels.block_attention`); each result is
+  folded into float32 accumulators by :func:`ringbook.kernels.merge_into_`
+  (one pass). The backward runs the ring again with the flash backward op
+  fed the global out and lse of the rows (as ring-flash-attention does),
+  dK/dV accumulating into the same doubled layout and folded once at the end.
+
+Grouped-query attention: k/v may have fewer heads than q (dividing them);
+K/V travel unexpanded and are expanded only at a kernel that needs it.
+The striped layout is refused: its causal blocks interleave positions, which
+the kernels' top-left causal mask cannot express (use zigzag, which balances
+causal work as well, or :func:`ringbook.ring_attention` to study striped).
+No ``n × n`` tensor is ever formed: the einops fallback visits keys
+``KEY_CHUNK`` at a time. Shapes: q ``b n h d``, k/v ``b n h_kv d``, lse ``b h n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from einops import einsum, rearrange
+
+from ._utils import LOW_PRECISION, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from .kernels import (
+    block_attention, block_attention_backward, check_backend, expand_kv, merge_into_, warn_once, _forward_block,
+)
+from .online_softmax import merge_partials
+from .ring_dilated import ring_dilated_attention
+from .schedule import check_layout, layout_positions
+
+PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One batched kernel call of a ring step: ranks ``[r0, r1)`` at once, rows ``q`` × ``kv`` of their shards."""
+
+    ranks: tuple[int, int]
+    q: tuple[int, int]  # query rows inside each rank's shard
+    kv: tuple[int, int]  # key rows inside the held shard
+    kind: str  # "full" or "causal" (diagonal: the same positions, top-left mask)
+
+
+def production_plan(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
+    """``plan[t]``: the kernel calls of ring step t (1 to 2 each; step 0 covers every row of every rank).
+
+    Rank r holds at step t the shard that started on rank ``(r − t) mod w``:
+
+    * non-causal (any layout): one call, all ranks, every row × every key;
+    * causal, contiguous: step 0 one diagonal causal call; step t > 0 ranks
+      ``t … w−1`` (shard from an earlier rank) see all of it, ranks before t
+      see nothing (their blocks are skipped, not computed);
+    * causal, zigzag (rank r holds chunks r and 2w−1−r, each ``c/2``):
+      step 0 one causal call over the whole shard (its positions increase
+      along the shard, so the top-left mask is exact, and the skipped
+      early-query × late-key block is masked by it); step t > 0 ranks
+      ``t … w−1`` attend all queries to the first half of the held shard,
+      ranks ``0 … t−1`` attend the second half of their queries to all of it.
+    """
+    check_layout(n, world_size, layout)
+    if layout not in PRODUCTION_LAYOUTS:
+        raise ValueError(_striped_message(layout))
+    w, c = world_size, n // world_size
+    plan = []
+    for t in range(w):
+        if not causal:
+            plan.append((Launch((0, w), (0, c), (0, c), "full"),))
+        elif t == 0:
+            plan.append((Launch((0, w), (0, c), (0, c), "causal"),))
+        elif layout == "contiguous":
+            plan.append((Launch((t, w), (0, c), (0, c), "full"),))
+        else:
+            half = c // 2
+            plan.append((Launch((t, w), (0, c), (0, half), "full"), Launch((0, t), (half, c), (0, c), "full")))
+    return plan
+
+
+def _striped_message(layout):
+    return (f"layout={layout!r} is not supported by production_ring_attention: its causal blocks interleave token "
+            "positions, which the fused kernels' top-left causal mask cannot express. Use layout='zigzag' (it "
+            "balances causal work too) or 'contiguous', or ringbook.ring_attention(layout='striped') to study it")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    world: int
+    batch: int
+    causal: bool
+    scale: float
+    backend: str
+    plan: list
+    order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
+
+
+def _stack(x, cfg: _Config, dim: int = 1):
+    """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``); a view for contiguous, b = 1."""
+    if cfg.order is not None:
+        x = x.index_select(dim, cfg.order)
+    if dim == 1:
+        return rearrange(x, "b (w c) h d -> (w b) c h d", w=cfg.world)
+    return rearrange(x, "b h (w c) -> (w b) h c", w=cfg.world)
+
+
+def _unstack(x, cfg: _Config, dim: int = 1):
+    if dim == 1:
+        x = rearrange(x, "(w b) c h d -> b (w c) h d", w=cfg.world)
+    else:
+        x = rearrange(x, "(w b) h c -> b h (w c)", w=cfg.world)
+    if cfg.order is not None:
+        x = x.index_select(dim, torch.argsort(cfg.order))
+    return x
+
+
+def _doubled(x, world):
+    """``[x, x]`` along the stacked batch: the shards held at step t are the window starting at ``(w−t) mod w``."""
+    return torch.cat([x, x]) if world > 1 else x
+
+
+def _slices(launch: Launch, t: int, cfg: _Config):
+    """Batch rows of the queries, of the held K/V window, and the row ranges, for one launch at step t."""
+    b, w = cfg.batch, cfg.world
+    (r0, r1), (q0, q1), (k0, k1) = launch.ranks, launch.q, launch.kv
+    kv_base = ((w - t) % w) * b  # rank r holds shard (r − t) mod w = row r of the window
+    return (slice(r0 * b, r1 * b), slice(q0, q1)), (slice(kv_base + r0 * b, kv_base + r1 * b), slice(k0, k1))
+
+
+def _ring_forward(q_st, k_st, v_st, cfg: _Config):
+    """The stacked ring: ``(out (w b) c h d in compute dtype, lse (w b) h c)``."""
+    if cfg.world == 1:
+        (launch,) = cfg.plan[0]
+        return _forward_block(q_st, k_st, v_st, scale=cfg.scale, causal=launch.kind == "causal", backend=cfg.backend)
+    k2, v2 = _doubled(k_st, cfg.world), _doubled(v_st, cfg.world)
+    wb, c, h, d = q_st.shape
+    work = compute_dtype(q_st.dtype)
+    acc_out = torch.empty(wb, c, h, d, dtype=work, device=q_st.device)
+    acc_lse = torch.empty(wb, h, c, dtype=work, device=q_st.device)
+    for t, launches in enumerate(cfg.plan):
+        for launch in launches:
+            (rows, qr), (kv_rows, kr) = _slices(launch, t, cfg)
+            o, l = _forward_block(q_st[rows, qr], k2[kv_rows, kr], v2[kv_rows, kr], scale=cfg.scale,
+                                  causal=launch.kind == "causal", backend=cfg.backend)
+            if t == 0:  # step 0 covers every row: it initialises the accumulators
+                acc_out[rows, qr].copy_(o)
+                acc_lse[rows, :, qr].copy_(l)
+            else:
+                merge_into_(acc_out[rows, qr], acc_lse[rows, :, qr], o, l)
+    return acc_out, acc_lse
+
+
+def _ring_backward(q_st, k_st, v_st, out_st, lse_st, dout_st, dlse_st, cfg: _Config):
+    """The ring again, each block's gradients from the global out/lse; dK/dV folded from the doubled layout."""
+    work = compute_dtype(q_st.dtype)
+    fast = q_st.is_cuda and q_st.dtype in LOW_PRECISION and cfg.backend != "einops"
+    delta = None
+    if dlse_st is not None and fast and bool((dlse_st != 0).any()):
+        warn_once("production_ring_attention: a gradient flows into lse; the flash backward op cannot take it, "
+                  "so this backward uses the (slower, exact) einops kernels")
+        fast = False
+    if not fast:
+        delta = einsum(dout_st.to(work), out_st.to(work), "b i h d, b i h d -> b h i")  # D = rowsum(dO ∘ O)
+        if dlse_st is not None:
+            delta = delta - dlse_st.to(work)  # a gradient of lse adds P ∘ dlse to dS
+    backend = cfg.backend if fast else "einops"
+    k2, v2 = _doubled(k_st, cfg.world), _doubled(v_st, cfg.world)
+    dq = torch.zeros(q_st.shape, dtype=work, device=q_st.device)
+    dk2 = torch.zeros(k2.shape, dtype=work, device=q_st.device)
+    dv2 = torch.zeros(v2.shape, dtype=work, device=q_st.device)
+    for t, launches in enumerate(cfg.plan):
+        for launch in launches:
+            (rows, qr), (kv_rows, kr) = _slices(launch, t, cfg)
+            gq, gk, gv = block_attention_backward(
+                q_st[rows, qr], k2[kv_rows, kr], v2[kv_rows, kr], out_st[rows, qr], lse_st[rows, :, qr],
+                dout_st[rows, qr], scale=cfg.scale, causal=launch.kind == "causal",
+                delta=None if delta is None else delta[rows, :, qr], backend=backend)
+            dq[rows, qr] += gq
+            dk2[kv_rows, kr] += gk
+            dv2[kv_rows, kr] += gv
+    if cfg.world > 1:  # shard s's gradient sits in rows s and w + s of the doubled layout
+        wb = q_st.shape[0]
+        dk2, dv2 = dk2[:wb] + dk2[wb:], dv2[:wb] + dv2[wb:]
+    return dq, dk2, dv2
+
+
+class _ProductionRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cfg: _Config):
+        ctx.set_materialize_grads(False)
+        q_st, k_st, v_st = (_stack(x, cfg) for x in (q, k, v))
+        acc_out, acc_lse = _ring_forward(q_st, k_st, v_st, cfg)
+        out_st, lse_st = acc_out.to(q.dtype), acc_lse.to(lse_dtype(q.dtype))
+        ctx.save_for_backward(q_st, k_st, v_st, out_st, lse_st)
+        ctx.cfg = cfg
+        return _unstack(out_st, cfg), _unstack(lse_st, cfg, dim=2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q_st, k_st, v_st, out_st, lse_st = ctx.saved_tensors
+        cfg = ctx.cfg
+        dout_st = torch.zeros_like(out_st) if dout is None else _stack(dout.to(out_st.dtype), cfg)
+        dlse_st = None if dlse is None else _stack(dlse, cfg, dim=2)
+        dq, dk, dv = _ring_backward(q_st, k_st, v_st, out_st, lse_st, dout_st, dlse_st, cfg)
+        return (_unstack(dq, cfg).to(q_st.dtype), _unstack(dk, cfg).to(k_st.dtype),
+                _unstack(dv, cfg).to(v_st.dtype), None)
+
+
+def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None, segment_lengths=None,
+                              dilation_rates=None, heads="all", scale=None, backend="auto"):
+    """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
+
+    Args:
+        q: ``b n h d``; k, v: ``b n h_kv d`` with ``h_kv`` dividing ``h``
+            (grouped-query attention when smaller).
+        ring_size: ranks ``w``; must divide ``n`` (``2w`` must, for zigzag).
+        causal: key j is seen by query i only if j ≤ i (original positions).
+        layout: ``"zigzag"`` (default when causal) or ``"contiguous"``
+            (default otherwise); ``"striped"`` is refused (module docstring).
+        segment_lengths, dilation_rates, heads: given together, dilated
+            attention (equation (D)) computed as
+            :func:`ringbook.ring_dilated_attention` does (contiguous shards),
+            with the fast kernel on the batched segments.
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        backend: block kernel, ``"auto"`` or one of
+            :data:`ringbook.kernels.BACKENDS` (``"einops"``: the reference
+            path everywhere).
+
+    Returns:
+        out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
+        float16/bfloat16), equal to :func:`ringbook.ring_attention` /
+        :func:`ringbook.naive_attention` (on K/V expanded to q's heads).
+        Accumulation in float32 for low precision. Differentiable.
+    """
+    check_bool(causal, "causal")
+    check_backend(backend)
+    if segment_lengths is not None or dilation_rates is not None:
+        return _dilated(q, k, v, ring_size=ring_size, causal=causal, layout=layout, segment_lengths=segment_lengths,
+                        dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend)
+    if heads != "all":
+        raise ValueError(f"heads={heads!r} applies to dilated attention only (give segment_lengths and "
+                         "dilation_rates); dense attention uses every head")
+    check_qkv(q, k, v, allow_gqa=True)
+    b, n, h, d = q.shape
+    if k.shape[1] != n:
+        raise ValueError(f"ring attention needs q and k of the same sequence length (each rank holds one shard of "
+                         f"both), got seq_q={n} and seq_k={k.shape[1]}")
+    layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
+    if layout not in PRODUCTION_LAYOUTS:
+        if layout == "striped":
+            raise ValueError(_striped_message(layout))
+        raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
+    check_layout(n, ring_size, layout)
+    order = None if layout == "contiguous" else layout_positions(n, ring_size, layout).reshape(-1).to(q.device)
+    cfg = _Config(ring_size, b, causal, resolve_scale(scale, d), backend,
+                  production_plan(n, ring_size, layout=layout, causal=causal), order)
+    return _ProductionRing.apply(q, k, v, cfg)
+
+
+# --------------------------------------------------------------------------- dilated attention
+
+def segment_kernel(q, k, v, *, scale, causal=False, q_start=0, backend="auto"):
+    """The fast kernel hook of :func:`ringbook.ring_dilated_attention`: batched segments ``(B m h d)``.
+
+    Dilated query ``i`` has index ``q_start + i`` in its segment; keys start
+    at 0. Non-causal: one call. Causal: the queries' own diagonal square
+    (keys ``q_start … q_start+m``, top-left mask) plus, when ``q_start > 0``,
+    every earlier key unmasked, merged by lse. Returns ``(out, lse)`` in the
+    accumulator dtype, as :func:`~ringbook.dilated.attend_segments` does.
+    """
+    m = q.shape[1]
+    work = compute_dtype(q.dtype)
+    if m == 0:
+        return q.new_zeros(q.shape, dtype=work), q.new_zeros((q.shape[0], q.shape[2], 0), dtype=work)
+    if not causal:
+        o, l = block_attention(q, k, v, scale=scale, causal=False, backend=backend)
+    else:
+        o, l = block_attention(q, k[:, q_start:q_start + m], v[:, q_start:q_start + m], scale=scale, causal=True,
+                               backend=backend)
+        if q_start > 0:
+            o2, l2 = block_attention(q, k[:, :q_start], v[:, :q_start], scale=scale, causal=False, backend=backend)
+            o, l = merge_partials(o.to(work), l.to(work), o2.to(work), l2.to(work))
+    return o.to(work), l.to(work)
+
+
+def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend):
+    if segment_lengths is None or dilation_rates is None:
+        raise ValueError("dilated attention needs both segment_lengths and dilation_rates (one rate per length)")
+    if layout not in (None, "contiguous"):
+        raise ValueError(f"dilated ring attention shards contiguously (segments are contiguous); got layout={layout!r}")
+    check_qkv(q, k, v, allow_gqa=True)
+    # Dilated rows are picked per query head (each head keeps its own offset), so with grouped-query
+    # attention the K/V rows a head needs are per q head: K/V are expanded before the plan runs.
+    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
+    return ring_dilated_attention(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
+                                  ring_size=ring_size, causal=causal, heads=heads, scale=scale,
+                                  segment_kernel=functools.partial(segment_kernel, backend=backend))

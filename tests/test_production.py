@@ -1,0 +1,287 @@
+"""production_ring_attention and its kernels against the float64 references (CPU: the einops kernels).
+
+On the CPU the block kernel is the einops path, but the production ring's
+own logic — ranks stacked in the batch, the doubled K/V window, the
+batched launches of :func:`production_plan`, the fused in-place merge, the
+ring backward and grouped-query heads — is the same code that runs on a
+GPU, so it is checked here exactly (float64, 1e-10). The CUDA kernels are
+checked by ``tools/gpu_check_production.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import ringbook
+from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn
+from ringbook import kernels
+from ringbook.production import production_plan
+from ringbook.schedule import layout_positions, ring_schedule
+
+B, H, HKV, D = 2, 4, 2, 8
+
+
+def _expand(x, heads=H):
+    return x.repeat_interleave(heads // x.shape[2], dim=2)
+
+
+def _inputs(n, *, hkv=HKV, dtype=torch.float64, seed=0):
+    q, k, v = make_qkv(B, n, H, D, dtype=dtype, seed=seed)
+    return q, k[:, :, :hkv].contiguous(), v[:, :, :hkv].contiguous()
+
+
+# --------------------------------------------------------------------------- the plan is the schedule
+
+def _visible(n, w, layout, causal, blocks_of):
+    """(w, w, c, c) bool: at step t rank r computes score (i, j) of its shard × the held shard."""
+    pos = layout_positions(n, w, layout)
+    c = n // w
+    seen = torch.zeros(w, w, c, c, dtype=torch.bool)
+    for t in range(w):
+        for r in range(w):
+            src = (r - t) % w
+            for (q0, q1), (k0, k1), kind in blocks_of(t, r):
+                keep = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+                if kind == "causal":
+                    keep = pos[src, k0:k1][None, :] <= pos[r, q0:q1][:, None]
+                seen[t, r, q0:q1, k0:k1] |= keep
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("w", [1, 2, 3, 5])
+def test_plan_computes_exactly_the_schedules_blocks(layout, causal, w):
+    n = 4 * w
+    sched = ring_schedule(n, w, layout=layout, causal=causal)
+    plan = production_plan(n, w, layout=layout, causal=causal)
+    want = _visible(n, w, layout, causal, lambda t, r: [(b.q, b.kv, b.kind) for b in sched[t][r].blocks])
+    got = _visible(n, w, layout, causal, lambda t, r: [(x.q, x.kv, x.kind) for x in plan[t] if x.ranks[0] <= r < x.ranks[1]])
+    assert torch.equal(got, want)
+    assert all(1 <= len(step) <= 2 for step in plan)
+    (first,) = plan[0]  # step 0 initialises every row of every rank
+    assert first.ranks == (0, w) and first.q == (0, n // w)
+    # a causal launch is diagonal: every rank's held shard is its own, positions increasing
+    pos = layout_positions(n, w, layout)
+    assert all(x.kind == "full" for step in plan[1:] for x in step)
+    assert all(bool((pos[r, 1:] > pos[r, :-1]).all()) for r in range(w))
+
+
+# --------------------------------------------------------------------------- forward and backward
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 8])
+def test_matches_naive_float64(layout, causal, w):
+    q, k, v = _inputs(2 * w * 3, hkv=H)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout)
+    ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal)
+    assert out.dtype == q.dtype and lse.dtype == torch.float64
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+@pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True)])
+def test_grouped_query_heads_match_naive_on_expanded_kv(hkv, layout, causal):
+    q, k, v = _inputs(24, hkv=hkv, seed=3)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=3, causal=causal, layout=layout, scale=0.3)
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=causal, scale=0.3)
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+
+
+def test_default_layout_and_ring_attention_agree():
+    q, k, v = _inputs(32, hkv=H, seed=5)
+    for causal in (False, True):
+        got = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=causal)
+        want = ringbook.ring_attention(q, k, v, ring_size=4, causal=causal, layout="zigzag" if causal else "contiguous")
+        assert_matches_reference(*got, *want)
+
+
+@pytest.mark.parametrize("layout,causal,w", [("contiguous", False, 1), ("contiguous", False, 4), ("contiguous", True, 3),
+                                             ("zigzag", True, 4), ("zigzag", False, 2), ("zigzag", True, 1)])
+@pytest.mark.parametrize("hkv", [H, 1])
+def test_backward_float64_matches_naive(layout, causal, w, hkv):
+    q, k, v = _inputs(2 * w * 3, hkv=hkv, seed=7)
+    n = q.shape[1]
+    dout, dlse = randn(B, n, H, D, seed=11), randn(B, H, n, seed=12)
+    grads = []
+    for fn in ("production", "naive"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if fn == "production":
+            o, l = ringbook.production_ring_attention(*xs, ring_size=w, causal=causal, layout=layout)
+        else:
+            o, l = ringbook.naive_attention(xs[0], _expand(xs[1]), _expand(xs[2]), causal=causal)
+        ((o * dout).sum() + (l * dlse).sum()).backward()
+        grads.append([x.grad for x in xs])
+    for name, got, want in zip("qkv", *grads):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10), f"d{name}: {(got - want).abs().max():.3g}"
+
+
+def test_backward_without_lse_gradient():
+    q, k, v = _inputs(16, seed=9)
+    dout = randn(B, 16, H, D, seed=13)
+    grads = []
+    for fn in ("production", "naive"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if fn == "production":
+            o, _ = ringbook.production_ring_attention(*xs, ring_size=4, causal=True)
+        else:
+            o, _ = ringbook.naive_attention(xs[0], _expand(xs[1]), _expand(xs[2]), causal=True)
+        (o * dout).sum().backward()
+        grads.append([x.grad for x in xs])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_within_2x_rule(dtype):
+    q, k, v = _inputs(64, hkv=H, dtype=dtype, seed=2)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref_out, ref_lse = ringbook.naive_attention(*(x.double() for x in (q, k, v)), causal=True)
+    base_out, _ = ringbook.naive_attention(q, k, v, causal=True, precision="input")
+    assert_within_2x_rule(out, ref_out, base_out)
+    assert (lse.double() - ref_lse).abs().max() < 1e-3
+
+
+# --------------------------------------------------------------------------- dilated
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("w", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads", ["all", "grouped"])
+def test_dilated_matches_dilated_attention(causal, w, heads):
+    q, k, v = make_qkv(1, 48, 3, D, seed=4)
+    cfg = dict(segment_lengths=[12, 24, 48], dilation_rates=[1, 2, 4], heads=heads)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, **cfg)
+    ref_out, ref_lse = ringbook.dilated_attention(q, k, v, causal=causal, **cfg)
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+
+
+def test_dilated_grouped_query_and_backward():
+    q, k, v = _inputs(24, hkv=2, seed=6)
+    cfg = dict(segment_lengths=[8, 24], dilation_rates=[1, 2])
+    dout = randn(B, 24, H, D, seed=14)
+    grads = []
+    for fn in ("production", "reference"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if fn == "production":
+            o, _ = ringbook.production_ring_attention(*xs, ring_size=3, causal=True, **cfg)
+        else:
+            o, _ = ringbook.dilated_attention(xs[0], _expand(xs[1]), _expand(xs[2]), causal=True, **cfg)
+        (o * dout).sum().backward()
+        grads.append([x.grad for x in xs])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_segment_kernel_causal_decomposition_matches_attend_segments():
+    """The fast hook splits causal queries after q_start into (earlier keys, full) + (diagonal, top-left)."""
+    from ringbook.dilated import attend_segments
+    from ringbook.production import segment_kernel
+
+    q, k, v = make_qkv(3, 5, 2, D, n_k=9, seed=8)
+    for q_start in (0, 4):
+        got = segment_kernel(q, k[:, :q_start + 5], v[:, :q_start + 5], scale=0.4, causal=True, q_start=q_start)
+        want = attend_segments(q, k, v, scale=0.4, causal=True, q_start=q_start)
+        assert_matches_reference(*got, *want)
+
+
+# --------------------------------------------------------------------------- kernels and the fused merge
+
+def _partial(b, n, h, d, seed, empty_rows=()):
+    out = randn(b, n, h, d, seed=seed)
+    lse = randn(b, h, n, seed=seed + 1, std=3.0)
+    for i in empty_rows:
+        out[:, i] = 0
+        lse[:, :, i] = float("-inf")
+    return out, lse
+
+
+@pytest.mark.parametrize("blk_dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_merge_into_matches_merge_partials(blk_dtype):
+    acc_out, acc_lse = _partial(2, 7, 3, 5, seed=0, empty_rows=(1, 4))
+    blk_out, blk_lse = _partial(2, 7, 3, 5, seed=2, empty_rows=(1, 2))
+    blk_out = blk_out.to(blk_dtype)
+    want = ringbook.merge_partials(acc_out, acc_lse, blk_out.double(), blk_lse)
+    kernels.merge_into_(acc_out, acc_lse, blk_out, blk_lse)
+    atol = 1e-12 if blk_dtype == torch.float64 else 0.0
+    assert_matches_reference(acc_out, acc_lse, *want, atol=max(atol, 1e-12), rtol=1e-12)
+
+
+def test_merge_into_strided_views_touches_only_its_rows():
+    acc_out, acc_lse = _partial(4, 10, 2, 3, seed=4)
+    blk_out, blk_lse = _partial(2, 4, 2, 3, seed=6)
+    want_out, want_lse = acc_out.clone(), acc_lse.clone()
+    want_out[1:3, 5:9], want_lse[1:3, :, 5:9] = ringbook.merge_partials(want_out[1:3, 5:9], want_lse[1:3, :, 5:9],
+                                                                        blk_out, blk_lse)
+    kernels.merge_into_(acc_out[1:3, 5:9], acc_lse[1:3, :, 5:9], blk_out, blk_lse)
+    assert_matches_reference(acc_out, acc_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
+
+
+@given(st.integers(1, 6), st.integers(0, 2 ** 16))
+def test_merge_into_order_does_not_matter(parts, seed):
+    """Folding partials one by one in any order gives merge_partials' answer (the merge is commutative)."""
+    blocks = [_partial(1, 3, 2, 2, seed=seed + 10 * i, empty_rows=(i % 3,)) for i in range(parts)]
+    want_out, want_lse = torch.zeros(1, 3, 2, 2, dtype=torch.float64), torch.full((1, 2, 3), float("-inf"),
+                                                                                    dtype=torch.float64)
+    for o, l in blocks:
+        want_out, want_lse = ringbook.merge_partials(want_out, want_lse, o, l)
+    acc_out, acc_lse = torch.zeros_like(want_out), torch.full_like(want_lse, float("-inf"))
+    for o, l in reversed(blocks):
+        kernels.merge_into_(acc_out, acc_lse, o, l)
+    assert_matches_reference(acc_out, acc_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
+
+
+def test_block_attention_einops_path_and_gradients():
+    q, k, v = _inputs(6, hkv=1, seed=15)
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = kernels.block_attention(*xs, scale=0.5, causal=True)
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=True, scale=0.5)
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+    (out.sum() + lse.sum()).backward()
+    ys = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o, l = ringbook.naive_attention(ys[0], _expand(ys[1]), _expand(ys[2]), causal=True, scale=0.5)
+    (o.sum() + l.sum()).backward()
+    for a, b in zip(xs, ys):
+        assert torch.allclose(a.grad, b.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_kernel_module_imports_without_triton_and_reports_einops_on_cpu():
+    kernels.reset_caches()
+    q, k, v = _inputs(8, seed=1)
+    kernels.block_attention(q, k, v, scale=0.3)
+    assert any("einops" in text for text in kernels.STATUS.values())
+
+
+# --------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layout="striped"), "striped"),
+    (dict(layout="diagonal"), "layout must be one of"),
+    (dict(ring_size=5), "ring_size=5"),
+    (dict(ring_size=3, causal=True), "2·ring_size = 6"),  # zigzag default needs 2w | n
+    (dict(heads="grouped"), "dilated attention only"),
+    (dict(segment_lengths=[8]), "both segment_lengths and dilation_rates"),
+    (dict(segment_lengths=[8], dilation_rates=[1], layout="zigzag"), "contiguously"),
+    (dict(backend="tpu"), "backend must be one of"),
+])
+def test_bad_options_are_refused(kwargs, match):
+    q, k, v = _inputs(16)
+    with pytest.raises(ValueError, match=match):
+        ringbook.production_ring_attention(q, k, v, **kwargs)
+
+
+def test_bad_head_counts_are_refused():
+    q, k, v = _inputs(16, hkv=H)
+    with pytest.raises(ValueError, match="grouped-query attention needs"):
+        ringbook.production_ring_attention(q, k[:, :, :3], v[:, :, :3])
+    with pytest.raises(ValueError, match="grouped-query attention needs"):
+        ringbook.production_ring_attention(q, k[:, :, :2], v[:, :, :1])
+    with pytest.raises(ValueError, match="heads"):  # the default check still refuses different head counts
+        ringbook.ring_attention(q, k[:, :, :2], v[:, :, :2], ring_size=2)
+    with pytest.raises(ValueError, match="same sequence length"):
+        ringbook.production_ring_attention(q, k[:, :8], v[:, :8])
