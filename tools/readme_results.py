@@ -7,6 +7,7 @@ tests/test_readme.py fails when the README's block differs from what this
 prints, so every number in the README comes from a file under figures/.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ringbook.report import load_rows  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ONE_GPU = "figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json"
 TWO_GPU = "figures/dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2.json"
+CHECK = "figures/production/gpu-check-h100.json"
+LONG = "figures/bench-h100-long-4m.json"
 SEQ = 131072
 SHOW = [  # (file, impl, ring_size, what it is)
     (ONE_GPU, "sdpa_cudnn", 1, "PyTorch SDPA, cuDNN backend (the peer)"),
@@ -57,8 +60,40 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def production_table() -> str:
+    """production_ring_attention against the fastest SDPA backend, timed in the same run."""
+    data = json.loads((ROOT / CHECK).read_text())
+    rows = {(r["section"], r["name"]): r for r in data["rows"]}
+    lines = [
+        "| production_ring_attention, bf16, b=1 h=8 d=64 | time | TFLOP/s | × fastest SDPA (same run) |",
+        "|---|---|---|---|",
+    ]
+    for section, name, what in [
+        ("fwd", "131072 w=1 causal=False", "forward, 131K, 1 rank"),
+        ("fwd", "131072 w=16 causal=False", "forward, 131K, 16 ranks"),
+        ("fwd", "131072 w=16 causal=True", "forward, 131K, 16 ranks, causal zigzag"),
+        ("fwd+bwd", "65536 w=8 causal=False", "forward+backward, 64K, 8 ranks"),
+        ("fwd+bwd", "65536 w=8 causal=True", "forward+backward, 64K, 8 ranks, causal"),
+    ]:
+        r = rows[(section, name)]
+        lines.append(f"| {what} | {r['ms']:,.1f} ms | {r['tflops']:.0f} | {r['ratio_vs_sdpa']:.2f}× "
+                     f"({r['sdpa_best'].split('_')[0].lower()}: {r['sdpa_ms']:,.1f} ms) |")
+    long_rows = {r["impl"]: r for r in load_rows(ROOT / LONG)}
+    prod, peer = long_rows["production"], long_rows["sdpa_cudnn"]
+    lines.append(f"| forward, {prod['seq_len']:,} tokens, 16 ranks, causal (one timed call) | "
+                 f"{prod['time_ms'] / 1e3:,.1f} s, "
+                 f"{prod['peak_mem_gb']:.1f} GB peak | {prod['tflops']:.0f} | "
+                 f"{peer['time_ms'] / prod['time_ms']:.2f}× (cudnn: {peer['time_ms'] / 1e3:,.1f} s, "
+                 f"{peer['peak_mem_gb']:.1f} GB) |")
+    env = data["env"]
+    lines += ["", f"From `{Path(CHECK).name}` (CUDA events, 2 warm-up calls, median of 5–7) and "
+              f"`{Path(LONG).name}`: {env['device']}, PyTorch {env['torch']}, cuDNN {env['cudnn']}, "
+              f"Triton {env['triton']}."]
+    return "\n".join(lines)
+
+
 def main(argv):
-    block = table()
+    block = table() + "\n\n" + production_table()
     if "--write" not in argv:
         print(block)
         return
