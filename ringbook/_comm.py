@@ -106,3 +106,35 @@ def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, t
         return dist.batch_isend_irecv(ops)
     except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
         raise _peer_error(ring, what, exc) from exc
+
+
+def agree_on_shards(ring: _Ring, info: list[int], problem: Exception | None, what: str, how_to_shard: str):
+    """Every rank shares a few ints about its input; all raise the same error or all go on.
+
+    ``info[0]`` is 1 when this rank's own input passed its checks (else 0),
+    ``info[1]`` its shard length, the rest whatever must agree across ranks.
+    A rank whose input failed raises its own ``problem``; the others name it.
+    Unequal shard lengths are refused on every rank, with ``how_to_shard``.
+    Returns the table ``[rank][field]`` for further agreement checks.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor(info, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(ring.world)]
+    try:
+        work = dist.all_gather(every, mine, group=ring.group, async_op=True)
+    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
+        raise _peer_error(ring, what, exc) from exc
+    _wait([work], ring, what)
+    table = torch.stack(every).cpu().tolist()
+    if problem is not None:
+        raise problem
+    bad = [r for r, row in enumerate(table) if row[0] == 0]
+    if bad:
+        raise ValueError(f"rank(s) {bad} refused their input to {ring.op} (see their errors); every rank stops")
+    lengths = [row[1] for row in table]
+    if len(set(lengths)) != 1:
+        raise ValueError(
+            f"{ring.op} needs shards of equal length on every rank, got lengths {lengths} on ranks "
+            f"0..{ring.world - 1}; {how_to_shard}")
+    return table

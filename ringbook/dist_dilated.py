@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, resolve_scale
-from ._comm import _peer_error, _Ring, _wait, resolve_timeout
+from ._comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
 from .online_softmax import merge_partials
 from .ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 
@@ -182,29 +182,11 @@ def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring) -> floa
     else:
         info = [0] + [-1] * (len(names) + 1)
     names.append("scale")
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
-        else torch.device("cpu")
-    mine = torch.tensor(info, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(ring.world)]
-    what = "checking the shards with all ranks before the exchange (all_gather of shard lengths and options)"
-    try:
-        work = dist.all_gather(every, mine, group=ring.group, async_op=True)
-    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
-        raise _peer_error(ring, what, exc) from exc
-    _wait([work], ring, what)
-    table = torch.stack(every).cpu().tolist()
-    if problem is not None:
-        raise problem
-    bad = [r for r, row in enumerate(table) if row[0] == 0]
-    if bad:
-        raise ValueError(f"rank(s) {bad} refused their input to ring_dilated_attention (see their errors); "
-                         "every rank stops")
-    lengths = [row[1] for row in table]
-    if len(set(lengths)) != 1:
-        raise ValueError(
-            f"ring_dilated_attention needs shards of equal length on every rank, got lengths {lengths} on ranks "
-            f"0..{ring.world - 1}; cut the sequence with ringbook.distributed.shard(x, rank, world_size, "
-            "'contiguous'), which needs a length divisible by world_size")
+    table = agree_on_shards(
+        ring, info, problem,
+        "checking the shards with all ranks before the exchange (all_gather of shard lengths and options)",
+        "cut the sequence with ringbook.distributed.shard(x, rank, world_size, 'contiguous'), which needs a "
+        "length divisible by world_size")
     readable = {"dtype": lambda x: str(FLOAT_DTYPES[x]), "causal": bool, "k/v requires_grad": bool}
     for col, name in enumerate(names[1:], start=2):
         values = [row[col] for row in table]

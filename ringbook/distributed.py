@@ -37,7 +37,7 @@ import torch.distributed as dist
 from einops import einsum
 
 from ._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
-from ._comm import DEFAULT_TIMEOUT_S, _exchange, _peer_error, _Ring, _wait, resolve_timeout  # noqa: F401
+from ._comm import DEFAULT_TIMEOUT_S, _exchange, _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout  # noqa: F401
 from .kernels import BACKENDS, _forward_block, block_attention_backward, expand_kv, merge_into_, reduce_kv
 from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward, merge_partials
 from .schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
@@ -97,30 +97,10 @@ def _check_agreement(q, k, v, causal, layout, ring: _Ring, kernel="einops") -> N
                 FLOAT_DTYPES.index(q.dtype), k.shape[2]]
     else:
         info = [0] + [-1] * 8
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ring.group) == "nccl" \
-        else torch.device("cpu")
-    mine = torch.tensor(info, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(ring.world)]
-    what = "checking the shards with all ranks before step 0 (all_gather of shard lengths)"
-    try:
-        work = dist.all_gather(every, mine, group=ring.group, async_op=True)
-    except Exception as exc:  # noqa: BLE001 - a closed connection fails already here
-        raise _peer_error(ring, what, exc) from exc
-    _wait([work], ring, what)
-    table = torch.stack(every).cpu().tolist()
-    if problem is not None:
-        raise problem
-    bad = [r for r, row in enumerate(table) if row[0] == 0]
-    if bad:
-        raise ValueError(f"rank(s) {bad} refused their input to ring_attention (see their errors); "
-                         "every rank stops")
-    lengths = [row[1] for row in table]
-    if len(set(lengths)) != 1:
-        raise ValueError(
-            f"ring_attention needs shards of equal length on every rank, got lengths {lengths} on ranks "
-            f"0..{ring.world - 1}; cut the sequence with ringbook.distributed.shard(x, rank, world_size, "
-            "layout), which needs a length divisible by world_size (2·world_size for zigzag)"
-        )
+    table = agree_on_shards(
+        ring, info, problem, "checking the shards with all ranks before step 0 (all_gather of shard lengths)",
+        "cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a length "
+        "divisible by world_size (2·world_size for zigzag)")
     names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads"}
     for col, name in names.items():
         values = [row[col] for row in table]
@@ -131,7 +111,7 @@ def _check_agreement(q, k, v, causal, layout, ring: _Ring, kernel="einops") -> N
                 values = [str(FLOAT_DTYPES[x]) for x in values]
             raise ValueError(f"every rank must call ring_attention with the same {name}, got {values} on "
                              f"ranks 0..{ring.world - 1}")
-    c = lengths[0]
+    c = table[0][1]  # the common shard length
     if layout == "zigzag" and c % 2:
         raise ValueError(
             f"layout='zigzag' gives each rank two chunks of equal length, so the local length must be "
