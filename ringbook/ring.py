@@ -68,7 +68,8 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
         out ``b n h d`` in the input dtype and lse ``b h n`` (float32 for
         float16/bfloat16 input), in the original token order; equal to
         :func:`ringbook.naive_attention`. Accumulation is in float32 for
-        low-precision input. Gradients flow through plain torch autograd.
+        low-precision input, gradients included (they flow through plain
+        torch autograd and are rounded to the input dtype once).
     """
     check_qkv(q, k, v)
     check_bool(causal, "causal")
@@ -88,7 +89,10 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
     # Deal the tokens to the ranks: shard r holds positions pos[r].
     pos = layout_positions(n, w, layout).to(q.device)  # w c
     order = rearrange(pos, "w c -> (w c)")
-    q_sh, k_sh, v_sh = (rearrange(x[:, order], "b (w c) h d -> w b c h d", w=w) for x in (q, k, v))
+    # One cast to the accumulator dtype before the deal, so that under autograd the
+    # per-block gradients of a shard are summed in float32 and rounded once
+    # (casting per block would sum them in bf16/fp16: error growing with w).
+    q_sh, k_sh, v_sh = (rearrange(x.to(work)[:, order], "b (w c) h d -> w b c h d", w=w) for x in (q, k, v))
     held = [KVShard(r, k_sh[r], v_sh[r], pos[r]) for r in range(w)]
 
     c = n // w

@@ -102,3 +102,41 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
 
     return _interactive(draw, segment_length=seg_slider, dilation_rate=rate_slider, num_pairs=pairs_slider,
                         head=head_slider, heads=mode, causal=checkbox)
+
+
+def bench_row_explorer(run, *, seq_lens, ring_sizes, impls, dtypes, seq_len=None, ring_size=1, impl=None,
+                       dtype=None, causal=False):
+    """Controls for one benchmark row and a "run" button; each click measures a row and redraws
+    :func:`ringbook.report.plot_live_rows` over the rows measured so far.
+
+    ``run(impl=..., seq_len=..., ring_size=..., dtype=..., causal=...)`` measures the row (the notebook
+    passes a wrapper of :func:`ringbook.bench.run_row`, sized to its device). The first row is measured
+    when the widget is built. ``widget.rows`` lists every row measured, newest last.
+    """
+    from IPython.display import Markdown, display
+    from ipywidgets import Checkbox, Dropdown, SelectionSlider, interactive
+
+    from .report import live_rows_markdown, plot_live_rows
+
+    wide = {"style": {"description_width": "initial"}}
+    controls = {
+        "seq_len": SelectionSlider(options=list(seq_lens), value=seq_len or seq_lens[0], description="sequence length",
+                                   continuous_update=False, **wide),
+        "ring_size": Dropdown(options=list(ring_sizes), value=ring_size, description="ring size", **wide),
+        "impl": Dropdown(options=list(impls), value=impl or impls[0], description="implementation", **wide),
+        "dtype": Dropdown(options=list(dtypes), value=dtype or dtypes[0], description="dtype", **wide),
+        "causal": Checkbox(value=causal, description="causal"),
+    }
+    rows: list[dict] = []
+
+    def measure(**values):
+        rows.append(run(**values))
+        display(Markdown(live_rows_markdown(rows[-8:])))
+        fig = plot_live_rows(rows[-8:])
+        display(fig)
+        return fig
+
+    widget = interactive(measure, {"manual": True, "manual_name": "run"}, **controls)
+    widget.rows = rows
+    widget.update()
+    return widget

@@ -158,3 +158,24 @@ def test_dilated_pattern_explorer_redraws():
     assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [16] · rates [4] · heads grouped"
     widget.children[0].value = 2  # the rate is clipped to the segment length
     assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [2] · rates [2] · heads grouped"
+
+
+def test_plot_error_matrix_draws_every_cell_and_outlines_failures():
+    from ringbook.plots import plot_error_matrix
+
+    errors = np.array([[1e-15, 0.0, 2e-3], [3e-16, 1e-6, 4e-2]])
+    ratios = np.array([[0.3], [1.5]])
+    fig = plot_error_matrix(errors, ["a", "b"], ["x", "y", "z"], ratios=ratios, ratio_labels=["z"], groups=[1])
+    ax, ax_r = fig.axes[:2]  # two heatmaps, then their colour bars
+    assert len(fig.axes) == 4
+    assert [t.get_text() for t in ax.texts] == ["1e-15", "0", "2e-3", "3e-16", "1e-6", "4e-2"]
+    assert [t.get_text() for t in ax_r.texts] == ["0.30", "1.50"]
+    assert len(ax_r.patches) == 1  # the one cell above 1 is outlined
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    fig = plot_error_matrix(errors, ["a", "b"], ["x", "y", "z"], digits=2)
+    assert len(fig.axes) == 2  # no ratios: one panel, one colour bar
+    assert fig.axes[0].texts[0].get_text() == "1.0e-15"
+    with pytest.raises(ValueError, match="2 × 3 but got 1 row"):
+        plot_error_matrix(errors, ["a"], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="ratios needs 2 rows"):
+        plot_error_matrix(errors, ["a", "b"], ["x", "y", "z"], ratios=ratios)

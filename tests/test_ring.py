@@ -300,3 +300,21 @@ def test_attend_block_positions_match_offsets():
         assert_matches_reference(*got, *by_offset, atol=0, rtol=0)
     assert torch.equal(causal_mask_positions(torch.arange(3, 8), torch.arange(1, 8)),
                        causal_mask(5, 7, q_offset=3, k_offset=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_low_precision_gradients_are_summed_in_float32_and_rounded_once(dtype, layout):
+    """Regression (found by notebook 04): block gradients of a shard were summed in half precision,
+    so the error grew with the ring size. The ring must equal a float32 run rounded once."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 64, 2, 16, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, 64, 2, 16, generator=g).to(dtype)
+    out, _ = ring_attention(q, k, v, ring_size=8, layout=layout, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out32, _ = ring_attention(q32, k32, v32, ring_size=8, layout=layout, causal=True)
+    grads32 = torch.autograd.grad(out32, (q32, k32, v32), dout.float())
+    assert torch.equal(out, out32.to(dtype))
+    for got, ref in zip(grads, grads32):
+        assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
