@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from IPython.display import display
 from ipywidgets import Dropdown, interactive
+from tqdm.auto import tqdm
 
 import ringbook
 from ringbook import (
@@ -256,8 +257,10 @@ for name, (*_, rows) in FAMILIES.items():
 # NBVAL_IGNORE_OUTPUT
 errors, bounds = {}, {}
 t0 = time.perf_counter()
+progress = tqdm(total=len(FAMILIES) * len(COLUMNS), desc="matrix", unit="column")
 for name, (reference, baseline, rows) in FAMILIES.items():
     for dtype, causal in COLUMNS:
+        progress.set_postfix_str(f"{name}, {str(dtype)[6:]}, {'causal' if causal else 'full'}")
         ref = run(reference, dtype, causal, in_float64=True)
         base = run(baseline, dtype, causal) if dtype in HALF else None
         allowed = allowed_errors(dtype, ref, base)
@@ -266,6 +269,8 @@ for name, (reference, baseline, rows) in FAMILIES.items():
             assert got["out"].dtype == got["dq"].dtype == dtype and got["lse"].dtype == lse_dtype(dtype), label
             errors[label, dtype, causal] = {x: max_error(got[x], ref[x], f"{label} {x}") for x in QUANTITIES}
             bounds[label, dtype, causal] = allowed
+        progress.update()
+progress.close()
 print(f"{len(errors)} cells, forward and backward, in {time.perf_counter() - t0:.1f} s")
 
 # %% [markdown]
