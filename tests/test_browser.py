@@ -26,8 +26,8 @@ What it runs on, so that the repository stays clean:
 * JupyterLab serves a temporary copy of ``notebooks/*.ipynb`` (JupyterLab
   saves notebooks; the committed ones are never touched). The temporary root
   holds a copy of ``pyproject.toml`` (the notebooks find the repository root
-  by looking for it upwards from their cwd) and of ``figures/``'s top-level
-  files (the notebooks read the committed benchmark JSON), so the figures
+  by looking for it upwards from their cwd) and of ``figures/`` with its
+  subfolders (the notebooks read the committed benchmark JSON), so the figures
   the notebooks write land in the temporary ``figures/``.
 * The kernel imports this checkout's ``ringbook`` (``PYTHONPATH``), as
   ``tools/build_notebooks.py`` does, and draws inline PNGs whatever
@@ -118,11 +118,9 @@ class Server:
     def prepare(self) -> None:
         root = self.base / "root"
         (root / "notebooks").mkdir(parents=True)
-        (root / "figures").mkdir()
         shutil.copy2(ROOT / "pyproject.toml", root / "pyproject.toml")  # the notebooks' repository-root marker
-        for f in (ROOT / "figures").iterdir():  # committed results the notebooks read
-            if f.is_file():
-                shutil.copy2(f, root / "figures" / f.name)
+        # The committed results the notebooks read (figures/ and its subfolders), but not the screenshots.
+        shutil.copytree(ROOT / "figures", root / "figures", ignore=shutil.ignore_patterns("browser"))
         for nb in NOTEBOOKS:
             shutil.copy2(nb, root / "notebooks" / nb.name)
         self.root = root
@@ -393,6 +391,10 @@ def _run_and_check(page, server: Server, ipynb: Path) -> str:
         before = widget.evaluate(JS_WIDGET_IMAGE)
         assert before, f"{name}: the widget shows no figure before a control is moved"
         moved = _move_control(widget)
+        buttons = widget.locator("button.widget-button")
+        if buttons.count():  # a widget that measures on demand (notebook 05) redraws when its button is pressed
+            buttons.first.click()
+            moved += f", then pressed {buttons.first.inner_text().strip()!r}"
         try:  # until the figure changes, or the redraw shows a traceback
             page.wait_for_function(JS_REDRAWN, arg=[widget.element_handle(), before],
                                    timeout=REDRAW_S * 1000, polling=250)
