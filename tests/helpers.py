@@ -136,3 +136,24 @@ def check_attention(fn, q, k, v, *, causal=False, scale=None, atol64=1e-10, fact
         assert_within_2x_rule(lse, ref_lse, base_lse, atol=rounding_atol(ref_lse, torch.float32),
                               factor=factor, what="lse")
     return out, lse
+
+
+# --------------------------------------------------------------------------- multi-process tests
+
+def refusal(fn):
+    """Run ``fn`` (on a spawned rank) and describe how it failed: type, message, seconds taken."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return {"type": type(exc).__name__, "msg": str(exc), "elapsed": time.monotonic() - t0}
+    return {"type": None, "msg": "no error", "elapsed": time.monotonic() - t0}
+
+
+def load_rank_results(save_dir, world):
+    """The ``rank<r>.pt`` files that each spawned rank saved in ``save_dir``."""
+    from pathlib import Path
+
+    return [torch.load(Path(save_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn, rounding_atol
+from helpers import (
+    assert_matches_reference, assert_within_2x_rule, load_rank_results, make_qkv, randn, refusal, rounding_atol,
+)
 
 import ringbook
 from ringbook import dist_dilated as dd
@@ -99,15 +101,6 @@ def _case(rank, world, config, causal, *, n=N, d=D, dtype=torch.float64, timeout
             "fwd": fwd, "bwd": bwd}
 
 
-def _refusal(fn):
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
-        return {"type": type(exc).__name__, "msg": str(exc), "elapsed": time.monotonic() - t0}
-    return {"type": None, "msg": "no error", "elapsed": time.monotonic() - t0}
-
-
 def _faulty_deliver(rank, phase, action):
     """``dd._deliver`` that, in ``phase``, first raises or sleeps (``action``) — once."""
     original, state = dd._deliver, {"done": False}
@@ -132,14 +125,14 @@ def _world_checks(rank, world, save_dir):
     kw = _kw(CONFIGS[3], False)
     c = 4 if rank == 0 else 6  # unequal shards
     q, k, v = make_qkv(B, c, H, D, seed=rank)
-    res["unequal"] = _refusal(lambda: dd.ring_dilated_attention(q, k, v, **kw, timeout=30))
+    res["unequal"] = refusal(lambda: dd.ring_dilated_attention(q, k, v, **kw, timeout=30))
     q, k, v = make_qkv(B, N // world, H, D, seed=rank)
     rates = [1, 2, 3] if rank else [1, 2, 6]  # rank 0 disagrees
-    res["rates"] = _refusal(lambda: dd.ring_dilated_attention(q, k, v, **{**kw, "dilation_rates": rates},
+    res["rates"] = refusal(lambda: dd.ring_dilated_attention(q, k, v, **{**kw, "dilation_rates": rates},
                                                               timeout=30))
     kg = k.clone().requires_grad_(rank == 1)  # only rank 1 would take the backward exchange
-    res["grad"] = _refusal(lambda: dd.ring_dilated_attention(q, kg, v, **kw, timeout=30))
-    res["config"] = _refusal(lambda: dd.ring_dilated_attention(q, k, v, **{**kw, "segment_lengths": [6, 5, 24]},
+    res["grad"] = refusal(lambda: dd.ring_dilated_attention(q, kg, v, **kw, timeout=30))
+    res["config"] = refusal(lambda: dd.ring_dilated_attention(q, k, v, **{**kw, "segment_lengths": [6, 5, 24]},
                                                                timeout=30))
     with torch.no_grad():  # inference, and the group still works after the refusals
         res["after"] = dd.ring_dilated_attention(*(rd.shard(x, rank, world) for x in _global_inputs()[:3]),
@@ -149,15 +142,11 @@ def _world_checks(rank, world, save_dir):
     if world == 2:  # rank 1 sleeps before the backward exchange; rank 0 must not wait for ever
         if rank == 1:
             dd._deliver = _faulty_deliver(rank, "backward", STALL_TIMEOUT_S + 3)
-        return {"fault": _refusal(lambda: _case(rank, world, CONFIGS[2], False, timeout=STALL_TIMEOUT_S))}
+        return {"fault": refusal(lambda: _case(rank, world, CONFIGS[2], False, timeout=STALL_TIMEOUT_S))}
     if rank == world - 1:  # the last rank raises just before the forward exchange; the others must fail
         dd._deliver = _faulty_deliver(rank, "forward", "raise")
         _case(rank, world, CONFIGS[3], False, timeout=RAISE_TIMEOUT_S)
-    return {"fault": _refusal(lambda: _case(rank, world, CONFIGS[3], False, timeout=RAISE_TIMEOUT_S))}
-
-
-def _load(save_dir, world):
-    return [torch.load(Path(save_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return {"fault": refusal(lambda: _case(rank, world, CONFIGS[3], False, timeout=RAISE_TIMEOUT_S))}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +155,7 @@ def world2(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("world2")
     t0 = time.monotonic()
     faults = rd.spawn(_world_checks, 2, str(save_dir), timeout=180)
-    return _load(save_dir, 2), faults, time.monotonic() - t0
+    return load_rank_results(save_dir, 2), faults, time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +165,7 @@ def world4(tmp_path_factory):
     t0 = time.monotonic()
     with pytest.raises(rd.SpawnError) as info:
         rd.spawn(_world_checks, 4, str(save_dir), timeout=180)
-    return _load(save_dir, 4), info.value, time.monotonic() - t0
+    return load_rank_results(save_dir, 4), info.value, time.monotonic() - t0
 
 
 def _results(world, world2, world4):

@@ -27,7 +27,9 @@ import pytest
 import torch
 
 import ringbook
-from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn, rounding_atol, to64
+from helpers import (
+    assert_matches_reference, assert_within_2x_rule, load_rank_results, make_qkv, randn, refusal, rounding_atol, to64,
+)
 from ringbook import distributed as rd
 from ringbook.online_softmax import attend_block_backward
 from ringbook.schedule import LAYOUTS
@@ -74,15 +76,6 @@ def _prod_case(rank, world, layout, causal):
     return {"out": out.detach(), "lse": lse.detach(), "dq": qs.grad, "dk": ks.grad, "dv": vs.grad}
 
 
-def _refusal(fn):
-    t0 = time.monotonic()
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
-        return {"type": type(exc).__name__, "msg": str(exc), "elapsed": time.monotonic() - t0}
-    return {"type": None, "msg": "no error", "elapsed": time.monotonic() - t0}
-
-
 def _stalling_attend_block(seconds):
     original = rd.attend_block
     state = {"slept": False}
@@ -110,10 +103,10 @@ def _world_checks(rank, world, fault, save_dir):
     # shards of unequal length: 4 tokens on rank 0, 6 elsewhere
     c = 4 if rank == 0 else 6
     q, k, v = make_qkv(B, c, H, D, seed=rank)
-    res["unequal"] = _refusal(lambda: rd.ring_attention(q, k, v, timeout=30))
+    res["unequal"] = refusal(lambda: rd.ring_attention(q, k, v, timeout=30))
     # zigzag needs an even local length
     q, k, v = make_qkv(B, 3, H, D, seed=rank)
-    res["zigzag_odd"] = _refusal(lambda: rd.ring_attention(q, k, v, layout="zigzag", causal=True, timeout=30))
+    res["zigzag_odd"] = refusal(lambda: rd.ring_attention(q, k, v, layout="zigzag", causal=True, timeout=30))
     # the group still works after refusing
     res["after"] = _ring_case(rank, world, "striped", True)
     torch.save(res, Path(save_dir) / f"rank{rank}.pt")
@@ -122,16 +115,12 @@ def _world_checks(rank, world, fault, save_dir):
     if fault == "stall":  # rank 1 sleeps inside its first block; rank 0 must not wait for ever
         if rank == 1:
             rd.attend_block = _stalling_attend_block(STALL_TIMEOUT_S + 3)
-        res["fault"] = _refusal(lambda: _ring_case(rank, world, "contiguous", False, timeout=STALL_TIMEOUT_S))
+        res["fault"] = refusal(lambda: _ring_case(rank, world, "contiguous", False, timeout=STALL_TIMEOUT_S))
     elif fault == "raise":  # the last rank raises before the ring; the others must fail, not hang
         if rank == world - 1:
             raise RuntimeError(f"injected failure on rank {rank} before the ring")
-        res["fault"] = _refusal(lambda: _ring_case(rank, world, "zigzag", True, timeout=RAISE_TIMEOUT_S))
+        res["fault"] = refusal(lambda: _ring_case(rank, world, "zigzag", True, timeout=RAISE_TIMEOUT_S))
     return res
-
-
-def _load(save_dir, world):
-    return [torch.load(Path(save_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +129,7 @@ def world2(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("world2")
     t0 = time.monotonic()
     faults = rd.spawn(_world_checks, 2, "stall", str(save_dir), timeout=180)
-    return _load(save_dir, 2), faults, time.monotonic() - t0
+    return load_rank_results(save_dir, 2), faults, time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +139,7 @@ def world4(tmp_path_factory):
     t0 = time.monotonic()
     with pytest.raises(rd.SpawnError) as info:
         rd.spawn(_world_checks, 4, "raise", str(save_dir), timeout=180)
-    return _load(save_dir, 4), info.value, time.monotonic() - t0
+    return load_rank_results(save_dir, 4), info.value, time.monotonic() - t0
 
 
 def _results(world, world2, world4):
