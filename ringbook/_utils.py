@@ -124,3 +124,18 @@ def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, c
     """
     flops = 4.0 * batch * heads * n_q * n_k * head_dim
     return flops / 2 if causal else flops
+
+
+def available_bytes(device: torch.device) -> float:
+    """Free memory of ``device``: the CUDA allocator's free bytes, or the host's MemAvailable (8 GB if unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8e9

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import __version__
-from ._utils import attention_flops
+from ._utils import attention_flops, available_bytes
 from .dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
 from .naive import naive_attention
 from .online_softmax import KEY_CHUNK, blockwise_attention
@@ -173,6 +173,11 @@ def _ring_dilated_flops(batch, heads, n_q, n_k, head_dim, causal):
         return None
 
 
+def _dilated_extra_bytes(b, h, n_q, n_k, itemsize):
+    """Score tiles are chunked to at most SCORE_BUDGET elements (fp32 scores, probabilities, mask)."""
+    return 12 * min(SCORE_BUDGET, (_ring_dilated_flops(b, h, n_q, n_k, 1, 0) or 0) / 4)
+
+
 def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
     """Like :func:`check_against_reference`, against equation (D): each row from its own key window, no n×n."""
     n = q.shape[1]
@@ -182,14 +187,25 @@ def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
     return err / max(ref.abs().max().item(), 1e-300), int(idx.numel())
 
 
+def _production_dilated(q, k, v, *, causal, ring_size, **_):
+    return production_ring_attention(q, k, v, ring_size=ring_size, causal=causal, heads="grouped",
+                                     **seed_dilated_config(q.shape[1]))
+
+
 register(Impl(
     "ring_dilated", _ring_dilated, "ringbook.ring_dilated_attention, all ranks in one process: the seed's "
     "RingDilatedV2 config (heads grouped 2:3:3 over segment lengths 2048/4096/8192 to 16K, 4096/8192/16384 "
     "to 64K, 8192/16384/32768 beyond; n/8, n/4, n/2 below 16K), dilation rates [1, 2, 4] (assumed: the seed "
     "did not state them); TFLOP/s counts the dilated work", ring=True,
     flops=_ring_dilated_flops, reference=_ring_dilated_check,
-    # score tiles are chunked to at most SCORE_BUDGET elements (fp32 scores, probabilities, mask)
-    extra_bytes=lambda b, h, n_q, n_k, s: 12 * min(SCORE_BUDGET, (_ring_dilated_flops(b, h, n_q, n_k, 1, 0) or 0) / 4),
+    extra_bytes=_dilated_extra_bytes,
+))
+register(Impl(
+    "production_dilated", _production_dilated, "ringbook.production_ring_attention with the seed's configuration "
+    "(as ring_dilated: heads grouped 2:3:3, its segment lengths, rates [1, 2, 4]): the same ring-dilated plan "
+    "with each batch of segments in one fused SDPA call on CUDA (einops on CPU); TFLOP/s counts the dilated work",
+    ring=True, flops=_ring_dilated_flops, reference=_ring_dilated_check,
+    extra_bytes=_dilated_extra_bytes,
 ))
 
 
@@ -227,20 +243,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _available_bytes(device: torch.device) -> float:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return float(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8e9
 
 
 # --------------------------------------------------------------------------- measurement
@@ -337,11 +339,11 @@ def _free(device):
 
 
 def new_row(env: dict, impl_name: str, *, seq_len: int, ring_size: int, causal: bool, dtype: torch.dtype,
-            batch: int, heads: int, head_dim: int, flops: float) -> dict:
+            batch: int, heads: int, head_dim: int, flops: float, mode: str = "forward") -> dict:
     """A row before measurement (status "error" until it succeeds); every benchmark fills these fields."""
     return {
         **env,
-        "impl": impl_name, "seq_len": seq_len, "ring_size": ring_size, "causal": causal,
+        "impl": impl_name, "mode": mode, "seq_len": seq_len, "ring_size": ring_size, "causal": causal,
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "heads": heads, "head_dim": head_dim,
         "flops": flops,
         "time_ms": None, "times_ms": [], "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
@@ -350,13 +352,24 @@ def new_row(env: dict, impl_name: str, *, seq_len: int, ring_size: int, causal: 
     }
 
 
+BACKWARD_FLOPS_FACTOR = 3.5  # forward + backward ≈ 1 + 2.5 forwards (FlashAttention's count)
+
+
 def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: torch.dtype, batch: int,
             heads: int, head_dim: int, device: torch.device, warmup: int, repeats: int,
-            options: dict | None = None, seed: int = 0, env: dict | None = None) -> dict:
-    """Measure one configuration; never raises (failures become the row's status)."""
+            options: dict | None = None, seed: int = 0, env: dict | None = None, backward: bool = False) -> dict:
+    """Measure one configuration; never raises (failures become the row's status).
+
+    With ``backward`` a call is the forward and ``out.backward(dout)`` (q, k, v
+    require grad; ``dout`` random), its flops ``BACKWARD_FLOPS_FACTOR`` × the
+    forward's; the forward output is the one checked.
+    """
+    flops = impl.flops(batch, heads, seq_len, seq_len, head_dim, causal)
+    if backward and flops is not None:
+        flops *= BACKWARD_FLOPS_FACTOR
     row = new_row(env or environment(device), impl.name, seq_len=seq_len, ring_size=ring_size, causal=causal,
-                  dtype=dtype, batch=batch, heads=heads, head_dim=head_dim,
-                  flops=impl.flops(batch, heads, seq_len, seq_len, head_dim, causal))
+                  dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, flops=flops,
+                  mode="forward+backward" if backward else "forward")
     options = dict(options or {})
     q = k = v = out = None
     try:
@@ -366,24 +379,31 @@ def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: to
         need = 4.0 * batch * seq_len * heads * head_dim * itemsize
         if impl.extra_bytes is not None:
             need += impl.extra_bytes(batch, heads, seq_len, seq_len, itemsize)
-        if device.type == "cpu" and need > 0.7 * _available_bytes(device):
+        if device.type == "cpu" and need > 0.7 * available_bytes(device):
             row["status"] = "oom"
             row["error"] = (f"not run: needs about {need / 1e9:.1f} GB by estimate, "
-                            f"more than 70% of the {_available_bytes(device) / 1e9:.1f} GB available")
+                            f"more than 70% of the {available_bytes(device) / 1e9:.1f} GB available")
             return row
         gen = torch.Generator(device=device).manual_seed(seed)
         q, k, v = (torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device, dtype=dtype)
-                   for _ in range(3))
+                   .requires_grad_(backward) for _ in range(3))
+        dout = torch.randn(q.shape, generator=gen, device=device, dtype=dtype) if backward else None
 
         def call():
-            return impl.fn(q, k, v, causal=causal, ring_size=ring_size, **options)
+            if not backward:
+                return impl.fn(q, k, v, causal=causal, ring_size=ring_size, **options)
+            for x in (q, k, v):
+                x.grad = None
+            out, lse = impl.fn(q, k, v, causal=causal, ring_size=ring_size, **options)
+            out.backward(dout)
+            return out.detach(), lse
 
         # The first call doubles as a warm-up: its peak memory is recorded and
         # its output is the one checked against the reference.
         row["peak_mem_gb"], (out, _) = peak_memory_gb(call, device)
         times = time_call(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
         check = impl.reference or check_against_reference
-        row["max_rel_err"], row["checked_rows"] = check(q, k, v, out, causal=causal)
+        row["max_rel_err"], row["checked_rows"] = check(*(x.detach() for x in (q, k, v)), out, causal=causal)
         t = statistics.median(times)
         row.update(time_ms=t, times_ms=times, tflops=row["flops"] / (t * 1e-3) / 1e12,
                    tokens_per_s=batch * seq_len / (t * 1e-3))
@@ -399,6 +419,7 @@ def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: to
             row["traceback"] = traceback.format_exc(limit=4)
     finally:
         del q, k, v, out
+        dout = None
         _free(device)
     return row
 
@@ -422,6 +443,7 @@ class SweepConfig:
     max_row_seconds: float = 20.0  # a call predicted to take longer is not run (and says so)
     device: str = "cpu"
     options: dict = dataclasses.field(default_factory=dict)
+    backward: bool = False  # time forward + backward instead of the forward
 
 
 def default_config(device: str | torch.device | None = None) -> SweepConfig:
@@ -429,19 +451,20 @@ def default_config(device: str | torch.device | None = None) -> SweepConfig:
 
     GPU: bf16, sequence lengths 4K…512K (each implementation stops where it runs
     out of memory or a call would exceed 10 s), every SDPA backend as a peer,
-    the one-process rings (ring, production, ring_dilated) at ring sizes 1, 4, 8 and 16.
+    the one-process rings (ring, production, ring_dilated, production_dilated) at ring sizes 1, 4, 8
+    and 16.
     CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about a minute
     on 2 cores.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return SweepConfig(
-            impls=["naive", "blockwise", "ring", "production", "ring_dilated", "sdpa", "sdpa_flash", "sdpa_cudnn",
-                   "sdpa_efficient"],
+            impls=["naive", "blockwise", "ring", "production", "ring_dilated", "production_dilated", "sdpa",
+                   "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
             seq_lens=[2 ** p for p in range(12, 20)], ring_sizes=[1, 4, 8, 16], dtype=torch.bfloat16,
             warmup=2, repeats=10, max_row_seconds=10.0, device=str(device),
         )
-    return SweepConfig(impls=["naive", "blockwise", "ring", "production", "ring_dilated", "sdpa"],
+    return SweepConfig(impls=["naive", "blockwise", "ring", "production", "ring_dilated", "production_dilated", "sdpa"],
                        seq_lens=[256, 512, 1024, 2048],
                        ring_sizes=[1, 4], dtype=torch.float32, warmup=1, repeats=5, device=str(device))
 
@@ -490,7 +513,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                                  f"(> max_row_seconds={config.max_row_seconds:g}), from "
                                  f"{prev['time_ms'] / 1e3:.2g} s at seq_len {prev['seq_len']:,}")
         if skip:
-            row = {**env, **spec, "dtype": str(config.dtype).replace("torch.", ""), "batch": config.batch,
+            row = {**env, **spec, "mode": "forward+backward" if config.backward else "forward",
+                   "dtype": str(config.dtype).replace("torch.", ""), "batch": config.batch,
                    "heads": config.heads, "head_dim": config.head_dim, "status": skip[0], "error": skip[1],
                    "time_ms": None, "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
                    "max_rel_err": None}
@@ -498,7 +522,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
             row = run_row(IMPLS[spec["impl"]], seq_len=spec["seq_len"], ring_size=spec["ring_size"],
                           causal=spec["causal"], dtype=config.dtype, batch=config.batch, heads=config.heads,
                           head_dim=config.head_dim, device=device, warmup=config.warmup,
-                          repeats=config.repeats, options=config.options, env=env)
+                          repeats=config.repeats, options=config.options, env=env, backward=config.backward)
             last_run[series] = row
         rows.append(row)
     return rows

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
     b.add_argument("--stem", help="file name stem (default bench-<device>-<dtype>)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--backward", action="store_true",
+                   help="time forward + backward (out.backward(dout)) instead of the forward")
 
     r = sub.add_parser("report", help="redraw the report and plots from a results JSON file")
     r.add_argument("json", type=Path)
@@ -77,6 +79,7 @@ def _config_from_args(args):
             setattr(config, field, value)
     if args.dtype:
         config.dtype = DTYPES[args.dtype]
+    config.backward = args.backward
     return config
 
 

@@ -16,8 +16,10 @@ does them fast, for :func:`ringbook.production_ring_attention`:
   a block these kernels take; the ring's plan never produces one.
 * :func:`block_attention_backward` — ``(dq, dk, dv)`` of one block given the
   *global* ``out`` and ``lse`` of its query rows (the FlashAttention
-  backward; the ring sums the blocks). On CUDA in bfloat16/float16 the flash
-  backward op ``_scaled_dot_product_flash_attention_backward``; else
+  backward; the ring sums the blocks). On CUDA in bfloat16/float16 the cuDNN
+  backward op ``_scaled_dot_product_cudnn_attention_backward`` (else the
+  flash one, ``_scaled_dot_product_flash_attention_backward``), as PyTorch's
+  own context parallel feeds them; elsewhere
   :func:`~ringbook.online_softmax.attend_block_backward`.
 * :func:`merge_into_` — equation (M) in place into float32 (or float64)
   accumulators: one read of the block output, one read-modify-write of the
@@ -49,8 +51,9 @@ BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
 # What was chosen, skipped and why: {key: text}; printed by tools/gpu_check_production.py.
 STATUS: dict = {}
 _CHOICE: dict = {}  # (device, dtype, head_dim, causal, gqa) -> (backend, expand)
-_BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa) -> expand (bool), or an error text
+_BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa, backend) -> (op, expand), or an error text
 _FLASH_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, philox_seed, philox_offset) of a flash forward
+_CUDNN_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, philox_seed, philox_offset, lse rank) of a cuDNN forward
 _TRITON: dict = {}  # device -> True or the reason it is not used
 
 
@@ -237,6 +240,15 @@ def _flash_aux(device):
     return _FLASH_AUX[device]
 
 
+def _cudnn_aux(device):
+    """The philox/cum_seq arguments of the cuDNN backward op and the rank of the lse its forward returns."""
+    if device not in _CUDNN_AUX:
+        x = torch.randn(1, 1, 16, 64, device=device, dtype=torch.bfloat16)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False, scale=0.125)
+        _CUDNN_AUX[device] = (res[2], res[3], res[6], res[7], res[1].dim())
+    return _CUDNN_AUX[device]
+
+
 def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
     cum_q, cum_k, seed, offset = _flash_aux(q.device)
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
@@ -246,6 +258,21 @@ def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _cudnn_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
+    """The cuDNN backward op, fed the global out/lse as PyTorch's own context parallel does."""
+    cum_q, cum_k, seed, offset, lse_rank = _cudnn_aux(q.device)
+    qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
+    lse = lse.float().contiguous()  # cuDNN reads the stats densely (a strided lse gives wrong gradients)
+    if lse_rank == 4:
+        lse = lse.unsqueeze(-1)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dot, qt, kt, vt, ot, lse, seed, offset, None, cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+_BACKWARD_OPS = {"cudnn": _cudnn_backward, "flash": _flash_backward}
+
+
 def _einops_backward(q, k, v, out, lse, dout, scale, causal, delta):
     h, hk = q.shape[2], k.shape[2]
     dq, dk, dv = attend_block_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale=scale,
@@ -253,36 +280,43 @@ def _einops_backward(q, k, v, out, lse, dout, scale, causal, delta):
     return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
 
 
-def _probe_backward(device, dtype, d, causal, h, hk, scale):
-    """Check the flash backward op against the einops backward; return ``expand`` (bool) or raise."""
+def _run_backward(name, expand, q, k, v, out, lse, dout, scale, causal):
+    """One backward op; with ``expand`` K/V go in expanded to q's heads and their gradients are summed back."""
+    h, hk = q.shape[2], k.shape[2]
+    if not expand:
+        return _BACKWARD_OPS[name](q, k, v, out, lse, dout, scale, causal)
+    dq, dk, dv = _BACKWARD_OPS[name](q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale, causal)
+    return dq, reduce_kv(dk.float(), hk), reduce_kv(dv.float(), hk)
+
+
+def _probe_backward(device, dtype, d, causal, h, hk, scale, backend):
+    """The first (op, expand) whose gradients agree with the einops backward on a small problem; raise if none."""
     n_q, n_k = (128, 128) if causal else (128, 64)
     q, k, v, dout = _probe_inputs(device, dtype, [(2, n_q, h, d), (2, n_k, hk, d), (2, n_k, hk, d), (2, n_q, h, d)],
                                   seed=1)
-    out, lse = _sdpa_call("flash", q, expand_kv(k, h), expand_kv(v, h), scale, causal)
+    out, lse = _einops_block(q, k, v, scale, causal)
+    out = out.to(dtype)
     ref = _einops_backward(q, k, v, out, lse, dout, scale, causal, None)
+    names = [backend] if backend in _BACKWARD_OPS else list(_BACKWARD_OPS)
     problems = []
-    for expand in (False, True):
-        try:
-            if expand:
-                got = _flash_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale, causal)
-                got = (got[0], reduce_kv(got[1].float(), hk), reduce_kv(got[2].float(), hk))
-            else:
-                got = _flash_backward(q, k, v, out, lse, dout, scale, causal)
-        except RuntimeError as exc:
-            problems.append(f"{'expanded' if expand else 'native'}: {str(exc).strip().splitlines()[0][:200]}")
-            continue
-        errs = [((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
-                for g, r in zip(got, ref)]
-        if all(tuple(g.shape) == tuple(r.shape) for g, r in zip(got, ref)) and max(errs) <= _tolerance(dtype):
-            return expand
-        problems.append(f"{'expanded' if expand else 'native'}: relative errors dq/dk/dv {[f'{e:.2g}' for e in errs]}")
-        if h == hk:
-            break
+    for name in names:
+        for expand in ((False, True) if h != hk else (False,)):
+            label = f"{name} {'expanded' if expand else 'native'}"
+            try:
+                got = _run_backward(name, expand, q, k, v, out, lse, dout, scale, causal)
+            except RuntimeError as exc:
+                problems.append(f"{label}: {str(exc).strip().splitlines()[0][:200]}")
+                continue
+            errs = [((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+                    for g, r in zip(got, ref)]
+            if all(tuple(g.shape) == tuple(r.shape) for g, r in zip(got, ref)) and max(errs) <= _tolerance(dtype):
+                return (name, expand), problems
+            problems.append(f"{label}: relative errors dq/dk/dv {[f'{e:.2g}' for e in errs]}")
     raise RuntimeError(
-        f"the flash backward op (torch.ops.aten._scaled_dot_product_flash_attention_backward) does not agree with "
-        f"ringbook's einops backward for dtype {dtype}, head_dim {d}, causal={causal}, heads {h}/{hk} on {device} "
-        f"({'; '.join(problems)}); refusing to return gradients that may be wrong. Pass backend='einops' to use "
-        "the (slower, exact) einops backward.")
+        f"no fused backward op ({', '.join(f'{n} backward' for n in names)}) agrees with ringbook's einops backward "
+        f"for dtype {dtype}, head_dim {d}, causal={causal}, heads {h}/{hk} on {device} ({'; '.join(problems)}); "
+        "refusing to return gradients that may be wrong. Pass backend='einops' to use the (slower, exact) einops "
+        "backward.")
 
 
 def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, delta=None,
@@ -292,33 +326,35 @@ def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
     The FlashAttention backward of :func:`~ringbook.online_softmax.attend_block_backward`
     (same arguments; ``k``/``v`` may have fewer heads, their gradients are
     summed over the query heads that share them). On CUDA in
-    bfloat16/float16 with ``delta`` None it runs the flash backward op,
-    checked once per combination against the einops path (a mismatch raises
-    rather than returning wrong gradients); with ``delta`` (a gradient of
-    lse: ``delta = D − dlse``), in float32/float64, on the CPU or with
+    bfloat16/float16 with ``delta`` None it runs a fused backward op —
+    cuDNN's (``_scaled_dot_product_cudnn_attention_backward``), else
+    flash's (``_scaled_dot_product_flash_attention_backward``); ``backend``
+    ``"cudnn"``/``"flash"`` forces one — checked once per combination
+    against the einops path (no agreeing op raises rather than returning
+    wrong gradients). With ``delta`` (a gradient of lse:
+    ``delta = D − dlse``), in float32/float64, on the CPU or with
     ``backend="einops"`` it runs the einops path. Gradients come back in the
-    kernel's dtype (the input dtype from flash) or the accumulator dtype.
+    kernel's dtype (the input dtype from a fused op) or the accumulator dtype.
     """
     check_backend(backend)
     fast = q.device.type == "cuda" and q.dtype in LOW_PRECISION and delta is None and backend != "einops"
     if not fast:
         return _einops_backward(q, k, v, out, lse, dout, scale, causal, delta)
-    key = (str(q.device), q.dtype, q.shape[3], causal, q.shape[2] != k.shape[2])
+    key = (str(q.device), q.dtype, q.shape[3], causal, q.shape[2] != k.shape[2], backend)
     if key not in _BACKWARD_OK:
         try:
-            _BACKWARD_OK[key] = _probe_backward(q.device, q.dtype, q.shape[3], causal, q.shape[2], k.shape[2], scale)
-            STATUS[f"backward {key}"] = f"flash backward op{' (K/V expanded)' if _BACKWARD_OK[key] else ''}"
+            _BACKWARD_OK[key], skipped = _probe_backward(q.device, q.dtype, q.shape[3], causal, q.shape[2],
+                                                         k.shape[2], scale, backend)
+            name, expand = _BACKWARD_OK[key]
+            STATUS[f"backward {key[:5]}"] = (f"{name} backward op{' (K/V expanded)' if expand else ''}"
+                                            + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
         except RuntimeError as exc:
             _BACKWARD_OK[key] = str(exc)
-            STATUS[f"backward {key}"] = str(exc)
+            STATUS[f"backward {key[:5]}"] = str(exc)
     ok = _BACKWARD_OK[key]
     if isinstance(ok, str):
         raise RuntimeError(ok)
-    h, hk = q.shape[2], k.shape[2]
-    if ok:  # the op wants K/V expanded for grouped-query attention
-        dq, dk, dv = _flash_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale, causal)
-        return dq, reduce_kv(dk.float(), hk), reduce_kv(dv.float(), hk)
-    return _flash_backward(q, k, v, out, lse, dout, scale, causal)
+    return _run_backward(*ok, q, k, v, out, lse, dout, scale, causal)
 
 
 # --------------------------------------------------------------------------- the fused merge
@@ -396,7 +432,7 @@ def merge_into_(acc_out, acc_lse, out_blk, lse_blk) -> None:
 
 def reset_caches() -> None:
     """Forget the kernel choices and probes (tests, or after changing torch backends' settings)."""
-    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _FLASH_AUX, _TRITON):
+    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _FLASH_AUX, _CUDNN_AUX, _TRITON):
         cache.clear()
 
 

@@ -16,17 +16,22 @@ changes is how one process plays the ranks:
   causal call. :func:`production_plan` lists those calls — the schedule as
   data, checked against :func:`ringbook.schedule.ring_schedule` in the tests.
 * **The "send" is a view.** On one device the shards do not need to move:
-  with the stacked K/V written twice in a row (``kv2 = [kv, kv]``, one copy
-  of K and V at the start), the shards held at step t are the window
-  ``kv2[(w−t)·b : (2w−t)·b]`` — a view, no copy. A real ring moves the
-  bytes (:mod:`ringbook.distributed`); this is the same schedule and
-  arithmetic without the network, and it does not pretend otherwise.
+  rank r holds shard ``(r − t) mod w`` at step t, a run of stacked rows
+  that wraps past the last shard at most once. Causal plans never wrap
+  (their launches start at rank t or end before it); a non-causal step
+  does, and reads either the window ``kv2[(w−t)·b : (2w−t)·b]`` of the
+  stacked K/V written twice in a row (one launch; used while that extra
+  copy takes at most :data:`DOUBLED_KV_MAX_FRACTION` of the free memory) or
+  the single copy in two launches. A real ring moves the bytes
+  (:mod:`ringbook.distributed`); this is the same schedule and arithmetic
+  without the network, and it does not pretend otherwise.
 * **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
   SDPA kernels (:func:`ringbook.kernels.block_attention`); each result is
   folded into float32 accumulators by :func:`ringbook.kernels.merge_into_`
   (one pass). The backward runs the ring again with the flash backward op
-  fed the global out and lse of the rows (as ring-flash-attention does),
-  dK/dV accumulating into the same doubled layout and folded once at the end.
+  fed the global out and lse of the rows (as ring-flash-attention and
+  PyTorch's context parallel do): cuDNN's backward op where it agrees with
+  the einops path, else flash's. Only q, k, v, out and lse are kept for it.
 
 Grouped-query attention: k/v may have fewer heads than q (dividing them);
 K/V travel unexpanded and are expanded only at a kernel that needs it.
@@ -45,7 +50,7 @@ import functools
 import torch
 from einops import einsum, rearrange
 
-from ._utils import LOW_PRECISION, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import LOW_PRECISION, available_bytes, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
 from .kernels import (
     block_attention, block_attention_backward, check_backend, expand_kv, merge_into_, warn_once, _forward_block,
 )
@@ -117,115 +122,168 @@ class _Config:
     order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
 
 
-def _stack(x, cfg: _Config, dim: int = 1):
-    """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``); a view for contiguous, b = 1."""
-    if cfg.order is not None:
-        x = x.index_select(dim, cfg.order)
+# The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
+# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two.
+DOUBLED_KV_MAX_FRACTION = 0.25
+
+
+def _wraps(launch: Launch, t: int, world: int) -> bool:
+    """Whether the shards held by the launch's ranks at step t wrap past the last shard (rank r holds r − t)."""
+    r0, r1 = launch.ranks
+    return (r0 - t) % world + (r1 - r0) > world
+
+
+def _stack(x, cfg: _Config, dim: int = 1, copies: int = 1):
+    """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``), ``copies`` times along the batch.
+
+    A view for one copy of a contiguous layout with b = 1; otherwise one
+    gather (``index_select``) straight into the stacked (and doubled) order.
+    """
+    if cfg.order is not None or copies > 1:
+        order = cfg.order if cfg.order is not None else torch.arange(x.shape[dim], device=x.device)
+        x = x.index_select(dim, order.repeat(copies))
+    w = cfg.world * copies
     if dim == 1:
-        return rearrange(x, "b (w c) h d -> (w b) c h d", w=cfg.world)
-    return rearrange(x, "b h (w c) -> (w b) h c", w=cfg.world)
+        return rearrange(x, "b (w c) h d -> (w b) c h d", w=w)
+    return rearrange(x, "b h (w c) -> (w b) h c", w=w)
 
 
-def _unstack(x, cfg: _Config, dim: int = 1):
-    if dim == 1:
-        x = rearrange(x, "(w b) c h d -> b (w c) h d", w=cfg.world)
-    else:
-        x = rearrange(x, "(w b) h c -> b h (w c)", w=cfg.world)
-    if cfg.order is not None:
-        x = x.index_select(dim, torch.argsort(cfg.order))
-    return x
+def _unstack(x, cfg: _Config, dim: int = 1, dtype=None):
+    """Inverse of :func:`_stack` (one copy), converting to ``dtype`` on the way (no extra full-size temporary)."""
+    pattern = "(w b) c h d -> b (w c) h d" if dim == 1 else "(w b) h c -> b h (w c)"
+    x = rearrange(x, pattern, w=cfg.world)
+    dtype = dtype or x.dtype
+    if cfg.order is None:
+        return x.to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    # The layout deals runs of consecutive positions (zigzag: two chunks per rank): copy run by run.
+    order = cfg.order.tolist()
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or order[i] != order[i - 1] + 1:
+            out.narrow(dim, order[start], i - start).copy_(x.narrow(dim, start, i - start))
+            start = i
+    return out
 
 
-def _doubled(x, world):
-    """``[x, x]`` along the stacked batch: the shards held at step t are the window starting at ``(w−t) mod w``."""
-    return torch.cat([x, x]) if world > 1 else x
+def _pieces(launch: Launch, t: int, cfg: _Config, doubled: bool):
+    """The launch at step t as ``[(query batch rows, query rows, K/V batch rows, key rows)]``.
 
-
-def _slices(launch: Launch, t: int, cfg: _Config):
-    """Batch rows of the queries, of the held K/V window, and the row ranges, for one launch at step t."""
+    Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
+    stacked shards written twice (``[kv, kv]``) and the held shards are the
+    window starting at row ``(w − t) mod w`` of it: one piece. Without, a
+    launch whose held shards wrap past the last one becomes two pieces
+    (two kernel calls) over the single copy.
+    """
     b, w = cfg.batch, cfg.world
     (r0, r1), (q0, q1), (k0, k1) = launch.ranks, launch.q, launch.kv
-    kv_base = ((w - t) % w) * b  # rank r holds shard (r − t) mod w = row r of the window
-    return (slice(r0 * b, r1 * b), slice(q0, q1)), (slice(kv_base + r0 * b, kv_base + r1 * b), slice(k0, k1))
+    qr, kr = slice(q0, q1), slice(k0, k1)
+    if doubled:
+        base = (w - t) % w
+        return [(slice(r0 * b, r1 * b), qr, slice((base + r0) * b, (base + r1) * b), kr)]
+    s0 = (r0 - t) % w
+    split = min(r1, r0 + (w - s0))  # ranks r0 … split−1 hold shards s0 … w−1; the rest hold 0 …
+    pieces = [(slice(r0 * b, split * b), qr, slice(s0 * b, (s0 + split - r0) * b), kr)]
+    if split < r1:
+        pieces.append((slice(split * b, r1 * b), qr, slice(0, (r1 - split) * b), kr))
+    return pieces
 
 
-def _ring_forward(q_st, k_st, v_st, cfg: _Config):
-    """The stacked ring: ``(out (w b) c h d in compute dtype, lse (w b) h c)``."""
+def _use_doubled(cfg: _Config, device, extra_bytes: float) -> bool:
+    """Double K/V only if some launch wraps and the copies fit in :data:`DOUBLED_KV_MAX_FRACTION` of free memory."""
+    if not any(_wraps(launch, t, cfg.world) for t, launches in enumerate(cfg.plan) for launch in launches):
+        return False
+    return extra_bytes <= DOUBLED_KV_MAX_FRACTION * available_bytes(device)
+
+
+def _ring_forward(q, k, v, cfg: _Config):
+    """The stacked ring: ``(out (w b) c h d in the accumulator dtype, lse (w b) h c)``."""
+    q_st = _stack(q, cfg)
     if cfg.world == 1:
         (launch,) = cfg.plan[0]
-        return _forward_block(q_st, k_st, v_st, scale=cfg.scale, causal=launch.kind == "causal", backend=cfg.backend)
-    k2, v2 = _doubled(k_st, cfg.world), _doubled(v_st, cfg.world)
+        return _forward_block(q_st, _stack(k, cfg), _stack(v, cfg), scale=cfg.scale, causal=launch.kind == "causal",
+                              backend=cfg.backend)
+    doubled = _use_doubled(cfg, q.device, 2 * (k.nbytes + v.nbytes))
+    k_st, v_st = (_stack(x, cfg, copies=2 if doubled else 1) for x in (k, v))
     wb, c, h, d = q_st.shape
-    work = compute_dtype(q_st.dtype)
-    acc_out = torch.empty(wb, c, h, d, dtype=work, device=q_st.device)
-    acc_lse = torch.empty(wb, h, c, dtype=work, device=q_st.device)
+    work = compute_dtype(q.dtype)
+    acc_out = torch.empty(wb, c, h, d, dtype=work, device=q.device)
+    acc_lse = torch.empty(wb, h, c, dtype=work, device=q.device)
     for t, launches in enumerate(cfg.plan):
         for launch in launches:
-            (rows, qr), (kv_rows, kr) = _slices(launch, t, cfg)
-            o, l = _forward_block(q_st[rows, qr], k2[kv_rows, kr], v2[kv_rows, kr], scale=cfg.scale,
-                                  causal=launch.kind == "causal", backend=cfg.backend)
-            if t == 0:  # step 0 covers every row: it initialises the accumulators
-                acc_out[rows, qr].copy_(o)
-                acc_lse[rows, :, qr].copy_(l)
-            else:
-                merge_into_(acc_out[rows, qr], acc_lse[rows, :, qr], o, l)
+            for rows, qr, kv_rows, kr in _pieces(launch, t, cfg, doubled):
+                o, l = _forward_block(q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], scale=cfg.scale,
+                                      causal=launch.kind == "causal", backend=cfg.backend)
+                if t == 0:  # step 0 covers every row: it initialises the accumulators
+                    acc_out[rows, qr].copy_(o)
+                    acc_lse[rows, :, qr].copy_(l)
+                else:
+                    merge_into_(acc_out[rows, qr], acc_lse[rows, :, qr], o, l)
+                del o, l
     return acc_out, acc_lse
 
 
-def _ring_backward(q_st, k_st, v_st, out_st, lse_st, dout_st, dlse_st, cfg: _Config):
-    """The ring again, each block's gradients from the global out/lse; dK/dV folded from the doubled layout."""
-    work = compute_dtype(q_st.dtype)
-    fast = q_st.is_cuda and q_st.dtype in LOW_PRECISION and cfg.backend != "einops"
-    delta = None
-    if dlse_st is not None and fast and bool((dlse_st != 0).any()):
-        warn_once("production_ring_attention: a gradient flows into lse; the flash backward op cannot take it, "
+def _ring_backward(q, k, v, out, lse, dout, dlse, cfg: _Config):
+    """The ring again, each block's gradients from the global out/lse of its rows. Returns stacked dq, dk, dv."""
+    work = compute_dtype(q.dtype)
+    fast = q.is_cuda and q.dtype in LOW_PRECISION and cfg.backend != "einops"
+    if dlse is not None and fast and bool((dlse != 0).any()):
+        warn_once("production_ring_attention: a gradient flows into lse; the fused backward ops cannot take it, "
                   "so this backward uses the (slower, exact) einops kernels")
         fast = False
+    q_st, out_st, dout_st = _stack(q, cfg), _stack(out, cfg), _stack(dout, cfg)
+    lse_st = _stack(lse, cfg, dim=2)
+    delta = None
     if not fast:
         delta = einsum(dout_st.to(work), out_st.to(work), "b i h d, b i h d -> b h i")  # D = rowsum(dO ∘ O)
-        if dlse_st is not None:
-            delta = delta - dlse_st.to(work)  # a gradient of lse adds P ∘ dlse to dS
+        if dlse is not None:
+            delta = delta - _stack(dlse, cfg, dim=2).to(work)  # a gradient of lse adds P ∘ dlse to dS
     backend = cfg.backend if fast else "einops"
-    k2, v2 = _doubled(k_st, cfg.world), _doubled(v_st, cfg.world)
-    dq = torch.zeros(q_st.shape, dtype=work, device=q_st.device)
-    dk2 = torch.zeros(k2.shape, dtype=work, device=q_st.device)
-    dv2 = torch.zeros(v2.shape, dtype=work, device=q_st.device)
+    # Doubled K/V here also doubles the dK/dV accumulators (float32 for half precision).
+    acc_bytes = torch.empty((), dtype=work).element_size() * (k.numel() + v.numel())
+    doubled = cfg.world > 1 and _use_doubled(cfg, q.device, 2 * (k.nbytes + v.nbytes) + acc_bytes)
+    copies = 2 if doubled else 1
+    k_st, v_st = (_stack(x, cfg, copies=copies) for x in (k, v))
+    dq = torch.zeros(q_st.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k_st.shape, dtype=work, device=q.device)
+    dv = torch.zeros(v_st.shape, dtype=work, device=q.device)
     for t, launches in enumerate(cfg.plan):
         for launch in launches:
-            (rows, qr), (kv_rows, kr) = _slices(launch, t, cfg)
-            gq, gk, gv = block_attention_backward(
-                q_st[rows, qr], k2[kv_rows, kr], v2[kv_rows, kr], out_st[rows, qr], lse_st[rows, :, qr],
-                dout_st[rows, qr], scale=cfg.scale, causal=launch.kind == "causal",
-                delta=None if delta is None else delta[rows, :, qr], backend=backend)
-            dq[rows, qr] += gq
-            dk2[kv_rows, kr] += gk
-            dv2[kv_rows, kr] += gv
-    if cfg.world > 1:  # shard s's gradient sits in rows s and w + s of the doubled layout
+            for rows, qr, kv_rows, kr in _pieces(launch, t, cfg, doubled):
+                gq, gk, gv = block_attention_backward(
+                    q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], out_st[rows, qr], lse_st[rows, :, qr],
+                    dout_st[rows, qr], scale=cfg.scale, causal=launch.kind == "causal",
+                    delta=None if delta is None else delta[rows, :, qr], backend=backend)
+                dq[rows, qr] += gq
+                dk[kv_rows, kr] += gk
+                dv[kv_rows, kr] += gv
+    if doubled:  # shard s's gradient sits in rows s and w + s of the doubled layout
         wb = q_st.shape[0]
-        dk2, dv2 = dk2[:wb] + dk2[wb:], dv2[:wb] + dv2[wb:]
-    return dq, dk2, dv2
+        dk, dv = dk[:wb] + dk[wb:], dv[:wb] + dv[wb:]
+    return dq, dk, dv
 
 
 class _ProductionRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cfg: _Config):
         ctx.set_materialize_grads(False)
-        q_st, k_st, v_st = (_stack(x, cfg) for x in (q, k, v))
-        acc_out, acc_lse = _ring_forward(q_st, k_st, v_st, cfg)
-        out_st, lse_st = acc_out.to(q.dtype), acc_lse.to(lse_dtype(q.dtype))
-        ctx.save_for_backward(q_st, k_st, v_st, out_st, lse_st)
+        acc_out, acc_lse = _ring_forward(q, k, v, cfg)
+        out = _unstack(acc_out, cfg, dtype=q.dtype)
+        del acc_out
+        lse = _unstack(acc_lse, cfg, dim=2, dtype=lse_dtype(q.dtype))
+        # Only the inputs and outputs are kept for the backward (it re-stacks them), as flash attention does.
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = cfg
-        return _unstack(out_st, cfg), _unstack(lse_st, cfg, dim=2)
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q_st, k_st, v_st, out_st, lse_st = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         cfg = ctx.cfg
-        dout_st = torch.zeros_like(out_st) if dout is None else _stack(dout.to(out_st.dtype), cfg)
-        dlse_st = None if dlse is None else _stack(dlse, cfg, dim=2)
-        dq, dk, dv = _ring_backward(q_st, k_st, v_st, out_st, lse_st, dout_st, dlse_st, cfg)
-        return (_unstack(dq, cfg).to(q_st.dtype), _unstack(dk, cfg).to(k_st.dtype),
-                _unstack(dv, cfg).to(v_st.dtype), None)
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, dlse, cfg)
+        return (_unstack(dq, cfg, dtype=q.dtype), _unstack(dk, cfg, dtype=k.dtype),
+                _unstack(dv, cfg, dtype=v.dtype), None)
 
 
 def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None, segment_lengths=None,

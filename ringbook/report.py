@@ -20,10 +20,10 @@ SEED_ROWS = [
     ("RingDilatedV2_r1", "ring_dilated", 1, 16_384, 36_731),
     ("RingDilatedV2_r4", "ring_dilated", 4, 32_768, 17_172),
     ("RingDilatedV2_r8", "ring_dilated", 8, 65_536, 16_276),
-    ("Production_r1", "production", 1, 16_384, 22_782),
-    ("Production_r4", "production", 4, 32_768, 25_968),
-    ("Production_r8", "production", 8, 65_536, 21_931),
-    ("Production_r16", "production", 16, 131_072, 41_468),
+    ("Production_r1", "production_dilated", 1, 16_384, 22_782),
+    ("Production_r4", "production_dilated", 4, 32_768, 25_968),
+    ("Production_r8", "production_dilated", 8, 65_536, 21_931),
+    ("Production_r16", "production_dilated", 16, 131_072, 41_468),
 ]
 SEED_FLAWS = (
     "each chunk attended only to itself (no K/V moved, nothing merged); head groups whose segment "
@@ -40,7 +40,7 @@ def default_stem(rows: list[dict]) -> str:
     """``bench-<device>-<dtype>``, e.g. ``bench-nvidia-h100-80gb-hbm3-bfloat16``."""
     first = rows[0]
     device = "cpu" if first.get("device_type") == "cpu" else slug(first["device"])
-    return f"bench-{device}-{first['dtype']}"
+    return f"bench-{device}-{first['dtype']}" + ("-fwd-bwd" if first.get("mode") == "forward+backward" else "")
 
 
 def save_json(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
@@ -68,7 +68,8 @@ def _num(x, fmt="{:,.0f}", missing="-"):
 
 
 def _label(row: dict) -> str:
-    return f"{row['impl']}" + (f"_r{row['ring_size']}" if row.get("ring_size", 1) != 1 else "")
+    return (f"{row['impl']}" + (f"_r{row['ring_size']}" if row.get("ring_size", 1) != 1 else "")
+            + (" fwd+bwd" if row.get("mode") == "forward+backward" else ""))
 
 
 def _series(rows):
@@ -98,9 +99,13 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
         f"- Timing: {first.get('timer', '?')}; {meta.get('warmup', '?')} warm-up call(s), then the median of "
         f"up to {meta.get('repeats', '?')} timed calls",
         f"- Peak memory: {first.get('peak_mem_kind', '?')}",
-        "- TFLOP/s counts 4·b·h·n²·d per forward (half for causal); every row is checked against the "
-        "float64 naive reference (max_rel_err = max|out−ref| / max|ref| over the checked query rows)",
+        "- TFLOP/s counts 4·b·h·n²·d per forward (half for causal; the dilated rows count their dilated "
+        "work); every row is checked against the float64 reference (max_rel_err = max|out−ref| / max|ref| "
+        "over the checked query rows)",
     ]
+    if any(r.get("mode") == "forward+backward" for r in rows):
+        lines.append("- Rows marked fwd+bwd time the forward and `out.backward(dout)`, counted as 3.5 × the "
+                     "forward's flops; their check is on the forward output")
     if any(r.get("per_rank_peak_mem_gb") for r in rows):
         lines.append("- Multi-process rows: time is the median over repeats of the slowest rank; memory is the "
                      "largest per-rank peak (every rank's peak is in the JSON, `per_rank_peak_mem_gb`)")

@@ -197,3 +197,52 @@ def test_seq_len_suffixes():
     from ringbook.cli import _seq
 
     assert _seq("16K") == 16384 and _seq("1M") == 1048576 and _seq("300") == 300
+
+
+@pytest.mark.parametrize("name,ring_size", [("production", 4), ("ring", 2), ("sdpa", 1)])
+def test_forward_backward_rows(name, ring_size):
+    row = bench.run_row(bench.IMPLS[name], seq_len=64, causal=True, backward=True,
+                        **{**SMALL, "ring_size": ring_size})
+    assert row["status"] == "ok", row["error"]
+    assert row["mode"] == "forward+backward"
+    assert row["flops"] == pytest.approx(bench.BACKWARD_FLOPS_FACTOR * attention_flops(1, 2, 64, 64, 16, True))
+    assert row["max_rel_err"] < 1e-5
+    assert report._label(row).endswith("fwd+bwd")
+
+
+def test_forward_backward_call_really_runs_the_backward(monkeypatch):
+    seen = []
+
+    def fn(q, k, v, **_):
+        out = q * 1.0
+
+        def hook(grad):
+            seen.append(grad.shape)
+        out.register_hook(hook)
+        return out, None
+
+    row = bench.run_row(_fake("identity", fn), seq_len=16, causal=False, backward=True, **SMALL)
+    assert row["status"] == "error" and "wrong result" in row["error"]  # q is not attention: the check fails
+    assert len(seen) >= 1 + SMALL["repeats"]  # every timed call ran a backward
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_production_dilated_row_is_the_seed_configuration(causal):
+    ring = bench.run_row(bench.IMPLS["ring_dilated"], seq_len=256, causal=causal, **{**SMALL, "ring_size": 4, "heads": 8})
+    prod = bench.run_row(bench.IMPLS["production_dilated"], seq_len=256, causal=causal,
+                         **{**SMALL, "ring_size": 4, "heads": 8})
+    assert prod["status"] == "ok", prod["error"]
+    assert prod["flops"] == ring["flops"] < attention_flops(1, 8, 256, 256, 16, causal)
+    assert prod["max_rel_err"] < 1e-5
+    names = {impl for _, impl, *_ in report.SEED_ROWS}
+    assert names == {"ring_dilated", "production_dilated"}
+
+
+def test_cli_backward_writes_its_own_file(tmp_path):
+    res = _cli("bench", "--backward", "--impl", "production", "--ring-sizes", "2", "--seq-lens", "64",
+               "--heads", "2", "--head-dim", "8", "--causal", "false", "--repeats", "3", "--quiet",
+               "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "bench-cpu-float32-fwd-bwd.json").read_text())
+    assert [r["mode"] for r in data["rows"]] == ["forward+backward"]
+    assert "fwd+bwd" in (tmp_path / "bench-cpu-float32-fwd-bwd.md").read_text()

@@ -121,6 +121,48 @@ def test_backward_float64_matches_naive(layout, causal, w, hkv):
         assert torch.allclose(got, want, atol=1e-10, rtol=1e-10), f"d{name}: {(got - want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("doubled", [False, True])
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_wrapping_launches_read_the_held_shards_doubled_or_split(w, doubled):
+    """Every piece of every launch reads, for each of its ranks, the shard that rank holds at step t."""
+    from ringbook.production import _Config, _pieces, _wraps
+
+    b, c = 2, 6
+    for layout, causal in [("contiguous", False), ("contiguous", True), ("zigzag", True)]:
+        plan = production_plan(w * c, w, layout=layout, causal=causal)
+        cfg = _Config(w, b, causal, 1.0, "einops", plan, None)
+        for t, launches in enumerate(plan):
+            for launch in launches:
+                pieces = _pieces(launch, t, cfg, doubled)
+                assert len(pieces) == (2 if _wraps(launch, t, w) and not doubled else 1)
+                assert not (causal and _wraps(launch, t, w)), "causal plans never wrap"
+                for rows, _, kv_rows, _ in pieces:
+                    ranks = range(rows.start // b, rows.stop // b)
+                    held = range(kv_rows.start // b, kv_rows.stop // b)
+                    assert [s % w for s in held] == [(r - t) % w for r in ranks]
+
+
+@pytest.mark.parametrize("fraction", [0.0, float("inf")])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_doubled_and_split_kv_give_the_same_function_and_gradients(monkeypatch, fraction, layout):
+    from ringbook import production
+
+    monkeypatch.setattr(production, "DOUBLED_KV_MAX_FRACTION", fraction)
+    q, k, v = _inputs(24, seed=21)
+    dout = randn(B, 24, H, D, seed=22)
+    grads = []
+    for fn in ("production", "naive"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        if fn == "production":
+            o, _ = ringbook.production_ring_attention(*xs, ring_size=4, layout=layout)
+        else:
+            o, _ = ringbook.naive_attention(xs[0], _expand(xs[1]), _expand(xs[2]))
+        (o * dout).sum().backward()
+        grads.append([o.detach()] + [x.grad for x in xs])
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+
+
 def test_backward_without_lse_gradient():
     q, k, v = _inputs(16, seed=9)
     dout = randn(B, 16, H, D, seed=13)
