@@ -381,34 +381,49 @@ def _triton_ready(device) -> bool:
     """Whether the Triton merge runs on ``device``: triton imports and agrees with the torch merge once."""
     if device not in _TRITON:
         try:
-            from ._triton_merge import merge_into_triton_
+            from ._triton_merge import merge_many_into_triton_
         except Exception as exc:  # noqa: BLE001 - absent or broken triton: the torch merge is used
             _TRITON[device] = f"triton not importable ({type(exc).__name__}: {exc})"[:200]
         else:
-            _TRITON[device] = _self_check_triton(merge_into_triton_, device)
+            _TRITON[device] = _self_check_triton(merge_many_into_triton_, device)
         STATUS[f"merge {device}"] = "triton" if _TRITON[device] is True else f"torch ({_TRITON[device]})"
     return _TRITON[device] is True
 
 
 def _self_check_triton(fn, device):
+    """True if the Triton merge (one block, several, and initialising) agrees with the torch merge, else why not."""
     gen = torch.Generator(device=device).manual_seed(0)
     acc = torch.randn(2, 40, 3, 64, generator=gen, device=device)
     lse = torch.randn(2, 3, 40, generator=gen, device=device)
     lse[0, 1, :5] = float("-inf")
     acc[0, :5, 1] = 0
-    blk = torch.randn(2, 60, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:50]  # strided view
-    lse_b = torch.randn(2, 3, 60, generator=gen, device=device)[:, :, 10:50]
-    lse_b[0, 1, :3] = float("-inf")
+    blocks = []
+    for j in range(4):  # strided views (rows 10…50 of larger buffers), with some empty rows
+        blk = torch.randn(2, 60, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:50]
+        lse_b = torch.randn(2, 3, 60, generator=gen, device=device)[:, :, 10:50]
+        lse_b[0, 1, :3 + j] = float("-inf")
+        blk[0, :3 + j, 1] = 0  # a kernel's output for a row that saw no key
+        blocks.append((blk, lse_b))
     want_o, want_l = acc.clone(), lse.clone()
-    merge_into_torch_(want_o, want_l, blk, lse_b)
+    for o, l in blocks:
+        merge_into_torch_(want_o, want_l, o, l)
+    want_init_o, want_init_l = blocks[0][0].float(), blocks[0][1].clone()
+    for o, l in blocks[1:]:
+        merge_into_torch_(want_init_o, want_init_l, o, l)
+    init_o, init_l = torch.empty_like(acc), torch.empty_like(lse)
     try:
-        fn(acc, lse, blk, lse_b)
-        torch.cuda.synchronize(device)
+        fn(acc, lse, blocks[:1])
+        fn(acc, lse, blocks[1:])
+        fn(init_o, init_l, blocks, initialise=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001
         return f"triton merge failed: {type(exc).__name__}: {str(exc)[:150]}"
-    if not (torch.allclose(acc, want_o, atol=1e-5, rtol=1e-5) and torch.equal(torch.isneginf(lse), torch.isneginf(want_l))
-            and torch.allclose(lse, want_l, atol=1e-5, rtol=1e-5)):
-        return "triton merge disagrees with the torch merge"
+    for got_o, got_l, ref_o, ref_l in ((acc, lse, want_o, want_l), (init_o, init_l, want_init_o, want_init_l)):
+        if not (torch.allclose(got_o, ref_o, atol=1e-5, rtol=1e-5)
+                and torch.equal(torch.isneginf(got_l), torch.isneginf(ref_l))
+                and torch.allclose(got_l, ref_l, atol=1e-5, rtol=1e-5)):
+            return "triton merge disagrees with the torch merge"
     return True
 
 
@@ -422,11 +437,33 @@ def merge_into_(acc_out, acc_lse, out_blk, lse_blk) -> None:
     against :func:`merge_into_torch_`, which is used otherwise. Same result
     as :func:`~ringbook.online_softmax.merge_partials`, without autograd.
     """
-    if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 and out_blk.stride(-1) == 1 \
-            and _triton_ready(acc_out.device):
-        from ._triton_merge import merge_into_triton_
-        merge_into_triton_(acc_out, acc_lse, out_blk, lse_blk)
-    else:
+    merge_many_into_(acc_out, acc_lse, [(out_blk, lse_blk)])
+
+
+def merge_many_into_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> None:
+    """Fold several blocks ``[(out, lse), …]`` of the same rows into the accumulators, equation (M) repeated.
+
+    On CUDA with the Triton merge, up to ``MAX_BLOCKS`` (4) blocks per pass:
+    each block output is read once and the float32 accumulator is read and
+    written once per pass, instead of once per block. ``initialise``: the
+    accumulators hold nothing yet, the blocks set them (no read). Elsewhere
+    the torch merge, block by block. The result does not depend on the
+    grouping (the merge is associative; up to rounding).
+    """
+    if not blocks:
+        return
+    if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 \
+            and all(o.stride() == blocks[0][0].stride() and l.stride() == blocks[0][1].stride() for o, l in blocks) \
+            and blocks[0][0].stride(-1) == 1 and _triton_ready(acc_out.device):
+        from ._triton_merge import MAX_BLOCKS, merge_many_into_triton_
+        for i in range(0, len(blocks), MAX_BLOCKS):
+            merge_many_into_triton_(acc_out, acc_lse, blocks[i:i + MAX_BLOCKS], initialise=initialise and i == 0)
+        return
+    if initialise:
+        acc_out.copy_(blocks[0][0])
+        acc_lse.copy_(blocks[0][1])
+        blocks = blocks[1:]
+    for out_blk, lse_blk in blocks:
         merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk)
 
 

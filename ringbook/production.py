@@ -27,8 +27,10 @@ changes is how one process plays the ranks:
   without the network, and it does not pretend otherwise.
 * **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
   SDPA kernels (:func:`ringbook.kernels.block_attention`); each result is
-  folded into float32 accumulators by :func:`ringbook.kernels.merge_into_`
-  (one pass). The backward runs the ring again with the flash backward op
+  folded into float32 accumulators by :func:`ringbook.kernels.merge_many_into_`
+  (one pass per step; where every step covers every row — non-causal — up
+  to :data:`MERGE_GROUP` steps' results are folded in one pass, so the
+  float32 accumulator is read and written once per group, not per step). The backward runs the ring again with the flash backward op
   fed the global out and lse of the rows (as ring-flash-attention and
   PyTorch's context parallel do): cuDNN's backward op where it agrees with
   the einops path, else flash's. Only q, k, v, out and lse are kept for it.
@@ -52,7 +54,7 @@ from einops import einsum, rearrange
 
 from ._utils import LOW_PRECISION, available_bytes, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
 from .kernels import (
-    block_attention, block_attention_backward, check_backend, expand_kv, merge_into_, warn_once, _forward_block,
+    block_attention, block_attention_backward, check_backend, expand_kv, merge_many_into_, warn_once, _forward_block,
 )
 from .online_softmax import merge_partials
 from .ring_dilated import ring_dilated_attention
@@ -196,8 +198,33 @@ def _use_doubled(cfg: _Config, device, extra_bytes: float) -> bool:
     return extra_bytes <= DOUBLED_KV_MAX_FRACTION * available_bytes(device)
 
 
+MERGE_GROUP = 4  # block results folded into the accumulator per pass, where every step covers every row
+
+
+def _merge_group(cfg: _Config, doubled: bool, q_st) -> int:
+    """How many steps' results to hold and fold in together (1: each at once).
+
+    Only where every step is one launch over every row of every rank (non-causal
+    with the doubled K/V), and while the held results fit in
+    :data:`DOUBLED_KV_MAX_FRACTION` of the free memory.
+    """
+    c = q_st.shape[1]
+    whole = all(len(launches) == 1 and launches[0].ranks == (0, cfg.world) and launches[0].q == (0, c)
+                and (doubled or not _wraps(launches[0], t, cfg.world)) for t, launches in enumerate(cfg.plan))
+    if cfg.world == 1 or not whole:
+        return 1
+    result_bytes = q_st.nbytes + 4 * q_st.numel() // q_st.shape[-1]  # out (input dtype) and its float32 lse
+    spare = DOUBLED_KV_MAX_FRACTION * available_bytes(q_st.device)
+    return int(max(1, min(MERGE_GROUP, cfg.world, 1 + spare // max(result_bytes, 1))))
+
+
 def _ring_forward(q, k, v, cfg: _Config):
-    """The stacked ring: ``(out (w b) c h d in the accumulator dtype, lse (w b) h c)``."""
+    """The stacked ring: ``(out (w b) c h d in the accumulator dtype, lse (w b) h c)``.
+
+    Step 0 covers every row and sets the accumulators; later blocks are
+    folded in by :func:`~ringbook.kernels.merge_many_into_`, ``group`` steps
+    per pass where every step covers every row (:func:`_merge_group`).
+    """
     q_st = _stack(q, cfg)
     if cfg.world == 1:
         (launch,) = cfg.plan[0]
@@ -209,17 +236,16 @@ def _ring_forward(q, k, v, cfg: _Config):
     work = compute_dtype(q.dtype)
     acc_out = torch.empty(wb, c, h, d, dtype=work, device=q.device)
     acc_lse = torch.empty(wb, h, c, dtype=work, device=q.device)
+    group = _merge_group(cfg, doubled, q_st)
+    pending = []
     for t, launches in enumerate(cfg.plan):
         for launch in launches:
             for rows, qr, kv_rows, kr in _pieces(launch, t, cfg, doubled):
-                o, l = _forward_block(q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], scale=cfg.scale,
-                                      causal=launch.kind == "causal", backend=cfg.backend)
-                if t == 0:  # step 0 covers every row: it initialises the accumulators
-                    acc_out[rows, qr].copy_(o)
-                    acc_lse[rows, :, qr].copy_(l)
-                else:
-                    merge_into_(acc_out[rows, qr], acc_lse[rows, :, qr], o, l)
-                del o, l
+                pending.append(_forward_block(q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], scale=cfg.scale,
+                                              causal=launch.kind == "causal", backend=cfg.backend))
+                if len(pending) == group or t == cfg.world - 1:  # with group > 1 every piece is every row
+                    merge_many_into_(acc_out[rows, qr], acc_lse[rows, :, qr], pending, initialise=t < group)
+                    pending = []
     return acc_out, acc_lse
 
 

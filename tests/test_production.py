@@ -278,6 +278,50 @@ def test_merge_into_order_does_not_matter(parts, seed):
     assert_matches_reference(acc_out, acc_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("initialise", [False, True])
+def test_merge_many_into_is_the_merge_repeated(initialise):
+    blocks = [_partial(2, 5, 3, 4, seed=30 + 3 * i, empty_rows=(i,)) for i in range(5)]
+    acc_out, acc_lse = _partial(2, 5, 3, 4, seed=50, empty_rows=(2,))
+    want_out, want_lse = (blocks[0][0].clone(), blocks[0][1].clone()) if initialise else (acc_out, acc_lse)
+    for o, l in blocks[1:] if initialise else blocks:
+        want_out, want_lse = ringbook.merge_partials(want_out, want_lse, o, l)
+    got_out, got_lse = (torch.full_like(acc_out, float("nan")), torch.full_like(acc_lse, float("nan"))) \
+        if initialise else (acc_out.clone(), acc_lse.clone())
+    kernels.merge_many_into_(got_out, got_lse, blocks, initialise=initialise)  # nothing of a NaN start is read
+    assert_matches_reference(got_out, got_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
+
+
+def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
+    """The Triton kernel (1–4 blocks at once, initialising or not) run by Triton's CPU interpreter."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton is not installed (the CPU wheel of torch does not bring it); "
+                                         "on CUDA the kernel self-checks before first use")
+    code = ("import torch\nfrom ringbook._triton_merge import merge_many_into_triton_\n"
+            "from ringbook.kernels import _self_check_triton\n"
+            "print(_self_check_triton(merge_many_into_triton_, torch.device('cpu')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_merge_group_does_not_change_the_function(monkeypatch, group):
+    from ringbook import production
+
+    monkeypatch.setattr(production, "MERGE_GROUP", group)
+    monkeypatch.setattr(production, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    q, k, v = _inputs(40, seed=23)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5)
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v))
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+    cfg = production._Config(5, B, False, 1.0, "einops", production_plan(40, 5), None)
+    assert production._merge_group(cfg, True, production._stack(q, cfg)) == min(group, 5)
+    assert production._merge_group(cfg, False, production._stack(q, cfg)) == 1  # split steps: rows differ
+
+
 def test_block_attention_einops_path_and_gradients():
     q, k, v = _inputs(6, hkv=1, seed=15)
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]

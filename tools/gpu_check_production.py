@@ -203,34 +203,37 @@ def best_sdpa(n, causal, backward=False):
 
 
 def time_forward(w, causal, n=131072, merge="auto", backend="auto"):
-    """merge: "auto"; "torch" (Triton merge off); "none" (merge skipped: wrong result, measures its cost)."""
+    """merge: "auto"; "torch" (Triton merge off); "group1" (fold each step's result at once, no grouping);
+    "none" (merge skipped: wrong result, measures its cost)."""
     from ringbook import production
 
     q, k, v = qkv(n, H, seed=2)
-    saved, saved_merge = dict(kernels._TRITON), production.merge_into_
+    saved, saved_merge, saved_group = dict(kernels._TRITON), production.merge_many_into_, production.MERGE_GROUP
     if merge == "torch":
         kernels._TRITON[q.device] = "forced off for this timing"
+    elif merge == "group1":
+        production.MERGE_GROUP = 1
     elif merge == "none":
-        production.merge_into_ = lambda *args: None
+        production.merge_many_into_ = lambda *args, **kwargs: None
     try:
         ms = statistics.median(cuda_time(lambda: ringbook.production_ring_attention(
             q, k, v, ring_size=w, causal=causal, backend=backend)))
     finally:
         kernels._TRITON.clear()
         kernels._TRITON.update(saved)
-        production.merge_into_ = saved_merge
+        production.merge_many_into_, production.MERGE_GROUP = saved_merge, saved_group
     best, best_ms, allt = best_sdpa(n, causal)
     flops = attention_flops(B, H, n, n, D, causal)
     return {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "sdpa_best": best, "sdpa_ms": round(best_ms, 3),
             "ratio_vs_sdpa": round(best_ms / ms, 3), "sdpa_all_ms": allt}
 
 
-def time_forward_backward(w, causal, n=65536):
+def time_forward_backward(w, causal, n=65536, backend="auto"):
     q, k, v = qkv(n, H, seed=4, requires_grad=True)
     dout = torch.randn_like(q)
 
     def call():
-        out, _ = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal)
+        out, _ = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, backend=backend)
         out.backward(dout)
 
     ms = statistics.median(cuda_time(call, warmup=2, repeats=5))
@@ -277,6 +280,8 @@ def main(argv=None):
         for w in rings:
             record("fwd", f"131072 w={w} causal={causal}", lambda: time_forward(w, causal))
         record("fwd", f"131072 w=16 causal={causal} merge=torch", lambda: time_forward(16, causal, merge="torch"))
+        if not causal:
+            record("fwd", "131072 w=16 causal=False merge group 1", lambda: time_forward(16, False, merge="group1"))
         record("fwd", f"131072 w=16 causal={causal} merge skipped (cost)", lambda: time_forward(16, causal, merge="none"))
         if not args.quick:
             record("fwd", f"131072 w=16 causal={causal} backend=flash",
@@ -284,6 +289,8 @@ def main(argv=None):
     # (c) forward + backward at 65536
     for causal in (True, False):
         record("fwd+bwd", f"65536 w=8 causal={causal}", lambda: time_forward_backward(8, causal))
+        record("fwd+bwd", f"65536 w=8 causal={causal} backend=flash",
+               lambda: time_forward_backward(8, causal, backend="flash"))
 
     # (d) summary
     print("\nkernels chosen:")
