@@ -274,14 +274,19 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, re
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events on a GPU, ``time.perf_counter`` on the CPU."""
+    """Milliseconds of one call: CUDA events on a GPU, ``time.perf_counter`` on the CPU.
+
+    The events are recorded on ``device``'s current stream with ``device``
+    made current, so ``--device cuda:1`` times the GPU that does the work.
+    """
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        with torch.cuda.device(device):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            fn()
+            end.record(torch.cuda.current_stream(device))
+            end.synchronize()
+            return start.elapsed_time(end)
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -362,8 +367,17 @@ def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: to
 
     With ``backward`` a call is the forward and ``out.backward(dout)`` (q, k, v
     require grad; ``dout`` random), its flops ``BACKWARD_FLOPS_FACTOR`` × the
-    forward's; the forward output is the one checked.
+    forward's; the forward output is the one checked. On CUDA ``device`` is
+    made the current device for the row (kernels, events and Triton follow it).
     """
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        return _run_row(impl, seq_len=seq_len, ring_size=ring_size, causal=causal, dtype=dtype, batch=batch,
+                        heads=heads, head_dim=head_dim, device=device, warmup=warmup, repeats=repeats,
+                        options=options, seed=seed, env=env, backward=backward)
+
+
+def _run_row(impl: Impl, *, seq_len, ring_size, causal, dtype, batch, heads, head_dim, device, warmup, repeats,
+             options, seed, env, backward) -> dict:
     flops = impl.flops(batch, heads, seq_len, seq_len, head_dim, causal)
     if backward and flops is not None:
         flops *= BACKWARD_FLOPS_FACTOR

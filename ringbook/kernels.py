@@ -162,7 +162,7 @@ def _choose(q, k, causal: bool, scale: float, backend: str):
                 break
             notes.append(f"{name}{' (K/V expanded)' if expand else ''}: {why}")
         chosen = _CHOICE[key]
-        STATUS[f"forward {key[:5]}"] = (f"{chosen[0]}{' (K/V expanded)' if chosen[1] else ''}"
+        STATUS[f"forward {key}"] = (f"{chosen[0]}{' (K/V expanded)' if chosen[1] else ''}"
                                        + (f"; skipped {'; '.join(notes)}" if notes else ""))
     return key, _CHOICE[key]
 
@@ -181,7 +181,7 @@ def _forward_block(q, k, v, *, scale: float, causal: bool = False, backend: str 
     except RuntimeError as exc:  # a shape the probe did not cover: demote this combination to the einops path
         if "out of memory" in str(exc).lower():
             raise
-        STATUS[f"forward {key[:5]}"] = f"einops after {name} failed at shape {tuple(q.shape)}: {str(exc)[:200]}"
+        STATUS[f"forward {key}"] = f"einops after {name} failed at shape {tuple(q.shape)}: {str(exc)[:200]}"
         _CHOICE[key] = ("einops", False)
         return _einops_block(q, k, v, scale, causal)
 
@@ -346,11 +346,11 @@ def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
             _BACKWARD_OK[key], skipped = _probe_backward(q.device, q.dtype, q.shape[3], causal, q.shape[2],
                                                          k.shape[2], scale, backend)
             name, expand = _BACKWARD_OK[key]
-            STATUS[f"backward {key[:5]}"] = (f"{name} backward op{' (K/V expanded)' if expand else ''}"
+            STATUS[f"backward {key}"] = (f"{name} backward op{' (K/V expanded)' if expand else ''}"
                                             + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
         except RuntimeError as exc:
             _BACKWARD_OK[key] = str(exc)
-            STATUS[f"backward {key[:5]}"] = str(exc)
+            STATUS[f"backward {key}"] = str(exc)
     ok = _BACKWARD_OK[key]
     if isinstance(ok, str):
         raise RuntimeError(ok)

@@ -122,11 +122,20 @@ class _Config:
     backend: str
     plan: list
     order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
+    runs: tuple = ()  # (stacked row, token position, length) of each run of consecutive positions in order
+
+
+def _runs(order: torch.Tensor) -> tuple:
+    """Maximal runs of consecutive positions in a (CPU) token order: ``((row, position, length), …)``."""
+    breaks = (torch.nonzero(order[1:] != order[:-1] + 1).flatten() + 1).tolist()
+    starts, ends = [0] + breaks, breaks + [order.numel()]
+    return tuple((s, int(order[s]), e - s) for s, e in zip(starts, ends))
 
 
 # The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
-# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two.
-DOUBLED_KV_MAX_FRACTION = 0.25
+# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two
+# (at such sizes a second launch per step costs next to nothing). Held results of a merge group likewise.
+DOUBLED_KV_MAX_FRACTION = 0.1
 
 
 def _wraps(launch: Launch, t: int, world: int) -> bool:
@@ -159,12 +168,8 @@ def _unstack(x, cfg: _Config, dim: int = 1, dtype=None):
         return x.to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     # The layout deals runs of consecutive positions (zigzag: two chunks per rank): copy run by run.
-    order = cfg.order.tolist()
-    start = 0
-    for i in range(1, len(order) + 1):
-        if i == len(order) or order[i] != order[i - 1] + 1:
-            out.narrow(dim, order[start], i - start).copy_(x.narrow(dim, start, i - start))
-            start = i
+    for row, position, length in cfg.runs:
+        out.narrow(dim, position, length).copy_(x.narrow(dim, row, length))
     return out
 
 
@@ -357,9 +362,10 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
-    order = None if layout == "contiguous" else layout_positions(n, ring_size, layout).reshape(-1).to(q.device)
+    order = None if layout == "contiguous" else layout_positions(n, ring_size, layout).reshape(-1)
     cfg = _Config(ring_size, b, causal, resolve_scale(scale, d), backend,
-                  production_plan(n, ring_size, layout=layout, causal=causal), order)
+                  production_plan(n, ring_size, layout=layout, causal=causal),
+                  None if order is None else order.to(q.device), () if order is None else _runs(order))
     return _ProductionRing.apply(q, k, v, cfg)
 
 

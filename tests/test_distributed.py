@@ -396,3 +396,81 @@ def test_dist_bench_under_torchrun(tmp_path):
         assert row["tflops"] > 0 and row["tokens_per_s"] > 0
         for key in ("device", "torch_version", "dtype", "batch", "heads", "head_dim", "peak_mem_kind"):
             assert key in row
+
+
+@pytest.mark.slow
+def test_dist_bench_production_with_peers(tmp_path):
+    """--kernel auto with both peers in one run: fused ring rows, one-GPU rows, CP rows (not run on the CPU), summary."""
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+           "--seq-lens", "128", "--dtype", "fp32", "--causal", "both", "--heads", "2", "--head-dim", "16",
+           "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path), "--stem", "rows",
+           "--kernel", "auto", "--peers", "one_gpu", "context_parallel", "--formats", "json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # --formats json
+    data = json.loads((tmp_path / "rows.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    assert meta["kernel"] == "auto" and meta["peers"] == ["one_gpu", "context_parallel"]
+    for causal in (False, True):
+        same = [r for r in rows if r["causal"] == causal]
+        ours = [r for r in same if r["impl"] == "production_dist"]
+        assert len(ours) == 1 and not any(r["impl"] == "ring_dist" for r in rows)
+        ours = ours[0]
+        assert ours["status"] == "ok" and ours["kernel"] == "auto" and ours["gpus"] == ours["ring_size"] == 2
+        assert ours["layout"] == ("zigzag" if causal else "contiguous")
+        assert ours["max_rel_err"] < 1e-4 and ours["checked_rows"] == 128
+        assert len(ours["per_rank_peak_mem_gb"]) == 2 and ours["peak_mem_gb"] > 0
+        one = [r for r in same if r.get("peer_of") == "dist"]
+        assert sorted(r["impl"] for r in one) == ["production", "sdpa"]
+        for r in one:
+            assert r["status"] == "ok" and r["gpus"] == r["ring_size"] == 1 and r["seq_len"] == 128, r
+            assert r["max_rel_err"] < 1e-4 and r["time_ms"] > 0 and r["peak_mem_gb"] > 0
+        cp = [r for r in same if r["impl"] == "context_parallel"]
+        assert sorted(r["sdpa_backend"] for r in cp) == ["cudnn", "flash"]
+        for r in cp:
+            assert r["status"] == "error" and r["error"] == "not run: context_parallel needs CUDA (NCCL)", r
+            assert r["time_ms"] is None and "traceback" not in r
+        summary = [s for s in meta["scaling"] if s["causal"] == causal]
+        assert len(summary) == 1
+        s = summary[0]
+        fastest = min(one, key=lambda r: r["time_ms"])
+        assert s["seq_len"] == 128 and s["impl"] == "production_dist" and s["time_ms"] == ours["time_ms"]
+        assert s["one_gpu_impl"] == fastest["impl"] and s["one_gpu_time_ms"] == fastest["time_ms"]
+        assert s["speedup_vs_one_gpu"] == pytest.approx(fastest["time_ms"] / ours["time_ms"])
+        assert s["per_rank_peak_mem_gb"] == ours["per_rank_peak_mem_gb"]
+        assert s["cp_time_ms"] is None and s["cp_time_over_ours"] is None
+    assert "speedup" in proc.stdout and "not run: context_parallel needs CUDA" in proc.stdout
+
+
+def test_dist_bench_scaling_summary_and_cp_rows_check():
+    """The summary picks the fastest ok peers; the CP check reads rows at their global (head-tail) positions."""
+    from ringbook import dist_bench
+    from ringbook.schedule import layout_positions
+
+    def row(impl, ms, status="ok", **extra):
+        return {"impl": impl, "causal": True, "seq_len": 64, "ring_size": 1, "status": status, "time_ms": ms,
+                "peak_mem_gb": 1.0, **extra}
+
+    rows = [row("production_dist", 10.0, ring_size=2, kernel="auto", per_rank_peak_mem_gb=[0.5, 0.6]),
+            row("sdpa_cudnn", 19.0, peer_of="dist"), row("production", 25.0, peer_of="dist"),
+            row("sdpa", 5.0, "error", peer_of="dist"),
+            row("context_parallel", 14.0, ring_size=2, sdpa_backend="flash", per_rank_peak_mem_gb=[0.7, 0.7]),
+            row("context_parallel", 12.0, ring_size=2, sdpa_backend="cudnn", per_rank_peak_mem_gb=[0.8, 0.8])]
+    (s,) = dist_bench.scaling_summary(rows)
+    assert (s["one_gpu_impl"], s["speedup_vs_one_gpu"]) == ("sdpa_cudnn", pytest.approx(1.9))
+    assert (s["cp_sdpa_backend"], s["cp_time_over_ours"]) == ("cudnn", pytest.approx(1.2))
+    assert s["cp_per_rank_peak_mem_gb"] == [0.8, 0.8] and s["gpus"] == 2
+
+    q, k, v = (randn(1, 64, 2, 8, seed=i) for i in range(3))
+    out, _ = ringbook.naive_attention(q, k, v, causal=True)
+    for rank in range(2):
+        pos = layout_positions(64, 2, "zigzag")[rank]
+        assert dist_bench._layout_name(pos, 64, 2, rank) == "zigzag"
+        err, scale, checked = dist_bench._rows_error(q, k, v, out[:, pos], pos, causal=True)
+        assert err / scale < 1e-12 and checked == 32
+        err, scale, _ = dist_bench._rows_error(q, k, v, out[:, pos.flip(0)], pos, causal=True)
+        assert err / scale > 0.1
