@@ -125,6 +125,16 @@ class _Config:
     runs: tuple = ()  # (stacked row, token position, length) of each run of consecutive positions in order
 
 
+@functools.lru_cache(maxsize=64)
+def _layout_plan(n: int, world: int, layout: str, causal: bool, device: str):
+    """The plan, the stacked token order on ``device`` (None when contiguous) and its runs; cached per call shape."""
+    plan = production_plan(n, world, layout=layout, causal=causal)
+    if layout == "contiguous":
+        return plan, None, ()
+    order = layout_positions(n, world, layout).reshape(-1)
+    return plan, order.to(device), _runs(order)
+
+
 def _runs(order: torch.Tensor) -> tuple:
     """Maximal runs of consecutive positions in a (CPU) token order: ``((row, position, length), …)``."""
     breaks = (torch.nonzero(order[1:] != order[:-1] + 1).flatten() + 1).tolist()
@@ -362,10 +372,8 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
-    order = None if layout == "contiguous" else layout_positions(n, ring_size, layout).reshape(-1)
-    cfg = _Config(ring_size, b, causal, resolve_scale(scale, d), backend,
-                  production_plan(n, ring_size, layout=layout, causal=causal),
-                  None if order is None else order.to(q.device), () if order is None else _runs(order))
+    plan, order, runs = _layout_plan(n, ring_size, layout, causal, str(q.device))
+    cfg = _Config(ring_size, b, causal, resolve_scale(scale, d), backend, plan, order, runs)
     return _ProductionRing.apply(q, k, v, cfg)
 
 
