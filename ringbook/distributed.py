@@ -31,6 +31,7 @@ module starts nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from einops import einsum
 
 from ._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
 from ._comm import DEFAULT_TIMEOUT_S, _exchange, _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout  # noqa: F401
-from .kernels import BACKENDS, _forward_block, block_attention_backward, expand_kv, merge_into_, reduce_kv
+from .kernels import BACKENDS, _forward_block, block_attention_backward, expand_kv, merge_many_into_, reduce_kv
 from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward, merge_partials
 from .schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
 
@@ -155,6 +156,19 @@ def _top_left_blocks(positions: torch.Tensor, schedule) -> frozenset:
     return frozenset(found)
 
 
+@functools.lru_cache(maxsize=64)
+def _layout_parts(n: int, world: int, layout: str, causal: bool, fused: bool, device: str):
+    """Token positions (on ``device``), the schedule and the top-left causal blocks; cached per call shape.
+
+    Building them takes milliseconds of CPU (a host-to-device copy too), which
+    a GPU call of a few tens of milliseconds would wait for on every call.
+    """
+    positions = layout_positions(n, world, layout)
+    schedule = ring_schedule(n, world, layout=layout, causal=causal)
+    top_left = _top_left_blocks(positions, schedule) if fused and causal else frozenset()
+    return positions.to(device), schedule, top_left
+
+
 def _fast_block(plan: _Plan, t: int, step, i: int, block) -> bool:
     """Whether block ``i`` of ``step`` goes to the fused kernel (else the einops path with positions)."""
     return plan.kernel != "einops" and (block.kind == "full" or (t, step.rank, i) in plan.top_left)
@@ -193,7 +207,9 @@ def _forward(q, k, v, plan: _Plan):
                                                 causal=block.kind == "causal", backend=plan.kernel)
             else:  # a causal block the top-left mask cannot express: positions, einops
                 o_blk, lse_blk = attend_block(q[:, rows], *(expand_kv(x[:, keys], q.shape[2]) for x in held), **kw)
-            merge_into_(out[:, rows], lse[:, :, rows], o_blk, lse_blk)
+            # step 0's first block over every row sets the accumulators (no read of the zeros)
+            merge_many_into_(out[:, rows], lse[:, :, rows], [(o_blk, lse_blk)], initialise=t == 0 and i == 0
+                             and block.q == (0, c))
         if works:
             _wait(works, ring, what)
             held, spare = spare, held
@@ -303,12 +319,9 @@ def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, sc
         raise ValueError(f"kernel must be one of {BACKENDS}, got {kernel!r}")
     ring = _Ring.of(group, resolve_timeout(timeout))
     _check_agreement(q, k, v, causal, layout, ring, kernel)
-    n = q.shape[1] * ring.world
-    positions = layout_positions(n, ring.world, layout)
-    schedule = ring_schedule(n, ring.world, layout=layout, causal=causal)
-    top_left = _top_left_blocks(positions, schedule) if kernel != "einops" and causal else frozenset()
-    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]), positions.to(q.device), schedule,
-                 kernel, top_left)
+    positions, schedule, top_left = _layout_parts(q.shape[1] * ring.world, ring.world, layout, causal,
+                                                  kernel != "einops", str(q.device))
+    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]), positions, schedule, kernel, top_left)
     return _RingAttention.apply(q, k, v, plan)
 
 
