@@ -190,11 +190,14 @@ def _forward(q, k, v, plan: _Plan):
     work = compute_dtype(q.dtype)
     out = torch.zeros(b, c, h, d, dtype=work, device=q.device)
     lse = torch.full((b, h, c), float("-inf"), dtype=work, device=q.device)
-    held = torch.stack([k, v]).contiguous()  # what travels: "2 b c h d"
-    spare = torch.empty_like(held)
+    # What travels: K and V (contiguous; sent as they are at step 0, never written). Received shards go to
+    # two buffer pairs in turn, so the one being attended is never the one being received into.
+    held = [k.contiguous(), v.contiguous()]
+    buffers = [[torch.empty_like(x) for x in held] for _ in range(2)] if ring.world > 1 else []
     for t in range(ring.world):
         what = ring.describe("forward", t, "the K/V shard")
-        works = _exchange([held], [spare], ring, 0, what) if t < ring.world - 1 else []
+        spare = buffers[t % 2] if t < ring.world - 1 else None
+        works = _exchange(held, spare, ring, 0, what) if spare is not None else []
         step = plan.schedule[t][ring.rank]
         for i, block in enumerate(step.blocks):
             rows, keys, kw = _block_args(plan, step, block)
@@ -212,7 +215,7 @@ def _forward(q, k, v, plan: _Plan):
                              and block.q == (0, c))
         if works:
             _wait(works, ring, what)
-            held, spare = spare, held
+            held = spare
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
