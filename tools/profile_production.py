@@ -25,19 +25,14 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ringbook  # noqa: E402
 from ringbook import kernels  # noqa: E402
+from ringbook.bench import time_once  # noqa: E402
 
 
 def event_ms(fn, repeats=5):
+    """Median and all of ``repeats`` CUDA-event timings after one warm-up call (as the bench times a call)."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [time_once(fn, torch.device("cuda")) for _ in range(repeats)]
     return statistics.median(times), times
 
 
