@@ -25,6 +25,7 @@
 # Shapes as in notebook 01: q, k, v are `b n h d`; `w` is the ring size.
 
 # %%
+import json
 import statistics
 from pathlib import Path
 
@@ -35,7 +36,9 @@ import ringbook
 from ringbook import work_per_rank
 from ringbook._utils import attention_flops
 from ringbook.bench import DTYPES, IMPLS, TOLERANCE, run_row
+from ringbook.plots import new_figure
 from ringbook.report import (
+    IMPL_COLORS,
     SEED_FLAWS,
     SEED_ROWS,
     load_rows,
@@ -86,8 +89,10 @@ print("ringbook", ringbook.__version__)
 # \text{tokens/s} = \frac{b\, n}{t}.
 # $$
 #
-#   For `ring_dilated` $F$ counts the dilated work actually required
-#   (`ringbook.dilated_flops`, notebook 03), not dense work.
+#   For `ring_dilated` and `production_dilated` $F$ counts the dilated work
+#   actually required (`ringbook.dilated_flops`, notebook 03), not dense work.
+#   Forward+backward rows (`mode: "forward+backward"`) count $3.5\,F$: the
+#   backward pass does 2.5 times the forward's products.
 # * **The answer**: the output of the first (warm-up) call is compared with
 #   `naive_attention` in float64, one head at a time, on evenly spaced query
 #   rows where the full reference would not fit:
@@ -102,9 +107,13 @@ print("ringbook", ringbook.__version__)
 #   length already ran out of memory, or a call predicted to take longer
 #   than `max_row_seconds`) says so in `error`.
 #
-# The check below holds the committed H100 file to these rules: every ok row's
+# The check below holds the committed H100 files to these rules: every ok row's
 # time is the median of its repeats, its TFLOP/s follows from its FLOPs and
-# time, its FLOPs from the formula, and its error is within tolerance.
+# time, its FLOPs from the formula, and its error is within tolerance. The
+# one-GPU sweep file holds two runs (its `meta.command` lists both): the
+# production rows, `production_dilated`, `ring_dilated` and the two fastest
+# SDPA backends at 16K–512K were re-measured together in one run (rows with
+# `mode: "forward"`); the other rows are from an earlier run.
 
 # %%
 print("tolerance per dtype:", {str(d).removeprefix("torch."): t for d, t in TOLERANCE.items()})
@@ -112,24 +121,33 @@ assert attention_flops(1, 8, 131072, 131072, 64) == 4 * 8 * 131072**2 * 64
 assert attention_flops(1, 8, 131072, 131072, 64, causal=True) * 2 == attention_flops(1, 8, 131072, 131072, 64)
 
 BENCH = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16.json"
+FWD_BWD = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16-fwd-bwd.json"
 LONG = FIGURES / "bench-h100-long-4m.json"
 DIST = FIGURES / "dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2.json"
+DIST_AUTO = FIGURES / "dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2-auto.json"
 CHECK = FIGURES / "production" / "gpu-check-h100.json"
-for f in (BENCH, LONG, DIST, CHECK):
+for f in (BENCH, FWD_BWD, LONG, DIST, DIST_AUTO, CHECK):
     assert f.exists(), f"{f.relative_to(ROOT)} is missing: it is written by a GPU run (see the README)"
 bench = load_rows(BENCH)
+fwd_bwd = load_rows(FWD_BWD)
+DILATED = ("ring_dilated", "production_dilated")  # F = the dilated work, not dense
 ok = [r for r in bench if r["status"] == "ok"]
-for r in ok:
+assert all(r["status"] == "ok" and r["mode"] == "forward+backward" for r in fwd_bwd)
+for r in ok + fwd_bwd:
     assert r["time_ms"] == statistics.median(r["times_ms"])
     assert abs(r["tflops"] - r["flops"] / (r["time_ms"] * 1e-3) / 1e12) <= 1e-9 * r["tflops"]
     assert abs(r["tokens_per_s"] - r["batch"] * r["seq_len"] / (r["time_ms"] * 1e-3)) <= 1e-6 * r["tokens_per_s"]
-    if r["impl"] != "ring_dilated":
-        assert r["flops"] == attention_flops(r["batch"], r["heads"], r["seq_len"], r["seq_len"], r["head_dim"],
-                                             r["causal"])
+    if r["impl"] not in DILATED:
+        dense = attention_flops(r["batch"], r["heads"], r["seq_len"], r["seq_len"], r["head_dim"], r["causal"])
+        assert r["flops"] == (3.5 * dense if r.get("mode") == "forward+backward" else dense)
     assert r["max_rel_err"] <= TOLERANCE[DTYPES[r["dtype"]]]
+dilated_flops = {(r["impl"], r["seq_len"], r["ring_size"], r["causal"]): r["flops"] for r in ok if r["impl"] in DILATED}
+assert all(f == dilated_flops[("ring_dilated", *key[1:])] for key, f in dilated_flops.items()
+           if key[0] == "production_dilated")  # both dilated implementations are credited the same work
 statuses = {s: sum(r["status"] == s for r in bench) for s in ("ok", "oom", "error")}
-print(f"{BENCH.name}: {len(bench)} rows {statuses}; every ok row: median time, TFLOP/s = F / t, "
-      f"F = 4·b·h·n²·d (dense), error within tolerance: True")
+print(f"{BENCH.name}: {len(bench)} rows {statuses}; {FWD_BWD.name}: {len(fwd_bwd)} rows, all ok.\n"
+      f"Every ok row: median time, TFLOP/s = F / t, F = 4·b·h·n²·d (dense; ×3.5 forward+backward; "
+      f"dilated work for {' and '.join(DILATED)}), error within tolerance: True")
 reasons = {"ran out of memory": 0, "not run: a shorter length ran out of memory": 0,
            "not run: predicted to exceed max_row_seconds": 0}
 for r in bench:
@@ -197,25 +215,26 @@ _ = display(explorer)
 #
 # The committed sweep (`python -m ringbook bench` on one H100 80GB, bf16,
 # b = 1, h = 8, d = 64, 4K to 512K tokens) measured ringbook's one-process
-# rings at ring sizes 1, 4, 8 and 16, and PyTorch's fused SDPA backends as
-# the peers. The production path's rows there are a separate run at 4M
-# tokens (`bench-h100-long-4m.json`, one timed call, causal, ring size 16),
-# drawn as single points. Colour is the implementation, line style the ring
-# size; top TFLOP/s, bottom peak memory.
+# rings at ring sizes 1, 4, 8 and 16: the einops `ring`, the dilated
+# `ring_dilated`, and the fused production path, dense (`production`) and
+# with the seed's dilated configuration (`production_dilated`); PyTorch's
+# fused SDPA backends are the peers. The rows at 4M tokens are separate runs
+# (`bench-h100-long-4m.json`, one timed call each, ring size 16 for the
+# production path), drawn as single points. Colour is the implementation,
+# line style the ring size; top TFLOP/s, bottom peak memory.
 #
 # One caveat on the bottom row: a one-process ring plays all $w$ ranks on
-# one GPU, so its peak holds the *whole* sequence's q, k, v and out plus one
-# block's working set. It falls with $w$ because the block shrinks, but it is
-# not the memory of one rank of a real ring: that was measured over NCCL on
-# two GPUs and is in section 5.
+# one GPU, so its peak holds the *whole* sequence's q, k, v and out plus the
+# working set of the blocks it computes at once. It is not the memory of one
+# rank of a real ring: that was measured over NCCL on two GPUs (section 5).
 
 # %%
 long_rows = load_rows(LONG)
 rows = bench + long_rows
 assert all(r["status"] == "ok" for r in long_rows)
-assert {(r["device"], r["dtype"], r["batch"], r["heads"], r["head_dim"]) for r in rows} == {
-    (bench[0]["device"], "bfloat16", 1, 8, 64)}  # one device, one shape: the two files can share a plot
-OURS = ["ring", "ring_dilated", "production"]
+assert {(r["device"], r["dtype"], r["batch"], r["heads"], r["head_dim"]) for r in rows + fwd_bwd} == {
+    (bench[0]["device"], "bfloat16", 1, 8, 64)}  # one device, one shape: the files can share a plot
+OURS = ["ring", "ring_dilated", "production", "production_dilated"]
 PEERS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa"]
 fig = plot_sweep(rows, impls=OURS + PEERS)
 fig.savefig(FIGURES / "05_benchmarks.png", dpi=110, metadata={"Software": None})
@@ -226,13 +245,16 @@ fig
 # implementation and ring size its longest sequence with an ok row, the
 # memory and throughput there, and **why the series stops**. Ringbook's
 # einops `ring` stops at 128K by the sweep's time limit (a 256K call was
-# predicted to take over 4 s), not by memory; `ring_dilated` and the fused
-# peers reach the end of the sweep. TFLOP/s are not comparable between
-# `ring_dilated` (dilated work) and the others (dense work).
+# predicted to take over 4 s), not by memory; the dilated rings, the
+# production path and the fused peers reach the end of the sweep, and the
+# production path at ring size 16 (both masks) and cuDNN (causal) reach 4M in
+# the separate runs. TFLOP/s are not comparable between the dilated rows
+# (dilated work) and the others (dense work).
 
 # %%
 LABELS = {"ring": "ring (ringbook, einops)", "ring_dilated": "ring_dilated (ringbook, seed config)",
-          "production": "production (ringbook, fused; the 4M run only)", "sdpa_cudnn": "SDPA cuDNN (peer)",
+          "production": "production (ringbook, fused)",
+          "production_dilated": "production_dilated (ringbook, fused, seed config)", "sdpa_cudnn": "SDPA cuDNN (peer)",
           "sdpa_flash": "SDPA flash (peer)", "sdpa_efficient": "SDPA efficient (peer)", "sdpa": "SDPA default (peer)"}
 for causal in (False, True):
     display(Markdown(f"**{'Causal' if causal else 'Non-causal'}**, {bench[0]['device']}, bf16\n\n"
@@ -240,10 +262,12 @@ for causal in (False, True):
 summary = {(s["impl"], s["ring_size"], c): s for c in (False, True)
            for s in summary_rows(rows, impls=OURS + PEERS, causal=c)}
 assert all(summary[(i, 1, c)]["best"]["seq_len"] >= 524288 for i in PEERS for c in (False, True))  # cuDNN: 4M
-assert all(summary[("ring_dilated", w, c)]["best"]["seq_len"] == 524288 for w in (1, 4, 8, 16) for c in (False, True))
+assert all(summary[(i, w, c)]["best"]["seq_len"] >= 524288 for i in ("ring_dilated", "production", "production_dilated")
+           for w in (1, 4, 8, 16) for c in (False, True))
 assert all(summary[("ring", w, c)]["best"]["seq_len"] == 131072 and "time limit" in summary[("ring", w, c)]["stopped"]
            for w in (1, 4, 8, 16) for c in (False, True))
-assert summary[("production", 16, True)]["best"]["seq_len"] == 4194304
+assert all(summary[("production", 16, c)]["best"]["seq_len"] == 4194304 for c in (False, True))
+assert summary[("sdpa_cudnn", 1, True)]["best"]["seq_len"] == 4194304
 
 # %% [markdown]
 # And the seed's own rows beside what ringbook measured for the same
@@ -264,66 +288,180 @@ print("not measured at that ring size:", [name for name, *_ in SEED_ROWS if name
 #
 # `production_ring_attention` runs the ring's schedule on PyTorch's fused
 # kernels (cuDNN, flash) that return the lse of each block, with all ranks
-# stacked in the batch and a Triton merge. The targets: **at least 0.95×**
-# the speed of the fastest SDPA backend for the forward pass, and **0.85×**
-# for forward+backward. `tools/gpu_check_production.py` timed it against every
-# SDPA backend in the same run on one H100 (`figures/production/gpu-check-h100.json`);
-# `ratio_vs_sdpa` = fastest SDPA time / production time, so above 1 is faster.
-# The plain rows are the production path; rows with `merge=`, `backend=` or
-# `merge skipped` are diagnostics (a torch merge, flash forced, and the merge
-# left out to measure its cost).
+# stacked in the batch and a Triton merge; its backward runs cuDNN's backward
+# op per block. The targets on one H100 at 131,072 tokens with 16 ranks:
+# **at least 0.95×** the speed of the fastest SDPA backend (cuDNN) in the
+# forward pass, without a mask and with one (zigzag); and **0.85×** for
+# forward+backward at 65,536 tokens with 8 ranks. Ratio = SDPA time /
+# production time, so above 1 is faster.
+#
+# There are two measurements, and both are shown:
+#
+# * **The sweep** (`python -m ringbook bench`, the issue's method): the
+#   production rows and the `sdpa_cudnn` rows of the *same* run, forward
+#   (the sweep of section 3) and forward+backward
+#   (`bench-…-fwd-bwd.json`), medians of 10 calls.
+# * **The GPU check** (`tools/gpu_check_production.py`,
+#   `figures/production/gpu-check-h100.json`), run on the other GPU of the
+#   same host: it times the production path against every SDPA backend in the
+#   same process, and adds diagnostics (rows with `merge`, `backend=` in their
+#   name: a torch merge instead of the Triton one, one merge group, the merge
+#   left out to measure its cost, the flash backend forced).
 
 # %%
 TARGETS = {"fwd": 0.95, "fwd+bwd": 0.85}
+TARGET_AT = {"fwd": (131072, 16), "fwd+bwd": (65536, 8)}  # (seq_len, ring size) the issue names
+SDPA_MODE = {"fwd": "forward", "fwd+bwd": "forward+backward"}
+
+
+def sweep_ratios(rows, section):
+    """Production against the fastest SDPA row of the same file and mode, per (seq_len, ring size, causal)."""
+    mode = SDPA_MODE[section]
+    same = [r for r in rows if r.get("mode") == mode and r["status"] == "ok"]
+    sdpa = {}
+    for r in same:
+        if r["impl"].startswith("sdpa") and r["seq_len"] in {x["seq_len"] for x in same if x["impl"] == "production"}:
+            key = (r["seq_len"], r["causal"])
+            if key not in sdpa or r["time_ms"] < sdpa[key]["time_ms"]:
+                sdpa[key] = r
+    out = []
+    for r in sorted((r for r in same if r["impl"] == "production"),
+                    key=lambda r: (r["seq_len"], r["causal"], r["ring_size"])):
+        peer = sdpa[(r["seq_len"], r["causal"])]
+        out.append({"section": f"sweep {section}", "target": TARGETS[section],
+                    "name": f"{r['seq_len']} w={r['ring_size']} causal={r['causal']}", "seq_len": r["seq_len"],
+                    "ring_size": r["ring_size"], "causal": r["causal"], "ms": r["time_ms"], "tflops": r["tflops"],
+                    "sdpa_best": peer["impl"], "sdpa_ms": peer["time_ms"],
+                    "ratio_vs_sdpa": peer["time_ms"] / r["time_ms"]})
+    return out
+
+
+def verdict(ratio, target):
+    return "met" if ratio >= target else "NOT met"
+
+
+sweep = {"fwd": [x for x in sweep_ratios(bench, "fwd") if x["seq_len"] == TARGET_AT["fwd"][0]],
+         "fwd+bwd": sweep_ratios(fwd_bwd, "fwd+bwd")}
+assert all(x["sdpa_best"] == "sdpa_cudnn" for v in sweep.values() for x in v)  # cuDNN is the fastest SDPA peer
+print(f"{'the sweep':12}{'configuration':30}{'ms':>9}{'TFLOP/s':>9}{'cuDNN ms':>10}{'ratio':>9}  target")
+for section, xs in sweep.items():
+    for x in xs:
+        named = (x["seq_len"], x["ring_size"]) == TARGET_AT[section]
+        print(f"{x['section']:12}{x['name']:30}{x['ms']:9.2f}{x['tflops']:9.1f}{x['sdpa_ms']:10.2f}"
+              f"{x['ratio_vs_sdpa']:8.4f}×  " + (f"≥ {x['target']}: {verdict(x['ratio_vs_sdpa'], x['target'])}"
+                                               if named else ""))
+
+# %%
 check = load_rows(CHECK)
 timed = [r for r in check if r["section"] in TARGETS]
 assert timed and all(r["status"] == "ok" for r in timed)
-print(f"{'':8}{'configuration':46}{'ms':>8}{'TFLOP/s':>9}{'fastest SDPA':>20}{'ratio':>8}  target")
-met, missed = [], []
+print(f"{'the check':9}{'configuration':46}{'ms':>8}{'TFLOP/s':>9}{'fastest SDPA':>20}{'ratio':>8}  target")
 for r in timed:
     diagnostic = any(word in r["name"] for word in ("merge", "backend"))
-    verdict = "(diagnostic)" if diagnostic else ("met" if r["ratio_vs_sdpa"] >= TARGETS[r["section"]] else "NOT met")
-    if not diagnostic:
-        (met if verdict == "met" else missed).append(f"{r['section']} {r['name']}")
-    print(f"{r['section']:8}{r['name']:46}{r['ms']:8.1f}{r['tflops']:9.1f}"
+    print(f"{r['section']:9}{r['name']:46}{r['ms']:8.1f}{r['tflops']:9.1f}"
           f"{r['sdpa_best'].removesuffix('_ATTENTION').lower():>11} {r['sdpa_ms']:6.1f} ms{r['ratio_vs_sdpa']:7.3f}×"
-          f"  ≥ {TARGETS[r['section']]}: {verdict}")
-print(f"\ntargets met ({len(met)}):", met)
-print(f"targets not met ({len(missed)}):", missed)
-print("forward+backward was timed at 65,536 tokens only (no 131K row is committed)")
-assert not any(r["section"] == "fwd+bwd" and r["name"].startswith("131072") for r in timed)
+          f"  " + ("(diagnostic)" if diagnostic else f"≥ {TARGETS[r['section']]}: "
+                   f"{verdict(r['ratio_vs_sdpa'], TARGETS[r['section']])}"))
+assert all(r["sdpa_best"] == "CUDNN_ATTENTION" for r in timed)
 
 # %% [markdown]
-# So, honestly: in the forward pass without a mask the production path is
-# as fast as cuDNN up to 8 ranks and misses the target at 16; with a causal
-# mask it misses it at every ring size, narrowly at 4 ranks and by most at
-# one rank (a single zigzag rank computes its diagonal blocks in full).
-# The diagnostics at 16 ranks show where time goes: leaving the merge out
-# gains about 3 points, a torch merge instead of the Triton one loses 6
-# (non-causal) to 14 (causal), and forcing the flash backend loses about 30.
-# Forward+backward runs at about two thirds of cuDNN, well short of 0.85×.
-# At 4M tokens (one timed call each) the production path is faster than
-# cuDNN, whose throughput there is below its best:
+# The targets side by side, each read from both files. `ratio_vs_sdpa` in the
+# check is stored to three decimals; the sweep's ratio is computed from its
+# two medians, so it is printed to four: a ratio that rounds to the target
+# but lies below it does not meet it.
 
 # %%
-prod4m, cudnn4m = (next(r for r in long_rows if r["impl"] == i) for i in ("production", "sdpa_cudnn"))
-print(f"{prod4m['seq_len']:,} tokens, causal: production (16 ranks) {prod4m['time_ms'] / 1e3:.1f} s, "
-      f"{prod4m['tflops']:.0f} TFLOP/s, {prod4m['peak_mem_gb']:.1f} GB | sdpa_cudnn {cudnn4m['time_ms'] / 1e3:.1f} s, "
-      f"{cudnn4m['tflops']:.0f} TFLOP/s, {cudnn4m['peak_mem_gb']:.1f} GB | "
-      f"ratio {cudnn4m['time_ms'] / prod4m['time_ms']:.2f}×")
+by_name = {(r["section"], r["name"]): r for r in timed}
+targets_table = []
+for section, (n, w) in TARGET_AT.items():
+    for causal in (False, True):
+        name = f"{n} w={w} causal={causal}"
+        s_ = next(x for x in sweep[section] if x["name"] == name)
+        c_ = by_name[(section, name)]
+        targets_table.append((section, name, s_["ratio_vs_sdpa"], c_["ratio_vs_sdpa"]))
+lines = ["| target | configuration | the sweep | the GPU check |", "|---|---|---|---|"]
+for section, name, rs, rc in targets_table:
+    t = TARGETS[section]
+    lines.append(f"| {section} ≥ {t}× | {name} | {rs:.4f}× ({verdict(rs, t)}) | {rc:.3f}× ({verdict(rc, t)}) |")
+display(Markdown("\n".join(lines)))
+verdicts = {(section, name): (verdict(rs, TARGETS[section]), verdict(rc, TARGETS[section]))
+            for section, name, rs, rc in targets_table}
+assert verdicts[("fwd", "131072 w=16 causal=True")] == ("NOT met", "NOT met")
+assert verdicts[("fwd", "131072 w=16 causal=False")][1] == "NOT met"
+assert all(v == ("met", "met") for (section, _), v in verdicts.items() if section == "fwd+bwd")
+rs16 = targets_table[0][2]  # the sweep, 131K, 16 ranks, non-causal: 0.950 to three decimals, but below 0.95
+assert round(rs16, 3) == TARGETS["fwd"] and rs16 < TARGETS["fwd"]
+for causal in (False, True):  # in the sweep the forward ratio falls as the ring grows
+    rs_ = [x["ratio_vs_sdpa"] for x in sweep["fwd"] if x["causal"] == causal]
+    assert rs_ == sorted(rs_, reverse=True)
+diag = {name.removeprefix("131072 w=16 "): r["ratio_vs_sdpa"] for (section, name), r in by_name.items()
+        if section == "fwd" and name.startswith("131072 w=16")}
+for causal in (False, True):
+    c = f"causal={causal}"
+    print(f"check, forward, 16 ranks, {c}: production {diag[c]:.3f}× | merge skipped {diag[c + ' merge skipped (cost)']:.3f}×"
+          f" | torch merge {diag[c + ' merge=torch']:.3f}× | flash forced {diag[c + ' backend=flash']:.3f}×"
+          + (f" | one merge group {diag[c + ' merge group 1']:.3f}×" if c + " merge group 1" in diag else ""))
+    assert diag[c + " merge skipped (cost)"] > diag[c] > diag[c + " merge=torch"] > diag[c + " backend=flash"]
+
+# %% [markdown]
+# So, honestly. In the forward pass the production path is within a few per
+# cent of cuDNN with one rank, and its ratio falls as the ring grows (more,
+# smaller blocks and more merging), faster with a mask. At the issue's
+# configuration, 131K tokens and 16 ranks:
+#
+# * **non-causal**: borderline. In the sweep the ratio is 0.950 to three
+#   decimals, yet a hair below 0.95 computed from the two medians, so
+#   strictly the target is not met; the GPU check, on the other GPU of the
+#   host, puts it clearly lower, also **not met**.
+# * **causal (zigzag)**: **not met** in either measurement.
+#
+# What limits it, from the check's diagnostics: the merge. With the merge
+# left out the path comes close to (non-causal) or above (causal) the target,
+# so the merge costs several points at 16 ranks; a torch merge instead of the
+# Triton one costs far more, and forcing the flash backend instead of cuDNN
+# is far slower still. Forward+backward at 64K with 8 ranks **meets** its
+# 0.85× target in both measurements, with and without a mask.
+#
+# At 4M tokens (one timed call each, ring size 16) the production path ran
+# forward without and with a mask; cuDNN alone was measured with a mask only,
+# in an earlier session (another process, see the file's `meta.note`):
+
+# %%
+long_meta = json.loads(LONG.read_text())["meta"]
+prod4m = {r["causal"]: r for r in long_rows if r["impl"] == "production"}
+cudnn4m = next(r for r in long_rows if r["impl"] == "sdpa_cudnn")
+assert set(prod4m) == {False, True} and cudnn4m["causal"] and all(r["ring_size"] == 16 for r in prod4m.values())
+for causal, r in sorted(prod4m.items()):
+    print(f"{r['seq_len']:,} tokens, {'causal' if causal else 'non-causal'}: production (16 ranks) "
+          f"{r['time_ms'] / 1e3:.1f} s, {r['tflops']:.0f} TFLOP/s, peak {r['peak_mem_gb']:.1f} GB")
+print(f"{cudnn4m['seq_len']:,} tokens, causal: sdpa_cudnn {cudnn4m['time_ms'] / 1e3:.1f} s, "
+      f"{cudnn4m['tflops']:.0f} TFLOP/s, peak {cudnn4m['peak_mem_gb']:.1f} GB "
+      f"(time ratio cuDNN / production, causal: {cudnn4m['time_ms'] / prod4m[True]['time_ms']:.2f}×; "
+      f"measured in a different session)")
+for command, note in zip(long_meta["command"], long_meta["note"]):
+    print(f"\n$ {command}" + (f"\n  note: {note}" if note else ""))
+
+# %% [markdown]
+# The production path holds more memory than cuDNN at 4M because one process
+# plays all 16 ranks (section 3's caveat). And correctness: the same GPU check
+# compared out, lse and the gradients with the float64 reference (dense, GQA,
+# dilated, a gradient into lse, and sampled rows at 131K):
+
+# %%
 correct = [r for r in check if r["section"] == "correct"]
 fails = [r for r in correct if r["status"] != "ok"]
-print(f"\ncorrectness rows in the same check: {len(correct) - len(fails)} ok, {len(fails)} fail:",
-      [r["name"] for r in fails])
-# the 3 failures compare the lse of dilated patterns, whose uncovered positions are -inf in both:
-# -inf - (-inf) = nan. out, dq, dk, dv are within bounds; the check was fixed after this run (-inf == -inf).
-assert all("FAIL" in r["lse"] and "nan" in r["lse"] and not any("FAIL" in r[g] for g in ("out", "dq", "dk", "dv"))
-           for r in fails)
-print("in each, only the lse comparison failed: nan from -inf − (-inf) at positions no dilated pattern keeps;\n"
-      "the check now treats equal -inf as equal, but has not been re-run on a GPU since")
+print(f"correctness rows: {len(correct) - len(fails)} ok, {len(fails)} failed; "
+      f"all {len(check)} rows of the check ok: {all(r['status'] == 'ok' for r in check)}")
+assert correct and not fails
+kernels = json.loads(CHECK.read_text())["kernels"]
+print("kernels used (auto):", sorted({v for k, v in kernels.items() if k.endswith("'auto')")}),
+      "| merge:", sorted({v for k, v in kernels.items() if k.startswith("merge")}))
 
 # %%
-fig_ratio = plot_ratios(timed, TARGETS)
+fig_ratio = plot_ratios(
+    sweep["fwd"] + [x for x in sweep["fwd+bwd"] if x["seq_len"] == TARGET_AT["fwd+bwd"][0]]
+    + [dict(r, section=f"check {r['section']}") for r in timed],
+    {f"{m} {s}": t for s, t in TARGETS.items() for m in ("sweep", "check")})
 fig_ratio.savefig(FIGURES / "05_production.png", dpi=110, metadata={"Software": None})
 fig_ratio
 
@@ -377,30 +515,126 @@ assert by_work == {False: 2.0, True: 2.4}
 assert all(p["mem_per_rank_gb"] < 0.55 * p["mem_one_gb"] for p in pairs)  # each GPU holds about half
 
 # %% [markdown]
-# Without a mask the two-GPU ring reaches the ideal 2× from 64K on; at 16K
-# and 32K the exchange is not yet fully hidden behind the compute. With a
-# mask it is above 2× from 32K on, and slightly above the 2.4× that the
-# count of scores allows; that count leaves out the cost of applying the
-# mask, which ring size 1 pays on bigger tiles (not measured separately
-# here). Against the fastest one-process ring, which already trims the causal
-# waste by using more, smaller blocks, the causal speed-up is 1.6–1.8×. Each
-# GPU holds about half the memory of the single GPU. These are the einops
-# kernel's numbers (13–28 TFLOP/s on two GPUs); the production path over two GPUs has
-# not been measured:
+# Without a mask the einops two-GPU ring reaches about the ideal 2× from 64K
+# on; at 16K and 32K the exchange is not yet fully hidden behind the compute.
+# With a mask it is above 2× from 32K on, and near or slightly above the
+# 2.4× that the count of scores allows; that count leaves out the cost of
+# applying the mask, which ring size 1 pays on bigger tiles (not measured
+# separately here). Against the fastest one-process ring, which already
+# trims the causal waste by using more, smaller blocks, the causal speed-up
+# is lower. Each GPU holds about half the memory of the single GPU. These
+# are the einops kernel's numbers, far below the fused kernels' throughput.
+#
+# ### The production path on two GPUs
+#
+# The second two-GPU run (`dist-bench-…-w2-auto.json`) is the production
+# path over NCCL (`production_dist`, kernel `auto`: cuDNN blocks, zigzag with
+# a mask), and in the same run its peers: the one-GPU baselines on rank 0
+# alone (`peer_of: "dist"`, `gpus: 1`: `sdpa_cudnn` and `production` with
+# one rank), and PyTorch's `context_parallel` on the same two GPUs with the
+# cuDNN and the flash SDPA backend. The targets: **at least 1.9×** the
+# fastest one GPU (cuDNN) without a mask, **faster than `context_parallel`**
+# with one, and the peak memory per GPU reported.
 
 # %%
-multi_gpu_production = [r for f in sorted(FIGURES.glob("dist-bench-*.json")) for r in load_rows(f)
-                        if "production" in r["impl"]]
-if multi_gpu_production:
-    print(f"committed: {len(multi_gpu_production)} multi-GPU production rows")
-else:
-    print("Not committed yet: the production path on two GPUs (target: at least 1.9× one GPU at 131K, "
-          "and compared with PyTorch's context_parallel in the same run). The only committed multi-GPU rows "
-          "are the einops ring above.")
+auto = load_rows(DIST_AUTO)
+scaling_meta = json.loads(DIST_AUTO.read_text())["meta"]["scaling"]
+assert auto and all(r["status"] == "ok" and r["seq_len"] == auto[0]["seq_len"] for r in auto)
+print(f"{auto[0]['device']}, {auto[0]['backend']}, {auto[0]['dtype']}, {auto[0]['seq_len']:,} tokens")
+DIST_TARGET = 1.9
+dist_table = {}
+for causal in (False, True):
+    rs = [r for r in auto if r["causal"] == causal]
+    one = {r["impl"]: r for r in rs if r.get("peer_of") == "dist"}
+    ours = next(r for r in rs if r["impl"] == "production_dist")
+    cp = {r["sdpa_backend"]: r for r in rs if r["impl"] == "context_parallel"}
+    assert one["sdpa_cudnn"]["gpus"] == 1 and ours["gpus"] == 2 and ours["layout"] == ("zigzag" if causal else "contiguous")
+    base = min(one.values(), key=lambda r: r["time_ms"])
+    cp_best = min(cp.values(), key=lambda r: r["time_ms"])
+    entries = [(f"1 GPU: {n}", r, 1) for n, r in one.items()] + [("2 GPUs: production_dist", ours, 2)] + [
+        (f"2 GPUs: context_parallel ({b})", r, 2) for b, r in cp.items()]
+    print(f"\n{'causal' if causal else 'non-causal'}:{'':28}{'ms':>8}{'vs 1 GPU ' + base['impl']:>24}"
+          f"{'peak GB per GPU':>20}")
+    for label, r, g in entries:
+        per_gpu = r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]]
+        print(f"  {label:36}{r['time_ms']:8.2f}{base['time_ms'] / r['time_ms']:23.2f}×"
+              f"{' / '.join(f'{m:.2f}' for m in per_gpu):>20}")
+    speedup = base["time_ms"] / ours["time_ms"]
+    m = next(x for x in scaling_meta if x["causal"] == causal)  # the run's own summary agrees with its rows
+    assert m["one_gpu_impl"] == base["impl"] and abs(m["speedup_vs_one_gpu"] - speedup) < 1e-9
+    assert m["cp_sdpa_backend"] == cp_best["sdpa_backend"]
+    assert abs(m["cp_time_over_ours"] - cp_best["time_ms"] / ours["time_ms"]) < 1e-9
+    dist_table[causal] = {"speedup": speedup, "ours": ours, "cp": cp_best, "one": base}
+    if not causal:
+        print(f"  target ≥ {DIST_TARGET}× one GPU: {speedup:.2f}× → {verdict(speedup, DIST_TARGET)}")
+    else:
+        faster = cp_best["time_ms"] / ours["time_ms"]
+        print(f"  target faster than context_parallel ({cp_best['sdpa_backend']}): ours {ours['time_ms']:.2f} ms, "
+              f"CP {cp_best['time_ms']:.2f} ms → {'met' if faster > 1 else 'NOT met'} "
+              f"(CP time / ours = {faster:.3f}); speed-up vs one GPU {speedup:.2f}×")
+    print(f"  checked: {ours['check']}")
+
+# %% [markdown]
+# So: without a mask two GPUs run the production path at just **under** the
+# 1.9× target (not met, narrowly) and about as fast as `context_parallel`
+# with cuDNN; with a mask the path is **not** faster than `context_parallel`
+# (cuDNN, load-balanced), which edges it out by a little, so that target is
+# not met either. Against CP with the flash backend ours is clearly faster in
+# both. The clearest gain is memory: each GPU of the production ring peaks
+# well below what a `context_parallel` rank does, because CP's SDPA call
+# gathers the whole K/V (`all_gather` rotation) while the ring holds one
+# remote block at a time. A one-GPU run's peak here is lower still: it holds
+# the inputs of the whole sequence, but the fused kernel needs no score
+# matrix, while each GPU of the ring holds its half of the inputs plus the
+# ring's working buffers (blocks in flight, the merge state).
 
 # %%
-fig_scale = plot_scaling(pairs, target=1.9, target_label="the production path's target",
-                         one_label="one GPU (ring, w = 1)", multi_label="each of 2 GPUs (NCCL)")
+assert dist_table[False]["speedup"] < DIST_TARGET and dist_table[True]["cp"]["time_ms"] < dist_table[True]["ours"]["time_ms"]
+for causal, d in dist_table.items():
+    assert max(d["ours"]["per_rank_peak_mem_gb"]) < min(d["cp"]["per_rank_peak_mem_gb"])
+    flash_cp = next(r for r in auto if r["causal"] == causal and r.get("sdpa_backend") == "flash")
+    assert d["ours"]["time_ms"] < flash_cp["time_ms"]
+
+fig_scale, axes = new_figure(2, 2, figsize=(12.0, 8.6))
+plot_scaling(pairs, target=DIST_TARGET, target_label="the production path's target",
+             one_label="one GPU (ring, w = 1)", multi_label="each of 2 GPUs (NCCL)", axes=axes[0])
+axes[0, 0].set_title("einops ring: speed-up, one GPU → 2 GPUs", fontsize=10)
+axes[0, 1].set_title("einops ring: peak memory, one GPU vs each GPU", fontsize=10)
+ax_t, ax_m = axes[1]
+names = ["1 GPU sdpa_cudnn", "1 GPU production", "2 GPUs production_dist", "2 GPUs CP cudnn", "2 GPUs CP flash"]
+width = 0.16
+for k, causal in enumerate((False, True)):
+    rs = [r for r in auto if r["causal"] == causal]
+    pick = [next(r for r in rs if r["impl"] == "sdpa_cudnn"),
+            next(r for r in rs if r["impl"] == "production" and r.get("peer_of") == "dist"),
+            dist_table[causal]["ours"],
+            next(r for r in rs if r.get("sdpa_backend") == "cudnn"),
+            next(r for r in rs if r.get("sdpa_backend") == "flash")]
+    base = dist_table[causal]["one"]["time_ms"]
+    for i, (name, r) in enumerate(zip(names, pick)):
+        color = IMPL_COLORS.get(r["impl"] if r["impl"] != "context_parallel" else
+                                ("context_parallel" if r["sdpa_backend"] == "cudnn" else "sdpa_flash"), "#999999")
+        x = k + (i - 2) * width
+        style = {"color": color, "hatch": "//" if r["gpus"] == 2 else None, "edgecolor": "white"}
+        bar = ax_t.bar([x], [base / r["time_ms"]], width=width * 0.92, label=name if k == 0 else None, **style)
+        ax_t.bar_label(bar, fmt="%.2f×", fontsize=7, padding=2)
+        mem = max(r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]])
+        bar = ax_m.bar([x], [mem], width=width * 0.92, label=name if k == 0 else None, **style)
+        ax_m.bar_label(bar, fmt="%.2f", fontsize=7, padding=2)
+ax_t.axhline(2, color="#222222", ls="--", lw=1, label="ideal: 2×")
+ax_t.axhline(DIST_TARGET, color="#c44e52", ls=":", lw=1.5, label=f"target (non-causal): {DIST_TARGET:g}×")
+for ax in (ax_t, ax_m):
+    ax.set_xticks([0, 1], ["non-causal", "causal (zigzag)"])
+    ax.grid(alpha=0.3, axis="y")
+ax_t.set_ylim(0, 2.9)
+ax_t.set_ylabel("one-GPU cuDNN time / time")
+ax_t.set_title(f"production path, {auto[0]['seq_len'] // 1024}K tokens: speed-up over one GPU (cuDNN)", fontsize=10)
+ax_t.legend(fontsize=7, loc="upper right", ncol=2)
+ax_m.set_ylim(0, 1.3 * max(max(r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]]) for r in auto))
+ax_m.set_ylabel("peak memory (GB), the largest of the GPUs")
+ax_m.set_title("peak memory per GPU", fontsize=10)
+ax_m.legend(fontsize=7, loc="upper left", ncol=2)
+fig_scale.suptitle(f"{auto[0]['device']} × 2, NCCL, bf16, b=1 h=8 d=64", fontsize=10)
 fig_scale.savefig(FIGURES / "05_scaling.png", dpi=110, metadata={"Software": None})
 fig_scale
 
@@ -408,9 +642,13 @@ fig_scale
 # **Summary.** Every committed row was timed by the median of CUDA-event
 # repeats, had its peak memory measured around one call, and was checked
 # against the float64 reference before it counted. On one H100 the fused
-# SDPA kernels run at ~450 TFLOP/s and ringbook's einops rings at ~14; the
-# production path reaches cuDNN's forward speed up to 8 ranks (non-causal)
-# but not yet at 16 ranks, causal, or forward+backward. Over two GPUs the
-# ring splits memory in half and time by two or more; the same measurement
-# for the production path, and against PyTorch's context parallelism, is
-# still to be committed.
+# SDPA kernels and the production path run at several hundred TFLOP/s, and
+# ringbook's einops rings at a few per cent of that. The production path is
+# within a few per cent of cuDNN's forward pass with few ranks; at 16 ranks
+# and 131K tokens it is on the 0.95× line without a mask in the sweep (just
+# below it, and clearly below in the check) and below it with a mask, the
+# merge being the main cost;
+# forward+backward meets its 0.85× target. It runs 4M tokens forward on one
+# GPU. Over two GPUs it runs just under 1.9× one GPU's speed, keeps
+# level with PyTorch's `context_parallel` (CP slightly ahead with a mask) and
+# needs less memory per GPU than CP.

@@ -247,7 +247,8 @@ RING_STYLES = {1: ("-", "o"), 2: ("-", "P"), 4: ("--", "s"), 8: ("-.", "^"), 16:
 IMPL_COLORS = {  # one colour per implementation in notebook 05's figures
     "ring": "#4c72b0", "ring_dist": "#4c72b0", "ring_dilated": "#55a868", "production": "#c44e52",
     "blockwise": "#8172b3", "naive": "#937860", "sdpa": "#8c8c8c", "sdpa_cudnn": "#222222",
-    "sdpa_flash": "#dd8452", "sdpa_efficient": "#da8bc3",
+    "sdpa_flash": "#dd8452", "sdpa_efficient": "#da8bc3", "production_dilated": "#17becf",
+    "production_dist": "#c44e52", "context_parallel": "#8172b3",
 }
 
 
@@ -443,17 +444,22 @@ def scaling_rows(one: list[dict], multi: list[dict]) -> list[dict]:
 
 
 def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label: str = "target",
-                 one_label: str = "one GPU", multi_label: str = "per GPU of the ring"):
+                 one_label: str = "one GPU", multi_label: str = "per GPU of the ring", axes=None):
     """From :func:`scaling_rows`: speed-up against sequence length (ideal = world size, dashed; ``target``
-    dotted) and peak memory per GPU, one GPU against each GPU of the ring. -> Figure"""
+    dotted) and peak memory per GPU, one GPU against each GPU of the ring. ``axes``: two existing axes
+    (speed-up, memory) to draw into instead of a new figure. -> Figure"""
     import numpy as np
 
     from .plots import COLORS, new_figure
 
     if not pairs:
         raise ValueError("no pairs: the one-GPU and multi-GPU rows share no (seq_len, causal)")
-    fig, axes = new_figure(1, 2, figsize=(12.0, 4.3))
-    ax_s, ax_m = axes[0]
+    if axes is None:
+        fig, axes = new_figure(1, 2, figsize=(12.0, 4.3))
+        ax_s, ax_m = axes[0]
+    else:
+        ax_s, ax_m = axes
+        fig = ax_s.figure
     world = pairs[0]["world"]
     seqs = sorted({p["seq_len"] for p in pairs})
     x = np.arange(len(seqs))
