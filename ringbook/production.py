@@ -30,10 +30,11 @@ changes is how one process plays the ranks:
   folded into float32 accumulators by :func:`ringbook.kernels.merge_many_into_`
   (one pass per step; where every step covers every row — non-causal — up
   to :data:`MERGE_GROUP` steps' results are folded in one pass, so the
-  float32 accumulator is read and written once per group, not per step). The backward runs the ring again with the flash backward op
-  fed the global out and lse of the rows (as ring-flash-attention and
-  PyTorch's context parallel do): cuDNN's backward op where it agrees with
-  the einops path, else flash's. Only q, k, v, out and lse are kept for it.
+  float32 accumulator is read and written once per group, not per step).
+  The backward runs the ring again with a fused backward op fed the global
+  out and lse of the rows (as ring-flash-attention and PyTorch's context
+  parallel do): cuDNN's where it agrees with the einops path, else flash's.
+  Only q, k, v, out and lse are kept for it.
 
 Grouped-query attention: k/v may have fewer heads than q (dividing them);
 K/V travel unexpanded and are expanded only at a kernel that needs it.
