@@ -52,8 +52,7 @@ BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
 STATUS: dict = {}
 _CHOICE: dict = {}  # (device, dtype, head_dim, causal, gqa) -> (backend, expand)
 _BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa, backend) -> (op, expand), or an error text
-_FLASH_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, philox_seed, philox_offset) of a flash forward
-_CUDNN_AUX: dict = {}  # device -> (cum_seq_q, cum_seq_k, philox_seed, philox_offset, lse rank) of a cuDNN forward
+_AUX: dict = {}  # (backward op, device) -> its extra arguments, from a tiny forward (see _aux)
 _TRITON: dict = {}  # device -> True or the reason it is not used
 
 
@@ -231,26 +230,26 @@ def block_attention(q, k, v, *, scale: float, causal: bool = False, backend: str
 
 # --------------------------------------------------------------------------- backward of one block
 
-def _flash_aux(device):
-    """The cum_seq/philox arguments the flash backward op wants, from one tiny flash forward (dropout 0: unused)."""
-    if device not in _FLASH_AUX:
-        x = torch.randn(1, 1, 16, 64, device=device, dtype=torch.bfloat16)
-        res = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=0.125)
-        _FLASH_AUX[device] = (res[2], res[3], res[6], res[7])
-    return _FLASH_AUX[device]
+def _aux(name: str, device):
+    """What backward op ``name`` wants besides the tensors, from one tiny forward of its kernel (cached).
 
-
-def _cudnn_aux(device):
-    """The philox/cum_seq arguments of the cuDNN backward op and the rank of the lse its forward returns."""
-    if device not in _CUDNN_AUX:
+    ``(cum_seq_q, cum_seq_k, philox_seed, philox_offset)`` (dropout 0: unused),
+    and for cuDNN also the rank of the lse its forward returns.
+    """
+    if (name, device) not in _AUX:
         x = torch.randn(1, 1, 16, 64, device=device, dtype=torch.bfloat16)
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False, scale=0.125)
-        _CUDNN_AUX[device] = (res[2], res[3], res[6], res[7], res[1].dim())
-    return _CUDNN_AUX[device]
+        if name == "flash":
+            res = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=0.125)
+            _AUX[name, device] = (res[2], res[3], res[6], res[7])
+        else:
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False,
+                                                                     scale=0.125)
+            _AUX[name, device] = (res[2], res[3], res[6], res[7], res[1].dim())
+    return _AUX[name, device]
 
 
 def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
-    cum_q, cum_k, seed, offset = _flash_aux(q.device)
+    cum_q, cum_k, seed, offset = _aux("flash", q.device)
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         dot, qt, kt, vt, ot, lse.float().contiguous(), cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, seed, offset,
@@ -260,7 +259,7 @@ def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
 
 def _cudnn_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
     """The cuDNN backward op, fed the global out/lse as PyTorch's own context parallel does."""
-    cum_q, cum_k, seed, offset, lse_rank = _cudnn_aux(q.device)
+    cum_q, cum_k, seed, offset, lse_rank = _aux("cudnn", q.device)
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
     lse = lse.float().contiguous()  # cuDNN reads the stats densely (a strided lse gives wrong gradients)
     if lse_rank == 4:
@@ -469,7 +468,7 @@ def merge_many_into_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> N
 
 def reset_caches() -> None:
     """Forget the kernel choices and probes (tests, or after changing torch backends' settings)."""
-    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _FLASH_AUX, _CUDNN_AUX, _TRITON):
+    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, _TRITON):
         cache.clear()
 
 
