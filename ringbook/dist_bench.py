@@ -87,12 +87,12 @@ from . import bench
 from ._utils import attention_flops
 from .distributed import production_ring_attention, ring_attention, unshard
 from .naive import naive_attention
+from .report import FORMATS
 from .schedule import check_layout, layout_positions
 
 KERNELS = ("einops", "auto", "cudnn", "flash", "efficient")
 PEERS = ("one_gpu", "context_parallel")
 CP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-FORMATS = ("json", "md", "png")
 CP_PEAK_MEM_INCLUDES = (
     "this rank's q, k, v shards, the output and what one context-parallel SDPA call allocates (its gathered or "
     "rotated K/V included); not the replicated full-length inputs, freed once context_parallel has sharded them")
@@ -520,32 +520,6 @@ def print_scaling(summary: list[dict], file=sys.stdout) -> None:
 
 # --------------------------------------------------------------------------- output
 
-def write_files(rows: list[dict], out_dir, *, stem: str, meta: dict, formats) -> dict:
-    """Write the chosen files (``json``, ``md``, ``png``) as :func:`ringbook.report.write_outputs` names them."""
-    from . import report
-
-    formats = set(formats)
-    if formats >= set(FORMATS):
-        return report.write_outputs(rows, out_dir, stem=stem, meta=meta)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    if "json" in formats:
-        paths["json"] = report.save_json(rows, out_dir / f"{stem}.json", meta)
-    if "md" in formats:
-        paths["report"] = out_dir / f"{stem}.md"
-        paths["report"].write_text(report.markdown_report(rows, meta))
-    if "png" in formats:
-        import matplotlib.pyplot as plt
-
-        for key, metric in (("throughput", "tflops"), ("memory", "peak_mem_gb")):
-            paths[key] = out_dir / f"{stem}-{key}.png"
-            fig = report.plot_results(rows, metric)
-            fig.savefig(paths[key], dpi=120)
-            plt.close(fig)
-    return paths
-
-
 def _describe(row: dict) -> str:
     what = row["impl"] + (f"[{row['kernel']}]" if row.get("kernel") else "") + \
         (f"[{row['sdpa_backend']}]" if row.get("sdpa_backend") else "")
@@ -594,7 +568,7 @@ def main(argv=None) -> int:
     finally:
         if rank == 0 and rows:
             from .cli import print_table
-            from .report import slug
+            from .report import slug, write_outputs
 
             stem = args.stem or (f"dist-bench-{'cpu' if device.type == 'cpu' else slug(env['device'])}-"
                                  f"{str(dtype).replace('torch.', '')}-w{world}"
@@ -609,7 +583,7 @@ def main(argv=None) -> int:
                     "cp_rotate": args.cp_rotate, "scaling": summary}
             print_table(rows)
             print_scaling(summary)
-            for kind, path in write_files(rows, args.out, stem=stem, meta=meta, formats=args.formats).items():
+            for kind, path in write_outputs(rows, args.out, stem=stem, meta=meta, formats=args.formats).items():
                 print(f"wrote {kind:<10} {path}")
         dist.destroy_process_group()
     return 1 if any(_failed(r) for r in rows) else 0

@@ -223,21 +223,36 @@ def plot_results(rows: list[dict], metric: str = "tflops"):
     return fig
 
 
-def write_outputs(rows: list[dict], out_dir, *, stem: str | None = None, meta: dict | None = None) -> dict:
-    """Write ``<stem>.json``, ``<stem>.md``, ``<stem>-throughput.png`` and ``<stem>-memory.png``."""
-    import matplotlib.pyplot as plt
+FORMATS = ("json", "md", "png")
 
+
+def write_outputs(rows: list[dict], out_dir, *, stem: str | None = None, meta: dict | None = None,
+                  formats=FORMATS) -> dict:
+    """Write ``<stem>.json``, ``<stem>.md``, ``<stem>-throughput.png`` and ``<stem>-memory.png``.
+
+    ``formats``: which of ``json``, ``md`` (the report) and ``png`` (both plots) to write.
+    Returns the written paths by kind (``json``, ``report``, ``throughput``, ``memory``).
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"formats must be among {FORMATS}, got {sorted(unknown)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or default_stem(rows)
-    paths = {"json": out_dir / f"{stem}.json", "report": out_dir / f"{stem}.md",
-             "throughput": out_dir / f"{stem}-throughput.png", "memory": out_dir / f"{stem}-memory.png"}
-    save_json(rows, paths["json"], meta)
-    paths["report"].write_text(markdown_report(rows, meta))
-    for key, metric in (("throughput", "tflops"), ("memory", "peak_mem_gb")):
-        fig = plot_results(rows, metric)
-        fig.savefig(paths[key], dpi=120)
-        plt.close(fig)
+    paths = {}
+    if "json" in formats:
+        paths["json"] = save_json(rows, out_dir / f"{stem}.json", meta)
+    if "md" in formats:
+        paths["report"] = out_dir / f"{stem}.md"
+        paths["report"].write_text(markdown_report(rows, meta))
+    if "png" in formats:
+        import matplotlib.pyplot as plt
+
+        for key, metric in (("throughput", "tflops"), ("memory", "peak_mem_gb")):
+            paths[key] = out_dir / f"{stem}-{key}.png"
+            fig = plot_results(rows, metric)
+            fig.savefig(paths[key], dpi=120)
+            plt.close(fig)
     return paths
 
 

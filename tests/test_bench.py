@@ -158,6 +158,10 @@ def test_report_and_plots_from_rows(tmp_path):
     for key in ("throughput", "memory"):
         assert paths[key].stat().st_size > 10_000
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    only_md = report.write_outputs(rows, tmp_path / "md", formats=["md"])
+    assert list(only_md) == ["report"] and [p.name for p in (tmp_path / "md").iterdir()] == [only_md["report"].name]
+    with pytest.raises(ValueError, match="formats must be among"):
+        report.write_outputs(rows, tmp_path, formats=["pdf"])
     with pytest.raises(ValueError, match="rows is empty"):
         report.markdown_report([])
     with pytest.raises(ValueError, match="metric must be one of"):
