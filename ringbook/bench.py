@@ -8,14 +8,19 @@ Every row is measured the same way:
   clock on the CPU — and the **median** is reported;
 * peak memory of one call: ``reset_peak_memory_stats`` /
   ``max_memory_allocated`` on CUDA (inputs included); on the CPU the
-  process's resident high-water mark, labelled as such;
+  resident peak of that call (the high-water mark is reset before it) above
+  the resident memory before it, plus the inputs;
 * work counted as 4·b·h·n_q·n_k·d FLOPs (half for causal) → TFLOP/s, and
   tokens/s = b·n / time;
 * the output checked against :func:`ringbook.naive_attention` in float64,
   on a slice of evenly spaced query rows where the full reference would not
   fit (``max_rel_err`` = max |out − ref| / max |ref| over the checked rows);
 * a status: ``ok``, ``oom`` (the sweep goes on) or ``error`` with the
-  message. A row that is not run says so and why in ``error``.
+  message. A row that is not run says so and why in ``error``. A row is
+  ``ok`` only when every number in it is finite and its error is within
+  :data:`TOLERANCE` (:func:`verdict`); an output that is NaN or ±inf where
+  the reference is finite is an ``error`` row that says where
+  (:func:`compare`).
 
 Implementations are registered in :data:`IMPLS`; later features add rows by
 registering more.
@@ -183,8 +188,7 @@ def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
     n = q.shape[1]
     idx = torch.linspace(0, n - 1, min(n, max_rows), device=q.device).round().long().unique()
     ref, _ = dilated_reference_rows(q, k, v, idx, causal=causal, heads="grouped", **seed_dilated_config(n))
-    err = (out[:, idx].double() - ref).abs().max().item()
-    return err / max(ref.abs().max().item(), 1e-300), int(idx.numel())
+    return relative_error(*compare(out[:, idx], ref)), int(idx.numel())
 
 
 def _production_dilated(q, k, v, *, causal, ring_size, **_):
@@ -219,7 +223,7 @@ def environment(device: torch.device) -> dict:
         timer = "CUDA events"
     else:
         name = _cpu_name()
-        mem_kind = "CPU process max RSS (high-water mark of the whole process; never falls)"
+        mem_kind = CPU_PEAK_MEM_KIND
         timer = "time.perf_counter"
     return {
         "device": name,
@@ -292,11 +296,37 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def peak_memory_gb(fn: Callable[[], object], device: torch.device):
-    """Run ``fn`` once; return (peak memory in GB, its result).
+CPU_PEAK_MEM_KIND = ("CPU resident memory: the peak during one call (VmHWM, reset before the call through "
+                     "/proc/self/clear_refs) minus the resident memory before it, plus the inputs' bytes")
 
-    CUDA: the allocator's peak during the call (inputs included). CPU: the
-    process's max RSS, a high-water mark that never falls.
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _reset_cpu_peak() -> bool:
+    """Reset the process's resident high-water mark (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_gb(fn: Callable[[], object], device: torch.device, *, inputs=()):
+    """Run ``fn`` once; return (peak memory of that call in GB, its result).
+
+    CUDA: the allocator's peak during the call (everything live, inputs
+    included). CPU: the process's resident peak during the call minus its
+    resident memory before it, plus the bytes of ``inputs`` (so the figure is
+    per call, like CUDA's); ``None`` where the resident peak cannot be reset
+    (not Linux), never the process's all-time high-water mark.
     """
     if device.type == "cuda":
         _sync(device)
@@ -304,8 +334,79 @@ def peak_memory_gb(fn: Callable[[], object], device: torch.device):
         result = fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) / 1e9, result
+    gc.collect()
+    if not _reset_cpu_peak():
+        return None, fn()
+    before = _proc_status_kb("VmRSS")
     result = fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, result
+    extra = max(_proc_status_kb("VmHWM") - before, 0) * 1024
+    return (extra + sum(x.nbytes for x in inputs if isinstance(x, torch.Tensor))) / 1e9, result
+
+
+class WrongResult(ValueError):
+    """An output that cannot be held against its reference (non-finite where the reference is finite)."""
+
+
+def _where(mask: torch.Tensor, rows: torch.Tensor | None = None) -> str:
+    """How many entries of ``mask`` are set and the first one's index (dim 1 mapped through ``rows``)."""
+    first = [int(i) for i in mask.nonzero()[0]]
+    if rows is not None:
+        first[1] = int(rows[first[1]])
+    return f"{int(mask.sum())} of {mask.numel()} checked entries (first at index {tuple(first)})"
+
+
+def _non_finite(got: torch.Tensor) -> str:
+    return "/".join(sorted({"NaN" if x != x else ("+inf" if x > 0 else "-inf")
+                            for x in got[~torch.isfinite(got)][:1000].tolist()}))
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(max |got − ref|, max |ref|)`` in float64: the one comparison every check uses.
+
+    Raises :class:`WrongResult` when the error cannot be computed honestly:
+    the reference is not finite, or ``got`` is NaN or ±inf where the
+    reference is finite (``max`` over a NaN would otherwise hide it).
+    """
+    got, ref = got.detach().double(), ref.detach().double()
+    if got.shape != ref.shape:
+        raise WrongResult(f"output rows have shape {tuple(got.shape)} but the reference has {tuple(ref.shape)}")
+    bad_ref = ~torch.isfinite(ref)
+    if bad_ref.any():
+        raise WrongResult(f"the float64 reference is not finite at {_where(bad_ref)}: the error cannot be computed")
+    bad = ~torch.isfinite(got)
+    if bad.any():
+        raise WrongResult(f"output is {_non_finite(got)} at {_where(bad)} where the float64 reference is finite")
+    if got.numel() == 0:
+        raise WrongResult("no output rows to check")
+    return (got - ref).abs().max().item(), ref.abs().max().item()
+
+
+def relative_error(err: float, scale: float) -> float:
+    """``err / scale``: max |out − ref| / max |ref| (a reference of all zeros compares absolutely)."""
+    return err / max(scale, 1e-300)
+
+
+def verdict(row: dict, dtype: torch.dtype) -> dict:
+    """Set ``row["status"]`` to ``ok`` only if every measured number is finite and the error is within tolerance.
+
+    The one place a row becomes ``ok``: a row whose time, throughput, memory
+    or error is missing, NaN or infinite is an ``error`` row with the reason.
+    """
+    tol = TOLERANCE[dtype]
+    numbers = {key: row.get(key) for key in ("time_ms", "tflops", "tokens_per_s", "max_rel_err")}
+    if row.get("peak_mem_gb") is not None:
+        numbers["peak_mem_gb"] = row["peak_mem_gb"]
+    bad = [key for key, x in numbers.items()
+           if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)]
+    if bad:
+        row["status"] = "error"
+        row["error"] = "not finite: " + ", ".join(f"{key}={numbers[key]!r}" for key in bad)
+    elif row["max_rel_err"] > tol:
+        row["status"] = "error"
+        row["error"] = f"wrong result: max_rel_err {row['max_rel_err']:.3g} exceeds {tol:g} for {row['dtype']}"
+    else:
+        row["status"] = "ok"
+    return row
 
 
 def check_against_reference(q, k, v, out, *, causal: bool, budget_bytes: float = 2e9):
@@ -320,14 +421,18 @@ def check_against_reference(q, k, v, out, *, causal: bool, budget_bytes: float =
     m = int(max(8, min(n_q, budget_bytes // per_row)))
     idx = torch.linspace(0, n_q - 1, m, device=q.device).round().long().unique()
     mask = (torch.arange(n_k, device=q.device)[None, :] <= idx[:, None]) if causal else None
+    checked = out[:, idx]
+    bad = ~torch.isfinite(checked)
+    if bad.any() and all(torch.isfinite(x).all() for x in (q, k, v)):  # then every reference row is finite
+        raise WrongResult(f"output is {_non_finite(checked)} at {_where(bad, idx)} (b, n, h, d) where the float64 "
+                          f"reference is finite")
     err, scale = 0.0, 0.0
     for head in range(h):
         sl = slice(head, head + 1)
         ref, _ = naive_attention(q[:, idx, sl], k[:, :, sl], v[:, :, sl], mask=mask)
-        got = out[:, idx, sl].double()
-        err = max(err, (got - ref).abs().max().item())
-        scale = max(scale, ref.abs().max().item())
-    return err / max(scale, 1e-300), int(idx.numel())
+        head_err, head_scale = compare(out[:, idx, sl], ref)
+        err, scale = max(err, head_err), max(scale, head_scale)
+    return relative_error(err, scale), int(idx.numel())
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -414,18 +519,16 @@ def _run_row(impl: Impl, *, seq_len, ring_size, causal, dtype, batch, heads, hea
 
         # The first call doubles as a warm-up: its peak memory is recorded and
         # its output is the one checked against the reference.
-        row["peak_mem_gb"], (out, _) = peak_memory_gb(call, device)
+        row["peak_mem_gb"], (out, _) = peak_memory_gb(call, device, inputs=(q, k, v, dout))
         times = time_call(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
         check = impl.reference or check_against_reference
         row["max_rel_err"], row["checked_rows"] = check(*(x.detach() for x in (q, k, v)), out, causal=causal)
         t = statistics.median(times)
-        row.update(time_ms=t, times_ms=times, tflops=row["flops"] / (t * 1e-3) / 1e12,
+        row.update(time_ms=t, times_ms=times, tflops=None if row["flops"] is None else row["flops"] / (t * 1e-3) / 1e12,
                    tokens_per_s=batch * seq_len / (t * 1e-3))
-        tol = TOLERANCE[dtype]
-        if not math.isfinite(row["max_rel_err"]) or row["max_rel_err"] > tol:
-            row["error"] = f"wrong result: max_rel_err {row['max_rel_err']:.3g} exceeds {tol:g} for {row['dtype']}"
-        else:
-            row["status"] = "ok"
+        verdict(row, dtype)
+    except WrongResult as exc:
+        row["status"], row["error"] = "error", f"wrong result: {exc}"
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row
         row["status"] = "oom" if _is_oom(exc) else "error"
         row["error"] = f"{type(exc).__name__}: {exc}".strip()[:500]
@@ -498,8 +601,12 @@ def plan(config: SweepConfig) -> list[dict]:
     return specs
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
+def run_sweep(config: SweepConfig, *, progress: bool = True,
+              on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Measure every planned row; an OOM or error never stops the sweep.
+
+    ``on_row(rows)`` is called after each row with every row so far (the CLI
+    saves the JSON there, so an interrupted sweep keeps what it measured).
 
     Within one (impl, causal, ring_size) series, once a length ran out of
     memory the longer ones are recorded as ``oom`` without running, and a
@@ -539,4 +646,6 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> list[dict]:
                           repeats=config.repeats, options=config.options, env=env, backward=config.backward)
             last_run[series] = row
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+
+
+class CliError(Exception):
+    """Bad input to the command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _bool_list(text: str) -> list[bool]:
@@ -27,6 +41,47 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` with N an existing GPU."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r} "
+                                         f"(ringbook benchmarks CPUs and CUDA GPUs)")
+    if device.type == "cpu" and device.index is not None:
+        raise argparse.ArgumentTypeError(f"expected cpu without an index, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} but no CUDA device is available (use cpu)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} but this machine has {count} CUDA device(s): "
+                                             f"cuda:0 … cuda:{count - 1}")
+    return str(device)
+
+
 def _seq(text: str) -> int:
     """Sequence lengths accept a K/M suffix: 16K = 16384, 1M = 1048576."""
     t = text.strip().upper()
@@ -37,7 +92,7 @@ def _seq(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .bench import DTYPES, IMPLS
 
-    parser = argparse.ArgumentParser(prog="python -m ringbook", description=__doc__)
+    parser = _Parser(prog="python -m ringbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run the benchmark sweep (defaults sized to the device)",
@@ -51,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_positive)
     b.add_argument("--heads", type=_positive)
     b.add_argument("--head-dim", type=_positive)
-    b.add_argument("--warmup", type=int)
+    b.add_argument("--warmup", type=_non_negative)
     b.add_argument("--repeats", type=_positive)
-    b.add_argument("--max-row-seconds", type=float, help="do not run a call predicted to take longer")
-    b.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
+    b.add_argument("--max-row-seconds", type=_seconds, help="do not run a call predicted to take longer")
+    b.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda if available)")
     b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
     b.add_argument("--stem", help="file name stem (default bench-<device>-<dtype>)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -95,28 +150,82 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
               f"{f('max_rel_err', '{:.1e}'):>10}", file=file)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def check_writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and prove a file can be written there; else :class:`CliError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{option} {path} is a file; expected a folder to write results into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".ringbook-write-check-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"{option} {path} is not a writable folder ({exc.strerror or exc})") from None
+    return path
+
+
+def _bench(args, argv) -> int:
+    from . import report
+    from .bench import environment, plan, run_sweep
+
+    config = _config_from_args(args)
+    out = check_writable_dir(args.out)
+    stem = args.stem or report.default_stem([{**environment(torch.device(config.device)),
+                                              "dtype": str(config.dtype).replace("torch.", ""),
+                                              "mode": "forward+backward" if config.backward else "forward"}])
+    json_path = out / f"{stem}.json"
+    meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m ringbook " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "warmup": config.warmup, "repeats": config.repeats, "max_row_seconds": config.max_row_seconds,
+            "rows_planned": len(plan(config))}
+    done: list[dict] = []
+
+    def save(rows):  # after every row: a crash or Ctrl-C keeps what was measured
+        done[:] = rows
+        report.save_json(rows, json_path, {**meta, "complete": False})
+
+    try:
+        rows = run_sweep(config, progress=not args.quiet, on_row=save)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after {len(done)} of {meta['rows_planned']} rows", file=sys.stderr)
+        if not done:
+            return 130
+        rows, meta["interrupted"] = list(done), True
+        code = 130
+    else:
+        code = 0
+    print_table(rows)
+    paths = report.write_outputs(rows, out, stem=stem, meta={**meta, "complete": code == 0})
+    for kind, path in paths.items():
+        print(f"wrote {kind:<10} {path}")
+    return code
+
+
+def _report(args) -> int:
     from . import report
 
-    if args.command == "report":
-        rows = report.load_rows(args.json)
-        import json
-        meta = json.loads(args.json.read_text()).get("meta", {})
-        paths = report.write_outputs(rows, args.out or args.json.parent, stem=args.json.stem, meta=meta)
-    else:
-        from .bench import run_sweep
-
-        config = _config_from_args(args)
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            print(f"error: --device {config.device} but no CUDA device is available", file=sys.stderr)
-            return 2
-        rows = run_sweep(config, progress=not args.quiet)
-        meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": "python -m ringbook " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "warmup": config.warmup, "repeats": config.repeats, "max_row_seconds": config.max_row_seconds}
-        print_table(rows)
-        paths = report.write_outputs(rows, args.out, stem=args.stem, meta=meta)
+    rows, meta = report.load_results(args.json)
+    out = check_writable_dir(args.out or args.json.parent)
+    # The input is never rewritten: only the report and the plots are drawn from it.
+    paths = report.write_outputs(rows, out, stem=args.json.stem, meta=meta, formats=("md", "png"))
     for kind, path in paths.items():
         print(f"wrote {kind:<10} {path}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Run the CLI; bad input prints one line naming the option or file and returns 2 (no traceback)."""
+    args = build_parser().parse_args(argv)
+    from .report import ResultsFileError
+
+    try:
+        return _report(args) if args.command == "report" else _bench(args, argv)
+    except (CliError, ResultsFileError) as exc:
+        print(f"python -m ringbook {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line, the traceback only on request
+        if os.environ.get("RINGBOOK_DEBUG"):
+            raise
+        print(f"python -m ringbook {args.command}: error: {type(exc).__name__}: {exc} "
+              f"(RINGBOOK_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -40,8 +40,8 @@ a barrier before each repeat — CUDA events on GPUs (NCCL),
 slowest rank; a multi-GPU row's ``time_ms`` is the median over repeats of
 that maximum, and ``per_rank_time_ms`` the median of each rank. Peak memory
 is measured per rank as in :mod:`ringbook.bench` (CUDA allocator peak of one
-call, inputs included; on the CPU the process's max RSS, labelled in
-``peak_mem_kind``); ``peak_mem_gb`` is the maximum over ranks and
+call, inputs included; on the CPU the resident peak of one call, labelled
+in ``peak_mem_kind``); ``peak_mem_gb`` is the maximum over ranks and
 ``per_rank_peak_mem_gb`` every rank's. For context_parallel the full-length
 inputs are freed once CP has sharded them, so its peak counts the same
 things as the ring's — this rank's shards, the output and what one call
@@ -55,8 +55,10 @@ the same configuration is re-run at ``--check-max-seq`` tokens and checked
 there; the row's ``check`` field says which was done. context_parallel rows
 are checked at full length: every rank compares evenly spaced rows of its own
 output with the float64 reference of the whole (replicated) sequence at the
-rows' global positions. A row whose ``max_rel_err`` exceeds the dtype's
-tolerance (:data:`ringbook.bench.TOLERANCE`) has status ``error``.
+rows' global positions. A row is ``ok`` only through
+:func:`ringbook.bench.verdict`: every number finite, ``max_rel_err`` within
+the dtype's tolerance (:data:`ringbook.bench.TOLERANCE`); an output that is
+NaN or ±inf where the reference is finite is an ``error`` row saying so.
 
 Rank 0 writes every row to ``<out>/<stem>.json`` (plus ``.md`` and the two
 PNG plots unless ``--formats`` says otherwise; the default stem
@@ -187,8 +189,10 @@ def _failure(exc: BaseException, row: dict, mine: dict) -> None:
     """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message)."""
     mine["oom"] = bench._is_oom(exc)
     not_run = str(exc).startswith("not run")
-    mine["error"] = (str(exc) if not_run else f"{type(exc).__name__}: {exc}").strip()[:500]
-    if not mine["oom"] and not not_run:
+    wrong = isinstance(exc, bench.WrongResult)
+    mine["error"] = (str(exc) if not_run else f"wrong result: {exc}" if wrong
+                     else f"{type(exc).__name__}: {exc}").strip()[:500]
+    if not mine["oom"] and not not_run and not wrong:
         row["traceback"] = traceback.format_exc(limit=4)
 
 
@@ -227,17 +231,12 @@ def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
                peak_mem_gb=max(m["peak"] for m in every))
     checks = [m["check"] for m in every if m.get("check")]
     if checks:
-        row["max_rel_err"] = max(c[0] for c in checks) / max(max(c[1] for c in checks), 1e-300)
+        row["max_rel_err"] = bench.relative_error(max(c[0] for c in checks), max(c[1] for c in checks))
         row["checked_rows"] = sum(c[2] for c in checks)
     layouts = [m.get("layout") for m in every]
     if any(layouts):
         row["layout"] = layouts[0] if len(set(layouts)) == 1 else f"per rank: {layouts}"
-    tol = bench.TOLERANCE[dtype]
-    if not math.isfinite(row["max_rel_err"]) or row["max_rel_err"] > tol:
-        row["error"] = f"wrong result: max_rel_err {row['max_rel_err']:.3g} exceeds {tol:g} for {row['dtype']}"
-    else:
-        row["status"] = "ok"
-    return row
+    return bench.verdict(row, dtype)
 
 
 # --------------------------------------------------------------------------- the ring
@@ -277,7 +276,7 @@ def measure(n, *, causal, layout, dtype, batch, heads, head_dim, warmup, repeats
             return _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
 
         mine["times"] = _time(call, device, warmup=warmup, repeats=repeats)
-        mine["peak"], _ = bench.peak_memory_gb(call, device)
+        mine["peak"], _ = bench.peak_memory_gb(call, device, inputs=(q, k, v))
         if n <= check_max_seq:
             out, _ = call()
             err, rows = _gathered_error(q, k, v, out, layout=layout, causal=causal)
@@ -362,8 +361,8 @@ def _rows_error(q, k, v, out, positions, *, causal, budget_bytes=2e9):
     for head in range(h):
         sl = slice(head, head + 1)
         ref, _ = naive_attention(q[:, pos, sl], k[:, :, sl], v[:, :, sl], mask=mask)
-        err = max(err, (out[:, local, sl].double() - ref).abs().max().item())
-        scale = max(scale, ref.abs().max().item())
+        head_err, head_scale = bench.compare(out[:, local, sl], ref)
+        err, scale = max(err, head_err), max(scale, head_scale)
     return err, scale, int(local.numel())
 
 
@@ -423,7 +422,7 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
             with sdpa_kernel(getattr(SDPBackend, CP_BACKENDS[backend])):
                 _everywhere(call, f"context_parallel with the {backend} SDPA backend")
                 mine["times"] = _time(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
-                mine["peak"], out = bench.peak_memory_gb(call, device)
+                mine["peak"], out = bench.peak_memory_gb(call, device, inputs=local)
     finally:
         options.enable_load_balance, options.rotate_method = saved
     local.clear()

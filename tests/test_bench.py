@@ -62,6 +62,61 @@ def test_reference_check_catches_one_bad_row():
     assert err > 0.1
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_output_is_never_ok(bad):
+    """The issue's reproducer: Python's max(err, nan) kept err, so a NaN output checked as 0.0."""
+    q = k = v = torch.randn(1, 64, 2, 8)
+    out = torch.full_like(q, bad)
+    with pytest.raises(bench.WrongResult, match="NaN" if bad != bad else "inf"):
+        bench.check_against_reference(q, k, v, out, causal=False)
+    one = torch.zeros_like(q)
+    one[0, 63, 1, 7] = bad  # a single entry, in the last head: found too
+    with pytest.raises(bench.WrongResult, match=r"1 of .* \(first at index \(0, 63, 1, 7\)\)"):
+        bench.check_against_reference(q, k, v, one, causal=True)
+    row = bench.run_row(_fake("bad", lambda q, k, v, **_: (torch.full_like(q, bad), None)), seq_len=64,
+                        causal=False, **SMALL)
+    assert row["status"] == "error" and row["error"].startswith("wrong result: output is")
+    assert row["max_rel_err"] is None and "traceback" not in row
+
+
+def test_dilated_check_refuses_non_finite_output():
+    q = k = v = torch.randn(1, 256, 8, 8)
+    out, _ = bench.IMPLS["ring_dilated"].fn(q, k, v, causal=False, ring_size=1)
+    err, _ = bench._ring_dilated_check(q, k, v, out, causal=False)
+    assert err < 1e-5
+    out[0, 0, 0, 0] = float("nan")
+    with pytest.raises(bench.WrongResult, match="NaN"):
+        bench._ring_dilated_check(q, k, v, out, causal=False)
+
+
+def test_a_reference_that_is_not_finite_cannot_be_compared():
+    with pytest.raises(bench.WrongResult, match="reference is not finite"):
+        bench.compare(torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0]))
+    assert bench.compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == (0.5, 2.5)
+
+
+@pytest.mark.parametrize("field, value", [("time_ms", float("nan")), ("tflops", float("inf")),
+                                          ("tokens_per_s", None), ("max_rel_err", float("nan")),
+                                          ("peak_mem_gb", float("nan"))])
+def test_verdict_only_ok_when_every_number_is_finite(field, value):
+    good = {"time_ms": 1.0, "tflops": 2.0, "tokens_per_s": 3.0, "max_rel_err": 1e-7, "peak_mem_gb": 0.5,
+            "dtype": "float32", "status": "error", "error": None}
+    assert bench.verdict(dict(good), torch.float32)["status"] == "ok"
+    row = bench.verdict({**good, field: value}, torch.float32)
+    assert row["status"] == "error" and field in row["error"] and "not finite" in row["error"]
+
+
+def test_cpu_peak_memory_is_per_row_not_the_process_high_water_mark():
+    """A large row first, then a small one: the small row's figure must not carry the large one's peak."""
+    big = bench.run_row(bench.IMPLS["naive"], seq_len=1024, causal=False, **{**SMALL, "heads": 8})
+    small = bench.run_row(bench.IMPLS["naive"], seq_len=32, causal=False, **SMALL)
+    assert big["status"] == small["status"] == "ok"
+    assert "per" in bench.environment(CPU)["peak_mem_kind"] or "during one call" in bench.environment(CPU)["peak_mem_kind"]
+    # naive at 1024 tokens, 8 heads materialises 8·1024² float32 scores (32 MB) at least once
+    assert big["peak_mem_gb"] > 0.02
+    assert small["peak_mem_gb"] < 0.5 * big["peak_mem_gb"]
+
+
 def test_exceptions_become_rows():
     def boom(q, k, v, **_):
         raise RuntimeError("kernel exploded")

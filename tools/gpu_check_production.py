@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import ringbook  # noqa: E402
 from ringbook import kernels  # noqa: E402
 from ringbook._utils import attention_flops  # noqa: E402
-from ringbook.bench import check_against_reference  # noqa: E402
+from ringbook.bench import check_against_reference, compare  # noqa: E402
 
 DTYPE = torch.bfloat16
 B, H, HKV, D = 1, 8, 2, 64
@@ -75,12 +75,15 @@ def expand(x):
 
 
 def max_err(x, ref):
-    """Max |x − ref|; entries that are -inf in both (positions no pattern keeps) agree exactly."""
+    """Max |x − ref|; entries that are -inf in both (positions no pattern keeps) agree exactly.
+
+    NaN or ±inf anywhere else raises ringbook.bench.WrongResult (the row becomes an error that says where).
+    """
     x, ref = x.double(), ref.double()
     if not torch.equal(torch.isneginf(x), torch.isneginf(ref)):
         return float("inf")  # -inf in one but not the other is a wrong answer
     finite = ~torch.isneginf(ref)
-    return (x[finite] - ref[finite]).abs().max().item() if finite.any() else 0.0
+    return compare(x[finite], ref[finite])[0] if finite.any() else 0.0
 
 
 def rounding_atol(ref):
