@@ -52,8 +52,8 @@ from IPython.display import display
 
 import ringbook
 from ringbook import attend_block, blockwise_attention, merge_partials, naive_attention, online_softmax_trace
-from ringbook.plots import plot_block_weights, plot_error_bars, plot_exp_overflow, plot_online_softmax
-from ringbook.widgets import online_softmax_explorer
+from ringbook.viz import plot_block_weights, plot_error_bars, plot_exp_overflow, plot_online_softmax
+from ringbook.viz.widgets import online_softmax_explorer
 
 torch.manual_seed(0)
 F64 = torch.float64  # exactness checks run in float64

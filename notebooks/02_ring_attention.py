@@ -48,9 +48,9 @@ from ringbook.demo import global_inputs, ring_memory_bytes, ring_worker
 from ringbook.distributed import unshard
 from ringbook.launch import spawn
 from ringbook.online_softmax import KEY_CHUNK
-from ringbook.plots import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step
-from ringbook.report import load_rows
-from ringbook.widgets import ring_step_explorer
+from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step
+from ringbook.bench.results import load_rows
+from ringbook.viz.widgets import ring_step_explorer
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small tensors; the 4-process ring below shares 2 cores

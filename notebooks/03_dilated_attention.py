@@ -47,17 +47,17 @@ from ringbook import (
     ring_dilated_attention,
 )
 from ringbook._utils import attention_flops
-from ringbook.bench import seed_dilated_config
+from ringbook.bench import bench_dilated_config
 from ringbook.dilated import grouped_heads, pair_heads
-from ringbook.plots import (
+from ringbook.viz import (
     plot_dilated_coverage,
     plot_dilated_pattern,
     plot_dilated_ring_plan,
     plot_dilated_scaling,
     plot_error_bars,
 )
-from ringbook.report import load_rows
-from ringbook.widgets import dilated_pattern_explorer
+from ringbook.bench.results import load_rows
+from ringbook.viz.widgets import dilated_pattern_explorer
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small tensors: one thread is as fast and keeps timings steady
@@ -102,12 +102,12 @@ print("ringbook", ringbook.__version__)
 # `ringbook.dilated_weights` returns the integer tensor $c^h_{ij}$ (`h i j`);
 # `ringbook.dilated.pair_heads` says which heads use which pair at which
 # offset. The configuration below is the seed's benchmark configuration
-# scaled to 64 tokens (`ringbook.bench.seed_dilated_config`: segment
+# scaled to 64 tokens (`ringbook.bench.bench_dilated_config`: segment
 # lengths $n/8, n/4, n/2$ with rates 1, 2, 4, 8 heads grouped 2 : 3 : 3).
 
 # %%
 N, H = 64, 8
-SEED = seed_dilated_config(N)  # {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
+SEED = bench_dilated_config(N)  # {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
 print("seed config at n = 64:", SEED)
 for (hs, offs), w, r in zip(pair_heads(H, SEED["dilation_rates"], "grouped"), *SEED.values()):
     print(f"  pair (w = {w:2}, r = {r}): heads {list(hs)} at offsets {list(offs)}")
@@ -265,10 +265,10 @@ plot_error_bars(errors, title="dilated_attention vs equation (D), float64", tole
 # %%
 B, D = 1, 64  # the GPU benchmark's shape: b = 1, h = 8, d = 64
 seq_lens = [2**p for p in range(12, 20)]  # 4K … 512K, the benchmark's sweep
-fixed = seed_dilated_config(4096)  # [512, 1024, 2048], rates [1, 2, 4]
+fixed = bench_dilated_config(4096)  # [512, 1024, 2048], rates [1, 2, 4]
 scores = {
     "dense attention": [attention_flops(B, H, n, n, D) / (4 * D) for n in seq_lens],
-    "dilated, the seed's config": [dilated_flops(B, H, n, D, heads="grouped", **seed_dilated_config(n)) / (4 * D)
+    "dilated, the seed's config": [dilated_flops(B, H, n, D, heads="grouped", **bench_dilated_config(n)) / (4 * D)
                                    for n in seq_lens],
     "dilated, the 4K pairs kept fixed": [dilated_flops(B, H, n, D, heads="grouped", **fixed) / (4 * D)
                                           for n in seq_lens],
@@ -283,8 +283,8 @@ assert all(b == 4 * a for a, b in zip(dense, dense[1:]))  # quadratic
 assert all(b == 2 * a for a, b in zip(lin, lin[1:]))  # linear
 assert all(b > a for a, b in zip(seed_work, seed_work[1:]))  # monotonic
 assert [round(b / a) for a, b in zip(seed_work, seed_work[1:])] == [4, 4, 4, 2, 4, 2, 2]  # steps: 32K, 128K
-assert dilated_flops(B, H, 4096, D, causal=True, heads="grouped", **seed_dilated_config(4096)) * 2 == \
-    dilated_flops(B, H, 4096, D, heads="grouped", **seed_dilated_config(4096))
+assert dilated_flops(B, H, 4096, D, causal=True, heads="grouped", **bench_dilated_config(4096)) * 2 == \
+    dilated_flops(B, H, 4096, D, heads="grouped", **bench_dilated_config(4096))
 
 # %% [markdown]
 # **Measured on this machine.** A small live timing on the CPU (b = 1,

@@ -61,7 +61,8 @@ from ringbook import (
     ring_attention,
     ring_dilated_attention,
 )
-from ringbook.plots import plot_error_matrix
+from ringbook.bench.rules import finite_max_error, rounding_atol
+from ringbook.viz import plot_error_matrix
 
 torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and the result does not depend on the core count
 
@@ -164,19 +165,7 @@ def run(fn, dtype, causal, *, in_float64=False, inputs=INPUTS):
     return dict(zip(QUANTITIES, (out.detach(), lse.detach(), *grads)))
 
 
-def max_error(x, ref, what):
-    """max |x - ref| over the finite entries of ref; NaN or a different ±inf pattern is an error."""
-    x, ref = x.double(), ref.double()
-    assert not x.isnan().any(), f"{what}: NaN"
-    fin = torch.isfinite(ref)
-    assert torch.equal(torch.isfinite(x), fin) and torch.equal(x[~fin], ref[~fin]), f"{what}: ±inf differ"
-    return (x[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
-
-
-def rounding_atol(ref, dtype):
-    """2 max |fl(fl(r + 0.3) - 0.3) - r|: the rounding noise of ``dtype`` at the reference's magnitude."""
-    r = ref[torch.isfinite(ref)].to(dtype)
-    return 2 * (r + 0.3 - 0.3 - r).abs().max().item()
+max_error = finite_max_error  # max |x − ref| over the finite entries of ref; NaN or other ±inf is an error
 
 
 def allowed_errors(dtype, ref, base):

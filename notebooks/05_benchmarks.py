@@ -36,21 +36,11 @@ import ringbook
 from ringbook import work_per_rank
 from ringbook._utils import attention_flops
 from ringbook.bench import DTYPES, IMPLS, TOLERANCE, run_row
-from ringbook.plots import new_figure
-from ringbook.report import (
-    IMPL_COLORS,
-    SEED_FLAWS,
-    SEED_ROWS,
-    load_rows,
-    plot_ratios,
-    plot_scaling,
-    plot_sweep,
-    scaling_rows,
-    seed_section,
-    summary_markdown,
-    summary_rows,
-)
-from ringbook.widgets import bench_row_explorer
+from ringbook.bench.published import SEED_FLAWS, SEED_ROWS, TARGETS
+from ringbook.bench.report import scaling_rows, seed_section, summary_markdown, summary_rows
+from ringbook.bench.results import load_rows
+from ringbook.viz import IMPL_COLORS, new_figure, plot_ratios, plot_scaling, plot_sweep
+from ringbook.viz.widgets import bench_row_explorer
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small live rows: one thread is as fast and keeps timings steady
@@ -77,8 +67,9 @@ print("ringbook", ringbook.__version__)
 #   repeat in `times_ms`.
 # * **Peak memory** of one call: `torch.cuda.reset_peak_memory_stats()`
 #   before, `torch.cuda.max_memory_allocated()` after, inputs included. On a
-#   CPU the process's resident high-water mark (it never falls, so it is an
-#   upper bound, labelled as such in every row).
+#   CPU the resident peak of that one call (the high-water mark is reset
+#   before it) above the resident memory before it, plus the inputs; labelled
+#   in every row.
 # * **Work**: dense attention multiplies $QK^\top$ and $PV$, two
 #   $n_q \times n_k \times d$ products of 2 FLOPs per multiply-add, per batch
 #   and head:
@@ -273,7 +264,7 @@ assert summary[("sdpa_cudnn", 1, True)]["best"]["seq_len"] == 4194304
 # And the seed's own rows beside what ringbook measured for the same
 # implementation and ring size (the longest ok row, causal or not). The
 # seed's numbers are kept only to be replaced: they do not measure ring
-# attention (`ringbook.report.SEED_FLAWS`).
+# attention (`ringbook.bench.published.SEED_FLAWS`).
 
 # %%
 display(Markdown("\n".join(seed_section(rows)[2:])))  # the table and its reason, without the report's heading
@@ -309,8 +300,8 @@ print("not measured at that ring size:", [name for name, *_ in SEED_ROWS if name
 #   left out to measure its cost, the flash backend forced).
 
 # %%
-TARGETS = {"fwd": 0.95, "fwd+bwd": 0.85}
-TARGET_AT = {"fwd": (131072, 16), "fwd+bwd": (65536, 8)}  # (seq_len, ring size) the issue names
+TARGET_AT = {s: (TARGETS[s]["seq_len"], TARGETS[s]["ring_size"]) for s in ("fwd", "fwd+bwd")}  # (seq_len, ring size)
+TARGETS = {s: TARGETS[s]["ratio"] for s in ("fwd", "fwd+bwd")}  # from ringbook.bench.published
 SDPA_MODE = {"fwd": "forward", "fwd+bwd": "forward+backward"}
 
 
@@ -541,7 +532,7 @@ auto = load_rows(DIST_AUTO)
 scaling_meta = json.loads(DIST_AUTO.read_text())["meta"]["scaling"]
 assert auto and all(r["status"] == "ok" and r["seq_len"] == auto[0]["seq_len"] for r in auto)
 print(f"{auto[0]['device']}, {auto[0]['backend']}, {auto[0]['dtype']}, {auto[0]['seq_len']:,} tokens")
-DIST_TARGET = 1.9
+DIST_TARGET = ringbook.bench.published.TARGETS["two_gpus"]["ratio"]
 dist_table = {}
 for causal in (False, True):
     rs = [r for r in auto if r["causal"] == causal]

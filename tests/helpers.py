@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 import ringbook
+from ringbook.bench import rules
+from ringbook.bench.measure import WrongResult
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -58,48 +60,37 @@ def expected_lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _split_finite(x: torch.Tensor, ref: torch.Tensor, what: str):
     """Check x has no NaN and the same ±inf pattern as ref; return finite parts as float64."""
-    x = x.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
-    assert x.shape == ref.shape, f"{what}: shape {tuple(x.shape)} != reference {tuple(ref.shape)}"
-    assert not torch.isnan(x).any(), f"{what}: has NaN"
-    assert not torch.isnan(ref).any(), f"{what}: the reference has NaN"
+    try:
+        rules.finite_max_error(x, ref, what)
+    except WrongResult as exc:
+        raise AssertionError(str(exc)) from None
+    x, ref = x.detach().to(torch.float64), ref.detach().to(torch.float64)
     fin = torch.isfinite(ref)
-    assert torch.equal(torch.isfinite(x), fin), f"{what}: finite entries differ from the reference"
-    assert torch.equal(x[~fin], ref[~fin]), f"{what}: infinite entries differ from the reference (sign)"
     return x[fin], ref[fin]
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor, what: str = "value") -> float:
     """Max absolute error over the finite entries of ``ref`` (after checking ±inf agree)."""
-    xf, rf = _split_finite(x, ref, what)
-    return (xf - rf).abs().max().item() if xf.numel() else 0.0
+    try:
+        return rules.finite_max_error(x, ref, what)
+    except WrongResult as exc:
+        raise AssertionError(str(exc)) from None
 
 
-def rounding_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
-    """flash-attention's forward atol: twice the rounding noise of ``x + 0.3 - 0.3`` in ``dtype``."""
-    r = ref64.detach()
-    r = r[torch.isfinite(r)].to(dtype)
-    if r.numel() == 0:
-        return 0.0
-    return 2 * (r + 0.3 - 0.3 - r).abs().max().item()
+rounding_atol = rules.rounding_atol
 
 
 def assert_within_2x_rule(out, ref64, out_naive_lowp, atol=None, *, factor=2.0, what="out"):
-    """flash-attention's rule: ``err(out) <= factor * err(out_naive_lowp) + atol``.
+    """flash-attention's rule (:func:`ringbook.bench.rules.within_2x_rule`) as an assertion.
 
-    Errors are max absolute differences against the float64 reference
-    ``ref64`` over its finite entries; ``out`` and the baseline must have no
-    NaN and the same ±inf entries as the reference (so it works for lse with
-    -inf rows too). ``atol`` defaults to :func:`rounding_atol` in
-    ``out``'s dtype. Returns ``(err, err_naive)`` for further checks.
+    Returns ``(err, err_naive)`` for further checks.
     """
-    if atol is None:
-        atol = rounding_atol(ref64, out.dtype)
-    err = max_err(out, ref64, what)
-    err_naive = max_err(out_naive_lowp, ref64, f"{what} (naive low-precision baseline)")
-    assert err <= factor * err_naive + atol, (
-        f"{what}: error {err:.3g} > {factor} x naive error {err_naive:.3g} + atol {atol:.3g} ({out.dtype})"
-    )
+    try:
+        passed, err, err_naive, atol = rules.within_2x_rule(out, ref64, out_naive_lowp, atol=atol, factor=factor,
+                                                            what=what)
+    except WrongResult as exc:
+        raise AssertionError(str(exc)) from None
+    assert passed, f"{what}: error {err:.3g} > {factor} x naive error {err_naive:.3g} + atol {atol:.3g} ({out.dtype})"
     return err, err_naive
 
 

@@ -8,7 +8,9 @@ import time
 import pytest
 import torch
 
-from ringbook import bench, report
+from ringbook import bench
+from ringbook.bench import published, report, results, sweep
+from ringbook.viz import results as viz_results
 from ringbook._utils import attention_flops
 
 REQUIRED = {"device", "torch_version", "impl", "seq_len", "ring_size", "causal", "dtype", "batch", "heads",
@@ -82,11 +84,11 @@ def test_non_finite_output_is_never_ok(bad):
 def test_dilated_check_refuses_non_finite_output():
     q = k = v = torch.randn(1, 256, 8, 8)
     out, _ = bench.IMPLS["ring_dilated"].fn(q, k, v, causal=False, ring_size=1)
-    err, _ = bench._ring_dilated_check(q, k, v, out, causal=False)
+    err, _ = bench.registry._ring_dilated_check(q, k, v, out, causal=False)
     assert err < 1e-5
     out[0, 0, 0, 0] = float("nan")
     with pytest.raises(bench.WrongResult, match="NaN"):
-        bench._ring_dilated_check(q, k, v, out, causal=False)
+        bench.registry._ring_dilated_check(q, k, v, out, causal=False)
 
 
 def test_a_reference_that_is_not_finite_cannot_be_compared():
@@ -183,9 +185,9 @@ def test_sweep_does_not_run_calls_predicted_too_slow(monkeypatch):
 
 def test_plan_rejects_unknown_impl_and_expands_ring_sizes_only_for_ring_impls(monkeypatch):
     with pytest.raises(ValueError, match="unknown implementation"):
-        bench.plan(bench.SweepConfig(impls=["nope"], seq_lens=[8]))
+        bench.planned_rows(bench.SweepConfig(impls=["nope"], seq_lens=[8]))
     monkeypatch.setitem(bench.IMPLS, "fake_ring", _fake("fake_ring", None, ring=True))
-    specs = bench.plan(bench.SweepConfig(impls=["sdpa", "fake_ring"], seq_lens=[8, 16], ring_sizes=[1, 4],
+    specs = bench.planned_rows(bench.SweepConfig(impls=["sdpa", "fake_ring"], seq_lens=[8, 16], ring_sizes=[1, 4],
                                          causal=[True]))
     assert {(s["impl"], s["ring_size"]) for s in specs} == {("sdpa", 1), ("fake_ring", 1), ("fake_ring", 4)}
     assert len(specs) == 2 + 4
@@ -209,7 +211,7 @@ def test_report_and_plots_from_rows(tmp_path):
     assert "| naive | 1 | True | 64 |" in text  # max seq reached for causal naive
     assert "Rows that did not succeed" in text and "CUDA out of memory" in text
     assert "RingDilatedV2_r8" in text and "Production_r16" in text  # the seed's rows stay
-    assert report.load_rows(paths["json"]) == json.loads(json.dumps(rows, default=str))
+    assert results.load_rows(paths["json"]) == json.loads(json.dumps(rows, default=str))
     for key in ("throughput", "memory"):
         assert paths[key].stat().st_size > 10_000
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -220,7 +222,7 @@ def test_report_and_plots_from_rows(tmp_path):
     with pytest.raises(ValueError, match="rows is empty"):
         report.markdown_report([])
     with pytest.raises(ValueError, match="metric must be one of"):
-        report.plot_results(rows, "speed")
+        viz_results.plot_results(rows, "speed")
 
 
 def _cli(*args, cwd=None):
@@ -253,7 +255,7 @@ def test_cli_rejects_bad_options(args, message, tmp_path):
 
 
 def test_seq_len_suffixes():
-    from ringbook.cli import _seq
+    from ringbook.bench.cli import seq_len as _seq
 
     assert _seq("16K") == 16384 and _seq("1M") == 1048576 and _seq("300") == 300
 
@@ -266,7 +268,7 @@ def test_forward_backward_rows(name, ring_size):
     assert row["mode"] == "forward+backward"
     assert row["flops"] == pytest.approx(bench.BACKWARD_FLOPS_FACTOR * attention_flops(1, 2, 64, 64, 16, True))
     assert row["max_rel_err"] < 1e-5
-    assert report._label(row).endswith("fwd+bwd")
+    assert report.row_label(row).endswith("fwd+bwd")
 
 
 def test_forward_backward_call_really_runs_the_backward(monkeypatch):
@@ -293,7 +295,7 @@ def test_production_dilated_row_is_the_seed_configuration(causal):
     assert prod["status"] == "ok", prod["error"]
     assert prod["flops"] == ring["flops"] < attention_flops(1, 8, 256, 256, 16, causal)
     assert prod["max_rel_err"] < 1e-5
-    names = {impl for _, impl, *_ in report.SEED_ROWS}
+    names = {impl for _, impl, *_ in published.SEED_ROWS}
     assert names == {"ring_dilated", "production_dilated"}
 
 

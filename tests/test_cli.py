@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from ringbook import bench, cli, report
+from ringbook import bench
+from ringbook.bench import cli, published, report, results, sweep
 
 SMALL_SWEEP = ["--seq-lens", "32", "64", "--heads", "2", "--head-dim", "8", "--causal", "false",
                "--repeats", "3", "--warmup", "0", "--quiet"]
@@ -58,7 +59,7 @@ def test_bench_cuda_without_a_gpu_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("where", ["file", "/proc", "/sys"])
 def test_unwritable_out_is_refused_before_measuring(where, capsys, tmp_path, monkeypatch):
     measured = []
-    monkeypatch.setattr(bench, "run_row", lambda *a, **k: measured.append(1))
+    monkeypatch.setattr(sweep, "run_row", lambda *a, **k: measured.append(1))
     target = {"file": tmp_path / "a-file", "/proc": "/proc/ringbook-results", "/sys": "/sys/ringbook-results"}[where]
     if where == "file":
         target.write_text("not a folder")
@@ -71,7 +72,7 @@ def test_unwritable_out_is_refused_before_measuring(where, capsys, tmp_path, mon
 # --------------------------------------------------------------------------- bench: rows are never lost
 
 def test_json_is_written_row_by_row(capsys, tmp_path, monkeypatch):
-    real = bench.run_row
+    real = sweep.run_row
     seen = []
 
     def spy(*args, **kwargs):
@@ -79,7 +80,7 @@ def test_json_is_written_row_by_row(capsys, tmp_path, monkeypatch):
         seen.append(len(json.loads(path.read_text())["rows"]) if path.exists() else 0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_row", spy)
+    monkeypatch.setattr(sweep, "run_row", spy)
     code, out, _ = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive", "blockwise", "--out", str(tmp_path))
     assert code == 0
     assert seen == [0, 1, 2, 3]  # before each row, the file holds every row measured so far
@@ -88,7 +89,7 @@ def test_json_is_written_row_by_row(capsys, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
-    real = bench.run_row
+    real = sweep.run_row
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -97,7 +98,7 @@ def test_ctrl_c_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "run_row", interrupted)
+    monkeypatch.setattr(sweep, "run_row", interrupted)
     code, out, err = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive", "blockwise", "--out", str(tmp_path))
     assert code == 130
     assert "interrupted after 2 of 4 rows" in err
@@ -105,7 +106,7 @@ def test_ctrl_c_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):
     assert len(data["rows"]) == 2 and all(r["status"] == "ok" for r in data["rows"])
     assert data["meta"]["interrupted"] is True and data["meta"]["complete"] is False
     assert (tmp_path / "bench-cpu-float32.md").exists()  # the report is drawn from what was measured
-    rows, _ = report.load_results(tmp_path / "bench-cpu-float32.json")  # and can be redrawn
+    rows, _ = results.load_results(tmp_path / "bench-cpu-float32.json")  # and can be redrawn
     assert len(rows) == 2
 
 
@@ -131,7 +132,7 @@ def _results(tmp_path):
     row = bench.run_row(bench.IMPLS["naive"], seq_len=32, ring_size=1, causal=False, dtype=torch.float32, batch=1,
                         heads=2, head_dim=8, device=torch.device("cpu"), warmup=0, repeats=3)
     assert row["status"] == "ok", row["error"]
-    path = report.save_json([row], tmp_path / "results.json", {"generated": "then", "extra_key": [1, 2]})
+    path = results.save_json([row], tmp_path / "results.json", {"generated": "then", "extra_key": [1, 2]})
     return path, row
 
 

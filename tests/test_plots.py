@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 from ringbook import LAYOUTS, layout_positions, ring_schedule, work_per_rank  # noqa: E402
 from ringbook.demo import ring_memory_bytes  # noqa: E402
-from ringbook.plots import (  # noqa: E402
+from ringbook.viz import (  # noqa: E402
     plot_causal_work,
     plot_memory_per_rank,
     plot_ring_step,
@@ -89,7 +89,7 @@ def test_ring_memory_bytes_is_linear_in_the_shard():
 
 def test_ring_step_explorer_redraws():
     pytest.importorskip("ipywidgets")
-    from ringbook.widgets import ring_step_explorer
+    from ringbook.viz.widgets import ring_step_explorer
 
     widget = ring_step_explorer(16, 2, step=0, layout="zigzag", causal=True)
     widget.children[2].value = False
@@ -102,7 +102,7 @@ SEED64 = {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
 
 def test_plot_dilated_pattern_draws_the_weights():
     from ringbook import dilated_weights
-    from ringbook.plots import plot_dilated_pattern
+    from ringbook.viz import plot_dilated_pattern
 
     fig = plot_dilated_pattern(64, 8, head=6, heads="grouped", **SEED64)
     ax, cov = fig.axes
@@ -117,7 +117,7 @@ def test_plot_dilated_pattern_draws_the_weights():
 
 
 def test_plot_dilated_coverage_and_scaling():
-    from ringbook.plots import plot_dilated_coverage, plot_dilated_scaling
+    from ringbook.viz import plot_dilated_coverage, plot_dilated_scaling
 
     fig = plot_dilated_coverage(64, 8, heads="grouped", **SEED64)
     bars = [p.get_width() for p in fig.axes[1].patches]
@@ -132,7 +132,8 @@ def test_plot_dilated_coverage_and_scaling():
 @pytest.mark.parametrize("causal", [False, True])
 def test_plot_dilated_ring_plan_follows_the_plan(causal):
     from ringbook import dilated_ring_plan
-    from ringbook.plots import KIND_COLORS, plot_dilated_ring_plan
+    from ringbook.viz import plot_dilated_ring_plan
+    from ringbook.viz.palette import KIND_COLORS
 
     plan = dilated_ring_plan(48, 3, [6, 12, 24], [1, 2, 4], num_heads=8, heads="grouped", causal=causal)
     fig = plot_dilated_ring_plan(plan, batch=2, head_dim=4)
@@ -149,7 +150,7 @@ def test_plot_dilated_ring_plan_follows_the_plan(causal):
 
 def test_dilated_pattern_explorer_redraws():
     pytest.importorskip("ipywidgets")
-    from ringbook.widgets import dilated_pattern_explorer
+    from ringbook.viz.widgets import dilated_pattern_explorer
 
     widget = dilated_pattern_explorer(64, 8, segment_length=8, dilation_rate=1, num_pairs=3, head=0)
     widget.children[2].value = 1  # one pair
@@ -161,7 +162,7 @@ def test_dilated_pattern_explorer_redraws():
 
 
 def test_plot_error_matrix_draws_every_cell_and_outlines_failures():
-    from ringbook.plots import plot_error_matrix
+    from ringbook.viz import plot_error_matrix
 
     errors = np.array([[1e-15, 0.0, 2e-3], [3e-16, 1e-6, 4e-2]])
     ratios = np.array([[0.3], [1.5]])

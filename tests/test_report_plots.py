@@ -8,7 +8,8 @@ import torch
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from ringbook import report  # noqa: E402
+from ringbook.bench import report  # noqa: E402
+from ringbook.viz import results as viz_results  # noqa: E402
 from ringbook.bench import IMPLS, run_row  # noqa: E402
 
 
@@ -68,16 +69,16 @@ def test_scaling_rows_pair_by_length_and_mask():
     assert [(p["seq_len"], p["causal"]) for p in pairs] == [(1024, False), (1024, True)]
     assert pairs[0]["speedup"] == 2.0 and pairs[0]["mem_per_rank_gb"] == 2.1 and pairs[0]["world"] == 2
     assert pairs[1]["speedup"] == 2.5 and pairs[1]["mem_per_rank_gb"] == 1.0
-    fig = report.plot_scaling(pairs, target=1.9)
+    fig = viz_results.plot_scaling(pairs, target=1.9)
     speed_ax = fig.axes[0]
     assert [round(p.get_height(), 6) for p in speed_ax.patches] == [2.0, 2.5]
     assert {line.get_ydata()[0] for line in speed_ax.get_lines()} == {2, 1.9}  # ideal and target
     with pytest.raises(ValueError, match="no pairs"):
-        report.plot_scaling([])
+        viz_results.plot_scaling([])
 
 
 def test_plot_sweep_draws_one_line_per_ok_series_and_marks_oom():
-    fig = report.plot_sweep(ROWS, impls=["ring", "naive", "sdpa_cudnn"])
+    fig = viz_results.plot_sweep(ROWS, impls=["ring", "naive", "sdpa_cudnn"])
     (tf_nc, tf_c), (mem_nc, _) = fig.axes[0:2], fig.axes[2:4]
     drawn = [line for line in tf_nc.get_lines() if line.get_linestyle() != "None"]
     assert len(drawn) == 3  # ring w=4, naive, sdpa_cudnn (non-causal)
@@ -88,14 +89,14 @@ def test_plot_sweep_draws_one_line_per_ok_series_and_marks_oom():
     assert len(tf_c.get_lines()) == 1 and tf_nc.get_title() == "non-causal"
     assert mem_nc.get_ylabel().startswith("peak memory")
     with pytest.raises(ValueError, match="no rows"):
-        report.plot_sweep(ROWS, impls=["production"])
+        viz_results.plot_sweep(ROWS, impls=["production"])
 
 
 def test_plot_ratios_draws_each_ratio_and_its_target():
     rows = [{"section": "fwd", "name": "a", "ratio_vs_sdpa": 1.04},
             {"section": "fwd", "name": "b", "ratio_vs_sdpa": 0.9},
             {"section": "fwd+bwd", "name": "c", "ratio_vs_sdpa": 0.6}, {"section": "correct", "name": "d"}]
-    fig = report.plot_ratios(rows, {"fwd": 0.95, "fwd+bwd": 0.85})
+    fig = viz_results.plot_ratios(rows, {"fwd": 0.95, "fwd+bwd": 0.85})
     ax = fig.axes[0]
     assert [round(p.get_width(), 6) for p in ax.patches] == [1.04, 0.9, 0.6]  # the row without a ratio is left out
     ticks = ax.collections[0].get_segments()
@@ -112,19 +113,19 @@ def test_live_rows_from_run_row_render_as_table_and_bars():
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
     text = report.live_rows_markdown(rows)
     assert text.count("\n") == 1 + len(rows) and "(0.0001)" in text and "error: wrong result" in text
-    fig = report.plot_live_rows(rows)
+    fig = viz_results.plot_live_rows(rows)
     tf_ax, err_ax = fig.axes
     assert [round(p.get_width(), 12) for p in tf_ax.patches] == [round(rows[0]["tflops"], 12),
                                                                 round(rows[1]["tflops"], 12), 0.0]
     assert [p.get_width() for p in err_ax.patches] == [r["max_rel_err"] for r in rows]
     assert [seg[0][0] for seg in err_ax.collections[0].get_segments()] == [1e-4] * 3  # float32 tolerance
     with pytest.raises(ValueError, match="empty"):
-        report.plot_live_rows([])
+        viz_results.plot_live_rows([])
 
 
 def test_bench_row_explorer_measures_on_build_and_on_click():
     pytest.importorskip("ipywidgets")
-    from ringbook.widgets import bench_row_explorer
+    from ringbook.viz.widgets import bench_row_explorer
 
     calls = []
 

@@ -166,10 +166,10 @@ def test_refused_configurations_name_the_argument(kwargs, error, message):
 def test_benchmark_row_counts_dilated_work_and_checks_against_equation_d():
     from ringbook import bench
 
-    assert bench.seed_dilated_config(16384)["segment_lengths"] == [2048, 4096, 8192]
-    assert bench.seed_dilated_config(65536)["segment_lengths"] == [4096, 8192, 16384]
-    assert bench.seed_dilated_config(131072)["segment_lengths"] == [8192, 16384, 32768]
-    assert bench.seed_dilated_config(256) == {"segment_lengths": [32, 64, 128], "dilation_rates": [1, 2, 4]}
+    assert bench.bench_dilated_config(16384)["segment_lengths"] == [2048, 4096, 8192]
+    assert bench.bench_dilated_config(65536)["segment_lengths"] == [4096, 8192, 16384]
+    assert bench.bench_dilated_config(131072)["segment_lengths"] == [8192, 16384, 32768]
+    assert bench.bench_dilated_config(256) == {"segment_lengths": [32, 64, 128], "dilation_rates": [1, 2, 4]}
     cpu = dict(dtype=torch.float32, batch=1, heads=8, head_dim=16, device=torch.device("cpu"), warmup=1, repeats=3)
     impl = bench.IMPLS["ring_dilated"]
     assert impl.ring and "[1, 2, 4]" in impl.description and "did not state" in impl.description

@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import ringbook  # noqa: E402
 from ringbook import kernels  # noqa: E402
 from ringbook._utils import attention_flops  # noqa: E402
-from ringbook.bench import check_against_reference, compare  # noqa: E402
+from ringbook.bench import check_against_reference, time_call, within_2x_rule  # noqa: E402
 
 DTYPE = torch.bfloat16
 B, H, HKV, D = 1, 8, 2, 64
@@ -74,30 +74,12 @@ def expand(x):
     return x.repeat_interleave(H // x.shape[2], dim=2)
 
 
-def max_err(x, ref):
-    """Max |x − ref|; entries that are -inf in both (positions no pattern keeps) agree exactly.
-
-    NaN or ±inf anywhere else raises ringbook.bench.WrongResult (the row becomes an error that says where).
-    """
-    x, ref = x.double(), ref.double()
-    if not torch.equal(torch.isneginf(x), torch.isneginf(ref)):
-        return float("inf")  # -inf in one but not the other is a wrong answer
-    finite = ~torch.isneginf(ref)
-    return compare(x[finite], ref[finite])[0] if finite.any() else 0.0
-
-
-def rounding_atol(ref):
-    r = ref.detach()[torch.isfinite(ref.detach())].to(DTYPE)
-    return 2 * (r + 0.3 - 0.3 - r).abs().max().item() if r.numel() else 0.0
-
-
 def two_x(got: dict, ref: dict, base: dict) -> dict:
-    """Per tensor: err, the bf16 baseline's err and pass/fail of err ≤ 2·err_base + atol."""
+    """Per tensor: err, the bf16 baseline's err and pass/fail of flash-attention's 2× rule (ringbook.bench.rules)."""
     out, ok = {}, True
     for key in ref:
-        e, eb = max_err(got[key], ref[key]), max_err(base[key], ref[key])
-        atol = rounding_atol(ref[key]) if key != "lse" else 2e-3
-        passed = e <= 2 * eb + atol
+        passed, e, eb, atol = within_2x_rule(got[key], ref[key], base[key], what=key,
+                                             atol=2e-3 if key == "lse" else None)
         ok &= passed
         out[key] = f"{e:.2e} vs 2×{eb:.2e}+{atol:.1e}{'' if passed else ' FAIL'}"
     out["status"] = "ok" if ok else "fail"
@@ -163,18 +145,8 @@ def check_large(w, causal, n=131072):
 
 
 def cuda_time(fn, warmup=2, repeats=7) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    """CUDA-event milliseconds per call (ringbook.bench.measure.time_call: the benchmark's own timer)."""
+    return time_call(fn, torch.device("cuda"), warmup=warmup, repeats=repeats, target_s=float("inf"))
 
 
 SDPA_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")

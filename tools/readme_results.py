@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ringbook.report import load_rows  # noqa: E402
+from ringbook.bench.results import load_rows  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ONE_GPU = "figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json"

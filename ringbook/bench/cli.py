@@ -12,6 +12,12 @@ from pathlib import Path
 
 import torch
 
+from . import report, results
+from .measure import environment
+from .registry import IMPLS
+from .rules import DTYPES
+from .sweep import default_config, planned_rows, run_sweep
+
 
 class CliError(Exception):
     """Bad input to the command line: printed as one line, exit status 2."""
@@ -24,14 +30,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _bool_list(text: str) -> list[bool]:
+def bool_list(text: str) -> list[bool]:
     choices = {"false": [False], "true": [True], "both": [False, True]}
     if text.lower() not in choices:
         raise argparse.ArgumentTypeError(f"--causal must be false, true or both, got {text!r}")
     return choices[text.lower()]
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -82,16 +88,14 @@ def _device(text: str) -> str:
     return str(device)
 
 
-def _seq(text: str) -> int:
+def seq_len(text: str) -> int:
     """Sequence lengths accept a K/M suffix: 16K = 16384, 1M = 1048576."""
     t = text.strip().upper()
     mult = {"K": 1024, "M": 1024 ** 2}.get(t[-1:], 1)
-    return _positive(t[:-1] if mult > 1 else t) * mult
+    return positive(t[:-1] if mult > 1 else t) * mult
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import DTYPES, IMPLS
-
     parser = _Parser(prog="python -m ringbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,15 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure attention implementations; writes JSON, a Markdown report and "
                                    "PNG plots. Every option defaults to the embedded sweep for the device found.")
     b.add_argument("--impl", nargs="+", choices=sorted(IMPLS), help="implementations to measure")
-    b.add_argument("--seq-lens", nargs="+", type=_seq, help="sequence lengths (e.g. 4096 16K 1M)")
-    b.add_argument("--ring-sizes", nargs="+", type=_positive, help="ring sizes (ring implementations only)")
+    b.add_argument("--seq-lens", nargs="+", type=seq_len, help="sequence lengths (e.g. 4096 16K 1M)")
+    b.add_argument("--ring-sizes", nargs="+", type=positive, help="ring sizes (ring implementations only)")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default bf16 on GPU, fp32 on CPU)")
-    b.add_argument("--causal", type=_bool_list, help="false, true or both (default both)")
-    b.add_argument("--batch", type=_positive)
-    b.add_argument("--heads", type=_positive)
-    b.add_argument("--head-dim", type=_positive)
+    b.add_argument("--causal", type=bool_list, help="false, true or both (default both)")
+    b.add_argument("--batch", type=positive)
+    b.add_argument("--heads", type=positive)
+    b.add_argument("--head-dim", type=positive)
     b.add_argument("--warmup", type=_non_negative)
-    b.add_argument("--repeats", type=_positive)
+    b.add_argument("--repeats", type=positive)
     b.add_argument("--max-row-seconds", type=_seconds, help="do not run a call predicted to take longer")
     b.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda if available)")
     b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
@@ -123,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args):
-    from .bench import DTYPES, default_config
-
     config = default_config(args.device)
     for field, value in (("impls", args.impl), ("seq_lens", args.seq_lens), ("ring_sizes", args.ring_sizes),
                          ("causal", args.causal), ("batch", args.batch), ("heads", args.heads),
@@ -165,24 +167,21 @@ def check_writable_dir(path: Path, option: str = "--out") -> Path:
 
 
 def _bench(args, argv) -> int:
-    from . import report
-    from .bench import environment, plan, run_sweep
-
     config = _config_from_args(args)
     out = check_writable_dir(args.out)
-    stem = args.stem or report.default_stem([{**environment(torch.device(config.device)),
+    stem = args.stem or results.default_stem([{**environment(torch.device(config.device)),
                                               "dtype": str(config.dtype).replace("torch.", ""),
                                               "mode": "forward+backward" if config.backward else "forward"}])
     json_path = out / f"{stem}.json"
     meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m ringbook " + " ".join(argv if argv is not None else sys.argv[1:]),
             "warmup": config.warmup, "repeats": config.repeats, "max_row_seconds": config.max_row_seconds,
-            "rows_planned": len(plan(config))}
+            "rows_planned": len(planned_rows(config))}
     done: list[dict] = []
 
     def save(rows):  # after every row: a crash or Ctrl-C keeps what was measured
         done[:] = rows
-        report.save_json(rows, json_path, {**meta, "complete": False})
+        results.save_json(rows, json_path, {**meta, "complete": False})
 
     try:
         rows = run_sweep(config, progress=not args.quiet, on_row=save)
@@ -202,9 +201,7 @@ def _bench(args, argv) -> int:
 
 
 def _report(args) -> int:
-    from . import report
-
-    rows, meta = report.load_results(args.json)
+    rows, meta = results.load_results(args.json)
     out = check_writable_dir(args.out or args.json.parent)
     # The input is never rewritten: only the report and the plots are drawn from it.
     paths = report.write_outputs(rows, out, stem=args.json.stem, meta=meta, formats=("md", "png"))
@@ -216,11 +213,9 @@ def _report(args) -> int:
 def main(argv=None) -> int:
     """Run the CLI; bad input prints one line naming the option or file and returns 2 (no traceback)."""
     args = build_parser().parse_args(argv)
-    from .report import ResultsFileError
-
     try:
         return _report(args) if args.command == "report" else _bench(args, argv)
-    except (CliError, ResultsFileError) as exc:
+    except (CliError, results.ResultsFileError) as exc:
         print(f"python -m ringbook {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line, the traceback only on request

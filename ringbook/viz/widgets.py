@@ -1,4 +1,4 @@
-"""Thin ipywidgets front ends: each wires a control to a :mod:`ringbook.plots` function.
+"""Thin ipywidgets front ends: each wires a control to a :mod:`ringbook.viz` plotting function.
 
 The widgets compute nothing: the notebook computes the data with ``ringbook``
 and passes it in; moving a control only redraws the figure. ipywidgets and
@@ -12,7 +12,9 @@ just drawn, so a notebook can assert on it.
 
 from __future__ import annotations
 
-from . import plots
+from . import dilated as dilated_plots
+from . import online_softmax as online_softmax_plots
+from . import ring as ring_plots
 
 
 def _interactive(draw, **controls):
@@ -28,9 +30,9 @@ def _interactive(draw, **controls):
 
 
 def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, blocks_seen: int = 1):
-    """A slider over the key blocks seen so far, redrawing :func:`plots.plot_online_softmax`.
+    """A slider over the key blocks seen so far, redrawing :func:`ringbook.viz.plot_online_softmax`.
 
-    Arguments are those of :func:`ringbook.plots.plot_online_softmax`;
+    Arguments are those of :func:`ringbook.viz.plot_online_softmax`;
     ``blocks_seen`` is the slider's start value.
     """
     from ipywidgets import IntSlider, Layout
@@ -42,20 +44,20 @@ def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, b
     )
 
     def draw(blocks_seen):
-        return plots.plot_online_softmax(scores, block_size, m, l, outs, exact_out, blocks_seen=blocks_seen)
+        return online_softmax_plots.plot_online_softmax(scores, block_size, m, l, outs, exact_out, blocks_seen=blocks_seen)
 
     return _interactive(draw, blocks_seen=slider)
 
 
 def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = "zigzag", causal: bool = True):
-    """A step slider, a layout dropdown and a causal checkbox, redrawing :func:`plots.plot_ring_step`.
+    """A step slider, a layout dropdown and a causal checkbox, redrawing :func:`ringbook.viz.plot_ring_step`.
 
     ``n`` must suit every layout (a multiple of ``2 · world_size``); the
     keyword arguments are the controls' start values.
     """
     from ipywidgets import Checkbox, Dropdown, IntSlider, Layout
 
-    from .schedule import LAYOUTS
+    from ..schedule import LAYOUTS
 
     slider = IntSlider(
         value=step, min=0, max=world_size - 1, step=1, description="ring step",
@@ -65,7 +67,7 @@ def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = 
     checkbox = Checkbox(value=causal, description="causal")
 
     def draw(step, layout, causal):
-        return plots.plot_ring_step(n, world_size, step, layout=layout, causal=causal)
+        return ring_plots.plot_ring_step(n, world_size, step, layout=layout, causal=causal)
 
     return _interactive(draw, step=slider, layout=dropdown, causal=checkbox)
 
@@ -73,7 +75,7 @@ def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = 
 def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_length: int = 8,
                              dilation_rate: int = 1, num_pairs: int = 3, head: int = 0, heads: str = "grouped",
                              causal: bool = False):
-    """Sliders for a LongNet configuration, redrawing :func:`plots.plot_dilated_pattern`.
+    """Sliders for a LongNet configuration, redrawing :func:`ringbook.viz.plot_dilated_pattern`.
 
     The pairs are geometric, as in LongNet: ``(w, r), (2w, 2r), (4w, 4r), …``
     for ``num_pairs`` pairs, with ``w`` and ``r`` on the sliders. Segment
@@ -83,7 +85,7 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
     """
     from ipywidgets import Checkbox, Dropdown, IntSlider, Layout, SelectionSlider
 
-    from .dilated import HEAD_MODES
+    from ..dilated import HEAD_MODES
 
     wide = {"continuous_update": False, "style": {"description_width": "initial"}, "layout": Layout(width="420px")}
     segs = [2**p for p in range(1, seq_len.bit_length()) if seq_len % 2**p == 0 and 2**p <= seq_len // 4]
@@ -96,7 +98,7 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
 
     def draw(segment_length, dilation_rate, num_pairs, head, heads, causal):
         rate = min(dilation_rate, segment_length)  # r must divide w
-        return plots.plot_dilated_pattern(
+        return dilated_plots.plot_dilated_pattern(
             seq_len, num_heads, segment_lengths=[segment_length * 2**k for k in range(num_pairs)],
             dilation_rates=[rate * 2**k for k in range(num_pairs)], head=head, heads=heads, causal=causal)
 
@@ -107,7 +109,7 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
 def bench_row_explorer(run, *, seq_lens, ring_sizes, impls, dtypes, seq_len=None, ring_size=1, impl=None,
                        dtype=None, causal=False):
     """Controls for one benchmark row and a "run" button; each click measures a row and redraws
-    :func:`ringbook.report.plot_live_rows` over the rows measured so far.
+    :func:`ringbook.viz.results.plot_live_rows` over the rows measured so far.
 
     ``run(impl=..., seq_len=..., ring_size=..., dtype=..., causal=...)`` measures the row (the notebook
     passes a wrapper of :func:`ringbook.bench.run_row`, sized to its device). The first row is measured
@@ -116,7 +118,8 @@ def bench_row_explorer(run, *, seq_lens, ring_sizes, impls, dtypes, seq_len=None
     from IPython.display import Markdown, display
     from ipywidgets import Checkbox, Dropdown, SelectionSlider, interactive
 
-    from .report import live_rows_markdown, plot_live_rows
+    from ..bench.report import live_rows_markdown
+    from .results import plot_live_rows
 
     wide = {"style": {"description_width": "initial"}}
     controls = {

@@ -1,0 +1,536 @@
+"""Ring attention across processes, run under torchrun, and its peers measured in the same run::
+
+    torchrun --nproc-per-node=2 -m ringbook.bench.dist_sweep --seq-lens 131072 --dtype bf16 --causal both --out figures
+    torchrun --nproc-per-node=2 -m ringbook.bench.dist_sweep --kernel auto --peers one_gpu context_parallel \\
+        --seq-lens 131072 --dtype bf16 --causal both --out figures --formats json
+
+What is measured, for every (causal, seq_len):
+
+* **The ring over the process group** (one rank per GPU). ``--kernel einops``
+  (the default) times :func:`ringbook.distributed.ring_attention` with its
+  einops block path (``impl="ring_dist"``); ``--kernel auto`` (or ``cudnn``,
+  ``flash``, ``efficient``) times
+  :func:`ringbook.distributed.production_ring_attention`, the fused kernels
+  (``impl="production_dist"``). The row records ``kernel`` and ``layout``.
+* ``--peers one_gpu``: rank 0 alone runs the whole sequence on its own GPU
+  (the other ranks wait at a barrier), once per implementation of
+  ``--one-gpu-impls`` (default ``sdpa_cudnn production`` on CUDA, ``sdpa
+  production`` on the CPU), with :func:`ringbook.bench.run_row`: an ordinary
+  bench row (its own timing and check, ``ring_size`` 1) marked
+  ``peer_of="dist"``, ``gpus=1``.
+* ``--peers context_parallel``: PyTorch's context parallelism,
+  ``torch.distributed.tensor.experimental.context_parallel``
+  (``impl="context_parallel"``), one row per SDPA backend of
+  ``--cp-backends`` (default ``cudnn flash``; field ``sdpa_backend``). CUDA
+  only: on the CPU the row is an error "not run: …" (CP only reroutes the
+  CUDA SDPA kernels). Every rank draws the same full-length q, k, v
+  (``b h n d``); ``context_parallel`` shards them in place — head-tail load
+  balanced when causal (rank r holds chunks r and 2w−1−r of 2w, ringbook's
+  "zigzag"), contiguous otherwise (CP's SDPA refuses load balancing without
+  ``is_causal``) — and ``F.scaled_dot_product_attention`` is timed inside the
+  context. Which positions each rank really holds is read back from a
+  position buffer sharded with q, k, v; the row's ``layout`` names it. The
+  fields ``cp_load_balance`` and ``cp_rotate_method`` (``--cp-rotate``,
+  default PyTorch's) record CP's options. A backend CP refuses, or any other
+  failure, is an error row; the run goes on.
+
+Timing: every rank warms up, then the call is timed ``--repeats`` times with
+a barrier before each repeat — CUDA events on GPUs (NCCL),
+``time.perf_counter`` on the CPU (gloo). A repeat takes as long as its
+slowest rank; a multi-GPU row's ``time_ms`` is the median over repeats of
+that maximum, and ``per_rank_time_ms`` the median of each rank. Peak memory
+is measured per rank as in :mod:`ringbook.bench` (CUDA allocator peak of one
+call, inputs included; on the CPU the resident peak of one call, labelled
+in ``peak_mem_kind``); ``peak_mem_gb`` is the maximum over ranks and
+``per_rank_peak_mem_gb`` every rank's. For context_parallel the full-length
+inputs are freed once CP has sharded them, so its peak counts the same
+things as the ring's — this rank's shards, the output and what one call
+allocates (CP's gathered K/V included); the row's ``peak_mem_includes`` says so.
+
+The check: the ring rows gather every rank's q, k, v and out on rank 0 up to
+``--check-max-seq`` tokens (16K) and compare with
+:func:`ringbook.naive_attention` (:func:`ringbook.bench.check_against_reference`).
+Longer sequences are not gathered (that would defeat the point of sharding):
+the same configuration is re-run at ``--check-max-seq`` tokens and checked
+there; the row's ``check`` field says which was done. context_parallel rows
+are checked at full length: every rank compares evenly spaced rows of its own
+output with the float64 reference of the whole (replicated) sequence at the
+rows' global positions. A row is ``ok`` only through
+:func:`ringbook.bench.verdict`: every number finite, ``max_rel_err`` within
+the dtype's tolerance (:data:`ringbook.bench.TOLERANCE`); an output that is
+NaN or ±inf where the reference is finite is an ``error`` row saying so.
+
+Rank 0 writes every row to ``<out>/<stem>.json`` (plus ``.md`` and the two
+PNG plots unless ``--formats`` says otherwise; the default stem
+``dist-bench-<device>-<dtype>-w<world>`` ends in ``-<kernel>`` for the fused
+kernels, so such a run does not overwrite the einops one), with a ``scaling`` summary in
+the JSON's ``meta`` (also printed): for each (causal, seq_len) the ring row's
+time, the fastest ok one-GPU row and ``speedup_vs_one_gpu`` (its time / the
+ring's), the fastest ok context_parallel row and ``cp_time_over_ours`` (its
+time / the ring's), and the per-GPU peaks. The exit status is 1 if a row
+failed (rows that were not run, which say why, do not count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .._utils import attention_flops
+from ..distributed import production_ring_attention, ring_attention, unshard
+from ..schedule import check_layout, layout_positions
+from . import measure
+from .cli import bool_list, positive, print_table, seq_len
+from .measure import WrongResult, environment, peak_memory_gb, reference_error, relative_error, sync, time_once
+from .registry import IMPLS
+from .report import FORMATS, scaling_summary, write_outputs
+from .results import slug
+from .rules import DTYPES, verdict
+from .sweep import new_row, run_row
+
+KERNELS = ("einops", "auto", "cudnn", "flash", "efficient")
+PEERS = ("one_gpu", "context_parallel")
+CP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+CP_PEAK_MEM_INCLUDES = (
+    "this rank's q, k, v shards, the output and what one context-parallel SDPA call allocates (its gathered or "
+    "rotated K/V included); not the replicated full-length inputs, freed once context_parallel has sharded them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node=N -m ringbook.bench.dist_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", nargs="+", type=seq_len, default=[131072], help="global sequence lengths (16K, 1M…)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--causal", type=bool_list, default=[False, True], help="false, true or both (default)")
+    p.add_argument("--kernel", choices=KERNELS, default="einops",
+                   help="einops (default): ring_attention's einops blocks, impl ring_dist; auto/cudnn/flash/"
+                        "efficient: production_ring_attention with that kernel, impl production_dist")
+    p.add_argument("--layout", choices=["auto", "contiguous", "zigzag", "striped"], default="auto",
+                   help="how tokens are dealt to ranks (auto: zigzag when causal, else contiguous)")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=[],
+                   help="also measure, in the same run: one_gpu (rank 0 alone, the whole sequence) and/or "
+                        "context_parallel (PyTorch's, CUDA only)")
+    p.add_argument("--one-gpu-impls", nargs="+", choices=sorted(IMPLS), default=None,
+                   help="bench implementations of the one_gpu peer (default sdpa_cudnn production on CUDA, "
+                        "sdpa production on the CPU)")
+    p.add_argument("--cp-backends", nargs="+", choices=sorted(CP_BACKENDS), default=["cudnn", "flash"],
+                   help="SDPA backends of the context_parallel peer, one row each (default cudnn flash)")
+    p.add_argument("--cp-rotate", choices=["allgather", "alltoall"], default=None,
+                   help="context_parallel's K/V rotation (default: PyTorch's default)")
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--heads", type=positive, default=8)
+    p.add_argument("--head-dim", type=positive, default=64)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=positive, default=10)
+    p.add_argument("--check-max-seq", type=seq_len, default=16384,
+                   help="gather and check the full output up to this length; above, check a run of this length")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any rank waits for a peer")
+    p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("figures"))
+    p.add_argument("--stem", help="file name stem (default dist-bench-<device>-<dtype>-w<world>, "
+                                  "with -<kernel> unless the kernel is einops)")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="files to write (default json md png)")
+    return p
+
+
+def _setup(backend: str, timeout_s: float):
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s))
+    return device
+
+
+def _shards(n, world, rank, *, batch, heads, head_dim, dtype, device, seed):
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + rank)
+    return [torch.randn(batch, n // world, heads, head_dim, generator=gen, device=device, dtype=dtype)
+            for _ in range(3)]
+
+
+def _gathered_error(q, k, v, out, *, layout, causal):
+    """Gather every rank's shards; rank 0 returns (max_rel_err, rows checked), others (None, None)."""
+    world = dist.get_world_size()
+    full = []
+    for x in (q, k, v, out):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        full.append(unshard(parts, layout))
+    if dist.get_rank() != 0:
+        return None, None
+    return measure.check_against_reference(*full, causal=causal)
+
+
+def _time(call, device, *, warmup, repeats):
+    for _ in range(warmup):
+        call()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        times.append(time_once(call, device))
+    return times
+
+
+def _failure(exc: BaseException, row: dict, mine: dict) -> None:
+    """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message)."""
+    mine["oom"] = measure.is_oom(exc)
+    not_run = str(exc).startswith("not run")
+    wrong = isinstance(exc, WrongResult)
+    mine["error"] = (str(exc) if not_run else f"wrong result: {exc}" if wrong
+                     else f"{type(exc).__name__}: {exc}").strip()[:500]
+    if not mine["oom"] and not not_run and not wrong:
+        row["traceback"] = traceback.format_exc(limit=4)
+
+
+def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
+    """Gather every rank's outcome and finish the row on rank 0 (None on the other ranks).
+
+    ``mine`` holds this rank's ``error`` (text or None), ``oom``, ``times``
+    (ms per repeat) and ``peak`` (GB); optionally ``check`` = (max |out − ref|,
+    max |ref|, rows) where every rank checked rows of its own output, and
+    ``layout`` where every rank found out its own.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    if rank != 0:
+        return None
+    failed = [r for r, m in enumerate(every) if m["error"]]
+    if failed:
+        row["status"] = "oom" if all(every[r]["oom"] for r in failed) else "error"
+        by_message = {}
+        for r in failed:
+            by_message.setdefault(every[r]["error"], []).append(r)
+        if len(by_message) == 1 and len(failed) == world and every[0]["error"].startswith("not run"):
+            row["error"] = every[0]["error"]  # the same decision on every rank
+        else:
+            row["error"] = "; ".join(f"rank {', '.join(map(str, ranks))}: {msg}"
+                                     for msg, ranks in by_message.items())[:1000]
+        return row
+    per_repeat = [max(ts) for ts in zip(*(m["times"] for m in every))]  # a repeat ends with its slowest rank
+    t = statistics.median(per_repeat)
+    n, batch = row["seq_len"], row["batch"]
+    row.update(time_ms=t, times_ms=per_repeat, tflops=row["flops"] / (t * 1e-3) / 1e12,
+               tokens_per_s=batch * n / (t * 1e-3),
+               per_rank_time_ms=[statistics.median(m["times"]) for m in every],
+               per_rank_peak_mem_gb=[m["peak"] for m in every],
+               peak_mem_gb=max(m["peak"] for m in every))
+    checks = [m["check"] for m in every if m.get("check")]
+    if checks:
+        row["max_rel_err"] = relative_error(max(c[0] for c in checks), max(c[1] for c in checks))
+        row["checked_rows"] = sum(c[2] for c in checks)
+    layouts = [m.get("layout") for m in every]
+    if any(layouts):
+        row["layout"] = layouts[0] if len(set(layouts)) == 1 else f"per rank: {layouts}"
+    return verdict(row, dtype)
+
+
+# --------------------------------------------------------------------------- the ring
+
+def _attend(q, k, v, *, causal, layout, timeout, kernel):
+    """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``."""
+    if kernel == "einops":
+        return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
+    return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
+
+
+def measure_ring(n, *, causal, layout, dtype, batch, heads, head_dim, warmup, repeats, check_max_seq, timeout, seed,
+            device, env, kernel="einops") -> dict | None:
+    """One row of the ring (on rank 0; None elsewhere). Every rank must call it with the same arguments.
+
+    ``kernel="einops"``: :func:`ring_attention` (impl ``ring_dist``); any other
+    kernel: :func:`production_ring_attention` with it (impl ``production_dist``).
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = layout if layout != "auto" else ("zigzag" if causal else "contiguous")
+    row = new_row(env, "ring_dist" if kernel == "einops" else "production_dist", seq_len=n, ring_size=world,
+                        causal=causal, dtype=dtype, batch=batch, heads=heads, head_dim=head_dim,
+                        flops=attention_flops(batch, heads, n, n, head_dim, causal))
+    row.update(kernel=kernel, layout=layout, gpus=world, per_rank_time_ms=None, per_rank_peak_mem_gb=None,
+               check=None)
+    mine = {"error": None, "oom": False, "times": None, "peak": None}
+    q = k = v = out = None
+    try:
+        try:
+            check_layout(n, world, layout)
+        except ValueError as exc:
+            raise ValueError(f"not run: {exc}") from None
+        q, k, v = _shards(n, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                          device=device, seed=seed)
+
+        def call():
+            return _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
+
+        mine["times"] = _time(call, device, warmup=warmup, repeats=repeats)
+        mine["peak"], _ = peak_memory_gb(call, device, inputs=(q, k, v))
+        if n <= check_max_seq:
+            out, _ = call()
+            err, rows = _gathered_error(q, k, v, out, layout=layout, causal=causal)
+            row["check"] = f"full output gathered on rank 0 ({rows} of {n} query rows against float64)"
+        else:
+            m = check_max_seq - check_max_seq % (2 * world)
+            q = k = v = None  # free the long shards before the check run
+            measure.free(device)
+            cq, ck, cv = _shards(m, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                                 device=device, seed=seed + 1)
+            cout, _ = _attend(cq, ck, cv, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
+            err, rows = _gathered_error(cq, ck, cv, cout, layout=layout, causal=causal)
+            row["check"] = (f"not gathered at {n} tokens; a separate run of the same configuration at "
+                            f"seq_len {m} was gathered on rank 0 and checked ({rows} query rows)")
+            del cq, ck, cv, cout
+        row["max_rel_err"], row["checked_rows"] = err, rows
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
+        _failure(exc, row, mine)
+    finally:
+        q = k = v = out = None
+        measure.free(device)
+    return _collect(row, mine, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- peer: one GPU
+
+def default_one_gpu_impls(device: torch.device) -> list[str]:
+    """The one_gpu peer's implementations: the fastest fused SDPA and ringbook's production path."""
+    return ["sdpa_cudnn", "production"] if device.type == "cuda" else ["sdpa", "production"]
+
+
+def measure_one_gpu(impl_name, n, *, causal, dtype, batch, heads, head_dim, warmup, repeats, seed, device,
+                    env) -> dict | None:
+    """Rank 0 alone runs the whole sequence with a :mod:`ringbook.bench` implementation; the others wait.
+
+    Returns the bench row on rank 0 (``ring_size`` 1, ``peer_of="dist"``,
+    ``gpus=1``; its own timing and check), None on the other ranks.
+    """
+    row = None
+    if dist.get_rank() == 0:
+        row = run_row(IMPLS[impl_name], seq_len=n, ring_size=1, causal=causal, dtype=dtype, batch=batch,
+                            heads=heads, head_dim=head_dim, device=device, warmup=warmup, repeats=repeats,
+                            seed=seed, env=env)
+        row.update(peer_of="dist", gpus=1)
+    dist.barrier()
+    return row
+
+
+# --------------------------------------------------------------------------- peer: PyTorch's context parallel
+
+def _replicated(n, *, batch, heads, head_dim, dtype, device, seed):
+    """The whole sequence's q, k, v (``b h n d``), the same on every rank."""
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + 99_991)
+    return [torch.randn(batch, heads, n, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(3)]
+
+
+def _layout_name(positions: torch.Tensor, n: int, world: int, rank: int) -> str:
+    """The ringbook layout whose shard of ``rank`` holds exactly ``positions`` (in order), else "other"."""
+    for name in ("contiguous", "zigzag"):
+        try:
+            if torch.equal(layout_positions(n, world, name)[rank], positions.cpu()):
+                return name
+        except ValueError:  # the length does not allow that layout
+            pass
+    return "other"
+
+
+def _everywhere(call, what: str):
+    """Run ``call`` once on every rank; if it raised anywhere, raise on every rank (none is left waiting)."""
+    problem = None
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised
+        problem = exc
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, None if problem is None else f"{type(problem).__name__}: {problem}"[:300])
+    if problem is not None:
+        raise problem
+    failed = [r for r, p in enumerate(every) if p]
+    if failed:
+        raise RuntimeError(f"{what} failed on rank(s) {failed}: {every[failed[0]]}")
+
+
+def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, heads, head_dim, warmup, repeats,
+                      seed, device):
+    """Time PyTorch's context-parallel SDPA on this rank; fills ``mine`` (times, peak, check, layout).
+
+    Sets the row's ``cp_load_balance`` and ``cp_rotate_method``. CP's options
+    are module globals: they are restored afterwards.
+    """
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import _attention as cp_impl  # _cp_options, set_rotate_method
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    options = cp_impl._cp_options
+    saved = (options.enable_load_balance, options.rotate_method)
+    mesh = init_device_mesh(device.type, (world,))
+    q, k, v = _replicated(n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, seed=seed)
+    where = torch.arange(n, device=device).view(1, 1, n, 1)  # sharded with q, k, v: tells which rows a rank holds
+    buffers = [q, k, v, where]
+    try:
+        # Head-tail load balancing for causal attention only: CP's SDPA refuses it without is_causal.
+        options.enable_load_balance = causal
+        if rotate:
+            cp_impl.set_rotate_method(rotate)
+        row.update(cp_load_balance=causal, cp_rotate_method=options.rotate_method.name.lower())
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2] * len(buffers),
+                              no_restore_buffers=set(buffers)):
+            local = [x.clone() for x in (q, k, v)]  # this rank's shards
+            positions = where.reshape(-1).clone()
+            for x in buffers:  # sharding resized them in place, keeping the full-length storage: free it
+                x.set_()
+            del q, k, v, where, buffers
+
+            def call():
+                return F.scaled_dot_product_attention(*local, is_causal=causal)  # CP's, inside the context
+
+            with sdpa_kernel(getattr(SDPBackend, CP_BACKENDS[backend])):
+                _everywhere(call, f"context_parallel with the {backend} SDPA backend")
+                mine["times"] = _time(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
+                mine["peak"], out = peak_memory_gb(call, device, inputs=local)
+    finally:
+        options.enable_load_balance, options.rotate_method = saved
+    local.clear()
+    measure.free(device)
+    mine["layout"] = _layout_name(positions, n, world, rank)
+    q, k, v = _replicated(n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, seed=seed)
+    mine["check"] = reference_error(*(x.transpose(1, 2) for x in (q, k, v, out)), positions=positions, causal=causal)
+
+
+def measure_context_parallel(n, *, causal, backend, rotate, dtype, batch, heads, head_dim, warmup, repeats, seed,
+                             device, env) -> dict | None:
+    """One row of PyTorch's context parallel with SDPA ``backend`` (on rank 0; None elsewhere); never raises.
+
+    Every rank must call it with the same arguments. CUDA only: elsewhere the
+    row is an error "not run: …".
+    """
+    world = dist.get_world_size()
+    row = new_row(env, "context_parallel", seq_len=n, ring_size=world, causal=causal, dtype=dtype,
+                        batch=batch, heads=heads, head_dim=head_dim,
+                        flops=attention_flops(batch, heads, n, n, head_dim, causal))
+    row.update(sdpa_backend=backend, layout=None, gpus=world, cp_load_balance=None, cp_rotate_method=None,
+               per_rank_time_ms=None, per_rank_peak_mem_gb=None, peak_mem_includes=CP_PEAK_MEM_INCLUDES,
+               check=("every rank compared evenly spaced rows of its own output with the float64 reference "
+                      "of the whole sequence at their global positions"))
+    mine = {"error": None, "oom": False, "times": None, "peak": None, "check": None, "layout": None}
+    try:
+        if device.type != "cuda":
+            raise RuntimeError("not run: context_parallel needs CUDA (NCCL)")
+        _context_parallel(row, mine, n, causal=causal, backend=backend, rotate=rotate, dtype=dtype, batch=batch,
+                          heads=heads, head_dim=head_dim, warmup=warmup, repeats=repeats, seed=seed, device=device)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
+        _failure(exc, row, mine)
+    finally:
+        measure.free(device)
+    return _collect(row, mine, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the scaling summary
+
+def print_scaling(summary: list[dict], file=sys.stdout) -> None:
+    def num(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    def gbs(xs):
+        return "-" if not xs else "/".join(f"{x:.2f}" for x in xs)
+
+    print("scaling: ours = the ring row; 1-GPU = fastest ok one_gpu row; CP = fastest ok context_parallel row",
+          file=file)
+    header = (f"{'causal':<7}{'seq':>9}  {'ours':<24}{'ms':>10}  {'GB/GPU':<12}{'1-GPU':<14}{'ms':>10}"
+              f"{'speedup':>9}  {'CP':<8}{'ms':>10}  {'GB/GPU':<12}{'CP/ours':>8}")
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for s in summary:
+        ours = f"{s['impl']}[{s['kernel']}]x{s['gpus']}" if s["impl"] else "-"
+        print(f"{str(s['causal']):<7}{s['seq_len']:>9}  {ours:<24}{num(s['time_ms'], '{:.2f}'):>10}  "
+              f"{gbs(s['per_rank_peak_mem_gb']):<12}{s['one_gpu_impl'] or '-':<14}"
+              f"{num(s['one_gpu_time_ms'], '{:.2f}'):>10}{num(s['speedup_vs_one_gpu'], '{:.2f}x'):>9}  "
+              f"{s['cp_sdpa_backend'] or '-':<8}{num(s['cp_time_ms'], '{:.2f}'):>10}  "
+              f"{gbs(s['cp_per_rank_peak_mem_gb']):<12}{num(s['cp_time_over_ours'], '{:.2f}x'):>8}", file=file)
+
+
+# --------------------------------------------------------------------------- output
+
+def _describe(row: dict) -> str:
+    what = row["impl"] + (f"[{row['kernel']}]" if row.get("kernel") else "") + \
+        (f"[{row['sdpa_backend']}]" if row.get("sdpa_backend") else "")
+    text = (f"{what} gpus={row.get('gpus', row['ring_size'])} causal={row['causal']} n={row['seq_len']}: "
+            f"{row['status']} {row['time_ms'] or float('nan'):.2f} ms")
+    if row.get("peak_mem_gb") is not None:
+        text += f", peak {row['peak_mem_gb']:.2f} GB" + (" per GPU" if row.get("per_rank_peak_mem_gb") else "")
+    return text + (f" ({row['error']})" if row.get("error") else "")
+
+
+def _failed(row: dict) -> bool:
+    return row["status"] == "error" and "not run:" not in str(row.get("error") or "")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if "RANK" not in os.environ:
+        print("ringbook.bench.dist_sweep runs under torchrun, e.g.\n"
+              "  torchrun --nproc-per-node=2 -m ringbook.bench.dist_sweep --seq-lens 131072 --dtype bf16\n"
+              "  torchrun --nproc-per-node=2 -m ringbook.bench.dist_sweep --kernel auto --peers one_gpu context_parallel "
+              "--seq-lens 131072", file=sys.stderr)
+        return 2
+    device = _setup(args.backend, args.timeout)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    env = environment(device)
+    env["backend"] = dist.get_backend()
+    one_gpu_impls = args.one_gpu_impls or default_one_gpu_impls(device)
+    common = {"dtype": dtype, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
+             "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "device": device, "env": env}
+    rows = []
+    try:
+        for causal in args.causal:
+            for n in sorted(args.seq_lens):
+                here = [measure_ring(n, causal=causal, layout=args.layout, kernel=args.kernel,
+                                check_max_seq=args.check_max_seq, timeout=args.timeout, **common)]
+                if "one_gpu" in args.peers:
+                    here += [measure_one_gpu(name, n, causal=causal, **common) for name in one_gpu_impls]
+                if "context_parallel" in args.peers:
+                    here += [measure_context_parallel(n, causal=causal, backend=b, rotate=args.cp_rotate, **common)
+                             for b in args.cp_backends]
+                if rank == 0:
+                    rows += here
+                    for row in here:
+                        print(_describe(row), flush=True)
+    finally:
+        if rank == 0 and rows:
+            stem = args.stem or (f"dist-bench-{'cpu' if device.type == 'cpu' else slug(env['device'])}-"
+                                 f"{str(dtype).replace('torch.', '')}-w{world}"
+                                 + ("" if args.kernel == "einops" else f"-{args.kernel}"))
+            summary = scaling_summary(rows)
+            meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": f"torchrun --nproc-per-node={world} -m ringbook.bench.dist_sweep "
+                               + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "warmup": args.warmup, "repeats": args.repeats, "world_size": world, "kernel": args.kernel,
+                    "peers": list(args.peers), "one_gpu_impls": one_gpu_impls if "one_gpu" in args.peers else [],
+                    "cp_backends": args.cp_backends if "context_parallel" in args.peers else [],
+                    "cp_rotate": args.cp_rotate, "scaling": summary}
+            print_table(rows)
+            print_scaling(summary)
+            for kind, path in write_outputs(rows, args.out, stem=stem, meta=meta, formats=args.formats).items():
+                print(f"wrote {kind:<10} {path}")
+        dist.destroy_process_group()
+    return 1 if any(_failed(r) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
