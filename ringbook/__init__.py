@@ -6,8 +6,33 @@ causal=..., scale=..., <variant options>)`` and returns ``(out, lse)``.
 
 ``import ringbook`` needs only torch and einops: plotting, widgets and the
 benchmark import matplotlib and ipywidgets only when they are used.
+
+Input rules, the same for every implementation (checked once, in
+``ringbook._utils.check_qkv``):
+
+* a q, k or v with a zero-size batch, seq, heads or head_dim is refused
+  with a ValueError naming the tensor, the dimension and the shape;
+* non-finite input (NaN, +inf, -inf in q, k or v) is refused with a
+  ValueError naming the tensor, the first offending index and what it is
+  while :func:`check_finite` is on (``with ringbook.check_finite(): ...``,
+  ``ringbook.check_finite()``, or ``RINGBOOK_CHECK_FINITE=1`` at import);
+  without it, a NaN/inf reaches at least every output row that sees it
+  (the query itself, or a query whose visible keys include it: a NaN makes
+  such rows NaN), and may reach other rows too: which ones is
+  implementation-defined. The exact contract is in :func:`check_finite`.
+
+Derivatives: the einops implementations (``naive_attention``,
+``merge_partials``, ``attend_block``, ``blockwise_attention``,
+``ring_attention``, ``dilated_attention``, ``dilated_attention_dense``,
+``ring_dilated_attention``) are twice differentiable (``create_graph=True``
+gives exact second derivatives). Those built on custom autograd Functions
+(``production_ring_attention``, ``ringbook.kernels.block_attention``,
+``ringbook.distributed.ring_attention`` and ``production_ring_attention``)
+are once differentiable: their backward raises a RuntimeError under
+``create_graph=True`` instead of returning NaN or wrong second derivatives.
 """
 
+from ._utils import check_finite
 from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
@@ -38,5 +63,6 @@ __all__ = [
     "layout_positions",
     "work_per_rank",
     "LAYOUTS",
+    "check_finite",
     "__version__",
 ]

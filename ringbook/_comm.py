@@ -40,7 +40,7 @@ class _Ring:
             raise RuntimeError(
                 f"ringbook.distributed.{op} needs an initialised process group: start the "
                 "processes with torchrun or ringbook.distributed.spawn and call "
-                "torch.distributed.init_process_group first (ringbook.ring_attention plays the ring in one process)"
+                f"torch.distributed.init_process_group first (ringbook.{op} plays the ring in one process)"
             )
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         glob = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)

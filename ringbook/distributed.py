@@ -20,8 +20,9 @@ environment variable ``RINGBOOK_P2P_TIMEOUT`` or 60 s): a peer that died,
 raised or stalls makes the others raise a ``TimeoutError``/``RuntimeError``
 naming the peer and the step instead of hanging. Inputs that do not fit
 together across ranks (unequal shard lengths, a layout the shards cannot
-have) are refused with a ``ValueError`` on every rank. Ranks in messages
-are ranks in the process group passed as ``group``.
+have, a different batch, heads, head_dim, dtype, causal, layout, scale or
+kernel on some rank) are refused with a ``ValueError`` on every rank. Ranks
+in messages are ranks in the process group passed as ``group``.
 
 :func:`~ringbook.launch.spawn` (re-exported here) starts a function on ``w``
 local processes (gloo by default) for tests and notebooks. Importing this
@@ -32,12 +33,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
+import struct
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from einops import einsum
 
-from ._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import (
+    FLOAT_DTYPES, check_bool, check_positive_int, check_qkv, compute_dtype, lse_dtype, refuse_double_backward,
+    resolve_scale,
+)
 from ._comm import DEFAULT_TIMEOUT_S, _exchange, _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout  # noqa: F401
 from .kernels import BACKENDS, _forward_block, block_attention_backward, expand_kv, merge_many_into_, reduce_kv
 from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward, merge_partials
@@ -47,25 +54,81 @@ from .schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
 
 # --------------------------------------------------------------------------- sharding
 
+def _check_dim(dim, ndim: int, what: str) -> int:
+    """``dim`` as a non-negative axis of a ``ndim``-dimensional tensor, else raise naming ``dim``."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for {what} with {ndim} dimensions "
+                         f"(valid: {-ndim}..{ndim - 1}; 1 for b n h d, 2 for an lse b h n)")
+    return int(dim) % ndim
+
+
 def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Rank ``rank``'s shard of ``x`` along ``dim`` (1 for ``b n h d``, 2 for an lse ``b h n``)."""
-    positions = layout_positions(x.shape[dim], world_size, layout)
+    """Rank ``rank``'s shard of ``x`` along ``dim`` (1 for ``b n h d``, 2 for an lse ``b h n``).
+
+    Raises TypeError/ValueError naming the argument: ``x`` not a tensor,
+    ``rank`` not an int in ``0..world_size-1``, ``world_size`` not a positive
+    int, ``dim`` not an axis of ``x``, a layout that cannot deal ``x``'s
+    length to ``world_size`` ranks.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    world_size = check_positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"rank must be an int in 0..{world_size - 1}, got {type(rank).__name__} {rank!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    return x.index_select(dim, positions[rank].to(x.device))
+    dim = _check_dim(dim, x.dim(), f"x of shape {tuple(x.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    n, parts = x.shape[dim], 2 * world_size if layout == "zigzag" else world_size
+    if n % parts:
+        need = f"2·world_size = {parts}" if layout == "zigzag" else f"world_size = {parts}"
+        raise ValueError(f"world_size={world_size} does not fit length {n} (dim {dim} of shape {tuple(x.shape)}) with "
+                         f"layout={layout!r}: {need} must divide {n}")
+    positions = layout_positions(n, world_size, layout)
+    return x.index_select(dim, positions[int(rank)].to(x.device))
 
 
 def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Put per-rank shards (a list, rank order) back into token order along ``dim``."""
+    """Put per-rank shards (a list, rank order) back into token order along ``dim``.
+
+    Raises TypeError/ValueError naming the argument: ``shards`` not a
+    sequence of tensors (``shards[i]`` named), shards of different
+    dimensions, dtype, device or shape (apart from their common length along
+    ``dim``), ``dim`` not an axis, a layout they cannot come from.
+    """
+    if isinstance(shards, (str, bytes)) or not isinstance(shards, Iterable) or (
+            isinstance(shards, torch.Tensor) and shards.dim() == 0):
+        raise TypeError(f"shards must be a list of tensors (one per rank, in rank order), got {type(shards).__name__}")
     shards = list(shards)
     if not shards:
         raise ValueError("unshard needs at least one shard")
+    for i, s in enumerate(shards):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"shards[{i}] must be a torch.Tensor, got {type(s).__name__}")
+    first = shards[0]
+    dim = _check_dim(dim, first.dim(), f"shards[0] of shape {tuple(first.shape)}")
+    for i, s in enumerate(shards[1:], start=1):
+        if s.dim() != first.dim() or s.dtype != first.dtype or s.device != first.device:
+            raise ValueError(f"shards[{i}] ({tuple(s.shape)}, {s.dtype}, {s.device}) does not match shards[0] "
+                             f"({tuple(first.shape)}, {first.dtype}, {first.device}): shards must share dimensions, "
+                             "dtype and device")
     lengths = {s.shape[dim] for s in shards}
     if len(lengths) != 1:
         raise ValueError(f"shards must have equal length along dim {dim}, got {[s.shape[dim] for s in shards]}")
-    w = len(shards)
-    positions = layout_positions(w * lengths.pop(), w, layout).reshape(-1)  # where each row of the cat goes
-    inverse = torch.argsort(positions).to(shards[0].device)
+    others = {tuple(x for a, x in enumerate(s.shape) if a != dim) for s in shards}
+    if len(others) != 1:
+        raise ValueError(f"shards must have the same shape apart from dim {dim}, got {[tuple(s.shape) for s in shards]}")
+    w, c = len(shards), lengths.pop()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "zigzag" and c % 2:
+        raise ValueError(f"layout='zigzag' gives each rank two chunks of equal length, so shards must have an even "
+                         f"length along dim {dim}, got {c}; pass the layout the shards were cut with")
+    positions = layout_positions(w * c, w, layout).reshape(-1)  # where each row of the cat goes
+    inverse = torch.argsort(positions).to(first.device)
     return torch.cat(shards, dim=dim).index_select(dim, inverse)
 
 
@@ -73,9 +136,20 @@ def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- input checks
 
-def _local_problem(q, k, v, causal, layout, kernel="einops") -> Exception | None:
-    """The first thing wrong with this rank's own input, or None."""
+def _scale_bits(scale: float) -> int:
+    """The float64 bit pattern of ``scale`` as an int64 (exact: it travels in the agreement's int64 table)."""
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+def _bits_scale(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _local_problem(q, k, v, causal, layout, scale, kernel="einops"):
+    """``(problem, scale)``: the first thing wrong with this rank's own input (or None) and the resolved scale."""
     try:
+        if kernel not in BACKENDS:
+            raise ValueError(f"kernel must be one of {BACKENDS}, got {kernel!r}")
         check_qkv(q, k, v, allow_gqa=kernel != "einops")
         check_bool(causal, "causal")
         if layout not in LAYOUTS:
@@ -85,32 +159,36 @@ def _local_problem(q, k, v, causal, layout, kernel="einops") -> Exception | None
                 f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
                 f"k {k.shape[1]} tokens; shard all three with ringbook.distributed.shard"
             )
+        scale = resolve_scale(scale, q.shape[3])
     except (TypeError, ValueError) as exc:
-        return exc
-    return None
+        return exc, None
+    return None, scale
 
 
-def _check_agreement(q, k, v, causal, layout, ring: _Ring, kernel="einops") -> None:
-    """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together."""
-    problem = _local_problem(q, k, v, causal, layout, kernel)
+def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, kernel="einops") -> float:
+    """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together.
+
+    Returns the resolved scale (the same on every rank: its bits are compared).
+    """
+    problem, scale = _local_problem(q, k, v, causal, layout, scale, kernel)
     if problem is None:
         info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], LAYOUTS.index(layout), int(causal),
-                FLOAT_DTYPES.index(q.dtype), k.shape[2]]
+                FLOAT_DTYPES.index(q.dtype), k.shape[2], _scale_bits(scale), BACKENDS.index(kernel)]
     else:
-        info = [0] + [-1] * 8
+        info = [0] + [-1] * 10
     table = agree_on_shards(
         ring, info, problem, "checking the shards with all ranks before step 0 (all_gather of shard lengths)",
         "cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a length "
         "divisible by world_size (2·world_size for zigzag)")
-    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads"}
+    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads",
+             9: "scale", 10: "kernel"}
+    readable = {"layout": lambda x: LAYOUTS[x], "causal": bool, "dtype": lambda x: str(FLOAT_DTYPES[x]),
+                "scale": _bits_scale, "kernel": lambda x: BACKENDS[x]}
     for col, name in names.items():
         values = [row[col] for row in table]
         if len(set(values)) != 1:
-            if name == "layout":
-                values = [LAYOUTS[x] for x in values]
-            elif name == "dtype":
-                values = [str(FLOAT_DTYPES[x]) for x in values]
-            raise ValueError(f"every rank must call ring_attention with the same {name}, got {values} on "
+            values = [readable.get(name, int)(x) for x in values]
+            raise ValueError(f"every rank must call {ring.op} with the same {name}, got {values} on "
                              f"ranks 0..{ring.world - 1}")
     c = table[0][1]  # the common shard length
     if layout == "zigzag" and c % 2:
@@ -120,6 +198,7 @@ def _check_agreement(q, k, v, causal, layout, ring: _Ring, kernel="einops") -> N
             f"2·world_size = {2 * ring.world}) or pass the layout the shards were made with"
         )
     check_layout(c * ring.world, ring.world, layout)
+    return scale
 
 
 # --------------------------------------------------------------------------- the ring
@@ -279,6 +358,12 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        # Before any message: every rank that asks for create_graph refuses here, none waits on the ring.
+        refuse_double_backward(
+            f"ringbook.distributed.{ctx.plan.ring.op}",
+            "a second trip round the ring: the dK/dV other ranks add arrive as messages, which autograd cannot "
+            "differentiate", "For second derivatives use ringbook.ring_attention in one process (einops, twice "
+            "differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.plan)
         return dq, dk, dv, None
@@ -309,22 +394,32 @@ def ring_attention(q, k, v, *, causal=False, layout="contiguous", group=None, sc
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
         float16/bfloat16) for this rank's queries; :func:`unshard` of every
         rank's parts equals :func:`ringbook.naive_attention` of the whole
-        sequence. Differentiable: the backward is a second trip round the
-        ring, which every rank must take (call ``backward`` on every rank).
+        sequence. Once differentiable: the backward is a second trip round
+        the ring, which every rank must take (call ``backward`` on every
+        rank); ``create_graph=True`` (double backward) raises a RuntimeError
+        on every rank that asks for it, before any message, instead of
+        giving second derivatives that miss the other ranks' terms.
 
     Raises:
         ValueError on every rank if the shards do not fit together (unequal
-        lengths, a layout they cannot have, different batch/heads/dtype);
+        lengths, a layout they cannot have, different batch/heads/dtype,
+        options that differ between ranks: causal, layout, scale, kernel)
+        or one rank's input is invalid (that rank raises its own error, the
+        others name it);
         TimeoutError or RuntimeError naming the peer and step if a peer does
         not answer within ``timeout``.
     """
-    if kernel not in BACKENDS:
-        raise ValueError(f"kernel must be one of {BACKENDS}, got {kernel!r}")
-    ring = _Ring.of(group, resolve_timeout(timeout))
-    _check_agreement(q, k, v, causal, layout, ring, kernel)
+    return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
+                           kernel=kernel, op="ring_attention")
+
+
+def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, kernel, op):
+    ring = _Ring.of(group, resolve_timeout(timeout), op=op)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, kernel)
+    causal = bool(causal)  # checked: True/False or numpy.bool_
     positions, schedule, top_left = _layout_parts(q.shape[1] * ring.world, ring.world, layout, causal,
                                                   kernel != "einops", str(q.device))
-    plan = _Plan(ring, causal, layout, resolve_scale(scale, q.shape[3]), positions, schedule, kernel, top_left)
+    plan = _Plan(ring, causal, layout, scale, positions, schedule, kernel, top_left)
     return _RingAttention.apply(q, k, v, plan)
 
 
@@ -335,11 +430,13 @@ def production_ring_attention(q, k, v, *, causal=False, layout=None, group=None,
     The multi-process form of :func:`ringbook.production_ring_attention`:
     ``layout`` defaults to ``"zigzag"`` when causal (balanced work), else
     ``"contiguous"``; k/v may have fewer heads than q (grouped-query
-    attention). Shards as :func:`shard` cuts them with that layout.
+    attention). Shards as :func:`shard` cuts them with that layout. Errors
+    name ``production_ring_attention``. Once differentiable, as
+    :func:`ring_attention`.
     """
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
-    return ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
-                          kernel=kernel)
+    return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
+                           kernel=kernel, op="production_ring_attention")
 
 
 # The local launcher lives in ringbook.launch; re-exported for convenience.

@@ -43,7 +43,7 @@ import warnings
 import torch
 from einops import einsum, rearrange, reduce
 
-from ._utils import LOW_PRECISION, compute_dtype
+from ._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
 from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward
 
 BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
@@ -196,6 +196,11 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward(
+            "ringbook.kernels.block_attention (the block kernel of production_ring_attention's dilated path)",
+            "a custom autograd Function calling the fused SDPA backward ops, or their einops twin",
+            "For second derivatives use ringbook.dilated_attention or ringbook.ring_dilated_attention (einops, "
+            "twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         scale, causal, backend = ctx.args
         if dout is None:
@@ -219,8 +224,9 @@ def block_attention(q, k, v, *, scale: float, causal: bool = False, backend: str
     the einops path) and ``lse`` (``b h i``) in float32 (float64 for float64
     input). ``backend``: ``"auto"`` (cuDNN > flash > memory-efficient on
     CUDA, checked once and cached; einops elsewhere) or one of
-    :data:`BACKENDS` to force it. Differentiable (through
-    :func:`block_attention_backward`), gradients of ``lse`` included.
+    :data:`BACKENDS` to force it. Once differentiable (through
+    :func:`block_attention_backward`), gradients of ``lse`` included;
+    ``create_graph=True`` (double backward) raises a RuntimeError.
     """
     check_backend(backend)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):

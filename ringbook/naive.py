@@ -77,9 +77,13 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, precision="
         out ``b n h d`` in the input dtype and lse ``b h n`` (natural log;
         float32 for float16/bfloat16 input). A query that sees no key gets
         out 0 and lse -inf.
+
+    Twice differentiable: plain torch autograd, with ``create_graph=True``
+    giving exact second derivatives (rows that see no key included: zero,
+    never NaN).
     """
     check_qkv(q, k, v)
-    check_bool(causal, "causal")
+    causal = check_bool(causal, "causal")
     if precision not in ("float64", "input"):
         raise ValueError(f"precision must be 'float64' or 'input', got {precision!r}")
     b, n_q, h, d = q.shape
@@ -100,7 +104,11 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, precision="
     s = s.to(compute_dtype(work))
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # b h i; -inf for a row with no key
+    # Double where: a row with no key goes through logsumexp as zeros and gets -inf afterwards, so
+    # no exp(-inf - -inf) = NaN enters the graph (its derivatives of every order stay finite).
+    seen = ~torch.isneginf(s).all(dim=-1)  # a NaN score counts as seen: NaN input stays NaN
+    lse = torch.logsumexp(torch.where(rearrange(seen, "b h i -> b h i 1"), s, torch.zeros_like(s)), dim=-1)
+    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))  # b h i; -inf for a row with no key
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - rearrange(lse_safe, "b h i -> b h i 1"))
     out = einsum(p.to(work), v.to(work), "b h i j, b j h d -> b i h d")

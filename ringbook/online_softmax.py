@@ -50,6 +50,30 @@ def _check_partial(out, lse, tag: str) -> None:
         )
 
 
+def _logaddexp_safe(lse_a, lse_b):
+    """``log(e^a + e^b)`` twice differentiable everywhere, with 0 on rows empty on both sides; and those rows.
+
+    ``torch.logaddexp`` is -inf-correct in value and first derivative, but
+    its second derivative is NaN where a side is -inf (an accumulator row
+    still empty) or the sides differ by more than the exponent range
+    (``e^{b-a}`` overflows): its backward divides by ``1 + e^{b-a}``. Here
+    the max ``m`` is shifted out and *detached* — ``m + log(e^{a-m} + e^{b-m})``
+    equals logaddexp for every constant ``m``, so its derivatives of every
+    order are those of logaddexp — and every exponent is ≤ 0. Rows empty on
+    both sides (both -inf) would still give ``log 0``, so they go in as
+    ``(0, 0)`` and come out 0 (the "double where" trick: the where before
+    the log keeps -inf out of the graph, so no derivative sees it). The
+    caller sets them to -inf.
+    """
+    empty = torch.isneginf(lse_a) & torch.isneginf(lse_b)
+    zero = torch.zeros((), dtype=lse_a.dtype, device=lse_a.device)
+    a, b = torch.where(empty, zero, lse_a), torch.where(empty, zero, lse_b)
+    m = torch.maximum(a, b).detach()
+    m = torch.where(torch.isfinite(m), m, zero)  # +inf/NaN input: no shift, the result is non-finite anyway
+    lse = m + torch.log(torch.exp(a - m) + torch.exp(b - m))
+    return torch.where(empty, zero, lse), empty
+
+
 def merge_partials(out_a, lse_a, out_b, lse_b):
     """Combine attention over two disjoint key sets, equation (M). Returns ``(out, lse)``.
 
@@ -58,6 +82,10 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     stable for any magnitude of lse: every exponent is ≤ 0. A row with no key
     on either side (lse -inf on both) gives out 0 and lse -inf, so merging
     with an empty partial ``(0, -inf)`` is the identity.
+
+    Twice differentiable: first and second derivatives are finite and exact
+    for every lse, -inf on one or both sides included (an accumulator row
+    still empty) and however far apart the two sides are.
     """
     _check_partial(out_a, lse_a, "a")
     _check_partial(out_b, lse_b, "b")
@@ -71,13 +99,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     work = torch.promote_types(compute_dtype(out_dtype), compute_dtype(lse_dtype_))
 
     lse_a, lse_b = lse_a.to(work), lse_b.to(work)
-    # A row is empty when both sides are -inf. logaddexp(-inf, -inf) is -inf
-    # but its gradient is NaN, so empty rows go through logaddexp as (0, 0)
-    # and are set to -inf afterwards (the "double where" trick).
-    empty = torch.isneginf(lse_a) & torch.isneginf(lse_b)
-    zero = torch.zeros((), dtype=work, device=lse_a.device)
-    lse_safe = torch.logaddexp(torch.where(empty, zero, lse_a), torch.where(empty, zero, lse_b))
-    lse_safe = torch.where(empty, zero, lse_safe)
+    lse_safe, empty = _logaddexp_safe(lse_a, lse_b)
     lse = torch.where(empty, torch.full_like(lse_safe, float("-inf")), lse_safe)
     w_a = rearrange(torch.exp(lse_a - lse_safe), "b h n -> b n h 1")
     w_b = rearrange(torch.exp(lse_b - lse_safe), "b h n -> b n h 1")
@@ -101,6 +123,7 @@ def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int =
     ``chunk`` bounds the tile: longer key blocks are visited ``chunk`` keys
     at a time and folded with :func:`merge_partials` (memory O(i·chunk)
     instead of O(i·j); the ring uses it to keep memory per rank O(n / w)).
+    Twice differentiable (rows with no visible key included).
     """
     if chunk is not None and k.shape[1] > chunk:
         out = lse = None
@@ -115,13 +138,20 @@ def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int =
     if causal:
         keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos)
         s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)  # running max m of the notebook
+    # The running max m of the notebook. It cancels out of out and lse for any value, so it is
+    # detached: no gradient through amax (whose ties would split it) and every derivative order exact.
+    m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1)  # normaliser l
+    # Double where: a row that sees no key of the block (l = 0) divides by and takes the log of 1,
+    # then gets lse -inf; no 0/0 or log 0 enters the graph, so even second derivatives stay finite.
+    seen = l != 0  # not l > 0: a NaN row (NaN input) must stay NaN, not pass for empty
+    l_safe = torch.where(seen, l, torch.ones_like(l))
     out = einsum(p, v.to(work), "b h i j, b j h d -> b i h d")
-    out = out / rearrange(l.clamp_min(torch.finfo(work).tiny), "b h i -> b i h 1")
-    lse = rearrange(m, "b h i 1 -> b h i") + torch.log(l)  # log 0 = -inf for empty rows
+    out = out / rearrange(l_safe, "b h i -> b i h 1")  # empty rows: 0 / 1
+    lse = rearrange(m, "b h i 1 -> b h i") + torch.log(l_safe)
+    lse = torch.where(seen, lse, torch.full_like(lse, float("-inf")))
     return out, lse
 
 
@@ -135,9 +165,11 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
     tile of scores per query exists at a time: memory O(n·block_size), not
     O(n²). With ``causal``, a key block is attended only by the queries at or
     after its first position, and blocks no query can see are never computed.
+    Twice differentiable: plain torch autograd through :func:`attend_block` and
+    :func:`merge_partials`, so ``create_graph=True`` gives exact second derivatives.
     """
     check_qkv(q, k, v)
-    check_bool(causal, "causal")
+    causal = check_bool(causal, "causal")
     block_size = check_positive_int(block_size, "block_size")
     b, n_q, h, d = q.shape
     n_k = k.shape[1]

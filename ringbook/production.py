@@ -53,7 +53,10 @@ import functools
 import torch
 from einops import einsum, rearrange
 
-from ._utils import LOW_PRECISION, available_bytes, check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import (
+    LOW_PRECISION, available_bytes, check_bool, check_qkv, compute_dtype, lse_dtype, refuse_double_backward,
+    resolve_scale,
+)
 from .kernels import (
     block_attention, block_attention_backward, check_backend, expand_kv, merge_many_into_, warn_once, _forward_block,
 )
@@ -320,6 +323,9 @@ class _ProductionRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        refuse_double_backward(
+            "production_ring_attention", "a custom autograd Function running the ring again with fused backward "
+            "kernels", "For second derivatives use ringbook.ring_attention (einops, twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         cfg = ctx.cfg
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
@@ -352,9 +358,15 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
         out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
         float16/bfloat16), equal to :func:`ringbook.ring_attention` /
         :func:`ringbook.naive_attention` (on K/V expanded to q's heads).
-        Accumulation in float32 for low precision. Differentiable.
+        Accumulation in float32 for low precision.
+
+    Once differentiable: the backward is a custom autograd Function (the
+    ring again, fused backward ops), and ``create_graph=True`` (double
+    backward) raises a RuntimeError instead of giving NaN or wrong second
+    derivatives; use :func:`ringbook.ring_attention` or
+    :func:`ringbook.ring_dilated_attention` for those.
     """
-    check_bool(causal, "causal")
+    causal = check_bool(causal, "causal")
     check_backend(backend)
     if segment_lengths is not None or dilation_rates is not None:
         return _dilated(q, k, v, ring_size=ring_size, causal=causal, layout=layout, segment_lengths=segment_lengths,
@@ -365,8 +377,9 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
     check_qkv(q, k, v, allow_gqa=True)
     b, n, h, d = q.shape
     if k.shape[1] != n:
-        raise ValueError(f"ring attention needs q and k of the same sequence length (each rank holds one shard of "
-                         f"both), got seq_q={n} and seq_k={k.shape[1]}")
+        raise ValueError(f"production_ring_attention needs q and k of the same sequence length (each rank holds one "
+                         f"shard of both), got seq_q={n} and seq_k={k.shape[1]}; use naive_attention or "
+                         "blockwise_attention for cross-attention")
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
     if layout not in PRODUCTION_LAYOUTS:
         if layout == "striped":

@@ -69,10 +69,11 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
         float16/bfloat16 input), in the original token order; equal to
         :func:`ringbook.naive_attention`. Accumulation is in float32 for
         low-precision input, gradients included (they flow through plain
-        torch autograd and are rounded to the input dtype once).
+        torch autograd and are rounded to the input dtype once). Twice
+        differentiable: ``create_graph=True`` gives exact second derivatives.
     """
     check_qkv(q, k, v)
-    check_bool(causal, "causal")
+    causal = check_bool(causal, "causal")
     b, n, h, d = q.shape
     if k.shape[1] != n:
         raise ValueError(

@@ -143,9 +143,14 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_siz
     ``(q, k, v, *, scale, causal, q_start) -> (out B m h d, lse B h m)`` in
     the accumulator dtype. :func:`ringbook.production_ring_attention` passes
     its fused-kernel version; the plan and the communication do not change.
+
+    Twice differentiable with the default ``segment_kernel`` (plain torch
+    autograd; ``create_graph=True`` gives exact second derivatives); as
+    differentiable as the kernel passed, otherwise (production's refuses
+    ``create_graph``).
     """
     check_qkv(q, k, v)
-    check_bool(causal, "causal")
+    causal = check_bool(causal, "causal")
     b, n, h, d = q.shape
     if k.shape[1] != n:
         raise ValueError(f"dilated attention is self-attention: q has length {n} but k and v have {k.shape[1]}")

@@ -107,6 +107,8 @@ def _world_checks(rank, world, fault, save_dir):
     # zigzag needs an even local length
     q, k, v = make_qkv(B, 3, H, D, seed=rank)
     res["zigzag_odd"] = refusal(lambda: rd.ring_attention(q, k, v, layout="zigzag", causal=True, timeout=30))
+    if world == 2:
+        res.update(_agreement_checks(rank))
     # the group still works after refusing
     res["after"] = _ring_case(rank, world, "striped", True)
     torch.save(res, Path(save_dir) / f"rank{rank}.pt")
@@ -120,6 +122,32 @@ def _world_checks(rank, world, fault, save_dir):
         if rank == world - 1:
             raise RuntimeError(f"injected failure on rank {rank} before the ring")
         res["fault"] = refusal(lambda: _ring_case(rank, world, "zigzag", True, timeout=RAISE_TIMEOUT_S))
+    return res
+
+
+def _agreement_checks(rank):
+    """Options that differ between the two ranks, one rank's bad input, create_graph: how each rank refuses."""
+    q, k, v = make_qkv(B, 4, H, D, seed=rank)
+    res = {
+        "scale": refusal(lambda: rd.ring_attention(q, k, v, scale=0.5 if rank == 0 else 0.25, timeout=10)),
+        "prod_scale": refusal(lambda: rd.production_ring_attention(q, k, v, scale=0.5 + rank, timeout=10)),
+        "causal": refusal(lambda: rd.ring_attention(q, k, v, causal=bool(rank), layout="contiguous", timeout=10)),
+        "prod_heads": refusal(lambda: rd.production_ring_attention(q[:, :, :1 + rank], k[:, :, :1 + rank],
+                                                                   v[:, :, :1 + rank], timeout=10)),
+        # a scale only rank 1 gets wrong: before, rank 1 raised after the agreement and rank 0 waited in the ring
+        "bad_scale": refusal(lambda: rd.ring_attention(q, k, v, scale="0.5" if rank == 1 else None, timeout=10)),
+        "empty": refusal(lambda: rd.ring_attention(q[:, :0] if rank == 1 else q, k, v, timeout=10)),
+        "numpy_causal": refusal(lambda: rd.ring_attention(q, k, v, causal=torch.tensor(True).numpy()[()],
+                                                          timeout=10)),
+    }
+    k_nan = k.clone()
+    k_nan[0, 1, 0, 0] = float("nan")
+    with ringbook.check_finite():
+        res["nan"] = refusal(lambda: rd.ring_attention(q, k_nan if rank == 1 else k, v, timeout=10))
+    for name, fn in (("create_graph", rd.ring_attention), ("prod_create_graph", rd.production_ring_attention)):
+        qs = q.clone().requires_grad_()
+        out, _ = fn(qs, k, v, causal=True, timeout=10)
+        res[name] = refusal(lambda: torch.autograd.grad(out.sum(), qs, create_graph=True))
     return res
 
 
@@ -188,6 +216,56 @@ def test_shard_refuses_bad_sizes():
         rd.shard(x, 2, 2)
     with pytest.raises(ValueError, match="equal length"):
         rd.unshard([x[:, :4], x[:, 4:]])
+
+
+@pytest.mark.parametrize("args,error,pattern", [
+    (([1, 2], 0, 2), TypeError, r"^x must be a torch\.Tensor, got list$"),
+    ((None, 0, 2), TypeError, r"^x must be a torch\.Tensor, got NoneType$"),
+    (("x", 0.0, 2), TypeError, r"^rank must be an int in 0\.\.1, got float 0\.0$"),
+    (("x", True, 2), TypeError, r"^rank must be an int in 0\.\.1, got bool True$"),
+    (("x", -1, 2), ValueError, r"^rank must be in 0\.\.1, got -1$"),
+    (("x", 0, 2.0), TypeError, r"^world_size must be a positive int, got float 2\.0$"),
+    (("x", 0, 0), ValueError, r"^world_size must be a positive int, got 0$"),
+    (("x", 0, 2, "diagonal"), ValueError, r"^layout must be one of"),
+    (("x", 0, 2, "contiguous", 4), ValueError, r"^dim=4 is out of range for x of shape \(1, 10, 1, 2\)"),
+    (("x", 0, 2, "contiguous", 1.0), TypeError, r"^dim must be an int, got float 1\.0$"),
+    (("x", 0, 3), ValueError, r"^world_size=3 does not fit length 10 \(dim 1 of shape \(1, 10, 1, 2\)\)"),
+    (("x", 0, 2, "zigzag", 2), ValueError, r"^world_size=2 does not fit length 1 .*2·world_size = 4 must divide 1"),
+])
+def test_shard_refuses_bad_arguments_by_name(args, error, pattern):
+    """Before: shard([1, 2], 0, 2) raised an AttributeError and shard(x, 0.0, 2) a torch IndexError."""
+    x = randn(1, 10, 1, 2)
+    args = tuple(x if a == "x" else a for a in args)
+    with pytest.raises(error, match=pattern):
+        rd.shard(*args)
+
+
+@pytest.mark.parametrize("shards,kwargs,error,pattern", [
+    (7, {}, TypeError, r"^shards must be a list of tensors .*got int$"),
+    ("ab", {}, TypeError, r"^shards must be a list of tensors .*got str$"),
+    ([], {}, ValueError, r"^unshard needs at least one shard$"),
+    (["x", [1.0]], {}, TypeError, r"^shards\[1\] must be a torch\.Tensor, got list$"),
+    (["x", "x64"], {}, ValueError, r"^shards\[1\] .*float32.* does not match shards\[0\]"),
+    (["x", "wide"], {}, ValueError, r"^shards must have the same shape apart from dim 1"),
+    (["x", "x"], {"dim": 5}, ValueError, r"^dim=5 is out of range for shards\[0\]"),
+    (["x", "x"], {"dim": None}, TypeError, r"^dim must be an int, got NoneType None$"),
+    (["x", "x"], {"layout": "zigzag"}, ValueError, r"^layout='zigzag' .* even length along dim 1, got 5"),
+    (["x", "x"], {"layout": "diagonal"}, ValueError, r"^layout must be one of"),
+])
+def test_unshard_refuses_bad_arguments_by_name(shards, kwargs, error, pattern):
+    x = randn(1, 5, 1, 2)
+    named = {"x": x, "x64": x.float(), "wide": randn(1, 5, 2, 2)}
+    if isinstance(shards, list):
+        shards = [named.get(s, s) if isinstance(s, str) else s for s in shards]
+    with pytest.raises(error, match=pattern):
+        rd.unshard(shards, **kwargs)
+
+
+def test_production_without_process_group_names_itself():
+    q, k, v = make_qkv(1, 4, 1, 2)
+    with pytest.raises(RuntimeError, match=r"^ringbook\.distributed\.production_ring_attention needs an initialised "
+                                           r"process group.*\(ringbook\.production_ring_attention plays the ring"):
+        rd.production_ring_attention(q, k, v)
 
 
 def test_ring_attention_without_process_group_says_what_to_do():
@@ -339,6 +417,56 @@ def test_group_still_works_after_refusals(world, world2, world4):
     for r, part in enumerate(parts):
         assert_matches_reference(part["out"], part["lse"], ref["out"][:, positions[r]],
                                  ref["lse"][:, :, positions[r]], what=f"rank {r}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,op,name,values", [
+    ("scale", "ring_attention", "scale", "[0.5, 0.25]"),
+    ("prod_scale", "production_ring_attention", "scale", "[0.5, 1.5]"),
+    ("causal", "ring_attention", "causal", "[False, True]"),
+    ("prod_heads", "production_ring_attention", "heads", "[1, 2]"),
+])
+def test_options_that_differ_between_ranks_refused_on_every_rank(key, op, name, values, world2):
+    """Before: a different scale on each rank ran as if nothing happened; causal printed [0, 1];
+    production's messages named ring_attention."""
+    for r, res in enumerate(world2[0]):
+        got = res[key]
+        assert got["type"] == "ValueError", f"rank {r}: {got}"
+        assert got["msg"] == f"every rank must call {op} with the same {name}, got {values} on ranks 0..1", got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,own_type,own_msg", [
+    ("bad_scale", "TypeError", "scale must be a real number or None, got str"),
+    ("empty", "ValueError", "q has seq=0 (shape (2, 0, 2, 4)); attention needs at least one token"),
+    ("nan", "ValueError", "k has NaN at index (0, 1, 0, 0) (shape (2, 4, 2, 4); 1 non-finite value in all); "
+                          "non-finite input is refused while ringbook.check_finite is on"),
+])
+def test_one_rank_with_bad_input_stops_every_rank(key, own_type, own_msg, world2):
+    """Before, with a bad scale on one rank only, that rank raised after the agreement and the other waited
+    in the ring until its timeout."""
+    rank0, rank1 = (res[key] for res in world2[0])
+    assert (rank1["type"], rank1["msg"]) == (own_type, own_msg), rank1
+    assert rank0["type"] == "ValueError", rank0
+    assert "rank(s) [1] refused their input to ring_attention" in rank0["msg"], rank0
+    assert rank0["elapsed"] < 5, rank0
+
+
+@pytest.mark.slow
+def test_numpy_bool_causal_accepted(world2):
+    for res in world2[0]:
+        assert res["numpy_causal"]["type"] is None, res["numpy_causal"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key,op", [("create_graph", "ring_attention"),
+                                    ("prod_create_graph", "production_ring_attention")])
+def test_create_graph_refused_on_every_rank(key, op, world2):
+    for r, res in enumerate(world2[0]):
+        got = res[key]
+        assert got["type"] == "RuntimeError", f"rank {r}: {got}"
+        assert got["msg"].startswith(f"ringbook.distributed.{op} is once differentiable: "), got
+        assert "create_graph=True" in got["msg"] and "ringbook.ring_attention" in got["msg"], got
 
 
 @pytest.mark.slow

@@ -272,3 +272,79 @@ def test_mask_may_not_grow_batch_or_heads(shape):
     with pytest.raises(ValueError, match=r"^mask must be .*\(batch, heads, seq_q, seq_k\) = \(1, 1, 5, 6\), "
                                          rf"got shape {re.escape(str(shape))}"):
         naive_attention(q, k, v, mask=mask)
+
+
+# --- the zero-size rule (ringbook._utils.check_qkv), every implementation ---------------------
+
+import ringbook  # noqa: E402
+
+EVERY = {
+    "naive": naive_attention,
+    "blockwise": functools.partial(blockwise_attention, block_size=2),
+    "ring_contiguous": functools.partial(ringbook.ring_attention, ring_size=2),
+    "ring_zigzag": functools.partial(ringbook.ring_attention, ring_size=2, layout="zigzag"),
+    "ring_striped": functools.partial(ringbook.ring_attention, ring_size=2, layout="striped"),
+    "production": functools.partial(ringbook.production_ring_attention, ring_size=2),
+    "production_zigzag": functools.partial(ringbook.production_ring_attention, ring_size=2, causal=True),
+    "dilated": functools.partial(ringbook.dilated_attention, segment_lengths=[4], dilation_rates=[2]),
+    "dilated_dense": functools.partial(ringbook.dilated_attention_dense, segment_lengths=[4], dilation_rates=[2]),
+    "ring_dilated": functools.partial(ringbook.ring_dilated_attention, segment_lengths=[4], dilation_rates=[2],
+                                      ring_size=2),
+    "production_dilated": functools.partial(ringbook.production_ring_attention, ring_size=2, segment_lengths=[4],
+                                            dilation_rates=[2]),
+}
+every_fn = pytest.mark.parametrize("fn", list(EVERY.values()), ids=list(EVERY))
+DIMS = [(0, "batch", "at least one sequence in the batch"), (1, "seq", "at least one token"),
+        (2, "heads", "at least one head"), (3, "head_dim", r"head_dim >= 1 \(at least one feature per head\)")]
+
+
+@every_fn
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("axis,dim,needs", DIMS, ids=[d[1] for d in DIMS])
+def test_zero_size_dimension_refused_everywhere(fn, which, axis, dim, needs):
+    """Before: IndexError (amax), RuntimeError, torch.cat ValueError, ZeroDivisionError or an empty output."""
+    args = list(make_qkv(1, 8, 2, 4, seed=1))
+    shape = list(args[which].shape)
+    shape[axis] = 0
+    args[which] = torch.zeros(shape, dtype=torch.float64)
+    name = "qkv"[which]
+    with pytest.raises(ValueError, match=rf"^{name} has {dim}=0 \(shape {re.escape(str(tuple(shape)))}\); "
+                                         rf"attention needs {needs}$"):
+        fn(*args)
+
+
+def test_zero_size_message_as_documented():
+    q = torch.zeros(1, 0, 2, 8)
+    with pytest.raises(ValueError) as info:
+        naive_attention(q, q, q)
+    assert str(info.value) == "q has seq=0 (shape (1, 0, 2, 8)); attention needs at least one token"
+
+
+def test_production_zero_heads_gets_the_zero_size_message_not_the_gqa_one():
+    q, k, v = make_qkv(1, 4, 2, 4, seed=2)
+    with pytest.raises(ValueError, match=r"^k has heads=0 \(shape \(1, 4, 0, 4\)\)"):
+        ringbook.production_ring_attention(q, k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match=r"^q has heads=0"):
+        ringbook.production_ring_attention(q[:, :, :0], k, v)
+
+
+def test_production_messages_name_production_ring_attention():
+    q, k, v = make_qkv(1, 4, 2, 4, n_k=6, seed=3)
+    with pytest.raises(ValueError, match=r"^production_ring_attention needs q and k of the same sequence length"):
+        ringbook.production_ring_attention(q, k, v)
+
+
+@every_fn
+def test_numpy_bool_accepted_as_causal(fn):
+    """Before: 'causal must be True or False, got bool np.True_'."""
+    q, k, v = make_qkv(1, 8, 2, 4, seed=4)
+    for flag in (True, False):
+        want = fn(q, k, v, causal=flag)
+        got = fn(q, k, v, causal=np.bool_(flag))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("causal", [np.int64(1), np.float64(1.0), np.array(True), np.array([True])])
+def test_numpy_non_bool_still_refused_as_causal(causal):
+    with pytest.raises(TypeError, match=r"^causal must be True or False"):
+        naive_attention(*qkv(), causal=causal)
