@@ -32,6 +32,14 @@ graph's backward plus the reverse exchange: each rank sends the dK/dV of
 the pieces it received back to their owners and adds what comes back for
 the pieces it sent (gradient of the rows they were gathered from). The
 reverse exchange moves exactly the bytes of the forward, the other way.
+A rank whose outputs depend on nothing (no query of its shard is kept by
+any pattern) still takes part in the reverse exchange and gets zero
+gradients. The forward's graph serves the first backward and is then
+freed; a later backward of a retained graph (``retain_graph=True``,
+``torch.autograd.gradcheck``) rebuilds it from the saved shards and
+received pieces, with no forward messages, and gives the same gradients.
+Once differentiable: ``create_graph=True`` (double backward) is refused
+with a RuntimeError on every rank that asks for it, before any message.
 
 Guarantees, as :func:`ringbook.distributed.ring_attention`: every wait has a
 deadline (``timeout=``, default ``$RINGBOOK_P2P_TIMEOUT`` or 60 s) after
@@ -50,10 +58,9 @@ import zlib
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, resolve_scale
 from ._comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
+from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, refuse_double_backward, resolve_scale
 from .online_softmax import merge_partials
 from .ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 
@@ -245,48 +252,88 @@ class _Setup:
     kv_grad: bool  # the same on every rank (checked): whether backward runs the reverse exchange
 
 
+def _local_graph(q, k, v, setup: _Setup, flats=None):
+    """This rank's local computation, on leaves: ``(leaves, flats, sent, out, lse)``.
+
+    ``flats`` (``{peer: flat}``, what each peer sent) given: no communication,
+    the received buffers become leaves too — the backward's recomputation.
+    Not given: the forward, delivering the pieces this rank sends and
+    receiving its peers' (``flats`` then holds only peers that sent rows).
+    """
+    plan, rank = setup.plan, setup.ring.rank
+    b, _, _, d = q.shape
+    send, recv = routes(plan, rank)
+    grad = setup.grad
+    with torch.enable_grad() if grad else torch.no_grad():
+        leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+        sent = {p: _pack(leaves[1], leaves[2], pieces, plan, rank) for p, pieces in send.items()}
+        if flats is None:
+            flats = _deliver({p: t.detach() for p, t in sent.items()},
+                             {p: _numel(pieces, plan, p, b, d) for p, pieces in recv.items()},
+                             k, setup.ring, FORWARD_TAG, "forward")
+        flats = {p: f.detach().requires_grad_(grad) for p, f in flats.items()}
+        received = {p: _unpack(flats.get(p, k.new_empty(0)), pieces, plan, p, b, d)
+                    for p, pieces in recv.items()}
+        out, lse = _attend(*leaves, received, plan, setup.scale, rank)
+    return leaves, flats, sent, out, lse
+
+
+def _grad(outputs, inputs, grad_outputs):
+    """``torch.autograd.grad`` over the outputs that depend on anything (None for an input nothing reaches).
+
+    A rank none of whose queries a pattern keeps has outputs that are
+    constants — out 0, lse -inf — and no graph: its gradients are zeros (and
+    it still sends zeros home for the pieces it received), not an error.
+    """
+    pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if t.requires_grad]
+    if not pairs:
+        return (None,) * len(inputs)
+    return torch.autograd.grad([t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+
+
 class _RingDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, setup: _Setup):
-        plan, ring, rank = setup.plan, setup.ring, setup.ring.rank
-        b, _, _, d = q.shape
-        send, recv = routes(plan, rank)
-        grad = setup.grad
-        with torch.enable_grad() if grad else torch.no_grad():
-            leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
-            sent = {p: _pack(leaves[1], leaves[2], pieces, plan, rank) for p, pieces in send.items()}
-            flats = _deliver({p: t.detach() for p, t in sent.items()},
-                             {p: _numel(pieces, plan, p, b, d) for p, pieces in recv.items()},
-                             k, ring, FORWARD_TAG, "forward")
-            flats = {p: f.requires_grad_(grad) for p, f in flats.items()}
-            received = {p: _unpack(flats.get(p, k.new_empty(0)), pieces, plan, p, b, d)
-                        for p, pieces in recv.items()}
-            out, lse = _attend(*leaves, received, plan, setup.scale, rank)
-        if grad:
+        leaves, flats, sent, out, lse = _local_graph(q, k, v, setup)
+        if setup.grad:
+            # The graph just built serves the first backward; a later one (retain_graph=True, gradcheck)
+            # rebuilds it from the saved shards and received buffers, with no communication. Saved
+            # through save_for_backward, so a backward after the graph was freed gets autograd's own error.
             ctx.graph = (leaves, flats, sent, out, lse)
+            ctx.peers = tuple(flats)
+            ctx.save_for_backward(q, k, v, *(f.detach() for f in flats.values()))
             ctx.setup = setup
         return out.detach(), lse.detach()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dlse):
-        (q, k, v), flats, sent, out, lse = ctx.graph
-        del ctx.graph  # the local graph is used once
+        # Before any message: every rank that asks for create_graph refuses here, none waits on the exchange.
+        refuse_double_backward(
+            "ringbook.distributed.ring_dilated_attention (distributed ring_dilated_attention)",
+            "the reverse exchange: the dK/dV of the pieces other ranks received arrive as messages, which "
+            "autograd cannot differentiate", "For second derivatives use ringbook.ring_dilated_attention in one "
+            "process (einops, twice differentiable).")
+        saved = ctx.saved_tensors  # raises autograd's error if the graph was freed by an earlier backward
         setup = ctx.setup
+        graph, ctx.graph = ctx.graph, None  # the graph of the forward is used once, then freed
+        if graph is None:
+            graph = _local_graph(*saved[:3], setup, flats=dict(zip(ctx.peers, saved[3:])))
+        (q, k, v), flats, sent, out, lse = graph
+        del graph
         peers = list(flats)
-        grads = torch.autograd.grad((out, lse), (q, k, v, *flats.values()), (dout, dlse), allow_unused=True)
-        dq, dk, dv = (torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads[:3]))
-        if setup.kv_grad:
-            # dK/dV of the received pieces go home; those of the pieces this rank sent come back.
-            back = {p: torch.zeros_like(flats[p]) if g is None else g for p, g in zip(peers, grads[3:])}
-            home = _deliver(back, {p: t.numel() for p, t in sent.items()}, k, setup.ring, BACKWARD_TAG,
-                            "backward")
-            sent = {p: t for p, t in sent.items() if t.numel()}
-            if sent:
-                dk_s, dv_s = torch.autograd.grad(tuple(sent.values()), (k, v), tuple(home[p] for p in sent),
-                                                 allow_unused=True)
-                dk = dk if dk_s is None else dk + dk_s
-                dv = dv if dv_s is None else dv + dv_s
+        with torch.no_grad():
+            grads = _grad((out, lse), (q, k, v, *flats.values()), (dout, dlse))
+            dq, dk, dv = (torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads[:3]))
+            if setup.kv_grad:
+                # dK/dV of the received pieces go home; those of the pieces this rank sent come back.
+                back = {p: torch.zeros_like(flats[p]) if g is None else g for p, g in zip(peers, grads[3:])}
+                home = _deliver(back, {p: t.numel() for p, t in sent.items()}, k, setup.ring, BACKWARD_TAG,
+                                "backward")
+                sent = {p: t for p, t in sent.items() if t.numel()}
+                if sent:
+                    dk_s, dv_s = _grad(tuple(sent.values()), (k, v), tuple(home[p] for p in sent))
+                    dk = dk if dk_s is None else dk + dk_s
+                    dv = dv if dv_s is None else dv + dv_s
         return dq, dk, dv, None
 
 
@@ -308,11 +355,20 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=F
         float16/bfloat16) for this rank's queries; ``unshard`` of every
         rank's parts equals :func:`ringbook.dilated_attention` of the whole
         sequence. Differentiable; if k or v needs a gradient, the backward
-        is an exchange too, so every rank must call ``backward``.
+        is an exchange too, so every rank must call ``backward`` (a rank
+        that keeps no query gets zero gradients). ``retain_graph=True``
+        and repeated backward (``torch.autograd.gradcheck``) are supported.
+        Once differentiable: double backward (``create_graph=True``) is
+        not supported through distributed ring_dilated_attention and
+        raises a RuntimeError rather than returning wrong second
+        derivatives; use the one-process
+        :func:`ringbook.ring_dilated_attention` for those.
 
     Raises:
-        ValueError on every rank if the shards or options do not fit together
-        or the dilated configuration is invalid (the one-process messages);
+        ValueError on every rank if the shards or options do not fit together,
+        a shard has a zero-size dimension (batch, seq, heads or head_dim; the
+        message names it) or the dilated configuration is invalid (the
+        one-process messages);
         TimeoutError or RuntimeError naming the peer if it does not answer
         within ``timeout``.
     """

@@ -14,6 +14,18 @@ of that world runs inside it; the tests assert on what the ranks sent back:
 * refusals on every rank: unequal shard lengths, a dilation rate that differs
   between ranks, k/v requiring grad on one rank only, an invalid
   configuration (the one-process message) — and the group still works after;
+* edges (worlds 2, 3 and 4; 2 and 4 run them in their fixture after saving
+  the checks above and before the faults, 3 in a fixture of its own):
+  ranks that keep no query (segment w, rate w) or contribute nothing at
+  one pair, causal, heads "all"/"grouped", several pairs, only q or only
+  k/v requiring grad — exact gradients on every rank, zeros on the idle
+  ones, never a crash or a hang; three backward calls of one retained graph
+  give the same gradients and a fourth after it was freed autograd's
+  error; ``create_graph=True`` is refused with a RuntimeError on every
+  rank before any message (and the group still works); zero-size shards
+  (seq, head_dim, batch, heads) are refused with a ValueError naming the
+  dimension; ``torch.autograd.gradcheck`` (float64, world 2) of the
+  whole-sequence function, run in lockstep on both ranks;
 * faults: in world 2, rank 1 stalls before the backward exchange and rank 0
   must raise a TimeoutError naming rank 1 within its timeout; in world 4,
   rank 3 raises just before the forward exchange and the other three must
@@ -137,6 +149,8 @@ def _world_checks(rank, world, save_dir):
     with torch.no_grad():  # inference, and the group still works after the refusals
         res["after"] = dd.ring_dilated_attention(*(rd.shard(x, rank, world) for x in _global_inputs()[:3]),
                                                  **_kw(CONFIGS[2], True), timeout=30)
+    torch.save(res, Path(save_dir) / f"rank{rank}.pt")  # first: the checks above survive whatever the edges do
+    res["edges"] = _edge_world(rank, world)
     torch.save(res, Path(save_dir) / f"rank{rank}.pt")
 
     if world == 2:  # rank 1 sleeps before the backward exchange; rank 0 must not wait for ever
@@ -317,3 +331,261 @@ def test_rank_that_raises_does_not_hang_the_others(world4):
         assert f"rank {r} of 4" in fault["msg"] and "forward" in fault["msg"] and "peer" in fault["msg"], fault
         assert fault["elapsed"] < RAISE_TIMEOUT_S + 2.0, fault
     assert elapsed < 150
+
+
+# --------------------------------------------------------------------------- edges: idle ranks, repeated backward,
+# gradcheck, double backward, zero-size shards (worlds 2, 3 and 4, one spawn each)
+
+EDGE_TIMEOUT_S = 8.0
+# (n, heads, config, causal, which of q/k/v require grad): ranks that keep no query, or whose kept queries see
+# only their own keys, next to ranks that do all the work; several pairs where one pair leaves ranks idle.
+EDGE_CASES = [
+    (24, 4, ([24], [24], "all"), False, "qkv"),  # only tokens 0..3 are kept: every rank but 0 idle
+    (24, 4, ([24], [24], "all"), True, "qkv"),
+    (24, 4, ([12], [12], "grouped"), False, "qkv"),  # tokens 0..3 and 12..15: world 3 rank 2, world 4 ranks 1, 3 idle
+    (24, 4, ([12], [12], "grouped"), True, "kv"),
+    (24, 4, ([24, 4], [24, 4], "all"), True, "qkv"),  # pair 1 leaves ranks idle, pair 2 keeps one token of 4
+    (24, 4, ([24, 6], [8, 6], "grouped"), False, "q"),  # q only: no reverse exchange
+    (24, 3, ([6, 24], [3, 12], "all"), True, "qkv"),
+]
+BRIEF_CASE = (8, 1, ([8], [8], "all"), False, "qkv")  # n=8, h=1: rank 1 of 2 keeps no query
+GRADCHECK_CASES = [(8, 1, ([4, 8], [1, 2], "all"), True), (8, 1, ([8], [8], "all"), False)]
+
+
+def _edge_inputs(n, h):
+    return make_qkv(1, n, h, 2, seed=7) + (randn(1, n, h, 2, seed=10), randn(1, h, n, seed=11))
+
+
+def _edge_run(rank, world, case, *, backwards=1):
+    """This rank's out, lse and gradients of ``_loss`` for one edge case, after ``backwards`` backward calls
+    (each but the last with retain_graph; the gradients of every call are kept)."""
+    n, h, config, causal, needs = case
+    q, k, v, dout, dlse = _edge_inputs(n, h)
+    xs = [rd.shard(x, rank, world).requires_grad_(name in needs) for name, x in zip("qkv", (q, k, v))]
+    out, lse = dd.ring_dilated_attention(*xs, **_kw(config, causal), timeout=EDGE_TIMEOUT_S)
+    loss = _loss(out, lse, rd.shard(dout, rank, world), rd.shard(dlse, rank, world, dim=2))
+    grads = []
+    for i in range(backwards):
+        loss.backward(retain_graph=i < backwards - 1)
+        grads.append([None if x.grad is None else x.grad.clone() for x in xs])
+        for x in xs:
+            x.grad = None
+    return {"out": out.detach(), "lse": lse.detach(), "grads": grads, "loss": loss}
+
+
+def _edge_reference(case):
+    n, h, config, causal, needs = case
+    q, k, v, dout, dlse = _edge_inputs(n, h)
+    xs = [x.clone().requires_grad_(name in needs) for name, x in zip("qkv", (q, k, v))]
+    out, lse = dilated_attention_dense(*xs, **_kw(config, causal))
+    _loss(out, lse, dout, dlse).backward()
+    return out.detach(), lse.detach(), [x.grad for x in xs]
+
+
+def _captured(fn):
+    """``fn()``'s value, or how it failed (a refusal dict with ``"error": True``)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the test reports it
+        return {"error": True, "type": type(exc).__name__, "msg": str(exc)}
+
+
+def _all_gather(x):
+    """Every rank's ``x`` (rank order), waiting at most ``EDGE_TIMEOUT_S``."""
+    import datetime
+
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous(), async_op=True).wait(
+        timeout=datetime.timedelta(seconds=EDGE_TIMEOUT_S))
+    return parts
+
+
+class _ShardOf(torch.autograd.Function):
+    """This rank's contiguous shard of a global tensor held identically by every rank; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x, rank, world):
+        return rd.shard(x, rank, world).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat(_all_gather(g), dim=1), None, None
+
+
+class _Unshard(torch.autograd.Function):
+    """Every rank's shard along ``dim``, gathered; backward keeps this rank's slice (the same everywhere)."""
+
+    @staticmethod
+    def forward(ctx, x, rank, world, dim):
+        ctx.rank, ctx.world, ctx.dim = rank, world, dim
+        return torch.cat(_all_gather(x), dim=dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.world, dim=ctx.dim)[ctx.rank].clone(), None, None, None
+
+
+def _global_fn(rank, world, config, causal):
+    """The whole-sequence (out, lse with -inf as 0) of the distributed call, the same function on every rank."""
+    def f(q, k, v):
+        out, lse = dd.ring_dilated_attention(*(_ShardOf.apply(x, rank, world) for x in (q, k, v)),
+                                             **_kw(config, causal), timeout=EDGE_TIMEOUT_S)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+        return _Unshard.apply(out, rank, world, 1), _Unshard.apply(lse, rank, world, 2)
+    return f
+
+
+def _edge_world(rank, world):
+    """Every edge check of one world, each captured so that one failure does not hide the others."""
+    res = {"cases": {i: _captured(lambda c=c: {k: v for k, v in _edge_run(rank, world, c).items() if k != "loss"})
+                     for i, c in enumerate(EDGE_CASES)}}
+    if world in (2, 4):
+        res["brief"] = _captured(lambda: {k: v for k, v in _edge_run(rank, world, BRIEF_CASE).items()
+                                          if k != "loss"})
+    # three backward calls of one graph (retain_graph on the first two), then a fourth after it was freed
+    def repeated():
+        run = _edge_run(rank, world, EDGE_CASES[6], backwards=3)
+        return {"grads": run["grads"], "again": refusal(lambda: run["loss"].backward())}
+    res["repeated"] = _captured(repeated)
+    res["repeated_idle"] = _captured(lambda: _edge_run(rank, world, EDGE_CASES[0], backwards=2)["grads"])
+    # create_graph: refused on every rank before any message, and the group still works after
+    def double():
+        n, h, config, causal, _ = EDGE_CASES[6]
+        q, k, v, dout, _ = _edge_inputs(n, h)
+        xs = [rd.shard(x, rank, world).requires_grad_() for x in (q, k, v)]
+        out, _ = dd.ring_dilated_attention(*xs, **_kw(config, causal), timeout=EDGE_TIMEOUT_S)
+        return refusal(lambda: torch.autograd.grad((out * rd.shard(dout, rank, world)).sum(), xs,
+                                                   create_graph=True))
+    res["double"] = _captured(double)
+    res["after_double"] = _captured(lambda: _edge_run(rank, world, EDGE_CASES[6])["grads"][0])
+    # zero-size shards (every rank alike): a ValueError naming the dimension, on every rank
+    res["empty"] = {}
+    for name, shape in (("seq", (1, 0, 2, 2)), ("head_dim", (1, 4, 2, 0)), ("batch", (0, 4, 2, 2)),
+                        ("heads", (1, 4, 0, 2))):
+        e = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        res["empty"][name] = refusal(lambda e=e: dd.ring_dilated_attention(
+            e, e, e, segment_lengths=[4 * world], dilation_rates=[1], timeout=EDGE_TIMEOUT_S))
+    if world == 2:  # gradcheck of the whole-sequence function, in lockstep on both ranks
+        res["gradcheck"] = {}
+        for n, h, config, causal in GRADCHECK_CASES:
+            inputs = tuple(x.clone().requires_grad_() for x in make_qkv(1, n, h, 2, seed=3))
+            res["gradcheck"][(n, h, config[0][0], causal)] = refusal(lambda: torch.autograd.gradcheck(
+                _global_fn(rank, world, config, causal), inputs, eps=1e-6, atol=1e-8, rtol=1e-6))
+    return res
+
+
+@pytest.fixture(scope="module")
+def world3():
+    """World 3, the edge checks only: (per-rank edge results, seconds)."""
+    t0 = time.monotonic()
+    return rd.spawn(_edge_world, 3, timeout=120), time.monotonic() - t0
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def edge_world(request):
+    """(world, per-rank edge results, seconds or None): worlds 2 and 4 run them in their fixture, before the faults."""
+    if request.param == 3:
+        return (3, *request.getfixturevalue("world3"))
+    results = request.getfixturevalue(f"world{request.param}")[0]
+    return request.param, [r["edges"] for r in results], None
+
+
+def _no_error(value, what):
+    assert not (isinstance(value, dict) and value.get("error")), f"{what}: {value}"
+    return value
+
+
+def _assert_edge_case(world, parts, case, what):
+    out, lse = (rd.unshard([p[key] for p in parts], dim=2 if key == "lse" else 1) for key in ("out", "lse"))
+    ref_out, ref_lse, ref_grads = _edge_reference(case)
+    assert_matches_reference(out, lse, ref_out, ref_lse, what=what)
+    for backward in range(len(parts[0]["grads"])):
+        for j, name in enumerate("qkv"):
+            got = [p["grads"][backward][j] for p in parts]
+            if ref_grads[j] is None:
+                assert all(g is None for g in got), f"{what} d{name}: a gradient for an input that needs none"
+                continue
+            g = rd.unshard(got)
+            assert not torch.isnan(g).any(), f"{what} d{name}"
+            assert torch.allclose(g, ref_grads[j], atol=1e-10, rtol=1e-10), \
+                f"{what} d{name} (backward {backward + 1}): max error {(g - ref_grads[j]).abs().max():.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(EDGE_CASES)))
+def test_idle_ranks_get_exact_gradients(i, edge_world):
+    """Ranks that keep no query, or contribute nothing at some pair, get zeros; the others the reference's."""
+    world, results, _ = edge_world
+    parts = [_no_error(r["cases"][i], f"world {world} rank {rank} case {EDGE_CASES[i]}")
+             for rank, r in enumerate(results)]
+    _assert_edge_case(world, parts, EDGE_CASES[i], f"world {world} case {i}")
+
+
+@pytest.mark.slow
+def test_rank_keeping_no_query_gets_zero_gradients(edge_world):
+    """The report's case: n=8, h=1, segment 8, rate 8 — only token 0 is kept, rank 1 of 2 has no query."""
+    world, results, _ = edge_world
+    if world == 3:
+        pytest.skip("n=8 does not split over 3 ranks")
+    parts = [_no_error(r["brief"], f"world {world} rank {rank}") for rank, r in enumerate(results)]
+    _assert_edge_case(world, parts, BRIEF_CASE, f"world {world}")
+    for rank in range(1, world):
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in parts[rank]["grads"][0]), f"rank {rank}"
+
+
+@pytest.mark.slow
+def test_backward_of_a_retained_graph_repeats_the_gradients(edge_world):
+    world, results, _ = edge_world
+    for rank, r in enumerate(results):
+        rep = _no_error(r["repeated"], f"world {world} rank {rank}")
+        assert rep["again"]["type"] == "RuntimeError" and "second time" in rep["again"]["msg"], rep["again"]
+        _no_error(r["repeated_idle"], f"world {world} rank {rank} (idle ranks)")
+    ref = _edge_reference(EDGE_CASES[6])[2]
+    for backward in range(3):
+        for j in range(3):
+            g = rd.unshard([r["repeated"]["grads"][backward][j] for r in results])
+            assert torch.allclose(g, ref[j], atol=1e-10, rtol=1e-10), f"backward {backward + 1} d{'qkv'[j]}"
+    ref = _edge_reference(EDGE_CASES[0])[2]
+    for backward in range(2):
+        for j in range(3):
+            g = rd.unshard([r["repeated_idle"][backward][j] for r in results])
+            assert torch.allclose(g, ref[j], atol=1e-10, rtol=1e-10), f"idle, backward {backward + 1} d{'qkv'[j]}"
+
+
+@pytest.mark.slow
+def test_double_backward_is_refused_on_every_rank(edge_world):
+    world, results, _ = edge_world
+    ref = _edge_reference(EDGE_CASES[6])[2]
+    for rank, r in enumerate(results):
+        got = _no_error(r["double"], f"world {world} rank {rank}")
+        assert got["type"] == "RuntimeError", got
+        assert "ring_dilated_attention" in got["msg"] and "create_graph" in got["msg"] \
+            and "double backward" in got["msg"], got["msg"]
+        assert got["elapsed"] < EDGE_TIMEOUT_S / 2, "refused before any message, not after a timeout"
+    grads = [_no_error(r["after_double"], f"rank {rank} after the refusal") for rank, r in enumerate(results)]
+    for j in range(3):
+        assert torch.allclose(rd.unshard([g[j] for g in grads]), ref[j], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim", ["seq", "head_dim", "batch", "heads"])
+def test_zero_size_shards_are_refused_naming_the_dimension(dim, edge_world):
+    world, results, _ = edge_world
+    for rank, r in enumerate(results):
+        got = r["empty"][dim]
+        assert got["type"] == "ValueError" and f"{dim}=0" in got["msg"], f"rank {rank}: {got}"
+
+
+@pytest.mark.slow
+def test_gradcheck_world_2(edge_world):
+    world, results, _ = edge_world
+    if world != 2:
+        pytest.skip("gradcheck runs in world 2")
+    for rank, r in enumerate(results):
+        for key, got in r["gradcheck"].items():
+            assert got["type"] is None, f"rank {rank} {key}: {got}"
+
+
+@pytest.mark.slow
+def test_world_3_is_quick(world3):
+    assert world3[1] < 60, f"{world3[1]:.1f} s"
