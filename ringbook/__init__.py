@@ -18,8 +18,9 @@ Input rules, the same for every implementation (checked once, in
   ``ringbook.check_finite()``, or ``RINGBOOK_CHECK_FINITE=1`` at import);
   without it, a NaN/inf reaches at least every output row that sees it
   (the query itself, or a query whose visible keys include it: a NaN makes
-  such rows NaN), and may reach other rows too: which ones is
-  implementation-defined. The exact contract is in :func:`check_finite`.
+  such rows' out NaN), and may reach other rows too: which ones is
+  implementation-defined. The exact contract, and a known gap of the CUDA
+  fused merge, is in :func:`check_finite`.
 
 Derivatives: the einops implementations (``naive_attention``,
 ``merge_partials``, ``attend_block``, ``blockwise_attention``,

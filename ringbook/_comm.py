@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import numbers
 import os
 import time
 
@@ -57,7 +58,7 @@ def resolve_timeout(timeout) -> float:
             raise ValueError(f"RINGBOOK_P2P_TIMEOUT must be a number of seconds, got {env!r}") from None
     if isinstance(timeout, _dt.timedelta):
         timeout = timeout.total_seconds()
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < math.inf:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
 

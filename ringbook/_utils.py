@@ -181,19 +181,25 @@ class check_finite:
     * with it off, a NaN/inf reaches at least every output row that sees
       it, and may reach other rows too. "Sees": the query row itself, or a
       query whose visible keys (after the causal mask or dilation pattern)
-      include the key. In detail: a NaN in q or k makes out and lse NaN in
-      every row that sees it; a NaN in v makes out NaN there (v's NaN
-      features: features do not mix); an inf in v makes those features of
-      out inf or NaN; an inf in q or k makes scores ±inf or NaN,
-      and as in any softmax a score of -inf is a key with weight 0, so a
-      row whose only infinite scores are -inf stays finite (or, if every
-      score is -inf, is a row that sees no key: out 0, lse -inf).
+      include the key. In detail: a NaN in q or k makes out NaN and lse
+      non-finite (NaN; +inf from the flash kernel) in every row that sees
+      it; a NaN in v makes out NaN there (v's NaN features: features do not
+      mix); an inf in v makes those features of out inf or NaN; an inf in q
+      or k makes scores ±inf or NaN, and as in any softmax a score of -inf
+      is a key with weight 0, so a row whose only infinite scores are -inf
+      stays finite (or, if every score is -inf, is a row that sees no key:
+      out 0, lse -inf).
+      Known gap: on CUDA, the fused Triton merge of
+      :func:`ringbook.production_ring_attention` (``ringbook/_triton_merge.py``)
+      can turn the lse of a NaN row into -inf, and a later merge into a
+      finite value; its out stays NaN (seen on an H200; the einops paths and
+      the torch merge keep it NaN).
     * which *other* rows a NaN/inf reaches is implementation-defined, not
-      part of the contract: e.g. causal, a NaN in v at a key no query
-      before it can see makes every row NaN in ``naive_attention`` (a
-      masked weight 0 times NaN), only the rows from its block on in
-      ``blockwise_attention`` (earlier blocks are skipped), and a layout's
-      worth of rows in ``ring_attention``.
+      part of the contract: e.g. causal, a NaN in v at key j (which the
+      queries before j cannot see) makes every row NaN in
+      ``naive_attention`` (a masked weight 0 times NaN), only the rows from
+      j's block on in ``blockwise_attention`` (earlier blocks are skipped),
+      and a layout-dependent set of rows in ``ring_attention``.
 
     The switch is process-wide (not per thread) and read at each call.
     """

@@ -40,7 +40,15 @@ SCORE_BUDGET = 2 ** 26
 
 
 def check_dilated_config(seq_len, segment_lengths, dilation_rates, *, heads="all", num_heads=None):
-    """Validate a configuration; return the pairs ``[(w, r), ...]`` or raise naming the offending argument."""
+    """Validate a configuration; return the pairs ``[(w, r), ...]`` or raise naming the offending argument.
+
+    ``seq_len`` and ``num_heads`` (when given) must be positive ints: the
+    zero-size rule of :func:`ringbook._utils.check_qkv`, for the helpers that
+    take sizes instead of tensors.
+    """
+    check_positive_int(seq_len, "seq_len")
+    if num_heads is not None:
+        check_positive_int(num_heads, "num_heads")
     if heads not in HEAD_MODES:
         raise ValueError(f"heads must be one of {HEAD_MODES}, got {heads!r}")
     pairs = []
@@ -96,6 +104,8 @@ def _row_weights(rows, cols, num_heads, pairs, patterns, causal):
 
 def dilated_weights(seq_len, num_heads, *, segment_lengths, dilation_rates, causal=False, heads="all"):
     """The dense ``(h, n, n)`` integer weights ``c_ij`` of equation (D) (teaching tool and test reference)."""
+    check_positive_int(num_heads, "num_heads")
+    causal = check_bool(causal, "causal")
     pairs = check_dilated_config(seq_len, segment_lengths, dilation_rates, heads=heads, num_heads=num_heads)
     pos = torch.arange(seq_len)
     return _row_weights(pos, pos, num_heads, pairs, pair_heads(num_heads, dilation_rates, heads), causal)
@@ -164,6 +174,8 @@ def dilated_flops(batch, num_heads, seq_len, head_dim, *, segment_lengths, dilat
 
     Causal halves the in-segment work, the convention of dense attention.
     """
+    for value, name in ((batch, "batch"), (num_heads, "num_heads"), (head_dim, "head_dim")):
+        check_positive_int(value, name)
     pairs = check_dilated_config(seq_len, segment_lengths, dilation_rates, heads=heads, num_heads=num_heads)
     scores = sum(len(hs) * (seq_len // w) * (w // r) ** 2
                  for (w, r), (hs, _) in zip(pairs, pair_heads(num_heads, dilation_rates, heads)))

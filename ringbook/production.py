@@ -54,8 +54,8 @@ import torch
 from einops import einsum, rearrange
 
 from ._utils import (
-    LOW_PRECISION, available_bytes, check_bool, check_qkv, compute_dtype, lse_dtype, refuse_double_backward,
-    resolve_scale,
+    LOW_PRECISION, available_bytes, check_bool, check_positive_int, check_qkv, compute_dtype, lse_dtype,
+    refuse_double_backward, resolve_scale,
 )
 from .kernels import (
     block_attention, block_attention_backward, check_backend, expand_kv, merge_many_into_, warn_once, _forward_block,
@@ -93,6 +93,8 @@ def production_plan(n: int, world_size: int, *, layout: str = "contiguous", caus
       ``t … w−1`` attend all queries to the first half of the held shard,
       ranks ``0 … t−1`` attend the second half of their queries to all of it.
     """
+    check_positive_int(n, "n")
+    causal = check_bool(causal, "causal")
     check_layout(n, world_size, layout)
     if layout not in PRODUCTION_LAYOUTS:
         raise ValueError(_striped_message(layout))

@@ -91,6 +91,9 @@ def dilated_ring_plan(seq_len, ring_size, segment_lengths, dilation_rates, *, nu
                       causal=False) -> DilatedRingPlan:
     """Which ranks each segment spans, local or exchanged, and how many dilated rows each rank sends."""
     check_positive_int(ring_size, "ring_size")
+    check_positive_int(seq_len, "seq_len")
+    check_positive_int(num_heads, "num_heads")
+    causal = check_bool(causal, "causal")
     if seq_len % ring_size:
         divisors = [x for x in range(1, min(seq_len, 64) + 1) if seq_len % x == 0]
         raise ValueError(f"ring_size={ring_size} does not divide sequence length {seq_len}; "
@@ -151,6 +154,12 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_siz
     """
     check_qkv(q, k, v)
     causal = check_bool(causal, "causal")
+    if comm is not None and not isinstance(comm, dict):
+        raise TypeError(f"comm must be a dict (filled with sent_elements and messages) or None, got "
+                        f"{type(comm).__name__}")
+    if segment_kernel is not None and not callable(segment_kernel):
+        raise TypeError(f"segment_kernel must be a function (q, k, v, *, scale, causal, q_start) -> (out, lse) or "
+                        f"None, got {type(segment_kernel).__name__}")
     b, n, h, d = q.shape
     if k.shape[1] != n:
         raise ValueError(f"dilated attention is self-attention: q has length {n} but k and v have {k.shape[1]}")

@@ -237,3 +237,29 @@ def test_dilated_attention_is_self_attention():
     q, k, v = make_qkv(b=1, n_q=8, n_k=16, h=1, d=4)
     with pytest.raises(ValueError, match="q has length 8 but k and v have 16"):
         dilated_attention(q, k, v, segment_lengths=[8], dilation_rates=[1])
+
+
+@pytest.mark.parametrize("call", [
+    lambda seq_len, num_heads: dilated_weights(seq_len, num_heads, segment_lengths=[4], dilation_rates=[1]),
+    lambda seq_len, num_heads: ringbook.dilated_flops(1, num_heads, seq_len, 4, segment_lengths=[4],
+                                                      dilation_rates=[1]),
+    lambda seq_len, num_heads: ringbook.dilated_ring_plan(seq_len, 1, [4], [1], num_heads=num_heads),
+], ids=["dilated_weights", "dilated_flops", "dilated_ring_plan"])
+@pytest.mark.parametrize("seq_len,num_heads,error,message", [
+    (0, 2, ValueError, r"^seq_len must be a positive int, got 0$"),
+    (-8, 2, ValueError, r"^seq_len must be a positive int, got -8$"),
+    (8.0, 2, TypeError, r"^seq_len must be a positive int, got float 8\.0$"),
+    (8, 0, ValueError, r"^num_heads must be a positive int, got 0$"),
+    (8, -1, ValueError, r"^num_heads must be a positive int, got -1$"),
+])
+def test_size_helpers_follow_the_zero_size_rule(call, seq_len, num_heads, error, message):
+    """Before: an empty plan/weights, a negative FLOP count, or a torch error from deep inside."""
+    with pytest.raises(error, match=message):
+        call(seq_len, num_heads)
+
+
+@pytest.mark.parametrize("name,value", [("batch", 0), ("head_dim", 0), ("batch", 1.0)])
+def test_dilated_flops_sizes_must_be_positive_ints(name, value):
+    kwargs = dict(batch=1, num_heads=2, seq_len=8, head_dim=4) | {name: value}
+    with pytest.raises((TypeError, ValueError), match=rf"^{name} must be a positive int"):
+        ringbook.dilated_flops(**kwargs, segment_lengths=[4], dilation_rates=[1])

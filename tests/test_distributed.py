@@ -283,9 +283,11 @@ def test_timeout_from_argument_and_environment(monkeypatch):
     monkeypatch.setenv("RINGBOOK_P2P_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="RINGBOOK_P2P_TIMEOUT"):
         rd.resolve_timeout(None)
-    for bad in (0, -1, "1", True):
+    for bad in (0, -1, "1", True, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive number of seconds"):
             rd.resolve_timeout(bad)
+    import numpy as np
+    assert rd.resolve_timeout(np.int64(5)) == 5.0 and rd.resolve_timeout(np.float32(2.5)) == 2.5  # before: refused
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -163,7 +163,7 @@ def test_check_off_nan_key_reaches_every_row_that_sees_it(name, which):
         out, lse = EVERY[name](*args, causal=True)
         sees = _sees(name, j)
         assert sees.any()
-        if which == 1:  # every score with key j is NaN: the whole row
+        if which == 1:  # every score with key j is NaN: the whole row (out NaN, lse non-finite: NaN here)
             assert torch.isnan(out[0][sees]).all() and torch.isnan(lse[0].T[sees]).all(), j
         else:  # v's feature 1 is NaN: that feature of the row (features do not mix)
             assert torch.isnan(out[0][sees][:, 1]).all(), j

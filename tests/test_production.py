@@ -371,3 +371,14 @@ def test_bad_head_counts_are_refused():
         ringbook.ring_attention(q, k[:, :, :2], v[:, :, :2], ring_size=2)
     with pytest.raises(ValueError, match="same sequence length"):
         ringbook.production_ring_attention(q, k[:, :8], v[:, :8])
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(n=0, world_size=2), ValueError, r"^n must be a positive int, got 0$"),
+    (dict(n=8, world_size=2, causal="x"), TypeError, r"^causal must be True or False, got str 'x'$"),
+])
+def test_production_plan_refuses_zero_length_and_non_bool_causal(kwargs, error, message):
+    """Before: n=0 gave a plan of empty launches and causal='x' was taken for True."""
+    n, w = kwargs.pop("n"), kwargs.pop("world_size")
+    with pytest.raises(error, match=message):
+        production_plan(n, w, **kwargs)
