@@ -578,7 +578,7 @@ def test_dist_bench_production_with_peers(tmp_path):
 
 def test_dist_bench_scaling_summary_and_cp_rows_check():
     """The summary picks the fastest ok peers; the CP check reads rows at their global (head-tail) positions."""
-    from ringbook import dist_bench
+    from ringbook.bench import dist_sweep, measure, report
     from ringbook.schedule import layout_positions
 
     def row(impl, ms, status="ok", **extra):
@@ -590,7 +590,7 @@ def test_dist_bench_scaling_summary_and_cp_rows_check():
             row("sdpa", 5.0, "error", peer_of="dist"),
             row("context_parallel", 14.0, ring_size=2, sdpa_backend="flash", per_rank_peak_mem_gb=[0.7, 0.7]),
             row("context_parallel", 12.0, ring_size=2, sdpa_backend="cudnn", per_rank_peak_mem_gb=[0.8, 0.8])]
-    (s,) = dist_bench.scaling_summary(rows)
+    (s,) = report.scaling_summary(rows)
     assert (s["one_gpu_impl"], s["speedup_vs_one_gpu"]) == ("sdpa_cudnn", pytest.approx(1.9))
     assert (s["cp_sdpa_backend"], s["cp_time_over_ours"]) == ("cudnn", pytest.approx(1.2))
     assert s["cp_per_rank_peak_mem_gb"] == [0.8, 0.8] and s["gpus"] == 2
@@ -599,8 +599,8 @@ def test_dist_bench_scaling_summary_and_cp_rows_check():
     out, _ = ringbook.naive_attention(q, k, v, causal=True)
     for rank in range(2):
         pos = layout_positions(64, 2, "zigzag")[rank]
-        assert dist_bench._layout_name(pos, 64, 2, rank) == "zigzag"
-        err, scale, checked = dist_bench._rows_error(q, k, v, out[:, pos], pos, causal=True)
+        assert dist_sweep._layout_name(pos, 64, 2, rank) == "zigzag"
+        err, scale, checked = measure.reference_error(q, k, v, out[:, pos], positions=pos, causal=True)
         assert err / scale < 1e-12 and checked == 32
-        err, scale, _ = dist_bench._rows_error(q, k, v, out[:, pos.flip(0)], pos, causal=True)
+        err, scale, _ = measure.reference_error(q, k, v, out[:, pos.flip(0)], positions=pos, causal=True)
         assert err / scale > 0.1

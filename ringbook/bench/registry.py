@@ -140,7 +140,7 @@ def _ring_dilated_flops(batch, heads, n_q, n_k, head_dim, causal):
 
 def _dilated_extra_bytes(b, h, n_q, n_k, itemsize):
     """Score tiles are chunked to at most SCORE_BUDGET elements (fp32 scores, probabilities, mask)."""
-    return 12 * min(SCORE_BUDGET, (_ring_dilated_flops(b, h, n_q, n_k, 1, 0) or 0) / 4)
+    return 12 * min(SCORE_BUDGET, (_ring_dilated_flops(b, h, n_q, n_k, 1, False) or 0) / 4)
 
 
 def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
