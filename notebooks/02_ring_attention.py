@@ -46,7 +46,7 @@ import ringbook
 from ringbook import LAYOUTS, layout_positions, naive_attention, ring_attention, ring_schedule, work_per_rank
 from ringbook.demo import global_inputs, ring_memory_bytes, ring_worker
 from ringbook.distributed import unshard
-from ringbook.launch import spawn
+from ringbook.distributed import spawn
 from ringbook.online_softmax import KEY_CHUNK
 from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step
 from ringbook.bench.results import load_rows
@@ -368,7 +368,7 @@ else:
 # second trip round the ring: dq stays home, dk and dv travel with their
 # shard and one more hop brings them back to their owner.
 #
-# `ringbook.launch.spawn` starts 4 local processes (gloo on the CPU). Each
+# `ringbook.distributed.spawn` starts 4 local processes (gloo on the CPU). Each
 # runs `ringbook.demo.ring_worker`: it builds the global inputs from a seed
 # (only so that we can check the result here; a real job would load just its
 # shard), cuts its shard with `ringbook.distributed.shard`, runs forward and

@@ -27,7 +27,7 @@ Derivatives: the einops implementations (``naive_attention``,
 ``ring_attention``, ``dilated_attention``, ``dilated_attention_dense``,
 ``ring_dilated_attention``) are twice differentiable (``create_graph=True``
 gives exact second derivatives). Those built on custom autograd Functions
-(``production_ring_attention``, ``ringbook.kernels.block_attention``,
+(``production_ring_attention``, ``ringbook.fast.kernels.block_attention``,
 ``ringbook.distributed.ring_attention`` and ``production_ring_attention``)
 are once differentiable: their backward raises a RuntimeError under
 ``create_graph=True`` instead of returning NaN or wrong second derivatives.
@@ -37,7 +37,7 @@ from ._utils import check_finite
 from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
-from .production import production_plan, production_ring_attention
+from .fast.stacked import production_plan, production_ring_attention
 from .ring import ring_attention
 from .ring_dilated import dilated_ring_plan, ring_dilated_attention
 from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank

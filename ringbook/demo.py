@@ -1,7 +1,7 @@
 """Helpers for notebook 02: a real ring's worker, and what a rank holds in memory.
 
 :func:`ring_worker` is the function notebook 02 starts on ``w`` local
-processes with :func:`ringbook.launch.spawn` (a spawned function must be
+processes with :func:`ringbook.distributed.spawn` (a spawned function must be
 importable, so it lives here and not in the notebook). Every rank builds the
 same global inputs from a seed (:func:`global_inputs`) — only so that the
 notebook can check the gathered result against
@@ -36,7 +36,7 @@ def ring_worker(rank: int, world_size: int, n: int, cases, seed: int = 0, batch:
                 head_dim: int = 8) -> dict:
     """Run :func:`ringbook.distributed.ring_attention` on this rank for each ``(layout, causal)`` in ``cases``.
 
-    Meant for :func:`ringbook.launch.spawn`: ``spawn(ring_worker, w, n, cases)``.
+    Meant for :func:`ringbook.distributed.spawn`: ``spawn(ring_worker, w, n, cases)``.
     Returns ``{"cases": {(layout, causal): {"out", "lse", "dq", "dk", "dv"}}, "bytes": {...}}``:
     this rank's shards (``b c h d``, lse ``b h c``) and the bytes of its
     q/k/v shard next to those of the whole q/k/v.

@@ -1,4 +1,4 @@
-"""The multi-process ring dilated attention (ringbook.dist_dilated) against the one-process dilated_attention.
+"""The multi-process ring dilated attention (ringbook.distributed.dilated) against the one-process dilated_attention.
 
 Real processes, gloo on CPU. Starting processes costs seconds on a 2-core
 runner, so each world size is started once (a module fixture) and every check
@@ -44,7 +44,7 @@ from helpers import (
 )
 
 import ringbook
-from ringbook import dist_dilated as dd
+from ringbook.distributed import dilated as dd
 from ringbook import distributed as rd
 from ringbook.dilated import dilated_attention, dilated_attention_dense
 

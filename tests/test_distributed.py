@@ -31,6 +31,7 @@ from helpers import (
     assert_matches_reference, assert_within_2x_rule, load_rank_results, make_qkv, randn, refusal, rounding_atol, to64,
 )
 from ringbook import distributed as rd
+from ringbook.distributed.comm import resolve_timeout
 from ringbook.online_softmax import attend_block_backward
 from ringbook.schedule import LAYOUTS
 
@@ -77,7 +78,9 @@ def _prod_case(rank, world, layout, causal):
 
 
 def _stalling_attend_block(seconds):
-    original = rd.attend_block
+    from ringbook.fast import kernels
+
+    original = kernels.attend_block
     state = {"slept": False}
 
     def attend_block(*args, **kwargs):
@@ -116,7 +119,9 @@ def _world_checks(rank, world, fault, save_dir):
     res = {}
     if fault == "stall":  # rank 1 sleeps inside its first block; rank 0 must not wait for ever
         if rank == 1:
-            rd.attend_block = _stalling_attend_block(STALL_TIMEOUT_S + 3)
+            from ringbook.fast import kernels
+
+            kernels.attend_block = _stalling_attend_block(STALL_TIMEOUT_S + 3)  # the einops block kernel
         res["fault"] = refusal(lambda: _ring_case(rank, world, "contiguous", False, timeout=STALL_TIMEOUT_S))
     elif fault == "raise":  # the last rank raises before the ring; the others must fail, not hang
         if rank == world - 1:
@@ -276,18 +281,18 @@ def test_ring_attention_without_process_group_says_what_to_do():
 
 def test_timeout_from_argument_and_environment(monkeypatch):
     monkeypatch.delenv("RINGBOOK_P2P_TIMEOUT", raising=False)
-    assert rd.resolve_timeout(None) == rd.DEFAULT_TIMEOUT_S == 60.0
-    assert rd.resolve_timeout(2) == 2.0
+    assert resolve_timeout(None) == rd.DEFAULT_TIMEOUT_S == 60.0
+    assert resolve_timeout(2) == 2.0
     monkeypatch.setenv("RINGBOOK_P2P_TIMEOUT", "7.5")
-    assert rd.resolve_timeout(None) == 7.5
+    assert resolve_timeout(None) == 7.5
     monkeypatch.setenv("RINGBOOK_P2P_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="RINGBOOK_P2P_TIMEOUT"):
-        rd.resolve_timeout(None)
+        resolve_timeout(None)
     for bad in (0, -1, "1", True, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="positive number of seconds"):
-            rd.resolve_timeout(bad)
+            resolve_timeout(bad)
     import numpy as np
-    assert rd.resolve_timeout(np.int64(5)) == 5.0 and rd.resolve_timeout(np.float32(2.5)) == 2.5  # before: refused
+    assert resolve_timeout(np.int64(5)) == 5.0 and resolve_timeout(np.float32(2.5)) == 2.5  # before: refused
 
 
 @pytest.mark.parametrize("causal", [False, True])

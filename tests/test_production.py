@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 import ringbook
 from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn
-from ringbook import kernels
-from ringbook.production import production_plan
+from ringbook.fast import engine, kernels, merge, stacked
+from ringbook.fast.stacked import production_plan
 from ringbook.schedule import layout_positions, ring_schedule
 
 B, H, HKV, D = 2, 4, 2, 8
@@ -125,29 +125,25 @@ def test_backward_float64_matches_naive(layout, causal, w, hkv):
 @pytest.mark.parametrize("w", [2, 3, 4])
 def test_wrapping_launches_read_the_held_shards_doubled_or_split(w, doubled):
     """Every piece of every launch reads, for each of its ranks, the shard that rank holds at step t."""
-    from ringbook.production import _Config, _pieces, _wraps
-
     b, c = 2, 6
     for layout, causal in [("contiguous", False), ("contiguous", True), ("zigzag", True)]:
         plan = production_plan(w * c, w, layout=layout, causal=causal)
-        cfg = _Config(w, b, causal, 1.0, "einops", plan, None)
         for t, launches in enumerate(plan):
             for launch in launches:
-                pieces = _pieces(launch, t, cfg, doubled)
-                assert len(pieces) == (2 if _wraps(launch, t, w) and not doubled else 1)
-                assert not (causal and _wraps(launch, t, w)), "causal plans never wrap"
-                for rows, _, kv_rows, _ in pieces:
-                    ranks = range(rows.start // b, rows.stop // b)
-                    held = range(kv_rows.start // b, kv_rows.stop // b)
+                blocks = stacked._pieces(launch, t, w, b, doubled)
+                assert len(blocks) == (2 if stacked._wraps(launch, t, w) and not doubled else 1)
+                assert not (causal and stacked._wraps(launch, t, w)), "causal plans never wrap"
+                for blk in blocks:
+                    ranks = range(blk.q_batch[0] // b, blk.q_batch[1] // b)
+                    held = range(blk.kv_batch[0] // b, blk.kv_batch[1] // b)
                     assert [s % w for s in held] == [(r - t) % w for r in ranks]
+                    assert blk.causal == (launch.kind == "causal") and (blk.q, blk.kv) == (launch.q, launch.kv)
 
 
 @pytest.mark.parametrize("fraction", [0.0, float("inf")])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_doubled_and_split_kv_give_the_same_function_and_gradients(monkeypatch, fraction, layout):
-    from ringbook import production
-
-    monkeypatch.setattr(production, "DOUBLED_KV_MAX_FRACTION", fraction)
+    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", fraction)
     q, k, v = _inputs(24, seed=21)
     dout = randn(B, 24, H, D, seed=22)
     grads = []
@@ -223,7 +219,7 @@ def test_dilated_grouped_query_and_backward():
 def test_segment_kernel_causal_decomposition_matches_attend_segments():
     """The fast hook splits causal queries after q_start into (earlier keys, full) + (diagonal, top-left)."""
     from ringbook.dilated import attend_segments
-    from ringbook.production import segment_kernel
+    from ringbook.fast.stacked import segment_kernel
 
     q, k, v = make_qkv(3, 5, 2, D, n_k=9, seed=8)
     for q_start in (0, 4):
@@ -249,7 +245,7 @@ def test_merge_into_matches_merge_partials(blk_dtype):
     blk_out, blk_lse = _partial(2, 7, 3, 5, seed=2, empty_rows=(1, 2))
     blk_out = blk_out.to(blk_dtype)
     want = ringbook.merge_partials(acc_out, acc_lse, blk_out.double(), blk_lse)
-    kernels.merge_into_(acc_out, acc_lse, blk_out, blk_lse)
+    merge.merge_many_into_(acc_out, acc_lse, [(blk_out, blk_lse)])
     atol = 1e-12 if blk_dtype == torch.float64 else 0.0
     assert_matches_reference(acc_out, acc_lse, *want, atol=max(atol, 1e-12), rtol=1e-12)
 
@@ -260,7 +256,7 @@ def test_merge_into_strided_views_touches_only_its_rows():
     want_out, want_lse = acc_out.clone(), acc_lse.clone()
     want_out[1:3, 5:9], want_lse[1:3, :, 5:9] = ringbook.merge_partials(want_out[1:3, 5:9], want_lse[1:3, :, 5:9],
                                                                         blk_out, blk_lse)
-    kernels.merge_into_(acc_out[1:3, 5:9], acc_lse[1:3, :, 5:9], blk_out, blk_lse)
+    merge.merge_many_into_(acc_out[1:3, 5:9], acc_lse[1:3, :, 5:9], [(blk_out, blk_lse)])
     assert_matches_reference(acc_out, acc_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
 
 
@@ -274,7 +270,7 @@ def test_merge_into_order_does_not_matter(parts, seed):
         want_out, want_lse = ringbook.merge_partials(want_out, want_lse, o, l)
     acc_out, acc_lse = torch.zeros_like(want_out), torch.full_like(want_lse, float("-inf"))
     for o, l in reversed(blocks):
-        kernels.merge_into_(acc_out, acc_lse, o, l)
+        merge.merge_many_into_(acc_out, acc_lse, [(o, l)])
     assert_matches_reference(acc_out, acc_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
 
 
@@ -287,7 +283,7 @@ def test_merge_many_into_is_the_merge_repeated(initialise):
         want_out, want_lse = ringbook.merge_partials(want_out, want_lse, o, l)
     got_out, got_lse = (torch.full_like(acc_out, float("nan")), torch.full_like(acc_lse, float("nan"))) \
         if initialise else (acc_out.clone(), acc_lse.clone())
-    kernels.merge_many_into_(got_out, got_lse, blocks, initialise=initialise)  # nothing of a NaN start is read
+    merge.merge_many_into_(got_out, got_lse, blocks, initialise=initialise)  # nothing of a NaN start is read
     assert_matches_reference(got_out, got_lse, want_out, want_lse, atol=1e-12, rtol=1e-12)
 
 
@@ -298,8 +294,8 @@ def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
 
     pytest.importorskip("triton", reason="triton is not installed (the CPU wheel of torch does not bring it); "
                                          "on CUDA the kernel self-checks before first use")
-    code = ("import torch\nfrom ringbook._triton_merge import merge_many_into_triton_\n"
-            "from ringbook.kernels import _self_check_triton\n"
+    code = ("import torch\nfrom ringbook.fast.triton_merge import merge_many_into_triton_\n"
+            "from ringbook.fast.merge import _self_check_triton\n"
             "print(_self_check_triton(merge_many_into_triton_, torch.device('cpu')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
@@ -309,17 +305,28 @@ def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
 
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_merge_group_does_not_change_the_function(monkeypatch, group):
-    from ringbook import production
+    monkeypatch.setattr(stacked, "MERGE_GROUP", group)
+    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    folds = []
+    real = engine.merge_many_into_
 
-    monkeypatch.setattr(production, "MERGE_GROUP", group)
-    monkeypatch.setattr(production, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    def counting(acc_out, acc_lse, blocks, **kwargs):
+        folds.append(len(blocks))
+        return real(acc_out, acc_lse, blocks, **kwargs)
+
+    monkeypatch.setattr(engine, "merge_many_into_", counting)
     q, k, v = _inputs(40, seed=23)
     out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5)
     ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v))
     assert_matches_reference(out, lse, ref_out, ref_lse)
-    cfg = production._Config(5, B, False, 1.0, "einops", production_plan(40, 5), None)
-    assert production._merge_group(cfg, True, production._stack(q, cfg)) == min(group, 5)
-    assert production._merge_group(cfg, False, production._stack(q, cfg)) == 1  # split steps: rows differ
+    g = min(group, 5)
+    assert folds == [g] * (5 // g) + ([5 % g] if 5 % g else [])  # the 5 steps' results, g per pass
+    k_st, v_st = (stacked._Stacking(5, None, ()).enter(x) for x in (k, v))
+    _, plan = stacked._start(40, 5, B, "contiguous", False, k_st, v_st, False, merge_group=g)
+    assert plan.merge_group == g
+    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", 0.0)  # split steps: their rows differ, no grouping
+    _, plan = stacked._start(40, 5, B, "contiguous", False, k_st, v_st, False, merge_group=g)
+    assert plan.merge_group == 1
 
 
 def test_block_attention_einops_path_and_gradients():

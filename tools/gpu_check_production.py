@@ -1,4 +1,4 @@
-"""Validate and time ringbook.production_ring_attention on a CUDA GPU (issue 5 §1), in one command.
+"""Validate and time ringbook.production_ring_attention on a CUDA GPU, in one command.
 
     python tools/gpu_check_production.py [--out DIR] [--quick]
 
@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import ringbook  # noqa: E402
-from ringbook import kernels  # noqa: E402
+from ringbook.fast import engine, kernels, stacked  # noqa: E402
+from ringbook.fast import merge as fast_merge  # noqa: E402
 from ringbook._utils import attention_flops  # noqa: E402
 from ringbook.bench import check_against_reference, time_call, within_2x_rule  # noqa: E402
 
@@ -180,23 +181,21 @@ def best_sdpa(n, causal, backward=False):
 def time_forward(w, causal, n=131072, merge="auto", backend="auto"):
     """merge: "auto"; "torch" (Triton merge off); "group1" (fold each step's result at once, no grouping);
     "none" (merge skipped: wrong result, measures its cost)."""
-    from ringbook import production
-
     q, k, v = qkv(n, H, seed=2)
-    saved, saved_merge, saved_group = dict(kernels._TRITON), production.merge_many_into_, production.MERGE_GROUP
+    saved, saved_merge, saved_group = dict(fast_merge.TRITON), engine.merge_many_into_, stacked.MERGE_GROUP
     if merge == "torch":
-        kernels._TRITON[q.device] = "forced off for this timing"
+        fast_merge.TRITON[q.device] = "forced off for this timing"
     elif merge == "group1":
-        production.MERGE_GROUP = 1
+        stacked.MERGE_GROUP = 1
     elif merge == "none":
-        production.merge_many_into_ = lambda *args, **kwargs: None
+        engine.merge_many_into_ = lambda *args, **kwargs: None
     try:
         ms = statistics.median(cuda_time(lambda: ringbook.production_ring_attention(
             q, k, v, ring_size=w, causal=causal, backend=backend)))
     finally:
-        kernels._TRITON.clear()
-        kernels._TRITON.update(saved)
-        production.merge_many_into_, production.MERGE_GROUP = saved_merge, saved_group
+        fast_merge.TRITON.clear()
+        fast_merge.TRITON.update(saved)
+        engine.merge_many_into_, stacked.MERGE_GROUP = saved_merge, saved_group
     best, best_ms, allt = best_sdpa(n, causal)
     flops = attention_flops(B, H, n, n, D, causal)
     return {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "sdpa_best": best, "sdpa_ms": round(best_ms, 3),

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ringbook  # noqa: E402
-from ringbook import kernels  # noqa: E402
+from ringbook.fast import kernels  # noqa: E402
 from ringbook.bench.measure import time_once  # noqa: E402
 
 

@@ -247,7 +247,7 @@ def _attend(q, k, v, *, causal, layout, timeout, kernel):
     """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``."""
     if kernel == "einops":
         return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
-    return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
+    return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
 
 
 def measure_ring(n, *, causal, layout, dtype, batch, heads, head_dim, warmup, repeats, check_max_seq, timeout, seed,

@@ -18,7 +18,7 @@ from .._utils import attention_flops
 from ..dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
 from ..naive import naive_attention
 from ..online_softmax import KEY_CHUNK, blockwise_attention
-from ..production import production_ring_attention
+from ..fast.stacked import production_ring_attention
 from ..ring import ring_attention
 from ..ring_dilated import ring_dilated_attention
 from .measure import reference_error, relative_error

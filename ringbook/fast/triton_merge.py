@@ -1,4 +1,4 @@
-"""The fused merge (equation (M)) as a Triton kernel; imported only on CUDA by :mod:`ringbook.kernels`.
+"""The fused merge (equation (M)) as a Triton kernel; imported only on CUDA by :mod:`ringbook.fast.merge`.
 
 One program handles ``BLOCK_R`` rows ``(b, i, h)`` of the accumulator and
 folds up to :data:`MAX_BLOCKS` block results into it at once: it reads the
@@ -76,15 +76,11 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, b0, l0, b1, l1, b2, l2, b3, l3, n_rows, 
         e, o = _part(b3, l3, lse_off, o_off, mask2, rmask, m_safe)
         num += o * e[:, None]
         s += e
-    s_safe = tl.where(s > 0, s, 1.0)
-    lse = tl.where(s > 0, m_safe + tl.log(s_safe), float("-inf"))
+    # s == 0 only for a row empty on every side; a NaN s (a NaN lse came in) stays NaN in out and lse
+    s_safe = tl.where(s != 0, s, 1.0)
+    lse = tl.where(s != 0, m_safe + tl.log(s_safe), float("-inf"))
     tl.store(acc_ptr + a_off, num / s_safe[:, None], mask=mask2)
     tl.store(acc_lse_ptr + acc_lse_off, lse, mask=rmask)
-
-
-def merge_into_triton_(acc_out, acc_lse, out_blk, lse_blk) -> None:
-    """In place: ``(acc_out, acc_lse) ← merge((acc_out, acc_lse), (out_blk, lse_blk))``; float32 accumulators."""
-    merge_many_into_triton_(acc_out, acc_lse, [(out_blk, lse_blk)])
 
 
 def merge_many_into_triton_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> None:

@@ -59,10 +59,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from ._comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
-from ._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, refuse_double_backward, resolve_scale
-from .online_softmax import merge_partials
-from .ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
+from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
+from .._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, refuse_double_backward, resolve_scale
+from ..online_softmax import merge_partials
+from ..ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 
 FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
 
@@ -374,7 +374,7 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=F
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            "ringbook.dist_dilated.ring_dilated_attention needs an initialised process group: start the processes "
+            "ringbook.distributed.ring_dilated_attention needs an initialised process group: start the processes "
             "with torchrun or ringbook.distributed.spawn and call torch.distributed.init_process_group first "
             "(ringbook.ring_dilated_attention plays the ring in one process)")
     ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")

@@ -1,13 +1,14 @@
-"""Fast kernels for the production ring: one block of attention, its backward, and the fused merge.
+"""Fast kernels of the ring engine: one block of attention and its backward, on PyTorch's fused SDPA ops.
 
 A ring step attends a query block to a key/value block and folds the
 result into a running ``(out, lse)`` with equation (M) of notebook 01.
 :mod:`ringbook.online_softmax` does both in einops, for reading; this module
-does them fast, for :func:`ringbook.production_ring_attention`:
+does them fast, for the ring engine (:mod:`ringbook.fast.engine`):
 
 * :func:`block_attention` — ``(out, lse)`` of one block. On CUDA it calls
   PyTorch's lse-returning SDPA kernels (cuDNN, flash or memory-efficient:
-  ``torch.ops.aten._scaled_dot_product_{cudnn,flash,efficient}_attention``);
+  ``torch.ops.aten._scaled_dot_product_{cudnn,flash,efficient}_attention``, called by keyword
+  through :func:`ringbook.fast.aten.call`);
   elsewhere, and for dtypes they refuse, :func:`~ringbook.online_softmax.attend_block`
   (einops, keys visited ``KEY_CHUNK`` at a time). Block kinds: ``causal=False``
   (no mask) or ``causal=True``, which means a *diagonal* block: query and key
@@ -21,9 +22,8 @@ does them fast, for :func:`ringbook.production_ring_attention`:
   flash one, ``_scaled_dot_product_flash_attention_backward``), as PyTorch's
   own context parallel feeds them; elsewhere
   :func:`~ringbook.online_softmax.attend_block_backward`.
-* :func:`merge_into_` — equation (M) in place into float32 (or float64)
-  accumulators: one read of the block output, one read-modify-write of the
-  accumulator. A Triton kernel on CUDA when triton imports, else torch ops.
+* the merge of block results into the ring's accumulators is
+  :mod:`ringbook.fast.merge`.
 
 Grouped-query attention: k/v may have ``h_kv`` heads dividing q's ``h``
 (q head i reads k/v head ``i // (h / h_kv)``); K/V are expanded only at the
@@ -41,10 +41,11 @@ from __future__ import annotations
 import warnings
 
 import torch
-from einops import einsum, rearrange, reduce
+from einops import einsum, reduce
 
-from ._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
-from .online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
+from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+from . import aten
 
 BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
 
@@ -53,7 +54,6 @@ STATUS: dict = {}
 _CHOICE: dict = {}  # (device, dtype, head_dim, causal, gqa) -> (backend, expand)
 _BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa, backend) -> (op, expand), or an error text
 _AUX: dict = {}  # (backward op, device) -> its extra arguments, from a tiny forward (see _aux)
-_TRITON: dict = {}  # device -> True or the reason it is not used
 
 
 def check_backend(backend: str) -> str:
@@ -78,19 +78,19 @@ def reduce_kv(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _sdpa_call(backend: str, q, k, v, scale: float, causal: bool):
     """One lse-returning SDPA kernel on ``b n h d`` views. Returns ``(out b n h d, lse b h n float32)``."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # b h n d views: the kernels take strides
+    common = {"query": qt, "key": kt, "value": vt, "dropout_p": 0.0, "is_causal": causal, "scale": scale}
     if backend == "cudnn":
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, causal, False,
-                                                                  scale=scale)
-        out, lse = res[0], res[1]
+        res = aten.call("_scaled_dot_product_cudnn_attention", **common, attn_bias=None, compute_log_sumexp=True,
+                        return_debug_mask=False)
+        out, lse = res["output"], res["logsumexp"]
         if lse.dim() == 4:  # (b, h, n, 1)
             lse = lse[..., 0]
     elif backend == "flash":
-        res = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
-        out, lse = res[0], res[1]
+        res = aten.call("_scaled_dot_product_flash_attention", **common, return_debug_mask=False)
+        out, lse = res["output"], res["logsumexp"]
     elif backend == "efficient":
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, 0.0, causal,
-                                                                      scale=scale)
-        out, lse = res[0], res[1][..., :q.shape[1]]  # lse is padded to a multiple of 32 rows
+        res = aten.call("_scaled_dot_product_efficient_attention", **common, attn_bias=None, compute_log_sumexp=True)
+        out, lse = res["output"], res["log_sumexp"][..., :q.shape[1]]  # lse is padded to a multiple of 32 rows
     else:
         raise ValueError(f"unknown SDPA backend {backend!r}")
     return out.transpose(1, 2), lse
@@ -125,7 +125,10 @@ def _probe_inputs(device, dtype, shapes, seed=0):
 
 
 def _tolerance(dtype) -> float:
-    return 3e-2 if dtype in LOW_PRECISION else 1e-4
+    """The project's one tolerance table (:data:`ringbook.bench.rules.TOLERANCE`), imported when a probe runs."""
+    from ..bench.rules import TOLERANCE
+
+    return TOLERANCE[dtype]
 
 
 def _probe_forward(backend, expand, device, dtype, d, causal, h, hk, scale) -> str | None:
@@ -166,8 +169,8 @@ def _choose(q, k, causal: bool, scale: float, backend: str):
     return key, _CHOICE[key]
 
 
-def _forward_block(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
-    """:func:`block_attention` without autograd (the ring's own Function handles gradients)."""
+def forward_block(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
+    """:func:`block_attention` without autograd (the ring engine's own Function handles gradients)."""
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"a causal block must be diagonal (the same positions for queries and keys), got "
                          f"{q.shape[1]} query and {k.shape[1]} key rows")
@@ -189,7 +192,7 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, backend):
         ctx.set_materialize_grads(False)
-        out, lse = _forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
+        out, lse = forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (scale, causal, backend)
         return out, lse
@@ -197,7 +200,7 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         refuse_double_backward(
-            "ringbook.kernels.block_attention (the block kernel of production_ring_attention's dilated path)",
+            "ringbook.fast.kernels.block_attention (the block kernel of production_ring_attention's dilated path)",
             "a custom autograd Function calling the fused SDPA backward ops, or their einops twin",
             "For second derivatives use ringbook.dilated_attention or ringbook.ring_dilated_attention (einops, "
             "twice differentiable).")
@@ -205,11 +208,9 @@ class _BlockAttention(torch.autograd.Function):
         scale, causal, backend = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        delta = None
-        if dlse is not None:  # a gradient of lse enters as delta = D − dlse (einops path)
-            work = compute_dtype(q.dtype)
-            delta = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i") - dlse.to(work)
-        dq, dk, dv = block_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal, delta=delta,
+        # a gradient of lse enters as delta = D − dlse (einops path)
+        blk_delta = None if dlse is None else delta(dout, out, dlse)
+        dq, dk, dv = block_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=causal, delta=blk_delta,
                                               backend=backend)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
@@ -231,48 +232,66 @@ def block_attention(q, k, v, *, scale: float, causal: bool = False, backend: str
     check_backend(backend)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return _BlockAttention.apply(q, k, v, scale, causal, backend)
-    return _forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
+    return forward_block(q, k, v, scale=scale, causal=causal, backend=backend)
 
 
 # --------------------------------------------------------------------------- backward of one block
 
+def delta(dout: torch.Tensor, out: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
+    """``D − dlse`` (``b h i``, accumulator dtype): the FlashAttention backward's row term, written once.
+
+    ``D = rowsum(dO ∘ O)``; a gradient of lse adds ``P ∘ dlse`` to dS, which
+    is the same as subtracting it from D.
+    """
+    work = compute_dtype(out.dtype)
+    d = einsum(dout.to(work), out.to(work), "b i h d, b i h d -> b h i")
+    return d if dlse is None else d - dlse.to(work)
+
+
 def _aux(name: str, device):
     """What backward op ``name`` wants besides the tensors, from one tiny forward of its kernel (cached).
 
-    ``(cum_seq_q, cum_seq_k, philox_seed, philox_offset)`` (dropout 0: unused),
-    and for cuDNN also the rank of the lse its forward returns.
+    ``cum_seq_q``, ``cum_seq_k``, ``philox_seed``, ``philox_offset`` (dropout
+    0: unused), and for cuDNN also the rank of the lse its forward returns.
     """
     if (name, device) not in _AUX:
         x = torch.randn(1, 1, 16, 64, device=device, dtype=torch.bfloat16)
+        common = {"query": x, "key": x, "value": x, "dropout_p": 0.0, "is_causal": False, "scale": 0.125,
+                  "return_debug_mask": False}
         if name == "flash":
-            res = torch.ops.aten._scaled_dot_product_flash_attention(x, x, x, 0.0, False, False, scale=0.125)
-            _AUX[name, device] = (res[2], res[3], res[6], res[7])
+            res = aten.call("_scaled_dot_product_flash_attention", **common)
+            _AUX[name, device] = {"cum_seq_q": res["cum_seq_q"], "cum_seq_k": res["cum_seq_k"],
+                                  "philox_seed": res["rng_state"], "philox_offset": res["unused"]}
         else:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False,
-                                                                     scale=0.125)
-            _AUX[name, device] = (res[2], res[3], res[6], res[7], res[1].dim())
+            res = aten.call("_scaled_dot_product_cudnn_attention", **common, attn_bias=None, compute_log_sumexp=True)
+            _AUX[name, device] = {"cum_seq_q": res["cum_seq_q"], "cum_seq_k": res["cum_seq_k"],
+                                  "philox_seed": res["philox_seed"], "philox_offset": res["philox_offset"],
+                                  "lse_rank": res["logsumexp"].dim()}
     return _AUX[name, device]
 
 
 def _flash_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
-    cum_q, cum_k, seed, offset = _aux("flash", q.device)
+    aux = _aux("flash", q.device)
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dot, qt, kt, vt, ot, lse.float().contiguous(), cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, seed, offset,
-        scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    res = aten.call("_scaled_dot_product_flash_attention_backward", grad_out=dot, query=qt, key=kt, value=vt, out=ot,
+                    logsumexp=lse.float().contiguous(), cum_seq_q=aux["cum_seq_q"], cum_seq_k=aux["cum_seq_k"],
+                    max_q=q.shape[1], max_k=k.shape[1], dropout_p=0.0, is_causal=causal,
+                    philox_seed=aux["philox_seed"], philox_offset=aux["philox_offset"], scale=scale)
+    return tuple(res[key].transpose(1, 2) for key in ("grad_query", "grad_key", "grad_value"))
 
 
 def _cudnn_backward(q, k, v, out, lse, dout, scale: float, causal: bool):
     """The cuDNN backward op, fed the global out/lse as PyTorch's own context parallel does."""
-    cum_q, cum_k, seed, offset, lse_rank = _aux("cudnn", q.device)
+    aux = _aux("cudnn", q.device)
     qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, dout))
     lse = lse.float().contiguous()  # cuDNN reads the stats densely (a strided lse gives wrong gradients)
-    if lse_rank == 4:
+    if aux["lse_rank"] == 4:
         lse = lse.unsqueeze(-1)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        dot, qt, kt, vt, ot, lse, seed, offset, None, cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, scale=scale)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    res = aten.call("_scaled_dot_product_cudnn_attention_backward", grad_out=dot, query=qt, key=kt, value=vt, out=ot,
+                    logsumexp=lse, philox_seed=aux["philox_seed"], philox_offset=aux["philox_offset"],
+                    attn_bias=None, cum_seq_q=aux["cum_seq_q"], cum_seq_k=aux["cum_seq_k"], max_q=q.shape[1],
+                    max_k=k.shape[1], dropout_p=0.0, is_causal=causal, scale=scale)
+    return tuple(res[i].transpose(1, 2) for i in (0, 1, 2))
 
 
 _BACKWARD_OPS = {"cudnn": _cudnn_backward, "flash": _flash_backward}
@@ -362,119 +381,11 @@ def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: b
     return _run_backward(*ok, q, k, v, out, lse, dout, scale, causal)
 
 
-# --------------------------------------------------------------------------- the fused merge
-
-def merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk) -> None:
-    """Equation (M) in place with torch ops: ``(acc_out, acc_lse) ← merge(acc, blk)``.
-
-    ``acc_out`` (``b n h d``) and ``acc_lse`` (``b h n``) are the float32 or
-    float64 accumulators (views are fine); the block may be any float dtype.
-    Since ``w_a + w_b = 1``, the merge is a linear interpolation,
-    ``O ← O + w_b (O_blk − O)`` with ``w_b = e^{lse_blk − lse}``: one
-    ``lerp_`` pass over the accumulator. Rows empty on both sides stay
-    (0, -inf); merging an empty block changes nothing.
-    """
-    lse_blk = lse_blk.to(acc_lse.dtype)
-    lse = torch.logaddexp(acc_lse, lse_blk)  # -inf for rows empty on both sides
-    lse_safe = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
-    w_b = torch.exp(lse_blk - lse_safe)
-    acc_out.lerp_(out_blk.to(acc_out.dtype), rearrange(w_b, "b h n -> b n h 1"))
-    acc_lse.copy_(lse)
-
-
-def _triton_ready(device) -> bool:
-    """Whether the Triton merge runs on ``device``: triton imports and agrees with the torch merge once."""
-    if device not in _TRITON:
-        try:
-            from ._triton_merge import merge_many_into_triton_
-        except Exception as exc:  # noqa: BLE001 - absent or broken triton: the torch merge is used
-            _TRITON[device] = f"triton not importable ({type(exc).__name__}: {exc})"[:200]
-        else:
-            _TRITON[device] = _self_check_triton(merge_many_into_triton_, device)
-        STATUS[f"merge {device}"] = "triton" if _TRITON[device] is True else f"torch ({_TRITON[device]})"
-    return _TRITON[device] is True
-
-
-def _self_check_triton(fn, device):
-    """True if the Triton merge (one block, several, and initialising) agrees with the torch merge, else why not."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    acc = torch.randn(2, 40, 3, 64, generator=gen, device=device)
-    lse = torch.randn(2, 3, 40, generator=gen, device=device)
-    lse[0, 1, :5] = float("-inf")
-    acc[0, :5, 1] = 0
-    blocks = []
-    for j in range(4):  # strided views (rows 10…50 of larger buffers), with some empty rows
-        blk = torch.randn(2, 60, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:50]
-        lse_b = torch.randn(2, 3, 60, generator=gen, device=device)[:, :, 10:50]
-        lse_b[0, 1, :3 + j] = float("-inf")
-        blk[0, :3 + j, 1] = 0  # a kernel's output for a row that saw no key
-        blocks.append((blk, lse_b))
-    want_o, want_l = acc.clone(), lse.clone()
-    for o, l in blocks:
-        merge_into_torch_(want_o, want_l, o, l)
-    want_init_o, want_init_l = blocks[0][0].float(), blocks[0][1].clone()
-    for o, l in blocks[1:]:
-        merge_into_torch_(want_init_o, want_init_l, o, l)
-    init_o, init_l = torch.empty_like(acc), torch.empty_like(lse)
-    try:
-        fn(acc, lse, blocks[:1])
-        fn(acc, lse, blocks[1:])
-        fn(init_o, init_l, blocks, initialise=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except Exception as exc:  # noqa: BLE001
-        return f"triton merge failed: {type(exc).__name__}: {str(exc)[:150]}"
-    for got_o, got_l, ref_o, ref_l in ((acc, lse, want_o, want_l), (init_o, init_l, want_init_o, want_init_l)):
-        if not (torch.allclose(got_o, ref_o, atol=1e-5, rtol=1e-5)
-                and torch.equal(torch.isneginf(got_l), torch.isneginf(ref_l))
-                and torch.allclose(got_l, ref_l, atol=1e-5, rtol=1e-5)):
-            return "triton merge disagrees with the torch merge"
-    return True
-
-
-def merge_into_(acc_out, acc_lse, out_blk, lse_blk) -> None:
-    """Fold a block's ``(out_blk, lse_blk)`` into accumulators ``(acc_out, acc_lse)`` in place, equation (M).
-
-    The accumulators are float32 (float64 for float64 input), ``b n h d``
-    and ``b h n``, possibly strided views (rows of a rank's shard). One
-    read of the block output and one read-modify-write of the accumulator:
-    a Triton kernel on CUDA when triton is importable and passes a self-check
-    against :func:`merge_into_torch_`, which is used otherwise. Same result
-    as :func:`~ringbook.online_softmax.merge_partials`, without autograd.
-    """
-    merge_many_into_(acc_out, acc_lse, [(out_blk, lse_blk)])
-
-
-def merge_many_into_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> None:
-    """Fold several blocks ``[(out, lse), …]`` of the same rows into the accumulators, equation (M) repeated.
-
-    On CUDA with the Triton merge, up to ``MAX_BLOCKS`` (4) blocks per pass:
-    each block output is read once and the float32 accumulator is read and
-    written once per pass, instead of once per block. ``initialise``: the
-    accumulators hold nothing yet, the blocks set them (no read). Elsewhere
-    the torch merge, block by block. The result does not depend on the
-    grouping (the merge is associative; up to rounding).
-    """
-    if not blocks:
-        return
-    if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 \
-            and all(o.stride() == blocks[0][0].stride() and l.stride() == blocks[0][1].stride() for o, l in blocks) \
-            and blocks[0][0].stride(-1) == 1 and _triton_ready(acc_out.device):
-        from ._triton_merge import MAX_BLOCKS, merge_many_into_triton_
-        for i in range(0, len(blocks), MAX_BLOCKS):
-            merge_many_into_triton_(acc_out, acc_lse, blocks[i:i + MAX_BLOCKS], initialise=initialise and i == 0)
-        return
-    if initialise:
-        acc_out.copy_(blocks[0][0])
-        acc_lse.copy_(blocks[0][1])
-        blocks = blocks[1:]
-    for out_blk, lse_blk in blocks:
-        merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk)
-
-
 def reset_caches() -> None:
-    """Forget the kernel choices and probes (tests, or after changing torch backends' settings)."""
-    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, _TRITON):
+    """Forget the kernel choices, probes and the merge's self-check (tests, or after changing torch's settings)."""
+    from . import merge
+
+    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, merge.TRITON):
         cache.clear()
 
 

@@ -1,5 +1,5 @@
 """Point-to-point plumbing shared by the multi-process rings (:mod:`ringbook.distributed`,
-:mod:`ringbook.dist_dilated`): who a rank talks to, deadlines on every wait, and
+:mod:`ringbook.distributed.dilated`): who a rank talks to, deadlines on every wait, and
 errors that name the peer and the step instead of hanging.
 """
 

@@ -1,4 +1,4 @@
-"""Ring attention made fast: every rank of a step in one batched kernel call (notebook 02, issue 5).
+"""Ring attention made fast in one process: every rank of a step in one batched kernel call (notebook 02).
 
 :func:`production_ring_attention` computes exactly what :func:`ringbook.ring_attention`
 computes (or :func:`ringbook.ring_dilated_attention` when ``segment_lengths``
@@ -24,10 +24,13 @@ changes is how one process plays the ranks:
   copy takes at most :data:`DOUBLED_KV_MAX_FRACTION` of the free memory) or
   the single copy in two launches. A real ring moves the bytes
   (:mod:`ringbook.distributed`); this is the same schedule and arithmetic
-  without the network, and it does not pretend otherwise.
+  without the network, and it does not pretend otherwise. In the engine's
+  terms (:mod:`ringbook.fast.engine`) the launches become a
+  :class:`~ringbook.fast.engine.Plan` of stacked block calls and the mover
+  is a :class:`~ringbook.fast.engine.StackedMover`.
 * **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
-  SDPA kernels (:func:`ringbook.kernels.block_attention`); each result is
-  folded into float32 accumulators by :func:`ringbook.kernels.merge_many_into_`
+  SDPA kernels (:func:`ringbook.fast.kernels.block_attention`); each result is
+  folded into float32 accumulators by :func:`ringbook.fast.merge.merge_many_into_`
   (one pass per step; where every step covers every row — non-causal — up
   to :data:`MERGE_GROUP` steps' results are folded in one pass, so the
   float32 accumulator is read and written once per group, not per step).
@@ -51,18 +54,14 @@ import dataclasses
 import functools
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 
-from ._utils import (
-    LOW_PRECISION, available_bytes, check_bool, check_positive_int, check_qkv, compute_dtype, lse_dtype,
-    refuse_double_backward, resolve_scale,
-)
-from .kernels import (
-    block_attention, block_attention_backward, check_backend, expand_kv, merge_many_into_, warn_once, _forward_block,
-)
-from .online_softmax import merge_partials
-from .ring_dilated import ring_dilated_attention
-from .schedule import check_layout, layout_positions
+from .._utils import available_bytes, check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
+from ..online_softmax import merge_partials
+from ..ring_dilated import ring_dilated_attention
+from ..schedule import check_layout, layout_positions
+from .engine import Block, Job, Plan, Settings, StackedMover, run
+from .kernels import block_attention, check_backend, expand_kv
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
 
@@ -119,26 +118,13 @@ def _striped_message(layout):
             "balances causal work too) or 'contiguous', or ringbook.ring_attention(layout='striped') to study it")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    world: int
-    batch: int
-    causal: bool
-    scale: float
-    backend: str
-    plan: list
-    order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
-    runs: tuple = ()  # (stacked row, token position, length) of each run of consecutive positions in order
-
-
 @functools.lru_cache(maxsize=64)
-def _layout_plan(n: int, world: int, layout: str, causal: bool, device: str):
-    """The plan, the stacked token order on ``device`` (None when contiguous) and its runs; cached per call shape."""
-    plan = production_plan(n, world, layout=layout, causal=causal)
+def _layout_order(n: int, world: int, layout: str, device: str):
+    """The stacked token order on ``device`` (None when contiguous) and its runs; cached per call shape."""
     if layout == "contiguous":
-        return plan, None, ()
+        return None, ()
     order = layout_positions(n, world, layout).reshape(-1)
-    return plan, order.to(device), _runs(order)
+    return order.to(device), _runs(order)
 
 
 def _runs(order: torch.Tensor) -> tuple:
@@ -154,186 +140,103 @@ def _runs(order: torch.Tensor) -> tuple:
 DOUBLED_KV_MAX_FRACTION = 0.1
 
 
+# The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
+# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two
+# (at such sizes a second launch per step costs next to nothing). Held results of a merge group likewise.
+DOUBLED_KV_MAX_FRACTION = 0.1
+MERGE_GROUP = 4  # block results folded into the accumulator per pass, where every step covers every row
+
+
 def _wraps(launch: Launch, t: int, world: int) -> bool:
     """Whether the shards held by the launch's ranks at step t wrap past the last shard (rank r holds r − t)."""
     r0, r1 = launch.ranks
     return (r0 - t) % world + (r1 - r0) > world
 
 
-def _stack(x, cfg: _Config, dim: int = 1, copies: int = 1):
-    """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``), ``copies`` times along the batch.
-
-    A view for one copy of a contiguous layout with b = 1; otherwise one
-    gather (``index_select``) straight into the stacked (and doubled) order.
-    """
-    if cfg.order is not None or copies > 1:
-        order = cfg.order if cfg.order is not None else torch.arange(x.shape[dim], device=x.device)
-        x = x.index_select(dim, order.repeat(copies))
-    w = cfg.world * copies
-    if dim == 1:
-        return rearrange(x, "b (w c) h d -> (w b) c h d", w=w)
-    return rearrange(x, "b h (w c) -> (w b) h c", w=w)
-
-
-def _unstack(x, cfg: _Config, dim: int = 1, dtype=None):
-    """Inverse of :func:`_stack` (one copy), converting to ``dtype`` on the way (no extra full-size temporary)."""
-    pattern = "(w b) c h d -> b (w c) h d" if dim == 1 else "(w b) h c -> b h (w c)"
-    x = rearrange(x, pattern, w=cfg.world)
-    dtype = dtype or x.dtype
-    if cfg.order is None:
-        return x.to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    # The layout deals runs of consecutive positions (zigzag: two chunks per rank): copy run by run.
-    for row, position, length in cfg.runs:
-        out.narrow(dim, position, length).copy_(x.narrow(dim, row, length))
-    return out
-
-
-def _pieces(launch: Launch, t: int, cfg: _Config, doubled: bool):
-    """The launch at step t as ``[(query batch rows, query rows, K/V batch rows, key rows)]``.
+def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> list[Block]:
+    """The launch at step t as stacked block calls.
 
     Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
     stacked shards written twice (``[kv, kv]``) and the held shards are the
-    window starting at row ``(w − t) mod w`` of it: one piece. Without, a
-    launch whose held shards wrap past the last one becomes two pieces
+    window starting at row ``(w − t) mod w`` of it: one block. Without, a
+    launch whose held shards wrap past the last one becomes two blocks
     (two kernel calls) over the single copy.
     """
-    b, w = cfg.batch, cfg.world
-    (r0, r1), (q0, q1), (k0, k1) = launch.ranks, launch.q, launch.kv
-    qr, kr = slice(q0, q1), slice(k0, k1)
+    b, w = batch, world
+    (r0, r1), qr, kr, causal = launch.ranks, launch.q, launch.kv, launch.kind == "causal"
     if doubled:
         base = (w - t) % w
-        return [(slice(r0 * b, r1 * b), qr, slice((base + r0) * b, (base + r1) * b), kr)]
+        return [Block((r0 * b, r1 * b), qr, ((base + r0) * b, (base + r1) * b), kr, causal)]
     s0 = (r0 - t) % w
     split = min(r1, r0 + (w - s0))  # ranks r0 … split−1 hold shards s0 … w−1; the rest hold 0 …
-    pieces = [(slice(r0 * b, split * b), qr, slice(s0 * b, (s0 + split - r0) * b), kr)]
+    blocks = [Block((r0 * b, split * b), qr, (s0 * b, (s0 + split - r0) * b), kr, causal)]
     if split < r1:
-        pieces.append((slice(split * b, r1 * b), qr, slice(0, (r1 - split) * b), kr))
-    return pieces
+        blocks.append(Block((split * b, r1 * b), qr, (0, (r1 - split) * b), kr, causal))
+    return blocks
 
 
-def _use_doubled(cfg: _Config, device, extra_bytes: float) -> bool:
-    """Double K/V only if some launch wraps and the copies fit in :data:`DOUBLED_KV_MAX_FRACTION` of free memory."""
-    if not any(_wraps(launch, t, cfg.world) for t, launches in enumerate(cfg.plan) for launch in launches):
-        return False
-    return extra_bytes <= DOUBLED_KV_MAX_FRACTION * available_bytes(device)
+@functools.lru_cache(maxsize=256)
+def stacked_plan(n: int, world: int, batch: int, *, layout: str, causal: bool, doubled: bool,
+                 merge_group: int = 1) -> Plan:
+    """:func:`production_plan` as the engine's :class:`~ringbook.fast.engine.Plan` of stacked block calls."""
+    launches = production_plan(n, world, layout=layout, causal=causal)
+    steps = tuple(tuple(blk for launch in step for blk in _pieces(launch, t, world, batch, doubled))
+                  for t, step in enumerate(launches))
+    return Plan(steps, merge_group=merge_group)
 
 
-MERGE_GROUP = 4  # block results folded into the accumulator per pass, where every step covers every row
+def _whole_steps(launches, world: int, c: int, doubled: bool) -> bool:
+    """Every step is one launch over every row of every rank (and, without doubled K/V, none wraps)."""
+    return all(len(step) == 1 and step[0].ranks == (0, world) and step[0].q == (0, c)
+               and (doubled or not _wraps(step[0], t, world)) for t, step in enumerate(launches))
 
 
-def _merge_group(cfg: _Config, doubled: bool, q_st) -> int:
-    """How many steps' results to hold and fold in together (1: each at once).
+@dataclasses.dataclass(frozen=True)
+class _Stacking:
+    """How the caller's ``b n …`` tensors enter and leave the engine's ``(w b) c …`` layout."""
 
-    Only where every step is one launch over every row of every rank (non-causal
-    with the doubled K/V), and while the held results fit in
-    :data:`DOUBLED_KV_MAX_FRACTION` of the free memory.
+    world: int
+    order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
+    runs: tuple  # (stacked row, token position, length) of each run of consecutive positions in order
+
+    def enter(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``): a view, or one gather."""
+        if self.order is not None:
+            x = x.index_select(dim, self.order)
+        if dim == 1:
+            return rearrange(x, "b (w c) h d -> (w b) c h d", w=self.world)
+        return rearrange(x, "b h (w c) -> (w b) h c", w=self.world)
+
+    def leave(self, x: torch.Tensor, dim: int = 1, dtype=None) -> torch.Tensor:
+        """Inverse of :meth:`enter`, converting to ``dtype`` on the way (no extra full-size temporary)."""
+        pattern = "(w b) c h d -> b (w c) h d" if dim == 1 else "(w b) h c -> b h (w c)"
+        x = rearrange(x, pattern, w=self.world)
+        dtype = dtype or x.dtype
+        if self.order is None:
+            return x.to(dtype)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        # The layout deals runs of consecutive positions (zigzag: two chunks per rank): copy run by run.
+        for row, position, length in self.runs:
+            out.narrow(dim, position, length).copy_(x.narrow(dim, row, length))
+        return out
+
+
+def _start(n, world, batch, layout, causal, k_st, v_st, backward: bool, *, merge_group: int):
+    """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
+
+    The forward folds up to ``merge_group`` steps' results per pass where every
+    step is one launch over every row (non-causal).
     """
-    c = q_st.shape[1]
-    whole = all(len(launches) == 1 and launches[0].ranks == (0, cfg.world) and launches[0].q == (0, c)
-                and (doubled or not _wraps(launches[0], t, cfg.world)) for t, launches in enumerate(cfg.plan))
-    if cfg.world == 1 or not whole:
-        return 1
-    result_bytes = q_st.nbytes + 4 * q_st.numel() // q_st.shape[-1]  # out (input dtype) and its float32 lse
-    spare = DOUBLED_KV_MAX_FRACTION * available_bytes(q_st.device)
-    return int(max(1, min(MERGE_GROUP, cfg.world, 1 + spare // max(result_bytes, 1))))
-
-
-def _ring_forward(q, k, v, cfg: _Config):
-    """The stacked ring: ``(out (w b) c h d in the accumulator dtype, lse (w b) h c)``.
-
-    Step 0 covers every row and sets the accumulators; later blocks are
-    folded in by :func:`~ringbook.kernels.merge_many_into_`, ``group`` steps
-    per pass where every step covers every row (:func:`_merge_group`).
-    """
-    q_st = _stack(q, cfg)
-    if cfg.world == 1:
-        (launch,) = cfg.plan[0]
-        return _forward_block(q_st, _stack(k, cfg), _stack(v, cfg), scale=cfg.scale, causal=launch.kind == "causal",
-                              backend=cfg.backend)
-    doubled = _use_doubled(cfg, q.device, 2 * (k.nbytes + v.nbytes))
-    k_st, v_st = (_stack(x, cfg, copies=2 if doubled else 1) for x in (k, v))
-    wb, c, h, d = q_st.shape
-    work = compute_dtype(q.dtype)
-    acc_out = torch.empty(wb, c, h, d, dtype=work, device=q.device)
-    acc_lse = torch.empty(wb, h, c, dtype=work, device=q.device)
-    group = _merge_group(cfg, doubled, q_st)
-    pending = []
-    for t, launches in enumerate(cfg.plan):
-        for launch in launches:
-            for rows, qr, kv_rows, kr in _pieces(launch, t, cfg, doubled):
-                pending.append(_forward_block(q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], scale=cfg.scale,
-                                              causal=launch.kind == "causal", backend=cfg.backend))
-                if len(pending) == group or t == cfg.world - 1:  # with group > 1 every piece is every row
-                    merge_many_into_(acc_out[rows, qr], acc_lse[rows, :, qr], pending, initialise=t < group)
-                    pending = []
-    return acc_out, acc_lse
-
-
-def _ring_backward(q, k, v, out, lse, dout, dlse, cfg: _Config):
-    """The ring again, each block's gradients from the global out/lse of its rows. Returns stacked dq, dk, dv."""
-    work = compute_dtype(q.dtype)
-    fast = q.is_cuda and q.dtype in LOW_PRECISION and cfg.backend != "einops"
-    if dlse is not None and fast and bool((dlse != 0).any()):
-        warn_once("production_ring_attention: a gradient flows into lse; the fused backward ops cannot take it, "
-                  "so this backward uses the (slower, exact) einops kernels")
-        fast = False
-    q_st, out_st, dout_st = _stack(q, cfg), _stack(out, cfg), _stack(dout, cfg)
-    lse_st = _stack(lse, cfg, dim=2)
-    delta = None
-    if not fast:
-        delta = einsum(dout_st.to(work), out_st.to(work), "b i h d, b i h d -> b h i")  # D = rowsum(dO ∘ O)
-        if dlse is not None:
-            delta = delta - _stack(dlse, cfg, dim=2).to(work)  # a gradient of lse adds P ∘ dlse to dS
-    backend = cfg.backend if fast else "einops"
-    # Doubled K/V here also doubles the dK/dV accumulators (float32 for half precision).
-    acc_bytes = torch.empty((), dtype=work).element_size() * (k.numel() + v.numel())
-    doubled = cfg.world > 1 and _use_doubled(cfg, q.device, 2 * (k.nbytes + v.nbytes) + acc_bytes)
-    copies = 2 if doubled else 1
-    k_st, v_st = (_stack(x, cfg, copies=copies) for x in (k, v))
-    dq = torch.zeros(q_st.shape, dtype=work, device=q.device)
-    dk = torch.zeros(k_st.shape, dtype=work, device=q.device)
-    dv = torch.zeros(v_st.shape, dtype=work, device=q.device)
-    for t, launches in enumerate(cfg.plan):
-        for launch in launches:
-            for rows, qr, kv_rows, kr in _pieces(launch, t, cfg, doubled):
-                gq, gk, gv = block_attention_backward(
-                    q_st[rows, qr], k_st[kv_rows, kr], v_st[kv_rows, kr], out_st[rows, qr], lse_st[rows, :, qr],
-                    dout_st[rows, qr], scale=cfg.scale, causal=launch.kind == "causal",
-                    delta=None if delta is None else delta[rows, :, qr], backend=backend)
-                dq[rows, qr] += gq
-                dk[kv_rows, kr] += gk
-                dv[kv_rows, kr] += gv
-    if doubled:  # shard s's gradient sits in rows s and w + s of the doubled layout
-        wb = q_st.shape[0]
-        dk, dv = dk[:wb] + dk[wb:], dv[:wb] + dv[wb:]
-    return dq, dk, dv
-
-
-class _ProductionRing(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cfg: _Config):
-        ctx.set_materialize_grads(False)
-        acc_out, acc_lse = _ring_forward(q, k, v, cfg)
-        out = _unstack(acc_out, cfg, dtype=q.dtype)
-        del acc_out
-        lse = _unstack(acc_lse, cfg, dim=2, dtype=lse_dtype(q.dtype))
-        # Only the inputs and outputs are kept for the backward (it re-stacks them), as flash attention does.
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = cfg
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        refuse_double_backward(
-            "production_ring_attention", "a custom autograd Function running the ring again with fused backward "
-            "kernels", "For second derivatives use ringbook.ring_attention (einops, twice differentiable).")
-        q, k, v, out, lse = ctx.saved_tensors
-        cfg = ctx.cfg
-        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, dlse, cfg)
-        return (_unstack(dq, cfg, dtype=q.dtype), _unstack(dk, cfg, dtype=k.dtype),
-                _unstack(dv, cfg, dtype=v.dtype), None)
+    launches = production_plan(n, world, layout=layout, causal=causal)
+    wraps = world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
+    extra = 2 * (k_st.nbytes + v_st.nbytes)
+    if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
+        extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
+    doubled = wraps and extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
+    whole = not backward and world > 1 and _whole_steps(launches, world, n // world, doubled)
+    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled,
+                        merge_group=merge_group if whole else 1)
+    return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
 
 def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None, segment_lengths=None,
@@ -388,9 +291,15 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
-    plan, order, runs = _layout_plan(n, ring_size, layout, causal, str(q.device))
-    cfg = _Config(ring_size, b, causal, resolve_scale(scale, d), backend, plan, order, runs)
-    return _ProductionRing.apply(q, k, v, cfg)
+    order, runs = _layout_order(n, ring_size, layout, str(q.device))
+    stacking = _Stacking(ring_size, order, runs)
+    result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
+    group = int(max(1, min(MERGE_GROUP, ring_size, 1 + DOUBLED_KV_MAX_FRACTION * available_bytes(q.device)
+                           // max(result_bytes, 1))))
+    job = Job(settings=Settings(resolve_scale(scale, d), backend, who="production_ring_attention"),
+              start=functools.partial(_start, n, ring_size, b, layout, causal, merge_group=group),
+              enter=stacking.enter, leave=stacking.leave)
+    return run(q, k, v, job)
 
 
 # --------------------------------------------------------------------------- dilated attention

@@ -1,0 +1,309 @@
+"""Ring attention over a ``torch.distributed`` process group (notebook 02, one rank per process).
+
+Each process holds one shard of q, k and v (``b c h d``, ``c = n / w`` tokens
+dealt by a layout of :mod:`ringbook.schedule`) and never the whole sequence:
+memory per rank is O(n / w). It runs on the ring engine
+(:mod:`ringbook.fast.engine`): the plan is this rank's row of
+:func:`~ringbook.schedule.ring_schedule` (:func:`rank_plan`), and the mover
+(:class:`P2PMover`) sends the key/value shard round the ring, rank r → r+1,
+by batched point-to-point messages (``dist.batch_isend_irecv``); while the
+next shard is in flight the current one is attended (double buffering), and
+each block's ``(out, lse)`` is folded into the rank's running summary with
+equation (M). ``backend="einops"`` (the default of :func:`ring_attention`)
+computes the blocks with :func:`~ringbook.online_softmax.attend_block`, the
+reading path; ``backend="auto"`` with PyTorch's fused kernels.
+
+The backward runs the ring again (per block, with the final lse): dq stays
+home, dk/dv travel with their key/value shard and one more hop after the
+last step brings them back to the rank that owns the shard.
+
+Every wait on the network has a deadline (``timeout=``, default from the
+environment variable ``RINGBOOK_P2P_TIMEOUT`` or 60 s): a peer that died,
+raised or stalls makes the others raise a ``TimeoutError``/``RuntimeError``
+naming the peer and the step instead of hanging. Inputs that do not fit
+together across ranks (unequal shard lengths, a layout the shards cannot
+have, a different batch, heads, head_dim, dtype, causal, layout, scale or
+backend on some rank) are refused with a ``ValueError`` on every rank. Ranks
+in messages are ranks in the process group passed as ``group``.
+
+Importing this module starts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+import warnings
+
+import torch
+
+from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
+from ..fast.engine import Block, Job, Mover, Plan, Settings, run
+from ..fast.kernels import BACKENDS
+from ..schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
+from .comm import _exchange, _Ring, _wait, agree_on_shards, resolve_timeout
+
+def _scale_bits(scale: float) -> int:
+    """The float64 bit pattern of ``scale`` as an int64 (exact: it travels in the agreement's int64 table)."""
+    return struct.unpack("<q", struct.pack("<d", scale))[0]
+
+
+def _bits_scale(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
+    """``(problem, scale)``: the first thing wrong with this rank's own input (or None) and the resolved scale."""
+    try:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_qkv(q, k, v, allow_gqa=backend != "einops")
+        check_bool(causal, "causal")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
+                f"k {k.shape[1]} tokens; shard all three with ringbook.distributed.shard"
+            )
+        scale = resolve_scale(scale, q.shape[3])
+    except (TypeError, ValueError) as exc:
+        return exc, None
+    return None, scale
+
+
+def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops") -> float:
+    """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together.
+
+    Returns the resolved scale (the same on every rank: its bits are compared).
+    """
+    problem, scale = _local_problem(q, k, v, causal, layout, scale, backend)
+    if problem is None:
+        info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], LAYOUTS.index(layout), int(causal),
+                FLOAT_DTYPES.index(q.dtype), k.shape[2], _scale_bits(scale), BACKENDS.index(backend)]
+    else:
+        info = [0] + [-1] * 10
+    table = agree_on_shards(
+        ring, info, problem, "checking the shards with all ranks before step 0 (all_gather of shard lengths)",
+        "cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a length "
+        "divisible by world_size (2·world_size for zigzag)")
+    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads",
+             9: "scale", 10: "backend"}
+    readable = {"layout": lambda x: LAYOUTS[x], "causal": bool, "dtype": lambda x: str(FLOAT_DTYPES[x]),
+                "scale": _bits_scale, "backend": lambda x: BACKENDS[x]}
+    for col, name in names.items():
+        values = [row[col] for row in table]
+        if len(set(values)) != 1:
+            values = [readable.get(name, int)(x) for x in values]
+            raise ValueError(f"every rank must call {ring.op} with the same {name}, got {values} on "
+                             f"ranks 0..{ring.world - 1}")
+    c = table[0][1]  # the common shard length
+    if layout == "zigzag" and c % 2:
+        raise ValueError(
+            f"layout='zigzag' gives each rank two chunks of equal length, so the local length must be "
+            f"even, got {c}; shard with layout='zigzag' (sequence length divisible by "
+            f"2·world_size = {2 * ring.world}) or pass the layout the shards were made with"
+        )
+    check_layout(c * ring.world, ring.world, layout)
+    return scale
+
+
+# --------------------------------------------------------------------------- the ring on the engine
+
+@functools.lru_cache(maxsize=64)
+def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool) -> Plan:
+    """This rank's row of :func:`~ringbook.schedule.ring_schedule` as the engine's :class:`~ringbook.fast.engine.Plan`.
+
+    Step t attends the shard held then (the one that started on rank
+    ``(rank − t) mod w``). A causal block whose position mask is the
+    kernels' top-left one (square, key i the last one query i sees: every
+    diagonal block, and striped blocks from an earlier rank) is a causal
+    block call; any other causal block carries its token positions and runs
+    on the einops path with them. Built once per call shape (on the CPU).
+    """
+    positions = layout_positions(n, world, layout)
+    schedule = ring_schedule(n, world, layout=layout, causal=causal)
+    steps = []
+    for t in range(world):
+        step = schedule[t][rank]
+        blocks = []
+        for block in step.blocks:
+            (q0, q1), (k0, k1) = block.q, block.kv
+            if block.kind != "causal":
+                blocks.append(Block((0, 1 << 62), (q0, q1), (0, 1 << 62), (k0, k1)))
+                continue
+            qp, kp = positions[step.rank, q0:q1], positions[step.kv_rank, k0:k1]
+            top_left = qp.numel() == kp.numel() and bool((kp[1:] > kp[:-1]).all()) and torch.equal(
+                torch.searchsorted(kp, qp, right=True), torch.arange(1, qp.numel() + 1))
+            blocks.append(Block((0, 1 << 62), (q0, q1), (0, 1 << 62), (k0, k1), causal=True,
+                                q_pos=None if top_left else qp, k_pos=None if top_left else kp))
+        steps.append(tuple(blocks))
+    return Plan(tuple(steps))
+
+
+def _on(plan: Plan, batch: int, device) -> Plan:
+    """``plan`` with its batch rows set to ``batch`` and its positions on ``device`` (cached per call shape)."""
+    return _on_cached(plan, batch, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _on_cached(plan: Plan, batch: int, device: str) -> Plan:
+    steps = tuple(tuple(dataclasses.replace(
+        blk, q_batch=(0, batch), kv_batch=(0, batch),
+        q_pos=None if blk.q_pos is None else blk.q_pos.to(device),
+        k_pos=None if blk.k_pos is None else blk.k_pos.to(device)) for blk in step) for step in plan.steps)
+    return Plan(steps, plan.merge_group)
+
+
+class P2PMover(Mover):
+    """K/V travel round the ring r → r+1 by batched P2P messages; dK/dV travel with them and one hop home.
+
+    Forward: K and V are sent as they are at step 0 and received into two
+    buffer pairs in turn, so the pair being attended is never the one being
+    received into; the next shard is in flight while this one is attended.
+    Backward: the shard travels again (K and V stacked in one message) and
+    each step's gradients of the held shard travel with it, adding what the
+    ranks before contributed; after the last step one more hop brings them to
+    the shard's owner. Every wait has the ring's deadline.
+    """
+
+    def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool):
+        self.ring, self.backward = ring, backward
+        w = ring.world
+        if not backward:
+            self.held = [k.contiguous(), v.contiguous()]
+            self.buffers = [[torch.empty_like(x) for x in self.held] for _ in range(2)] if w > 1 else []
+        else:
+            self.held = torch.stack([k, v]).contiguous()
+            self.spare = torch.empty_like(self.held)
+            self.work = compute_dtype(k.dtype)
+            self.grad_works, self.grad_in, self.grad_out, self.grad_what = [], None, None, ""
+        self.works, self.next, self.what = [], None, ""
+
+    # forward
+    def forward_kv(self, t):
+        ring = self.ring
+        self.what = ring.describe("forward", t, "the K/V shard")
+        self.next = self.buffers[t % 2] if t < ring.world - 1 else None
+        self.works = _exchange(self.held, self.next, ring, 0, self.what) if self.next is not None else []
+        return self.held[0], self.held[1]
+
+    def forward_done(self, t):
+        if self.works:
+            _wait(self.works, self.ring, self.what)
+            self.held = self.next
+
+    # backward
+    def backward_kv(self, t):
+        ring = self.ring
+        self.what = ring.describe("backward", t, "the K/V shard")
+        self.works = _exchange([self.held], [self.spare], ring, 0, self.what) if t < ring.world - 1 else []
+        self.grad = torch.zeros((2, *self.held.shape[1:]), dtype=self.work, device=self.held.device)
+        return self.held[0], self.held[1], self.grad[0], self.grad[1]
+
+    def backward_done(self, t):
+        ring = self.ring
+        if t > 0:  # add what the ranks before me accumulated for this shard
+            _wait(self.grad_works, ring, self.grad_what)
+            self.grad += self.grad_in
+        # send the shard's gradients on with it; after the last step this hop brings them home
+        self.grad_out, self.grad_in = self.grad, torch.empty_like(self.grad)
+        if ring.world > 1:
+            self.grad_what = ring.describe("backward", t, "dK/dV" if t < ring.world - 1 else "dK/dV (the hop home)")
+            self.grad_works = _exchange([self.grad_out], [self.grad_in], ring, 2, self.grad_what)
+        if self.works:
+            _wait(self.works, ring, self.what)
+            self.held, self.spare = self.spare, self.held
+
+    def gradients(self):
+        if self.ring.world > 1:
+            _wait(self.grad_works, self.ring, self.grad_what)
+        else:
+            self.grad_in = self.grad_out
+        return self.grad_in[0], self.grad_in[1]
+
+
+def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous", group=None,
+                   scale: float | None = None, timeout: float | None = None, backend: str | None = None,
+                   kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
+
+    Args:
+        q, k, v: this rank's ``b c h d`` shards, as :func:`shard` cuts them
+            with the same ``layout``; the sequence is ``n = w · c`` tokens.
+        causal: key j is seen by query i only if j ≤ i (positions in the
+            original token order, whatever the layout).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (:mod:`ringbook.schedule`).
+        group: the process group (default: the world).
+        scale: softmax scale, default ``1/sqrt(head_dim)``.
+        timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
+        backend: the block kernel. ``"einops"`` (default): :func:`~ringbook.online_softmax.attend_block`,
+            the reading path. ``"auto"`` (or a backend of :data:`ringbook.fast.kernels.BACKENDS`):
+            the fused kernels of :mod:`ringbook.fast.kernels` — PyTorch's cuDNN/flash/efficient SDPA
+            on CUDA, the flash backward op, the fused merge — and grouped-query attention
+            (k/v with fewer heads, dividing q's; they travel unexpanded). Causal blocks the
+            kernels' top-left mask cannot express (striped, from a later rank) use the einops
+            path with positions.
+
+    Returns:
+        out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
+        float16/bfloat16) for this rank's queries; :func:`unshard` of every
+        rank's parts equals :func:`ringbook.naive_attention` of the whole
+        sequence. Once differentiable: the backward is a second trip round
+        the ring, which every rank must take (call ``backward`` on every
+        rank); ``create_graph=True`` (double backward) raises a RuntimeError
+        on every rank that asks for it, before any message, instead of
+        giving second derivatives that miss the other ranks' terms.
+
+    Raises:
+        ValueError on every rank if the shards do not fit together (unequal
+        lengths, a layout they cannot have, different batch/heads/dtype,
+        options that differ between ranks: causal, layout, scale, backend)
+        or one rank's input is invalid (that rank raises its own error, the
+        others name it);
+        TimeoutError or RuntimeError naming the peer and step if a peer does
+        not answer within ``timeout``.
+    """
+    backend = _backend(backend, kernel, "ring_attention", "einops")
+    return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
+                           backend=backend, op="ring_attention")
+
+
+def _backend(backend, kernel, op: str, default: str) -> str:
+    """``backend=``, or the older ``kernel=`` (deprecated) when only it is given."""
+    if kernel is not None:
+        warnings.warn(f"{op}(kernel=...) is deprecated; pass backend=... (the same values)", DeprecationWarning,
+                      stacklevel=3)
+        if backend is not None and backend != kernel:
+            raise ValueError(f"{op} got backend={backend!r} and kernel={kernel!r}; pass backend only")
+        return kernel
+    return default if backend is None else backend
+
+
+def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op):
+    ring = _Ring.of(group, resolve_timeout(timeout), op=op)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
+    causal = bool(causal)  # checked: True/False or numpy.bool_
+    plan = _on(rank_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, causal), q.shape[0], q.device)
+    job = Job(settings=Settings(scale, backend, who=f"ringbook.distributed.{op}"),
+              start=lambda k_, v_, backward: (P2PMover(ring, k_, v_, backward), plan))
+    return run(q, k, v, job)
+
+
+def production_ring_attention(q, k, v, *, causal: bool = False, layout: str | None = None, group=None,
+                              scale: float | None = None, timeout: float | None = None, backend: str | None = None,
+                              kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ring_attention` with the fused kernels (``backend="auto"``) and the production default layout.
+
+    The multi-process form of :func:`ringbook.production_ring_attention`:
+    ``layout`` defaults to ``"zigzag"`` when causal (balanced work), else
+    ``"contiguous"``; k/v may have fewer heads than q (grouped-query
+    attention). Shards as :func:`shard` cuts them with that layout. Errors
+    name ``production_ring_attention``. Once differentiable, as
+    :func:`ring_attention`.
+    """
+    layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
+    backend = _backend(backend, kernel, "production_ring_attention", "auto")
+    return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
+                           backend=backend, op="production_ring_attention")

@@ -1,0 +1,288 @@
+"""The ring engine: one forward and one backward loop over a plan of block calls, for every fast path.
+
+A ring computes attention as a sequence of steps. At step ``t`` each rank
+holds one K/V shard and attends some rows of its queries to some rows of it;
+every result folds into float32 accumulators by equation (M) of notebook 01.
+What differs between the fast paths is only
+
+* **the plan** (:class:`Plan`): which block calls each step makes — the
+  schedule as data. Dense contiguous and zigzag rings, a rank's own row of
+  the schedule, and (later) dilated segments, documents and windows are
+  plans;
+* **the mover** (:class:`Mover`): how the K/V a step reads get there, and how
+  their gradients get home. :class:`StackedMover` plays every rank in one
+  process (the shards are stacked in the batch, and "sending" is choosing a
+  view); :class:`ringbook.distributed.movers.P2PMover` sends them to the next
+  rank over a process group.
+
+:func:`ring_forward` and :func:`ring_backward` are the only loops. The
+backward runs the ring again and feeds each block the *global* out and lse
+of its rows, as FlashAttention's backward (and PyTorch's context parallel)
+does; ``D − dlse`` is formed once (:func:`~ringbook.fast.kernels.delta`).
+:class:`RingFunction` is the one autograd Function of the fused rings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .._utils import LOW_PRECISION, compute_dtype, lse_dtype, refuse_double_backward
+from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+from .kernels import block_attention_backward, delta, expand_kv, forward_block, reduce_kv, warn_once
+from .merge import merge_many_into_
+
+Rows = tuple[int, int]  # [start, stop)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity, as its positions are tensors
+class Block:
+    """One kernel call of a ring step: query rows × key rows of the K/V held at that step.
+
+    ``q_batch``/``kv_batch`` are rows of the batch dimension (ranks stacked
+    in the batch, or all of it), ``q``/``kv`` rows of the sequence dimension.
+    ``causal`` is the kernels' top-left mask (a diagonal block). A causal
+    block that mask cannot express carries the token positions of its rows
+    (``q_pos``, ``k_pos``) and runs on the einops path with them.
+    """
+
+    q_batch: Rows
+    q: Rows
+    kv_batch: Rows
+    kv: Rows
+    causal: bool = False
+    q_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The schedule as data: ``steps[t]`` are the block calls of step ``t``.
+
+    ``merge_group``: up to this many consecutive results over the same rows
+    are held and folded into the accumulators in one pass (one read and write
+    of the float32 accumulator per group instead of per block).
+    """
+
+    steps: tuple[tuple[Block, ...], ...]
+    merge_group: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The one settings record of the fused rings."""
+
+    scale: float
+    backend: str  # "auto", a fused backend, or "einops"
+    who: str = "the ring"  # the public function, for messages
+
+
+class Mover:
+    """How the K/V of each step reach the blocks, and how their gradients get home (see the module docstring)."""
+
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V the blocks of step ``t`` read (waiting for them to arrive); the next transfer may start."""
+        raise NotImplementedError
+
+    def forward_done(self, t: int) -> None:
+        """Step ``t``'s blocks are issued."""
+
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v, dk, dv)`` for step ``t``: the held K/V and where their gradients accumulate."""
+        raise NotImplementedError
+
+    def backward_done(self, t: int) -> None:
+        """Step ``t``'s gradients are accumulated (a P2P mover sends them on)."""
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dK and dV of this process's own K/V once every step is done."""
+        raise NotImplementedError
+
+
+def _rows(x: torch.Tensor, batch: Rows, rows: Rows, dim: int = 1) -> torch.Tensor:
+    x = x[batch[0]:batch[1]]
+    return x[:, rows[0]:rows[1]] if dim == 1 else x[:, :, rows[0]:rows[1]]
+
+
+def _block_forward(q, k, v, blk: Block, s: Settings):
+    qb, kb, vb = _rows(q, blk.q_batch, blk.q), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv)
+    if blk.q_pos is not None:
+        h = q.shape[2]
+        return attend_block(qb, expand_kv(kb, h), expand_kv(vb, h), scale=s.scale, causal=True, q_pos=blk.q_pos,
+                            k_pos=blk.k_pos, chunk=KEY_CHUNK)
+    return forward_block(qb, kb, vb, scale=s.scale, causal=blk.causal, backend=s.backend)
+
+
+def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` against every step's K/V, in the accumulator dtype (float32 for half precision).
+
+    The first result over every row sets the accumulators; until then they
+    start as the empty partial ``(0, -inf)``.
+    """
+    b, c, h, d = q.shape
+    work = compute_dtype(q.dtype)
+    first = plan.steps[0][0] if plan.steps and plan.steps[0] else None
+    whole = first is not None and first.q_batch == (0, b) and first.q == (0, c)
+    if whole and len(plan.steps) == 1 and len(plan.steps[0]) == 1:  # one block: its result is the answer
+        k, v = mover.forward_kv(0)
+        out, lse = _block_forward(q, k, v, first, s)
+        mover.forward_done(0)
+        return out, lse
+    acc_out = (torch.empty if whole else torch.zeros)(b, c, h, d, dtype=work, device=q.device)
+    acc_lse = torch.empty(b, h, c, dtype=work, device=q.device)
+    if not whole:
+        acc_lse.fill_(float("-inf"))
+    pending: list = []
+    rows = None
+    initialise = whole
+
+    def flush():
+        nonlocal pending, initialise
+        if pending:
+            merge_many_into_(_rows(acc_out, *rows), _rows(acc_lse, *rows, dim=2), pending, initialise=initialise)
+            pending, initialise = [], False
+
+    for t, blocks in enumerate(plan.steps):
+        k, v = mover.forward_kv(t)
+        for blk in blocks:
+            here = (blk.q_batch, blk.q)
+            if pending and (here != rows or len(pending) == plan.merge_group):
+                flush()
+            pending.append(_block_forward(q, k, v, blk, s))
+            rows = here
+        if plan.merge_group == 1:
+            flush()  # a grouped plan holds results across steps (they are kernel outputs, not views of K/V)
+        mover.forward_done(t)
+    flush()
+    return acc_out, acc_lse
+
+
+def ring_backward(q, out, lse, dout, dlse, plan: Plan, mover: Mover, s: Settings) -> torch.Tensor:
+    """The ring again; each block's gradients from the global ``out``/``lse`` of its rows. Returns dq.
+
+    dK/dV accumulate where the mover says (:meth:`Mover.backward_kv`) and come
+    home through :meth:`Mover.gradients`. The fused backward ops cannot take
+    a gradient of lse: where one flows, every block uses the einops backward
+    with ``delta = D − dlse`` (exact, slower, and said once in a warning).
+    """
+    work = compute_dtype(q.dtype)
+    fast = q.is_cuda and q.dtype in LOW_PRECISION and s.backend != "einops"
+    if dlse is not None and fast and bool((dlse != 0).any()):
+        warn_once(f"{s.who}: a gradient flows into lse; the fused backward ops cannot take it, so this backward "
+                  "uses the (slower, exact) einops kernels")
+        fast = False
+    positions = any(blk.q_pos is not None for blocks in plan.steps for blk in blocks)
+    full_delta = delta(dout, out, dlse) if (positions or not fast) else None
+    backend = s.backend if fast else "einops"
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    h = q.shape[2]
+    for t, blocks in enumerate(plan.steps):
+        k, v, dk, dv = mover.backward_kv(t)
+        for blk in blocks:
+            sl = (blk.q_batch, blk.q)
+            args = (_rows(q, *sl), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv), _rows(out, *sl),
+                    _rows(lse, *sl, dim=2), _rows(dout, *sl))
+            blk_delta = None if full_delta is None else _rows(full_delta, *sl, dim=2)
+            if blk.q_pos is not None:
+                gq, gk, gv = attend_block_backward(args[0], expand_kv(args[1], h), expand_kv(args[2], h), *args[3:],
+                                                   scale=s.scale, causal=True, q_pos=blk.q_pos, k_pos=blk.k_pos,
+                                                   delta=blk_delta, chunk=KEY_CHUNK)
+                gk, gv = reduce_kv(gk, k.shape[2]), reduce_kv(gv, k.shape[2])
+            else:
+                gq, gk, gv = block_attention_backward(*args, scale=s.scale, causal=blk.causal,
+                                                      delta=None if fast else blk_delta, backend=backend)
+            _rows(dq, *sl).add_(gq)
+            _rows(dk, blk.kv_batch, blk.kv).add_(gk)
+            _rows(dv, blk.kv_batch, blk.kv).add_(gv)
+        mover.backward_done(t)
+    return dq
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One fused ring call: its settings, and how its tensors enter and leave the engine.
+
+    ``start(k, v, backward) -> (mover, plan)`` makes the mover and the plan
+    of a phase for the engine-layout K/V (a plan may depend on memory: the
+    one-process runner doubles K/V where it can). ``enter(x, dim)`` maps a
+    caller's tensor to the engine's layout (the one-process runner stacks the
+    ranks in the batch; a process group's rank uses its shard as it is),
+    ``leave(x, dim, dtype)`` maps back.
+    """
+
+    settings: Settings
+    start: Callable[[torch.Tensor, torch.Tensor, bool], tuple[Mover, Plan]]
+    enter: Callable[..., torch.Tensor] = lambda x, dim=1: x
+    leave: Callable[..., torch.Tensor] = lambda x, dim=1, dtype=None: x.to(dtype or x.dtype)
+
+
+class RingFunction(torch.autograd.Function):
+    """The autograd Function of every fused ring: :func:`ring_forward` forward, :func:`ring_backward` backward.
+
+    Only q, k, v, out and lse are saved (the backward re-enters them), as
+    FlashAttention does. Once differentiable: ``create_graph=True`` raises.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, job: Job):
+        ctx.set_materialize_grads(False)
+        mover, plan = job.start(job.enter(k), job.enter(v), False)
+        acc_out, acc_lse = ring_forward(job.enter(q), plan, mover, job.settings)
+        del mover
+        out = job.leave(acc_out, dtype=q.dtype)
+        del acc_out
+        lse = job.leave(acc_lse, dim=2, dtype=lse_dtype(q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.job = job
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        job = ctx.job
+        refuse_double_backward(job.settings.who, "a custom autograd Function running the ring again with fused "
+                               "backward kernels", "For second derivatives use ringbook.ring_attention (einops, "
+                               "twice differentiable).")
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
+        mover, plan = job.start(job.enter(k), job.enter(v), True)
+        dq = ring_backward(job.enter(q), job.enter(out), job.enter(lse, dim=2), job.enter(dout),
+                           None if dlse is None else job.enter(dlse, dim=2), plan, mover, job.settings)
+        dk, dv = mover.gradients()
+        return (job.leave(dq, dtype=q.dtype), job.leave(dk, dtype=k.dtype), job.leave(dv, dtype=v.dtype), None)
+
+
+def run(q, k, v, job: Job):
+    """``(out, lse)`` of one fused ring call (differentiable through :class:`RingFunction`)."""
+    return RingFunction.apply(q, k, v, job)
+
+
+class StackedMover(Mover):
+    """Every rank in one process: K/V stacked in the batch (written twice when ``doubled``), never moved.
+
+    A step's blocks address the held shard by batch rows (a view: rank r
+    holds shard ``(r − t) mod w``). Gradients accumulate into full-size
+    buffers; with the doubled K/V shard s's gradient is the sum of rows s and
+    w + s.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, *, backward: bool, doubled: bool = False):
+        self.doubled = doubled
+        self.k, self.v = (torch.cat([x, x]) if doubled else x for x in (k, v))
+        if backward:
+            work = compute_dtype(k.dtype)
+            self.dk = torch.zeros(self.k.shape, dtype=work, device=k.device)
+            self.dv = torch.zeros(self.v.shape, dtype=work, device=v.device)
+
+    def forward_kv(self, t):
+        return self.k, self.v
+
+    def backward_kv(self, t):
+        return self.k, self.v, self.dk, self.dv
+
+    def gradients(self):
+        if not self.doubled:
+            return self.dk, self.dv
+        half = self.dk.shape[0] // 2
+        return self.dk[:half] + self.dk[half:], self.dv[:half] + self.dv[half:]
