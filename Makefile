@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 export RINGBOOK_CHROMIUM := $(CHROMIUM)
 
-.PHONY: bench test unit notebooks sync-notebooks browser-deps clean
+.PHONY: bench test lint unit notebooks sync-notebooks browser-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,13 @@ browser-deps:
 		exit 1; \
 	fi
 
-## Unit tests (the browser test included), then every notebook under nbval.
-test: $(VENV)/.test browser-deps
+## Lint (ruff, configured in pyproject.toml), unit tests (the browser test included), then every notebook under nbval.
+test: $(VENV)/.test browser-deps lint
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval --nbval-current-env notebooks
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check .
 
 unit: $(VENV)/.test browser-deps
 	$(PY) -m pytest -q tests

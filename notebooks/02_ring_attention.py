@@ -44,12 +44,11 @@ from IPython.display import display
 
 import ringbook
 from ringbook import LAYOUTS, layout_positions, naive_attention, ring_attention, ring_schedule, work_per_rank
+from ringbook.bench.results import load_rows
 from ringbook.demo import global_inputs, ring_memory_bytes, ring_worker
-from ringbook.distributed import unshard
-from ringbook.distributed import spawn
+from ringbook.distributed import spawn, unshard
 from ringbook.online_softmax import KEY_CHUNK
 from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step
-from ringbook.bench.results import load_rows
 from ringbook.viz.widgets import ring_step_explorer
 
 torch.manual_seed(0)

@@ -48,6 +48,7 @@ from ringbook import (
 )
 from ringbook._utils import attention_flops
 from ringbook.bench import bench_dilated_config
+from ringbook.bench.results import load_rows
 from ringbook.dilated import grouped_heads, pair_heads
 from ringbook.viz import (
     plot_dilated_coverage,
@@ -56,7 +57,6 @@ from ringbook.viz import (
     plot_dilated_scaling,
     plot_error_bars,
 )
-from ringbook.bench.results import load_rows
 from ringbook.viz.widgets import dilated_pattern_explorer
 
 torch.manual_seed(0)

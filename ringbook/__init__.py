@@ -35,9 +35,9 @@ are once differentiable: their backward raises a RuntimeError under
 
 from ._utils import check_finite
 from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
+from .fast.stacked import production_plan, production_ring_attention
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
-from .fast.stacked import production_plan, production_ring_attention
 from .ring import ring_attention
 from .ring_dilated import dilated_ring_plan, ring_dilated_attention
 from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank

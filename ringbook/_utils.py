@@ -210,7 +210,7 @@ class check_finite:
         self.prev = _CHECK_FINITE
         _CHECK_FINITE = self.mode
 
-    def __enter__(self) -> "check_finite":
+    def __enter__(self) -> check_finite:
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -276,13 +276,8 @@ def refuse_double_backward(op: str, why: str, instead: str) -> None:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator dtype: float32 for float16/bfloat16 input, else the input dtype."""
+    """Accumulator dtype, and the dtype of every returned lse: float32 for float16/bfloat16 input, else the input dtype."""
     return torch.float32 if dtype in LOW_PRECISION else dtype
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the returned lse: float32 for low precision, else the input dtype."""
-    return compute_dtype(dtype)
 
 
 def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool = False) -> float:

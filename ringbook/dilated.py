@@ -1,7 +1,7 @@
 """Dilated attention (LongNet, Ding et al., 2023), derived in ``notebooks/03_dilated_attention``.
 
-A pattern is a pair (segment length ``w``, dilation rate ``r``). The sequence
-is cut into segments of ``w`` tokens; inside each segment head ``h`` keeps the
+A pattern is a pair (segment length ``s``, dilation rate ``r``). The sequence
+is cut into segments of ``s`` tokens; inside each segment head ``h`` keeps the
 positions whose index within the segment is ≡ ``o_h`` (mod ``r``), and a kept
 query attends the kept keys of its own segment. Several pairs are combined
 through their softmax denominators (equation (M) of notebook 01), which is
@@ -21,8 +21,8 @@ seed's) — the heads are split into one contiguous group per pair
 (:func:`grouped_heads`) and the j-th head of group g keeps ``j mod r_g``.
 
 Queries, keys and values are dilated together: a pair costs
-``(n/w)·(w/r)²`` scores per head, not ``n·w`` (:func:`dilated_flops`).
-Shapes: q/k/v ``b n h d``, lse ``b h n``; ``s`` segment, ``m = w/r`` dilated
+``(n/s)·(s/r)²`` scores per head, not ``n·s`` (:func:`dilated_flops`).
+Shapes: q/k/v ``b n h d``, lse ``b h n``; ``s`` segment, ``m = s/r`` dilated
 tokens of a segment, ``r`` rate.
 """
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from einops import einsum, rearrange
 
-from ._utils import check_bool, check_positive_int, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
 from .online_softmax import attend_block, merge_partials
 
 HEAD_MODES = ("all", "grouped")
@@ -40,7 +40,7 @@ SCORE_BUDGET = 2 ** 26
 
 
 def check_dilated_config(seq_len, segment_lengths, dilation_rates, *, heads="all", num_heads=None):
-    """Validate a configuration; return the pairs ``[(w, r), ...]`` or raise naming the offending argument.
+    """Validate a configuration; return the pairs ``[(s, r), ...]`` or raise naming the offending argument.
 
     ``seq_len`` and ``num_heads`` (when given) must be positive ints: the
     zero-size rule of :func:`ringbook._utils.check_qkv`, for the helpers that
@@ -60,12 +60,12 @@ def check_dilated_config(seq_len, segment_lengths, dilation_rates, *, heads="all
     if len(segment_lengths) != len(dilation_rates):
         raise ValueError(f"segment_lengths has {len(segment_lengths)} entries but dilation_rates has "
                          f"{len(dilation_rates)}; give one dilation rate per segment length")
-    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        if seq_len % w:
-            raise ValueError(f"segment_lengths[{i}]={w} does not divide sequence length {seq_len}")
-        if w % r:
-            raise ValueError(f"dilation_rates[{i}]={r} does not divide segment_lengths[{i}]={w}")
-        pairs.append((int(w), int(r)))
+    for i, (seg, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        if seq_len % seg:
+            raise ValueError(f"segment_lengths[{i}]={seg} does not divide sequence length {seq_len}")
+        if seg % r:
+            raise ValueError(f"dilation_rates[{i}]={r} does not divide segment_lengths[{i}]={seg}")
+        pairs.append((int(seg), int(r)))
     if heads == "grouped" and num_heads is not None and num_heads < len(pairs):
         raise ValueError(f"heads='grouped' needs at least one head per pair: num_heads={num_heads} < "
                          f"{len(pairs)} pairs (len(segment_lengths)); use heads='all' or fewer pairs")
@@ -91,11 +91,11 @@ def pair_heads(num_heads: int, dilation_rates, heads: str = "all") -> list[tuple
 def _row_weights(rows, cols, num_heads, pairs, patterns, causal):
     """``c_ij`` of equation (D) for query positions ``rows`` and key positions ``cols``: ``(h, i, j)`` int64."""
     c = torch.zeros(num_heads, rows.numel(), cols.numel(), dtype=torch.int64, device=rows.device)
-    for (w, r), (hs, offs) in zip(pairs, patterns):
-        same = rearrange(rows // w, "i -> 1 i 1") == rearrange(cols // w, "j -> 1 1 j")
+    for (seg, r), (hs, offs) in zip(pairs, patterns):
+        same = rearrange(rows // seg, "i -> 1 i 1") == rearrange(cols // seg, "j -> 1 1 j")
         o = torch.tensor(offs, device=rows.device)
-        keep_i = rearrange(rows % w % r, "i -> 1 i 1") == rearrange(o, "h -> h 1 1")
-        keep_j = rearrange(cols % w % r, "j -> 1 1 j") == rearrange(o, "h -> h 1 1")
+        keep_i = rearrange(rows % seg % r, "i -> 1 i 1") == rearrange(o, "h -> h 1 1")
+        keep_j = rearrange(cols % seg % r, "j -> 1 1 j") == rearrange(o, "h -> h 1 1")
         c = c.index_add(0, torch.tensor(hs, device=rows.device), (same & keep_i & keep_j).long())
     if causal:
         c = c * (rearrange(cols, "j -> 1 1 j") <= rearrange(rows, "i -> 1 i 1"))
@@ -143,14 +143,14 @@ def dilated_attention_dense(q, k, v, *, segment_lengths, dilation_rates, causal=
     work = torch.float64 if precision == "float64" else q.dtype
     s = (einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale).to(compute_dtype(work))
     out, lse = _weighted_softmax(s, c, v, work)
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
 
 
 def dilated_reference_rows(q, k, v, rows, *, segment_lengths, dilation_rates, causal=False, heads="all", scale=None):
     """Equation (D) in float64 for query ``rows`` only, without an ``n×n`` matrix: ``(out b i h d, lse b h i)``.
 
     A query's keys all lie in its segments, so each row needs only the key
-    window spanned by its segments (at most ``2·max(w)`` keys).
+    window spanned by its segments (at most ``2·max(s)`` keys).
     """
     b, n, h, d = q.shape
     pairs = check_dilated_config(n, segment_lengths, dilation_rates, heads=heads, num_heads=h)
@@ -158,7 +158,7 @@ def dilated_reference_rows(q, k, v, rows, *, segment_lengths, dilation_rates, ca
     scale = resolve_scale(scale, d)
     outs, lses = [], []
     for i in rows.tolist():
-        lo, hi = min(i - i % w for w, _ in pairs), max(i - i % w + w for w, _ in pairs)
+        lo, hi = min(i - i % seg for seg, _ in pairs), max(i - i % seg + seg for seg, _ in pairs)
         cols = torch.arange(lo, hi, device=q.device)
         c = _row_weights(torch.tensor([i], device=q.device), cols, h, pairs, patterns, causal)
         s = einsum(q[:, i:i + 1].double(), k[:, lo:hi].double(), "b i h d, b j h d -> b h i j") * scale
@@ -170,26 +170,26 @@ def dilated_reference_rows(q, k, v, rows, *, segment_lengths, dilation_rates, ca
 
 def dilated_flops(batch, num_heads, seq_len, head_dim, *, segment_lengths, dilation_rates, causal=False,
                   heads="all") -> float:
-    """Forward FLOPs dilated attention needs: 4·d per computed score, ``(n/w)·(w/r)²`` scores per head and pair.
+    """Forward FLOPs dilated attention needs: 4·d per computed score, ``(n/s)·(s/r)²`` scores per head and pair.
 
     Causal halves the in-segment work, the convention of dense attention.
     """
     for value, name in ((batch, "batch"), (num_heads, "num_heads"), (head_dim, "head_dim")):
         check_positive_int(value, name)
     pairs = check_dilated_config(seq_len, segment_lengths, dilation_rates, heads=heads, num_heads=num_heads)
-    scores = sum(len(hs) * (seq_len // w) * (w // r) ** 2
-                 for (w, r), (hs, _) in zip(pairs, pair_heads(num_heads, dilation_rates, heads)))
+    scores = sum(len(hs) * (seq_len // seg) * (seg // r) ** 2
+                 for (seg, r), (hs, _) in zip(pairs, pair_heads(num_heads, dilation_rates, heads)))
     flops = 4.0 * batch * head_dim * scores
     return flops / 2 if causal else flops
 
 
-def gather_dilated(x, w, r, hs, offs):
+def gather_dilated(x, seg, r, hs, offs):
     """The kept tokens of every segment, ``b n h d`` → ``(b s) m h d``: heads ``hs`` at offsets ``offs``."""
-    x = rearrange(x, "b (s m r) h d -> b s m r h d", m=w // r, r=r)
+    x = rearrange(x, "b (s m r) h d -> b s m r h d", m=seg // r, r=r)
     return rearrange(x[:, :, :, offs, hs], "b s m h d -> (b s) m h d")  # head j takes slot offs[j]
 
 
-def scatter_dilated(out, lse, *, batch, num_heads, w, r, hs, offs):
+def scatter_dilated(out, lse, *, batch, num_heads, seg, r, hs, offs):
     """Inverse of :func:`gather_dilated`: ``b n h d`` / ``b h n`` with 0 / -inf where nothing was kept."""
     o = rearrange(out, "(b s) m h d -> h b s m d", b=batch)
     l = rearrange(lse, "(b s) h m -> h b s m", b=batch)
@@ -231,8 +231,8 @@ def dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=False,
 
     Args:
         q, k, v: ``b n h d`` (self-attention: one length ``n``).
-        segment_lengths, dilation_rates: the pairs ``(w, r)``; each ``w`` must
-            divide ``n`` and each ``r`` its ``w``.
+        segment_lengths, dilation_rates: the pairs ``(s, r)``; each ``s`` must
+            divide ``n`` and each ``r`` its ``s``.
         causal: a query sees only kept keys at or before it.
         heads: ``"all"`` or ``"grouped"`` (see the module docstring).
         scale: softmax scale, default ``1/sqrt(d)``.
@@ -253,10 +253,10 @@ def dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=False,
     pairs = check_dilated_config(n, segment_lengths, dilation_rates, heads=heads, num_heads=h)
     scale = resolve_scale(scale, d)
     out = lse = None
-    for (w, r), (hs, offs) in zip(pairs, pair_heads(h, dilation_rates, heads)):
+    for (seg, r), (hs, offs) in zip(pairs, pair_heads(h, dilation_rates, heads)):
         hs_t, offs_t = _index(hs, q.device), _index(offs, q.device)
-        o, l = attend_segments(*(gather_dilated(x, w, r, hs_t, offs_t) for x in (q, k, v)),
+        o, l = attend_segments(*(gather_dilated(x, seg, r, hs_t, offs_t) for x in (q, k, v)),
                                scale=scale, causal=causal)
-        o, l = scatter_dilated(o, l, batch=b, num_heads=h, w=w, r=r, hs=hs_t, offs=offs_t)
+        o, l = scatter_dilated(o, l, batch=b, num_heads=h, seg=seg, r=r, hs=hs_t, offs=offs_t)
         out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from einops import einsum, rearrange
 
-from ._utils import check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
 
 
 def causal_mask(n_q: int, n_k: int, device=None, q_offset: int = 0, k_offset: int = 0) -> torch.Tensor:
@@ -112,4 +112,4 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, precision="
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - rearrange(lse_safe, "b h i -> b h i 1"))
     out = einsum(p.to(work), v.to(work), "b h i j, b j h d -> b i h d")
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))

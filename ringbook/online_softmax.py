@@ -29,11 +29,9 @@ from ._utils import (
     check_qkv,
     check_tensor,
     compute_dtype,
-    lse_dtype,
     resolve_scale,
 )
 from .naive import causal_mask, causal_mask_positions
-
 
 # Keys per score tile when a ring attends one shard: the tile is (shard × KEY_CHUNK),
 # so memory per rank stays O(n / w) however long the shards get.
@@ -192,7 +190,7 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
         # of `out`/`lse` for backward, and an in-place write would break autograd.
         out = torch.cat([out[:, :first_q], out_q], dim=1)
         lse = torch.cat([lse[:, :, :first_q], lse_q], dim=2)
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
 
 
 def online_softmax_trace(scores: torch.Tensor, block_size: int):

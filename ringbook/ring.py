@@ -23,7 +23,7 @@ import dataclasses
 import torch
 from einops import rearrange
 
-from ._utils import check_bool, check_qkv, compute_dtype, lse_dtype, resolve_scale
+from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
 from .online_softmax import KEY_CHUNK, attend_block, merge_partials
 from .schedule import check_layout, layout_positions, ring_schedule
 
@@ -118,4 +118,4 @@ def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", sca
     inverse = torch.argsort(order)
     out = rearrange(torch.stack(outs), "w b c h d -> b (w c) h d")[:, inverse]
     lse = rearrange(torch.stack(lses), "w b h c -> b h (w c)")[:, :, inverse]
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))

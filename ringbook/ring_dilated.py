@@ -3,18 +3,18 @@
 The seed's ``RingDilatedAttentionV2`` done right: the same function as
 :func:`ringbook.dilated_attention` (equation (D)) for every ring size. The
 sequence is sharded contiguously, rank ``k`` holding tokens
-``[k·c, (k+1)·c)`` with ``c = n / ring_size``. For each pair (w, r):
+``[k·c, (k+1)·c)`` with ``c = n / ring_size``. For each pair (s, r):
 
 * a segment inside one shard is **local**: its rank computes it alone, all
   its local segments batched, with no communication;
 * a segment spanning several shards is **exchanged**: every spanned rank
-  sends the *dilated* keys/values of its piece (``w/r`` tokens per head for
-  the whole segment, not ``w``) to the other spanned ranks, then attends its
+  sends the *dilated* keys/values of its piece (``s/r`` tokens per head for
+  the whole segment, not ``s``) to the other spanned ranks, then attends its
   own dilated queries to the gathered segment.
 
 Why an all-gather among the spanned ranks rather than a ring: every spanned
 rank needs the whole dilated segment (its queries attend all of it), the
-payload is small (``w/r`` tokens), and an all-gather delivers it in one
+payload is small (``s/r`` tokens), and an all-gather delivers it in one
 collective — a ring would move the same bytes in ``|ranks| − 1`` dependent
 steps. With ``causal`` a piece goes only to the later spanned ranks (earlier
 ones never see it), which halves the traffic.
@@ -33,7 +33,7 @@ import dataclasses
 import torch
 from einops import rearrange
 
-from ._utils import check_bool, check_positive_int, check_qkv, lse_dtype, resolve_scale
+from ._utils import check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
 from .dilated import attend_segments, check_dilated_config, gather_dilated, pair_heads, scatter_dilated
 from .online_softmax import merge_partials
 
@@ -70,7 +70,7 @@ class DilatedRingPlan:
     ring_size: int
     shard_len: int
     causal: bool
-    pairs: tuple[tuple[int, int], ...]  # (w, r)
+    pairs: tuple[tuple[int, int], ...]  # (seg, r)
     patterns: tuple  # per pair: (heads, offsets), see ringbook.dilated.pair_heads
     segments: tuple[SegmentPlan, ...]
 
@@ -102,16 +102,16 @@ def dilated_ring_plan(seq_len, ring_size, segment_lengths, dilation_rates, *, nu
     patterns = tuple(pair_heads(num_heads, dilation_rates, heads))
     c = seq_len // ring_size
     segments = []
-    for p, ((w, r), (_, offs)) in enumerate(zip(pairs, patterns)):
-        for s, start in enumerate(range(0, seq_len, w)):
-            ranks = tuple(range(start // c, (start + w - 1) // c + 1))
+    for p, ((seg_len, r), (_, offs)) in enumerate(zip(pairs, patterns)):
+        for s, start in enumerate(range(0, seq_len, seg_len)):
+            ranks = tuple(range(start // c, (start + seg_len - 1) // c + 1))
             if len(ranks) == 1:
                 rows, receivers = (0,), (0,)
             else:
-                pieces = [(max(start, k * c) - start, min(start + w, (k + 1) * c) - start) for k in ranks]
+                pieces = [(max(start, k * c) - start, min(start + seg_len, (k + 1) * c) - start) for k in ranks]
                 rows = tuple(sum(_count(a, b, o, r) for o in offs) for a, b in pieces)
                 receivers = tuple(len(ranks) - 1 - i if causal else len(ranks) - 1 for i in range(len(ranks)))
-            segments.append(SegmentPlan(p, s, start, start + w, ranks, rows, receivers))
+            segments.append(SegmentPlan(p, s, start, start + seg_len, ranks, rows, receivers))
     return DilatedRingPlan(seq_len, ring_size, c, causal, tuple(pairs), patterns, tuple(segments))
 
 
@@ -124,7 +124,7 @@ def _offset_groups(hs, offs):
 
 
 def _dilated_rows(x, seg: SegmentPlan, rank: int, plan: DilatedRingPlan, o: int, r: int, heads):
-    """From ``rank``'s own shard ``x``: its piece of ``seg``, rows ≡ o (mod r) in the segment, heads ``heads``."""
+    """From ``rank``'s own shard ``x``: its piece of ``s``, rows ≡ o (mod r) in the segment, heads ``heads``."""
     a, b = seg.piece(rank, plan.shard_len)
     first = (o - (a - seg.start)) % r
     lo = a - rank * plan.shard_len
@@ -200,7 +200,7 @@ def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_siz
             out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
         outs.append(out)
         lses.append(lse)
-    return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=2).to(lse_dtype(q.dtype))
+    return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=2).to(compute_dtype(q.dtype))
 
 
 def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kernel=attend_segments):
@@ -208,7 +208,7 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kerne
 
     ``segment_kernel`` attends batched segments (see :func:`ring_dilated_attention`).
     """
-    (w, r), (hs, offs) = plan.pairs[p], plan.patterns[p]
+    (seg_len, r), (hs, offs) = plan.pairs[p], plan.patterns[p]
     b, c, h, _ = q_r.shape
     base = rank * c
     hs_t, offs_t = (torch.tensor(x, dtype=torch.long, device=q_r.device) for x in (hs, offs))
@@ -217,9 +217,9 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kerne
     def flush():  # all local segments of this rank, batched
         if run:
             a, z = run[0].start - base, run[-1].stop - base
-            o, l = segment_kernel(*(gather_dilated(x[:, a:z], w, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
+            o, l = segment_kernel(*(gather_dilated(x[:, a:z], seg_len, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
                                   scale=scale, causal=causal)
-            regions.append(scatter_dilated(o, l, batch=b, num_heads=h, w=w, r=r, hs=hs_t, offs=offs_t))
+            regions.append(scatter_dilated(o, l, batch=b, num_heads=h, seg=seg_len, r=r, hs=hs_t, offs=offs_t))
             run.clear()
 
     for seg in plan.segments_on(rank, p):

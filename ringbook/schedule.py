@@ -33,25 +33,25 @@ from ._utils import check_positive_int
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
 
-def check_layout(n: int, world_size: int, layout: str) -> None:
-    """Raise ValueError unless ``layout`` can deal ``n`` tokens evenly to ``world_size`` ranks."""
-    check_positive_int(world_size, "ring_size")
+def check_layout(n: int, ring_size: int, layout: str) -> None:
+    """Raise ValueError unless ``layout`` can deal ``n`` tokens evenly to ``ring_size`` ranks."""
+    check_positive_int(ring_size, "ring_size")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    parts = 2 * world_size if layout == "zigzag" else world_size
+    parts = 2 * ring_size if layout == "zigzag" else ring_size
     if n % parts:
         divisors = [d for d in range(1, min(n, 64) + 1) if n % (2 * d if layout == "zigzag" else d) == 0]
         need = f"2·ring_size = {parts}" if layout == "zigzag" else f"ring_size = {parts}"
         raise ValueError(
-            f"ring_size={world_size} does not fit sequence length {n} with layout={layout!r}: "
+            f"ring_size={ring_size} does not fit sequence length {n} with layout={layout!r}: "
             f"{need} must divide {n}; ring sizes that work: {divisors}"
         )
 
 
-def layout_pieces(n: int, world_size: int, layout: str) -> list[list[tuple[int, int]]]:
+def layout_pieces(n: int, ring_size: int, layout: str) -> list[list[tuple[int, int]]]:
     """For each rank, its pieces as (start, stop) token ranges (striped: one strided piece)."""
-    check_layout(n, world_size, layout)
-    w = world_size
+    check_layout(n, ring_size, layout)
+    w = ring_size
     if layout == "contiguous":
         c = n // w
         return [[(r * c, (r + 1) * c)] for r in range(w)]
@@ -61,14 +61,14 @@ def layout_pieces(n: int, world_size: int, layout: str) -> list[list[tuple[int, 
     return [[(r, n)] for r in range(w)]  # striped: positions r, r+w, ... < n
 
 
-def layout_positions(n: int, world_size: int, layout: str) -> torch.Tensor:
+def layout_positions(n: int, ring_size: int, layout: str) -> torch.Tensor:
     """``(w, c)`` LongTensor: the token positions each rank holds, in shard order."""
-    check_layout(n, world_size, layout)
+    check_layout(n, ring_size, layout)
     if layout == "striped":
-        return torch.arange(n).reshape(n // world_size, world_size).T.contiguous()
+        return torch.arange(n).reshape(n // ring_size, ring_size).T.contiguous()
     return torch.stack([
         torch.cat([torch.arange(a, b) for a, b in pieces])
-        for pieces in layout_pieces(n, world_size, layout)
+        for pieces in layout_pieces(n, ring_size, layout)
     ])
 
 
@@ -105,29 +105,29 @@ class Step:
         return sum(b.area for b in self.blocks)
 
 
-def _shard_ranges(pieces: list[tuple[int, int]], layout: str, world_size: int):
+def _shard_ranges(pieces: list[tuple[int, int]], layout: str, ring_size: int):
     """(start, stop) inside the shard for each piece, with its token positions."""
     out, offset = [], 0
     for a, b in pieces:
-        pos = torch.arange(a, b, world_size) if layout == "striped" else torch.arange(a, b)
+        pos = torch.arange(a, b, ring_size) if layout == "striped" else torch.arange(a, b)
         out.append(((offset, offset + pos.numel()), pos))
         offset += pos.numel()
     return out
 
 
-def ring_schedule(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[list[Step]]:
+def ring_schedule(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[list[Step]]:
     """``schedule[t][r]``: what rank r computes at step t, for ``n`` tokens.
 
     Without ``causal`` every block is ``"full"``. With it, a block whose keys
     all come after its queries is skipped, one whose keys all come at or
     before its queries is ``"full"`` and the rest are ``"causal"``.
     """
-    pieces = [_shard_ranges(p, layout, world_size) for p in layout_pieces(n, world_size, layout)]
+    pieces = [_shard_ranges(p, layout, ring_size) for p in layout_pieces(n, ring_size, layout)]
     schedule = []
-    for t in range(world_size):
+    for t in range(ring_size):
         row = []
-        for r in range(world_size):
-            src = (r - t) % world_size
+        for r in range(ring_size):
+            src = (r - t) % ring_size
             blocks, skipped = [], []
             for q_rng, q_pos in pieces[r]:
                 for k_rng, k_pos in pieces[src]:
@@ -142,7 +142,7 @@ def ring_schedule(n: int, world_size: int, *, layout: str = "contiguous", causal
     return schedule
 
 
-def work_per_rank(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = True) -> list[int]:
+def work_per_rank(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = True) -> list[int]:
     """Scores each rank computes over the whole ring (the causal load-balance picture)."""
-    sched = ring_schedule(n, world_size, layout=layout, causal=causal)
-    return [sum(sched[t][r].work for t in range(world_size)) for r in range(world_size)]
+    sched = ring_schedule(n, ring_size, layout=layout, causal=causal)
+    return [sum(sched[t][r].work for t in range(ring_size)) for r in range(ring_size)]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ringbook import bench
-from ringbook.bench import published, report, results, sweep
-from ringbook.viz import results as viz_results
 from ringbook._utils import attention_flops
+from ringbook.bench import published, report, results
+from ringbook.viz import results as viz_results
 
 REQUIRED = {"device", "torch_version", "impl", "seq_len", "ring_size", "causal", "dtype", "batch", "heads",
             "head_dim", "time_ms", "tflops", "tokens_per_s", "peak_mem_gb", "max_rel_err", "status"}

@@ -7,7 +7,6 @@ import functools
 
 import pytest
 import torch
-
 from helpers import (
     ALL_DTYPES,
     LOW_PRECISION,
@@ -19,8 +18,15 @@ from helpers import (
     randn,
     to64,
 )
-from ringbook import attend_block, blockwise_attention, causal_mask, merge_partials, naive_attention
-from ringbook import online_softmax_trace
+
+from ringbook import (
+    attend_block,
+    blockwise_attention,
+    causal_mask,
+    merge_partials,
+    naive_attention,
+    online_softmax_trace,
+)
 
 
 def blockwise(block_size):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ringbook import bench
-from ringbook.bench import cli, published, report, results, sweep
+from ringbook.bench import cli, results, sweep
 
 SMALL_SWEEP = ["--seq-lens", "32", "64", "--heads", "2", "--head-dim", "8", "--causal", "false",
                "--repeats", "3", "--warmup", "0", "--quiet"]

@@ -40,13 +40,19 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
-    assert_matches_reference, assert_within_2x_rule, load_rank_results, make_qkv, randn, refusal, rounding_atol,
+    assert_matches_reference,
+    assert_within_2x_rule,
+    load_rank_results,
+    make_qkv,
+    randn,
+    refusal,
+    rounding_atol,
 )
 
 import ringbook
-from ringbook.distributed import dilated as dd
 from ringbook import distributed as rd
 from ringbook.dilated import dilated_attention, dilated_attention_dense
+from ringbook.distributed import dilated as dd
 
 B, H, D, N = 2, 4, 4, 24
 CONFIGS = [  # (segment_lengths, dilation_rates, heads); shards are 12 (world 2) or 6 (world 4) tokens

@@ -25,11 +25,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    assert_matches_reference,
+    assert_within_2x_rule,
+    load_rank_results,
+    make_qkv,
+    randn,
+    refusal,
+    rounding_atol,
+    to64,
+)
 
 import ringbook
-from helpers import (
-    assert_matches_reference, assert_within_2x_rule, load_rank_results, make_qkv, randn, refusal, rounding_atol, to64,
-)
 from ringbook import distributed as rd
 from ringbook.distributed.comm import resolve_timeout
 from ringbook.online_softmax import attend_block_backward

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_qkv, randn
 from torch.autograd import gradgradcheck
 
 import ringbook
-from helpers import make_qkv, randn
 from ringbook.fast import kernels
 from ringbook.schedule import LAYOUTS
 

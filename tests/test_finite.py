@@ -14,9 +14,9 @@ import re
 
 import pytest
 import torch
+from helpers import make_qkv
 
 import ringbook
-from helpers import make_qkv
 from ringbook import _utils
 
 DILATED = dict(segment_lengths=[4, 8], dilation_rates=[1, 2])

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_matches_reference, make_qkv, randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_matches_reference, make_qkv, randn
 from ringbook import causal_mask, merge_partials, naive_attention
 
 NEG_INF = float("-inf")

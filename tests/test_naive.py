@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
-
 from helpers import (
     ALL_DTYPES,
     LOW_PRECISION,
@@ -19,6 +18,7 @@ from helpers import (
     randn,
     to64,
 )
+
 from ringbook import causal_mask, naive_attention
 
 SHAPES = [(1, 1), (7, 7), (113, 113), (7, 113), (113, 7), (1, 9), (9, 1)]

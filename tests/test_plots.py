@@ -123,7 +123,7 @@ def test_plot_dilated_coverage_and_scaling():
     bars = [p.get_width() for p in fig.axes[1].patches]
     assert bars == [0, 0, 0.5, 0.5, 0.5, 0.75, 0.75, 0.75]
     texts = [t.get_text() for t in fig.axes[1].texts]
-    assert "group w = 32, r = 4:\n25% seen by no head" in texts
+    assert "group s = 32, r = 4:\n25% seen by no head" in texts
     fig = plot_dilated_scaling([8, 16], {"dense": [64, 256], "dilated": [8, 16]}, measured={"x": ([8, 16], [1, 2])})
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 and len(fig.axes[1].lines) == 1
     assert len(plot_dilated_scaling([8, 16], {"dense": [64, 256]}).axes) == 1

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn
 from hypothesis import given
 from hypothesis import strategies as st
 
 import ringbook
-from helpers import assert_matches_reference, assert_within_2x_rule, make_qkv, randn
 from ringbook.fast import engine, kernels, merge, stacked
 from ringbook.fast.stacked import production_plan
 from ringbook.schedule import layout_positions, ring_schedule
@@ -381,11 +381,11 @@ def test_bad_head_counts_are_refused():
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
-    (dict(n=0, world_size=2), ValueError, r"^n must be a positive int, got 0$"),
-    (dict(n=8, world_size=2, causal="x"), TypeError, r"^causal must be True or False, got str 'x'$"),
+    (dict(n=0, ring_size=2), ValueError, r"^n must be a positive int, got 0$"),
+    (dict(n=8, ring_size=2, causal="x"), TypeError, r"^causal must be True or False, got str 'x'$"),
 ])
 def test_production_plan_refuses_zero_length_and_non_bool_causal(kwargs, error, message):
     """Before: n=0 gave a plan of empty launches and causal='x' was taken for True."""
-    n, w = kwargs.pop("n"), kwargs.pop("world_size")
+    n, w = kwargs.pop("n"), kwargs.pop("ring_size")
     with pytest.raises(error, match=message):
         production_plan(n, w, **kwargs)

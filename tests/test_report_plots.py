@@ -8,9 +8,12 @@ import torch
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from ringbook.bench import report  # noqa: E402
+from ringbook.bench import (  # noqa: E402
+    IMPLS,
+    report,  # noqa: E402
+    run_row,
+)
 from ringbook.viz import results as viz_results  # noqa: E402
-from ringbook.bench import IMPLS, run_row  # noqa: E402
 
 
 def _row(impl, n, *, ring=1, causal=False, status="ok", time_ms=None, mem=None, error=None, **extra):

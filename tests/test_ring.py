@@ -8,9 +8,6 @@ import functools
 
 import pytest
 import torch
-
-import ringbook
-import ringbook.ring
 from helpers import (
     LOW_PRECISION,
     assert_matches_reference,
@@ -21,6 +18,9 @@ from helpers import (
     rounding_atol,
     to64,
 )
+
+import ringbook
+import ringbook.ring
 from ringbook import LAYOUTS, attend_block, layout_positions, naive_attention, ring_attention, ring_schedule
 from ringbook.naive import causal_mask, causal_mask_positions
 

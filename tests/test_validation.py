@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_qkv, randn
+
 from ringbook import blockwise_attention, merge_partials, naive_attention
 
 ATTENTION = {

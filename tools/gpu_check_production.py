@@ -37,10 +37,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import ringbook  # noqa: E402
-from ringbook.fast import engine, kernels, stacked  # noqa: E402
-from ringbook.fast import merge as fast_merge  # noqa: E402
 from ringbook._utils import attention_flops  # noqa: E402
 from ringbook.bench import check_against_reference, time_call, within_2x_rule  # noqa: E402
+from ringbook.fast import engine, kernels, stacked  # noqa: E402
+from ringbook.fast import merge as fast_merge  # noqa: E402
 
 DTYPE = torch.bfloat16
 B, H, HKV, D = 1, 8, 2, 64

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ringbook.bench import report, results
+from ringbook.bench import report
 
 SAME = ("device", "torch_version", "cuda_version", "dtype", "batch", "heads", "head_dim")
 

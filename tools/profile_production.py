@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ringbook  # noqa: E402
-from ringbook.fast import kernels  # noqa: E402
 from ringbook.bench.measure import time_once  # noqa: E402
+from ringbook.fast import kernels  # noqa: E402
 
 
 def event_ms(fn, repeats=5):

@@ -29,7 +29,7 @@ from .measure import (
     time_call,
     time_once,
 )
-from .registry import IMPLS, Impl, register, bench_dilated_config
+from .registry import IMPLS, Impl, bench_dilated_config, register
 from .rules import DTYPES, TOLERANCE, rounding_atol, verdict, within_2x_rule
 from .sweep import BACKWARD_FLOPS_FACTOR, SweepConfig, default_config, new_row, planned_rows, run_row, run_sweep
 

@@ -22,7 +22,7 @@ import functools
 import gc
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

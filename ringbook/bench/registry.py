@@ -8,20 +8,21 @@ ring size, whether it needs CUDA, its work count and its reference check.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch.nn.functional as F
 from einops import rearrange
 
 from .._utils import attention_flops
 from ..dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
+from ..fast.stacked import production_ring_attention
 from ..naive import naive_attention
 from ..online_softmax import KEY_CHUNK, blockwise_attention
-from ..fast.stacked import production_ring_attention
 from ..ring import ring_attention
 from ..ring_dilated import ring_dilated_attention
 from .measure import reference_error, relative_error
+
 
 @dataclasses.dataclass(frozen=True)
 class Impl:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from .results import default_stem, save_json
 from .published import SEED_FLAWS, SEED_ROWS
+from .results import default_stem, save_json
 from .rules import DTYPES, TOLERANCE
 
 # --------------------------------------------------------------------------- formatting

@@ -114,8 +114,9 @@ def load_results(path, *, validate: bool = True) -> tuple[list[dict], dict]:
     elif isinstance(data, dict) and "rows" in data:
         rows, meta = data["rows"], data.get("meta") or {}
     else:
+        keys = f" with keys {sorted(data)[:5]}" if isinstance(data, dict) else ""
         raise ResultsFileError(f"{path} is not a ringbook results file (expected an object with 'rows' or a list "
-                               f"of rows, got {type(data).__name__}{' with keys ' + str(sorted(data)[:5]) if isinstance(data, dict) else ''})")
+                               f"of rows, got {type(data).__name__}{keys})")
     if not isinstance(rows, list):
         raise ResultsFileError(f"{path}: 'rows' must be a list of rows, got {type(rows).__name__}")
     if not isinstance(meta, dict):

@@ -22,8 +22,8 @@ import dataclasses
 import datetime as _dt
 import statistics
 import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
@@ -31,6 +31,7 @@ from .._utils import available_bytes
 from .measure import WrongResult, check_against_reference, environment, free, is_oom, peak_memory_gb, time_call
 from .registry import IMPLS, Impl
 from .rules import verdict
+
 
 def new_row(env: dict, impl_name: str, *, seq_len: int, ring_size: int, causal: bool, dtype: torch.dtype,
             batch: int, heads: int, head_dim: int, flops: float, mode: str = "forward") -> dict:

@@ -36,7 +36,7 @@ class _Ring:
                 f"(and sending to rank {(self.rank + 1) % self.world})")
 
     @classmethod
-    def of(cls, group, timeout_s: float, op: str = "ring_attention") -> "_Ring":
+    def of(cls, group, timeout_s: float, op: str = "ring_attention") -> _Ring:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 f"ringbook.distributed.{op} needs an initialised process group: start the "

@@ -59,10 +59,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
-from .._utils import FLOAT_DTYPES, check_bool, check_qkv, lse_dtype, refuse_double_backward, resolve_scale
+from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, refuse_double_backward, resolve_scale
 from ..online_softmax import merge_partials
 from ..ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
+from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
 
 FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
 
@@ -240,7 +240,7 @@ def _attend(q, k, v, received: dict, plan: DilatedRingPlan, scale: float, rank: 
     for p in range(len(plan.pairs)):
         o_p, l_p = _rank_pair(rank, p, q, k, v, inbox, plan, scale, plan.causal)
         out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
 
 
 @dataclasses.dataclass(frozen=True)

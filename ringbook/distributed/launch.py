@@ -18,6 +18,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+
 class SpawnError(RuntimeError):
     """A spawned rank failed. ``errors[rank]`` is its traceback text, ``results[rank]`` what the others returned."""
 

@@ -44,6 +44,7 @@ from ..fast.kernels import BACKENDS
 from ..schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
 from .comm import _exchange, _Ring, _wait, agree_on_shards, resolve_timeout
 
+
 def _scale_bits(scale: float) -> int:
     """The float64 bit pattern of ``scale`` as an int64 (exact: it travels in the agreement's int64 table)."""
     return struct.unpack("<q", struct.pack("<d", scale))[0]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._utils import LOW_PRECISION, compute_dtype, lse_dtype, refuse_double_backward
+from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
 from .kernels import block_attention_backward, delta, expand_kv, forward_block, reduce_kv, warn_once
 from .merge import merge_many_into_
@@ -233,7 +233,7 @@ class RingFunction(torch.autograd.Function):
         del mover
         out = job.leave(acc_out, dtype=q.dtype)
         del acc_out
-        lse = job.leave(acc_lse, dim=2, dtype=lse_dtype(q.dtype))
+        lse = job.leave(acc_lse, dim=2, dtype=compute_dtype(q.dtype))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.job = job
         return out, lse

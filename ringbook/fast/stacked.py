@@ -76,7 +76,7 @@ class Launch:
     kind: str  # "full" or "causal" (diagonal: the same positions, top-left mask)
 
 
-def production_plan(n: int, world_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
+def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
     """``plan[t]``: the kernel calls of ring step t (1 to 2 each; step 0 covers every row of every rank).
 
     Rank r holds at step t the shard that started on rank ``(r − t) mod w``:
@@ -94,10 +94,10 @@ def production_plan(n: int, world_size: int, *, layout: str = "contiguous", caus
     """
     check_positive_int(n, "n")
     causal = check_bool(causal, "causal")
-    check_layout(n, world_size, layout)
+    check_layout(n, ring_size, layout)
     if layout not in PRODUCTION_LAYOUTS:
         raise ValueError(_striped_message(layout))
-    w, c = world_size, n // world_size
+    w, c = ring_size, n // ring_size
     plan = []
     for t in range(w):
         if not causal:

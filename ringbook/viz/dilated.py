@@ -22,8 +22,8 @@ from .palette import (
 )
 
 
-def _pair_label(w: int, r: int) -> str:
-    return f"w = {w}, r = {r}"
+def _pair_label(seg: int, r: int) -> str:
+    return f"s = {seg}, r = {r}"
 
 
 def _multiplicity_cmap(top: int):
@@ -92,21 +92,21 @@ def plot_dilated_pattern(seq_len: int, num_heads: int, *, segment_lengths: Seque
     ax, ax_cov = axes[0]
     ax.imshow(c[head], cmap=cmap, norm=norm, extent=(-0.5, n - 0.5, n - 0.5, -0.5), interpolation="nearest")
     handles = [Patch(facecolor=cmap(norm(k)), edgecolor="#999999", label=f"$c_{{ij}} = {k}$") for k in range(top + 1)]
-    for p, ((w, r), (hs, offs)) in enumerate(zip(pairs, patterns)):
+    for p, ((seg, r), (hs, offs)) in enumerate(zip(pairs, patterns)):
         if head not in hs:
             continue
         o = offs[hs.index(head)]
         inset = 0.15 * p
-        for start in range(0, n, w):
-            ax.add_patch(Rectangle((start - 0.5 + inset, start - 0.5 + inset), w - 2 * inset, w - 2 * inset,
+        for start in range(0, n, seg):
+            ax.add_patch(Rectangle((start - 0.5 + inset, start - 0.5 + inset), seg - 2 * inset, seg - 2 * inset,
                                    fill=False, edgecolor=pair_color(p), lw=1.4, ls=(0, (4, 2))))
         handles.append(Patch(facecolor="none", edgecolor=pair_color(p), lw=1.4,
-                             label=f"segments of {_pair_label(w, r)}, offset {o}"))
+                             label=f"segments of {_pair_label(seg, r)}, offset {o}"))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
     ax.set_xlabel("key position $j$")
     ax.set_ylabel("query position $i$")
-    seg = ", ".join(str(w) for w in segment_lengths)
+    seg = ", ".join(str(seg) for seg in segment_lengths)
     rates = ", ".join(str(r) for r in dilation_rates)
     ax.set_title(f"head {head}: $c_{{ij}}$ · segments [{seg}] · rates [{rates}] · heads {heads}"
                  + (" · causal" if causal else ""), fontsize=10)
@@ -114,7 +114,7 @@ def plot_dilated_pattern(seq_len: int, num_heads: int, *, segment_lengths: Seque
 
     kept = np.diagonal(c, axis1=1, axis2=2)  # c_ii: the pairs that keep position i
     groups = grouped_heads(num_heads, len(pairs)) if heads == "grouped" else None
-    labels = [_pair_label(w, r) for w, r in pairs] if groups is not None else None
+    labels = [_pair_label(seg, r) for seg, r in pairs] if groups is not None else None
     _draw_coverage(ax_cov, kept, highlight=head, groups=groups, group_labels=labels)
     uncovered = (kept == 0).mean(axis=1)
     ax_cov.set_title(f"positions kept per head (pairs keeping $i$)\n"
@@ -156,7 +156,7 @@ def plot_dilated_coverage(seq_len: int, num_heads: int, *, segment_lengths: Sequ
     fig, axes = new_figure(1, 2, figsize=(12.0, 0.42 * num_heads + 2.6), gridspec_kw={"width_ratios": [1.6, 1.0]})
     ax, ax_bar = axes[0]
     _draw_coverage(ax, kept, groups=groups,
-                   group_labels=[_pair_label(w, r) for w, r in pairs] if groups is not None else None)
+                   group_labels=[_pair_label(seg, r) for seg, r in pairs] if groups is not None else None)
     ax.set_xlim(-0.5, seq_len - 0.5 + (seq_len * 0.2 if groups is not None else 0))
     ax.set_title(f"positions kept per head · n = {seq_len} · segments {list(segment_lengths)} · "
                  f"rates {list(dilation_rates)} · heads {heads}", fontsize=10)
@@ -238,7 +238,7 @@ def plot_dilated_ring_plan(plan, *, batch: int = 1, head_dim: int = 1) -> Figure
     """How the segments of each pair fall onto the ring's shards, and what each rank sends.
 
     ``plan`` is a :class:`ringbook.ring_dilated.DilatedRingPlan`. Left: one
-    band per pair (w, r) along the token axis, one box per segment, green if
+    band per pair (s, r) along the token axis, one box per segment, green if
     it lies inside one shard (its rank computes it alone) and orange if it
     spans several (the spanned ranks exchange its dilated K/V); vertical lines
     are shard boundaries. Right: the K and V elements each rank sends over the
@@ -264,7 +264,7 @@ def plot_dilated_ring_plan(plan, *, batch: int = 1, head_dim: int = 1) -> Figure
                 fontweight="bold")
     ax.set_xlim(0, n)
     ax.set_ylim(n_pairs - 0.5, -0.75)
-    ax.set_yticks(range(n_pairs), [_pair_label(w, r) for w, r in plan.pairs])
+    ax.set_yticks(range(n_pairs), [_pair_label(seg, r) for seg, r in plan.pairs])
     ax.set_xlabel("token position")
     counts = {kind: sum(s.kind == kind for s in plan.segments) for kind in KIND_COLORS}
     ax.set_title(f"segments on a ring of {w_ring} (n = {n}, shard c = {c}"

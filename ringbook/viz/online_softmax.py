@@ -42,7 +42,8 @@ def plot_exp_overflow(
     limits = {t: math.log(torch.finfo(t).max) for t in dtypes}
     s = None if scores is None else _np(scores).ravel()
     if x_range is None:
-        lows = [-25.0] + ([] if s is None else [float(s.min())]) + ([float(s.min() - s.max())] if show_shifted and s is not None else [])
+        lows = [-25.0] + ([] if s is None else [float(s.min())])
+        lows += [float(s.min() - s.max())] if show_shifted and s is not None else []
         highs = [max(limits.values())] + ([] if s is None else [float(s.max())])
         x_range = (min(lows) - 10.0, max(highs) + 25.0)
     lo, hi = x_range

@@ -31,7 +31,7 @@ def _runs(pos: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(pos, cuts)]
 
 
-def ring_step_cells(n: int, world_size: int, *, layout: str, causal: bool):
+def ring_step_cells(n: int, ring_size: int, *, layout: str, causal: bool):
     """Per score cell ``(i, j)``: the ring step that computes it and how (the data of :func:`plot_ring_step`).
 
     Returns ``(owner, origin, step, state)``: ``owner[i]`` the rank holding
@@ -43,14 +43,14 @@ def ring_step_cells(n: int, world_size: int, *, layout: str, causal: bool):
     """
     from ..schedule import layout_positions, ring_schedule
 
-    pos = layout_positions(n, world_size, layout).numpy()
+    pos = layout_positions(n, ring_size, layout).numpy()
     owner, origin = np.empty(n, dtype=int), np.empty(n, dtype=int)
-    for r in range(world_size):
+    for r in range(ring_size):
         owner[pos[r]] = r
         origin[pos[r]] = r
-    step = (owner[:, None] - origin[None, :]) % world_size
+    step = (owner[:, None] - origin[None, :]) % ring_size
     state = np.full((n, n), -1, dtype=int)
-    for row in ring_schedule(n, world_size, layout=layout, causal=causal):
+    for row in ring_schedule(n, ring_size, layout=layout, causal=causal):
         for s in row:
             for blocks, skipped in ((s.blocks, False), (s.skipped, True)):
                 for blk in blocks:
@@ -65,7 +65,7 @@ def ring_step_cells(n: int, world_size: int, *, layout: str, causal: bool):
     return owner, origin, step, state
 
 
-def plot_ring_step(n: int, world_size: int, step: int, *, layout: str = "zigzag", causal: bool = True) -> Figure:
+def plot_ring_step(n: int, ring_size: int, step: int, *, layout: str = "zigzag", causal: bool = True) -> Figure:
     """The ``n × n`` score matrix at ring step ``step``, coloured by the rank that computes each cell.
 
     Left: query i (rows) against key j (columns). Cells computed at this step
@@ -82,7 +82,7 @@ def plot_ring_step(n: int, world_size: int, step: int, *, layout: str = "zigzag"
 
     from ..schedule import layout_positions, ring_schedule
 
-    w = world_size
+    w = ring_size
     if not 0 <= step < w:
         raise ValueError(f"step must be in 0..{w - 1} for a ring of {w} ranks, got {step}")
     owner, origin, step_of, state = ring_step_cells(n, w, layout=layout, causal=causal)

@@ -49,10 +49,10 @@ def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, b
     return _interactive(draw, blocks_seen=slider)
 
 
-def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = "zigzag", causal: bool = True):
+def ring_step_explorer(n: int, ring_size: int, *, step: int = 0, layout: str = "zigzag", causal: bool = True):
     """A step slider, a layout dropdown and a causal checkbox, redrawing :func:`ringbook.viz.plot_ring_step`.
 
-    ``n`` must suit every layout (a multiple of ``2 · world_size``); the
+    ``n`` must suit every layout (a multiple of ``2 · ring_size``); the
     keyword arguments are the controls' start values.
     """
     from ipywidgets import Checkbox, Dropdown, IntSlider, Layout
@@ -60,14 +60,14 @@ def ring_step_explorer(n: int, world_size: int, *, step: int = 0, layout: str = 
     from ..schedule import LAYOUTS
 
     slider = IntSlider(
-        value=step, min=0, max=world_size - 1, step=1, description="ring step",
+        value=step, min=0, max=ring_size - 1, step=1, description="ring step",
         continuous_update=False, style={"description_width": "initial"}, layout=Layout(width="420px"),
     )
     dropdown = Dropdown(options=list(LAYOUTS), value=layout, description="layout")
     checkbox = Checkbox(value=causal, description="causal")
 
     def draw(step, layout, causal):
-        return ring_plots.plot_ring_step(n, world_size, step, layout=layout, causal=causal)
+        return ring_plots.plot_ring_step(n, ring_size, step, layout=layout, causal=causal)
 
     return _interactive(draw, step=slider, layout=dropdown, causal=checkbox)
 
