@@ -34,9 +34,9 @@
 # | `n` | sequence length (`i` for query positions, `j` for key positions) |
 # | `h` | heads |
 # | `d` | head dimension |
-# | `w` | world size (ring size): the number of blocks |
+# | `w` | ring size (`ring_size` in code; the world size of a process group): the number of blocks |
 # | `c` | chunk (shard) length |
-# | `s`, `r` | segment and dilation rate (dilated attention, later notebooks) |
+# | `s`, `r` | segment length and dilation rate (dilated attention, notebook 03); never `w` |
 #
 # q, k and v are `b n h d`; the log-sum-exp `lse` is `b h n`; score tensors
 # are `b h i j`. Every attention function returns `(out, lse)`.

@@ -25,12 +25,11 @@
 # the work it saves (section 4), puts it on a ring (section 5) and checks
 # that the ring does not change the result (section 6).
 #
-# Shapes as in notebook 01: q, k, v are `b n h d`, lse is `b h n`; `w` is a
-# segment length here and `r` a dilation rate (the ring size is written
-# `ring_size`).
+# Shapes and letters as in notebook 01: q, k, v are `b n h d`, lse is `b h n`;
+# `s` is a segment length and `r` a dilation rate; `w` stays the ring size.
 
 # %%
-import time
+import statistics
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from ringbook import (
     ring_dilated_attention,
 )
 from ringbook._utils import attention_flops
-from ringbook.bench import bench_dilated_config
+from ringbook.bench import bench_dilated_config, time_call
 from ringbook.bench.results import load_rows
 from ringbook.dilated import grouped_heads, pair_heads
 from ringbook.viz import (
@@ -73,7 +72,7 @@ print("ringbook", ringbook.__version__)
 # %% [markdown]
 # ## 1 · The pattern: segments, dilation, heads
 #
-# A **pair** $(w, r)$ cuts the $n$ tokens into $n / w$ segments of $w$
+# A **pair** $(s, r)$ cuts the $n$ tokens into $n / s$ segments of $s$
 # tokens. Inside each segment, head $h$ keeps the positions whose index
 # within the segment is $\equiv o_h \pmod r$, and a kept query attends the
 # kept keys **of its own segment** (queries, keys and values are dilated
@@ -109,8 +108,8 @@ print("ringbook", ringbook.__version__)
 N, H = 64, 8
 SEED = bench_dilated_config(N)  # {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
 print("seed config at n = 64:", SEED)
-for (hs, offs), w, r in zip(pair_heads(H, SEED["dilation_rates"], "grouped"), *SEED.values()):
-    print(f"  pair (w = {w:2}, r = {r}): heads {list(hs)} at offsets {list(offs)}")
+for (hs, offs), seg, r in zip(pair_heads(H, SEED["dilation_rates"], "grouped"), *SEED.values()):
+    print(f"  pair (s = {seg:2}, r = {r}): heads {list(hs)} at offsets {list(offs)}")
 
 c_grouped = dilated_weights(N, H, heads="grouped", **SEED)
 c_all = dilated_weights(N, H, heads="all", **SEED)
@@ -140,7 +139,7 @@ fig.savefig(FIGURES / "03_dilated_attention.png", dpi=110, metadata={"Software":
 fig
 
 # %% [markdown]
-# Explore: the pairs are geometric as in LongNet, $(w, r), (2w, 2r), (4w, 4r)$.
+# Explore: the pairs are geometric as in LongNet, $(s, r), (2s, 2r), (4s, 4r)$.
 # With one pair the two head modes agree; with `all` and $r = 1$ the first pair
 # keeps everything; with rates above 1 in every pair, some positions of every
 # head are lost.
@@ -200,7 +199,7 @@ fig_cov
 #
 # `ringbook.dilated_attention` never scores a dropped position. For each pair
 # it gathers the kept tokens of every segment into a short dense sequence of
-# $w / r$ tokens (`gather_dilated`: `b (s m r) h d -> (b s) m h d`), attends
+# $s / r$ tokens (`gather_dilated`: `b (s m r) h d -> (b s) m h d`), attends
 # all segments as one batch (`attend_segments`), scatters the result back
 # with 0 / $-\infty$ at the dropped positions (`scatter_dilated`), and merges
 # the pairs with (M). `ringbook.dilated_attention_dense` is (D) itself, with
@@ -245,11 +244,11 @@ plot_error_bars(errors, title="dilated_attention vs equation (D), float64", tole
 # %% [markdown]
 # ## 4 · The work: linear in n, not quadratic
 #
-# A pair $(w, r)$ has $n / w$ segments of $w / r$ kept tokens each, so a head
+# A pair $(s, r)$ has $n / s$ segments of $s / r$ kept tokens each, so a head
 # that uses it computes
 #
 # $$
-# \frac{n}{w} \cdot \Big(\frac{w}{r}\Big)^2 = \frac{n\, w}{r^2}
+# \frac{n}{s} \cdot \Big(\frac{s}{r}\Big)^2 = \frac{n\, s}{r^2}
 # \qquad\text{scores, against } n^2 \text{ for dense attention.}
 # $$
 #
@@ -299,12 +298,8 @@ live_lens = [256, 512, 1024, 2048]
 
 
 def median_ms(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    """The benchmark's own timer (ringbook.bench.measure.time_call), median of ``repeats`` calls."""
+    return statistics.median(time_call(fn, torch.device("cpu"), warmup=0, repeats=repeats))
 
 
 DILATED, DENSE = "dilated (64, 1) (128, 2) (256, 4)", "dense: blockwise_attention"
@@ -386,8 +381,8 @@ fig_cost
 # `ring_size` ranks, $c = n / \text{ring\_size}$ tokens each. For each pair,
 # a segment that lies inside one shard is **local**: its rank computes it
 # alone. A segment that spans several shards is **exchanged**: each spanned
-# rank sends the *dilated* K/V of its piece, $w / r$ rows for the whole
-# segment rather than $w$, to the other spanned ranks (an all-gather among
+# rank sends the *dilated* K/V of its piece, $s / r$ rows for the whole
+# segment rather than $s$, to the other spanned ranks (an all-gather among
 # them; with a causal mask only to the later ones). Per segment spanning the
 # ranks $R$, for a head at offset $o$:
 #
@@ -422,9 +417,9 @@ for ring_size in (1, 2, 3, 4, 6, 8):
 print("\n".join(lines))
 plan3 = dilated_ring_plan(N5, 3, **CFG5, num_heads=H5, heads="grouped")
 print("\nring of 3: each segment and the ranks it spans")
-for p, (w, r) in enumerate(plan3.pairs):
+for p, (seg, r) in enumerate(plan3.pairs):
     segs = [s for s in plan3.segments if s.pair == p]
-    print(f"pair ({w:2}, {r}): " + "  ".join(f"[{s.start},{s.stop}) {'→'.join(map(str, s.ranks))}" for s in segs))
+    print(f"pair ({seg:2}, {r}): " + "  ".join(f"[{s.start},{s.stop}) {'→'.join(map(str, s.ranks))}" for s in segs))
 plan3c = dilated_ring_plan(N5, 3, **CFG5, num_heads=H5, heads="grouped", causal=True)
 assert [s.kind for s in plan3.segments if s.pair == 0] == ["local", "local", "exchanged", "local", "local", "exchanged",
                                                              "local", "local"]  # [12, 18) and [30, 36) straddle 16, 32
@@ -475,6 +470,6 @@ plot_error_bars(ring_errors, title=f"ring_dilated_attention vs dilated_attention
 # $c_{ij}$ (D): a key counts once per pair that shows it to the query, and a
 # position no pair keeps gets out 0 and lse $-\infty$ (a quarter of the
 # sequence for the last head group of the seed's configuration). It costs
-# $n w / r^2$ scores per pair, linear in $n$; on a ring only the segments
+# $n s / r^2$ scores per pair, linear in $n$; on a ring only the segments
 # that straddle a shard boundary move, as dilated K/V, and the result is the
 # same for every ring size.

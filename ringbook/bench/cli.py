@@ -37,24 +37,23 @@ def bool_list(text: str) -> list[bool]:
     return choices[text.lower()]
 
 
-def positive(text: str) -> int:
+def _integer(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive(text: str) -> int:
+    """An integer ≥ 1 (argparse type)."""
+    return _integer(text, 1, "a positive integer")
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
-    return value
+    return _integer(text, 0, "an integer ≥ 0")
 
 
 def _seconds(text: str) -> float:
