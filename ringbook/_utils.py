@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def check_tensor(x, name: str, ndim: int | None = None) -> None:
+def check_tensor(x: Any, name: str, ndim: int | None = None) -> None:
     """Raise TypeError/ValueError unless ``x`` is a floating tensor of ``ndim`` dims."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -89,7 +90,7 @@ def _check_values_finite(x, name: str) -> None:
     )
 
 
-def check_qkv(q, k, v, *, allow_gqa: bool = False) -> None:
+def check_qkv(q: Any, k: Any, v: Any, *, allow_gqa: bool = False) -> None:
     """Validate attention inputs in the ``b n h d`` layout; the one input check of every attention function.
 
     Checks types, dimensions, dtype and device agreement, that no dimension
@@ -222,7 +223,7 @@ class check_finite:
         return f"ringbook.check_finite({self.mode})"
 
 
-def resolve_scale(scale, head_dim: int) -> float:
+def resolve_scale(scale: float | None, head_dim: int) -> float:
     """The softmax scale: ``1/sqrt(head_dim)`` by default, else a finite real number."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -233,7 +234,7 @@ def resolve_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_positive_int(value, name: str) -> int:
+def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` if it is a positive int, else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
@@ -242,7 +243,7 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def check_bool(value, name: str) -> bool:
+def check_bool(value: Any, name: str) -> bool:
     """Return ``value`` as a bool if it is True/False or a ``numpy.bool_``, else raise TypeError naming ``name``.
 
     Nothing else is taken for a bool (not 0/1, strings, None or tensors): a

@@ -19,6 +19,8 @@ is linear in the shard length ``c = n / w``: memory per rank is O(n / w).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ._utils import compute_dtype
@@ -26,14 +28,14 @@ from .online_softmax import KEY_CHUNK
 
 
 def global_inputs(n: int, *, batch: int = 2, heads: int = 2, head_dim: int = 8, seed: int = 0,
-                  dtype: torch.dtype = torch.float64):
+                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
     """Seeded ``q, k, v, dout`` (``b n h d``): the same tensors on every rank and in the notebook."""
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, n, heads, head_dim, generator=gen, dtype=dtype) for _ in range(4))
 
 
-def ring_worker(rank: int, world_size: int, n: int, cases, seed: int = 0, batch: int = 2, heads: int = 2,
-                head_dim: int = 8) -> dict:
+def ring_worker(rank: int, world_size: int, n: int, cases: Iterable[tuple[str, bool]], seed: int = 0,
+                batch: int = 2, heads: int = 2, head_dim: int = 8) -> dict:
     """Run :func:`ringbook.distributed.ring_attention` on this rank for each ``(layout, causal)`` in ``cases``.
 
     Meant for :func:`ringbook.distributed.spawn`: ``spawn(ring_worker, w, n, cases)``.

@@ -28,6 +28,8 @@ tokens of a segment, ``r`` rate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import einsum, rearrange
 
@@ -39,7 +41,8 @@ HEAD_MODES = ("all", "grouped")
 SCORE_BUDGET = 2 ** 26
 
 
-def check_dilated_config(seq_len, segment_lengths, dilation_rates, *, heads="all", num_heads=None):
+def check_dilated_config(seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                         heads: str = "all", num_heads: int | None = None) -> list[tuple[int, int]]:
     """Validate a configuration; return the pairs ``[(s, r), ...]`` or raise naming the offending argument.
 
     ``seq_len`` and ``num_heads`` (when given) must be positive ints: the
@@ -80,7 +83,8 @@ def grouped_heads(num_heads: int, num_pairs: int) -> list[range]:
     return [range(a, a + s) for a, s in zip(starts, sizes)]
 
 
-def pair_heads(num_heads: int, dilation_rates, heads: str = "all") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def pair_heads(num_heads: int, dilation_rates: Sequence[int],
+               heads: str = "all") -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """For each pair: (the heads that use it, each head's offset ``o`` within the segment, mod r)."""
     if heads == "all":
         return [(tuple(range(num_heads)), tuple(h % r for h in range(num_heads))) for r in dilation_rates]
@@ -102,7 +106,8 @@ def _row_weights(rows, cols, num_heads, pairs, patterns, causal):
     return c
 
 
-def dilated_weights(seq_len, num_heads, *, segment_lengths, dilation_rates, causal=False, heads="all"):
+def dilated_weights(seq_len: int, num_heads: int, *, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                    causal: bool = False, heads: str = "all") -> torch.Tensor:
     """The dense ``(h, n, n)`` integer weights ``c_ij`` of equation (D) (teaching tool and test reference)."""
     check_positive_int(num_heads, "num_heads")
     causal = check_bool(causal, "causal")
@@ -124,8 +129,9 @@ def _weighted_softmax(s, c, v, work):
     return einsum(p.to(work), v.to(work), "b h i j, b j h d -> b i h d"), lse
 
 
-def dilated_attention_dense(q, k, v, *, segment_lengths, dilation_rates, causal=False, heads="all", scale=None,
-                            precision="float64"):
+def dilated_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
+                            dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
+                            scale: float | None = None, precision: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
     """Equation (D) with the ``n×n`` weights materialised. Returns ``(out, lse)``.
 
     The reference of the tests: ``precision="float64"`` (default) computes in
@@ -146,7 +152,9 @@ def dilated_attention_dense(q, k, v, *, segment_lengths, dilation_rates, causal=
     return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
 
 
-def dilated_reference_rows(q, k, v, rows, *, segment_lengths, dilation_rates, causal=False, heads="all", scale=None):
+def dilated_reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, *,
+                           segment_lengths: Sequence[int], dilation_rates: Sequence[int], causal: bool = False,
+                           heads: str = "all", scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Equation (D) in float64 for query ``rows`` only, without an ``n×n`` matrix: ``(out b i h d, lse b h i)``.
 
     A query's keys all lie in its segments, so each row needs only the key
@@ -168,8 +176,8 @@ def dilated_reference_rows(q, k, v, rows, *, segment_lengths, dilation_rates, ca
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
 
 
-def dilated_flops(batch, num_heads, seq_len, head_dim, *, segment_lengths, dilation_rates, causal=False,
-                  heads="all") -> float:
+def dilated_flops(batch: int, num_heads: int, seq_len: int, head_dim: int, *, segment_lengths: Sequence[int],
+                  dilation_rates: Sequence[int], causal: bool = False, heads: str = "all") -> float:
     """Forward FLOPs dilated attention needs: 4·d per computed score, ``(n/s)·(s/r)²`` scores per head and pair.
 
     Causal halves the in-segment work, the convention of dense attention.
@@ -183,13 +191,14 @@ def dilated_flops(batch, num_heads, seq_len, head_dim, *, segment_lengths, dilat
     return flops / 2 if causal else flops
 
 
-def gather_dilated(x, seg, r, hs, offs):
+def gather_dilated(x: torch.Tensor, seg: int, r: int, hs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """The kept tokens of every segment, ``b n h d`` → ``(b s) m h d``: heads ``hs`` at offsets ``offs``."""
     x = rearrange(x, "b (s m r) h d -> b s m r h d", m=seg // r, r=r)
     return rearrange(x[:, :, :, offs, hs], "b s m h d -> (b s) m h d")  # head j takes slot offs[j]
 
 
-def scatter_dilated(out, lse, *, batch, num_heads, seg, r, hs, offs):
+def scatter_dilated(out: torch.Tensor, lse: torch.Tensor, *, batch: int, num_heads: int, seg: int, r: int,
+                    hs: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`gather_dilated`: ``b n h d`` / ``b h n`` with 0 / -inf where nothing was kept."""
     o = rearrange(out, "(b s) m h d -> h b s m d", b=batch)
     l = rearrange(lse, "(b s) h m -> h b s m", b=batch)
@@ -198,7 +207,8 @@ def scatter_dilated(out, lse, *, batch, num_heads, seg, r, hs, offs):
     return rearrange(zo, "r h b s m d -> b (s m r) h d"), rearrange(zl, "r h b s m -> b h (s m r)")
 
 
-def attend_segments(q, k, v, *, scale, causal=False, q_start=0, budget=SCORE_BUDGET):
+def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                    q_start: int = 0, budget: int = SCORE_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention inside each segment: ``(B m h d)`` dilated q (dilated indices from ``q_start``) and k/v (from 0).
 
     Segments are batched; the work is split into chunks of at most ``budget``
@@ -226,7 +236,9 @@ def _index(values, device):
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=False, heads="all", scale=None):
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
+                      dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention, equation (D), without ever scoring a dropped position. Returns ``(out, lse)``.
 
     Args:

@@ -18,7 +18,8 @@ from einops import einsum, rearrange
 from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
 
 
-def causal_mask(n_q: int, n_k: int, device=None, q_offset: int = 0, k_offset: int = 0) -> torch.Tensor:
+def causal_mask(n_q: int, n_k: int, device: torch.device | str | None = None, q_offset: int = 0,
+                k_offset: int = 0) -> torch.Tensor:
     """Boolean ``(n_q, n_k)`` mask, True where key position ≤ query position.
 
     Positions start at ``q_offset`` and ``k_offset``; with both 0 this is the
@@ -59,7 +60,9 @@ def _check_mask(mask, b: int, h: int, n_q: int, n_k: int, device) -> torch.Tenso
     return mask
 
 
-def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, precision="float64"):
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    mask: torch.Tensor | None = None, scale: float | None = None,
+                    precision: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention. Returns ``(out, lse)``.
 
     Args:

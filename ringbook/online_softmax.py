@@ -72,7 +72,8 @@ def _logaddexp_safe(lse_a, lse_b):
     return torch.where(empty, zero, lse), empty
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine attention over two disjoint key sets, equation (M). Returns ``(out, lse)``.
 
     ``out_*`` are ``b n h d`` and ``lse_*`` are ``b h n``. The work is done in
@@ -105,8 +106,9 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out.to(out_dtype), lse.to(lse_dtype_)
 
 
-def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int = 0, k_offset: int = 0,
-                 q_pos=None, k_pos=None, chunk: int | None = None):
+def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                 q_offset: int = 0, k_offset: int = 0, q_pos: torch.Tensor | None = None,
+                 k_pos: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of a query block to one key/value block, in ``compute_dtype``.
 
     The one place that materialises scores: a ``b h i j`` tile of the block's
@@ -153,7 +155,8 @@ def attend_block(q, k, v, *, scale: float, causal: bool = False, q_offset: int =
     return out, lse
 
 
-def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
+def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, causal: bool = False,
+                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention over key/value blocks. Returns ``(out, lse)``.
 
     Keys and values are visited ``block_size`` at a time (the last block may
@@ -193,7 +196,7 @@ def blockwise_attention(q, k, v, *, block_size, causal=False, scale=None):
     return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
 
 
-def online_softmax_trace(scores: torch.Tensor, block_size: int):
+def online_softmax_trace(scores: torch.Tensor, block_size: int) -> list[tuple[float, float]]:
     """Running max ``m``, normaliser ``l`` after each block of a 1-D score row.
 
     Teaching helper for notebook 01: returns a list of ``(m, l)`` floats, one
@@ -226,8 +229,11 @@ def _block_keep(n_q: int, n_k: int, device, q_offset: int, k_offset: int, q_pos,
     return causal_mask_positions(i, j)
 
 
-def attend_block_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, q_offset: int = 0,
-                          k_offset: int = 0, q_pos=None, k_pos=None, delta=None, chunk: int | None = None):
+def attend_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          dout: torch.Tensor, *, scale: float, causal: bool = False, q_offset: int = 0,
+                          k_offset: int = 0, q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
+                          delta: torch.Tensor | None = None,
+                          chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one query block's attention through one key/value block. Returns ``(dq, dk, dv)``.
 
     The FlashAttention backward for a block, given the *final* ``out`` and

@@ -51,7 +51,8 @@ def _merge_rows(out, lse, rows: tuple[int, int], out_blk, lse_blk):
     return out, lse
 
 
-def ring_attention(q, k, v, *, ring_size, causal=False, layout="contiguous", scale=None):
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, causal: bool = False,
+                   layout: str = "contiguous", scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention computed round a ring of ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Args:

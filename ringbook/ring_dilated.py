@@ -29,6 +29,7 @@ what it received). Shapes: ``b n h d``; a shard is ``b c h d``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
@@ -87,8 +88,8 @@ class DilatedRingPlan:
         return sent
 
 
-def dilated_ring_plan(seq_len, ring_size, segment_lengths, dilation_rates, *, num_heads, heads="all",
-                      causal=False) -> DilatedRingPlan:
+def dilated_ring_plan(seq_len: int, ring_size: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                      num_heads: int, heads: str = "all", causal: bool = False) -> DilatedRingPlan:
     """Which ranks each segment spans, local or exchanged, and how many dilated rows each rank sends."""
     check_positive_int(ring_size, "ring_size")
     check_positive_int(seq_len, "seq_len")
@@ -131,8 +132,11 @@ def _dilated_rows(x, seg: SegmentPlan, rank: int, plan: DilatedRingPlan, o: int,
     return x[:, lo + first:b - rank * plan.shard_len:r][:, :, heads], first
 
 
-def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, ring_size, causal=False, heads="all",
-                           scale=None, comm: dict | None = None, segment_kernel=None):
+def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
+                           dilation_rates: Sequence[int], ring_size: int, causal: bool = False, heads: str = "all",
+                           scale: float | None = None, comm: dict | None = None,
+                           segment_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Equation (D) computed by ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Args as :func:`ringbook.dilated_attention`, plus ``ring_size`` (must

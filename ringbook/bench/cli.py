@@ -8,7 +8,9 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -139,7 +141,7 @@ def _config_from_args(args):
     return config
 
 
-def print_table(rows: list[dict], file=sys.stdout) -> None:
+def print_table(rows: list[dict], file: TextIO = sys.stdout) -> None:
     header = f"{'impl':<16}{'ring':>5}{'causal':>8}{'seq':>10}{'status':>8}{'ms':>11}{'TFLOP/s':>9}{'GB':>8}{'rel err':>10}"
     print(header, file=file)
     print("-" * len(header), file=file)
@@ -209,7 +211,7 @@ def _report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; bad input prints one line naming the option or file and returns 2 (no traceback)."""
     args = build_parser().parse_args(argv)
     try:

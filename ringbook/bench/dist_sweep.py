@@ -79,7 +79,9 @@ import os
 import statistics
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -250,8 +252,9 @@ def _attend(q, k, v, *, causal, layout, timeout, kernel):
     return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
 
 
-def measure_ring(n, *, causal, layout, dtype, batch, heads, head_dim, warmup, repeats, check_max_seq, timeout, seed,
-            device, env, kernel="einops") -> dict | None:
+def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch: int, heads: int, head_dim: int,
+                 warmup: int, repeats: int, check_max_seq: int, timeout: float, seed: int, device: torch.device,
+                 env: dict, kernel: str = "einops") -> dict | None:
     """One row of the ring (on rank 0; None elsewhere). Every rank must call it with the same arguments.
 
     ``kernel="einops"``: :func:`ring_attention` (impl ``ring_dist``); any other
@@ -310,8 +313,9 @@ def default_one_gpu_impls(device: torch.device) -> list[str]:
     return ["sdpa_cudnn", "production"] if device.type == "cuda" else ["sdpa", "production"]
 
 
-def measure_one_gpu(impl_name, n, *, causal, dtype, batch, heads, head_dim, warmup, repeats, seed, device,
-                    env) -> dict | None:
+def measure_one_gpu(impl_name: str, n: int, *, causal: bool, dtype: torch.dtype, batch: int, heads: int,
+                    head_dim: int, warmup: int, repeats: int, seed: int, device: torch.device,
+                    env: dict) -> dict | None:
     """Rank 0 alone runs the whole sequence with a :mod:`ringbook.bench` implementation; the others wait.
 
     Returns the bench row on rank 0 (``ring_size`` 1, ``peer_of="dist"``,
@@ -412,8 +416,9 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
     mine["check"] = reference_error(*(x.transpose(1, 2) for x in (q, k, v, out)), positions=positions, causal=causal)
 
 
-def measure_context_parallel(n, *, causal, backend, rotate, dtype, batch, heads, head_dim, warmup, repeats, seed,
-                             device, env) -> dict | None:
+def measure_context_parallel(n: int, *, causal: bool, backend: str, rotate: str | None, dtype: torch.dtype,
+                             batch: int, heads: int, head_dim: int, warmup: int, repeats: int, seed: int,
+                             device: torch.device, env: dict) -> dict | None:
     """One row of PyTorch's context parallel with SDPA ``backend`` (on rank 0; None elsewhere); never raises.
 
     Every rank must call it with the same arguments. CUDA only: elsewhere the
@@ -442,7 +447,7 @@ def measure_context_parallel(n, *, causal, backend, rotate, dtype, batch, heads,
 
 # --------------------------------------------------------------------------- the scaling summary
 
-def print_scaling(summary: list[dict], file=sys.stdout) -> None:
+def print_scaling(summary: list[dict], file: TextIO = sys.stdout) -> None:
     def num(x, fmt):
         return "-" if x is None else fmt.format(x)
 
@@ -480,7 +485,7 @@ def _failed(row: dict) -> bool:
     return row["status"] == "error" and "not run:" not in str(row.get("error") or "")
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "RANK" not in os.environ:
         print("ringbook.bench.dist_sweep runs under torchrun, e.g.\n"

@@ -22,7 +22,8 @@ import functools
 import gc
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -133,7 +134,8 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def peak_memory_gb(fn: Callable[[], object], device: torch.device, *, inputs=()):
+def peak_memory_gb(fn: Callable[[], object], device: torch.device, *,
+                   inputs: Iterable[object] = ()) -> tuple[float | None, Any]:
     """Run ``fn`` once; return (peak memory of that call in GB, its result).
 
     CUDA: the allocator's peak during the call (everything live, inputs
@@ -200,16 +202,17 @@ def relative_error(err: float, scale: float) -> float:
     return err / max(scale, 1e-300)
 
 
-def dense_reference_rows(q, k, v, positions: torch.Tensor, *, causal: bool) -> torch.Tensor:
+def dense_reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+                         causal: bool) -> torch.Tensor:
     """Float64 naive attention for the query rows at ``positions`` (``b len(positions) h d``), a head at a time."""
     mask = (torch.arange(k.shape[1], device=q.device)[None, :] <= positions[:, None]) if causal else None
     return torch.cat([naive_attention(q[:, positions, head:head + 1], k[:, :, head:head + 1],
                                       v[:, :, head:head + 1], mask=mask)[0] for head in range(q.shape[2])], dim=2)
 
 
-def reference_error(q, k, v, out, *, causal: bool, positions: torch.Tensor | None = None,
-                    reference: Callable | None = None, budget_bytes: float = 2e9,
-                    max_rows: int | None = None) -> tuple[float, float, int]:
+def reference_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, causal: bool,
+                    positions: torch.Tensor | None = None, reference: Callable | None = None,
+                    budget_bytes: float = 2e9, max_rows: int | None = None) -> tuple[float, float, int]:
     """The one reference check: ``(max |out − ref|, max |ref|, rows checked)`` on evenly spaced rows of ``out``.
 
     ``q, k, v`` hold the whole sequence (``b n h d``). ``out`` holds the output
@@ -238,7 +241,8 @@ def reference_error(q, k, v, out, *, causal: bool, positions: torch.Tensor | Non
     return err, scale, int(local.numel())
 
 
-def check_against_reference(q, k, v, out, *, causal: bool, budget_bytes: float = 2e9) -> tuple[float, int]:
+def check_against_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, causal: bool,
+                            budget_bytes: float = 2e9) -> tuple[float, int]:
     """``(max_rel_err, rows checked)`` of a whole output against float64 attention (:func:`reference_error`)."""
     err, scale, rows = reference_error(q, k, v, out, causal=causal, budget_bytes=budget_bytes)
     return relative_error(err, scale), rows

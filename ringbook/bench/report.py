@@ -10,6 +10,7 @@ figures/bench-<device>.json``. :func:`write_outputs` writes a run's JSON
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Collection
 from pathlib import Path
 
 from .published import SEED_FLAWS, SEED_ROWS
@@ -136,8 +137,8 @@ def seed_section(rows: list[dict]) -> list[str]:
 FORMATS = ("json", "md", "png")
 
 
-def write_outputs(rows: list[dict], out_dir, *, stem: str | None = None, meta: dict | None = None,
-                  formats=FORMATS) -> dict:
+def write_outputs(rows: list[dict], out_dir: str | Path, *, stem: str | None = None, meta: dict | None = None,
+                  formats: Collection[str] = FORMATS) -> dict:
     """Write ``<stem>.json``, ``<stem>.md``, ``<stem>-throughput.png`` and ``<stem>-memory.png``.
 
     ``formats``: which of ``json``, ``md`` (the report) and ``png`` (both plots) to write.

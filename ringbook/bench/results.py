@@ -13,6 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 
 def slug(text: str) -> str:
@@ -59,7 +60,7 @@ ROW_FIELDS = {
 OK_NUMBERS = ("time_ms", "tflops", "tokens_per_s", "max_rel_err")
 
 
-def check_row(row, where: str) -> None:
+def check_row(row: Any, where: str) -> None:
     """Raise :class:`ResultsFileError` unless ``row`` is a benchmark row the report can draw.
 
     An ``ok`` row must have finite ``time_ms``, ``tflops``, ``tokens_per_s`` and
@@ -85,7 +86,7 @@ def check_row(row, where: str) -> None:
                 raise ResultsFileError(f"{where} has status 'ok' but {key}={x!r}; an ok row needs a finite number")
 
 
-def load_results(path, *, validate: bool = True) -> tuple[list[dict], dict]:
+def load_results(path: str | Path, *, validate: bool = True) -> tuple[list[dict], dict]:
     """``(rows, meta)`` of a results file written by :func:`save_json` (or a bare list of rows).
 
     Raises :class:`ResultsFileError` naming the file for a missing, unreadable,
@@ -129,6 +130,6 @@ def load_results(path, *, validate: bool = True) -> tuple[list[dict], dict]:
     return rows, meta
 
 
-def load_rows(path) -> list[dict]:
+def load_rows(path: str | Path) -> list[dict]:
     """Rows of a results file written by :func:`save_json` (any row shape; see :func:`load_results`)."""
     return load_results(path, validate=False)[0]

@@ -88,8 +88,8 @@ def rounding_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
     return 2 * (r + 0.3 - 0.3 - r).abs().max().item()
 
 
-def within_2x_rule(out, ref64, out_naive, *, atol: float | None = None, factor: float = 2.0,
-                   what: str = "out") -> tuple[bool, float, float, float]:
+def within_2x_rule(out: torch.Tensor, ref64: torch.Tensor, out_naive: torch.Tensor, *, atol: float | None = None,
+                   factor: float = 2.0, what: str = "out") -> tuple[bool, float, float, float]:
     """Flash-attention's rule: ``err(out) ≤ factor · err(out_naive) + atol``.
 
     ``ref64`` is the float64 reference, ``out_naive`` the naive path computed

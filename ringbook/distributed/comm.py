@@ -48,7 +48,7 @@ class _Ring:
         return cls(group, rank, world, glob((rank + 1) % world), glob((rank - 1) % world), timeout_s, op)
 
 
-def resolve_timeout(timeout) -> float:
+def resolve_timeout(timeout: float | _dt.timedelta | None) -> float:
     """Seconds to wait for a peer: ``timeout``, else ``$RINGBOOK_P2P_TIMEOUT``, else 60."""
     if timeout is None:
         env = os.environ.get("RINGBOOK_P2P_TIMEOUT")
@@ -109,7 +109,8 @@ def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, t
         raise _peer_error(ring, what, exc) from exc
 
 
-def agree_on_shards(ring: _Ring, info: list[int], problem: Exception | None, what: str, how_to_shard: str):
+def agree_on_shards(ring: _Ring, info: list[int], problem: Exception | None, what: str,
+                    how_to_shard: str) -> list[list[int]]:
     """Every rank shares a few ints about its input; all raise the same error or all go on.
 
     ``info[0]`` is 1 when this rank's own input passed its checks (else 0),

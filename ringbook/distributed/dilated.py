@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import zlib
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -337,8 +338,10 @@ class _RingDilatedAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def ring_dilated_attention(q, k, v, *, segment_lengths, dilation_rates, causal=False, heads="all", group=None,
-                           scale=None, timeout=None):
+def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
+                           dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
+                           group: dist.ProcessGroup | None = None, scale: float | None = None,
+                           timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention (equation (D)) over the shards held by the ranks of ``group``. Returns ``(out, lse)``.
 
     Args:

@@ -14,6 +14,8 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,7 +69,7 @@ def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, queue):
                 pass
 
 
-def spawn(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 120.0,
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 120.0,
           pg_timeout: float | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` new local processes; return their results.
 

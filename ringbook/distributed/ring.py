@@ -183,27 +183,27 @@ class P2PMover(Mover):
         self.works, self.next, self.what = [], None, ""
 
     # forward
-    def forward_kv(self, t):
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         ring = self.ring
         self.what = ring.describe("forward", t, "the K/V shard")
         self.next = self.buffers[t % 2] if t < ring.world - 1 else None
         self.works = _exchange(self.held, self.next, ring, 0, self.what) if self.next is not None else []
         return self.held[0], self.held[1]
 
-    def forward_done(self, t):
+    def forward_done(self, t: int) -> None:
         if self.works:
             _wait(self.works, self.ring, self.what)
             self.held = self.next
 
     # backward
-    def backward_kv(self, t):
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ring = self.ring
         self.what = ring.describe("backward", t, "the K/V shard")
         self.works = _exchange([self.held], [self.spare], ring, 0, self.what) if t < ring.world - 1 else []
         self.grad = torch.zeros((2, *self.held.shape[1:]), dtype=self.work, device=self.held.device)
         return self.held[0], self.held[1], self.grad[0], self.grad[1]
 
-    def backward_done(self, t):
+    def backward_done(self, t: int) -> None:
         ring = self.ring
         if t > 0:  # add what the ranks before me accumulated for this shard
             _wait(self.grad_works, ring, self.grad_what)
@@ -217,7 +217,7 @@ class P2PMover(Mover):
             _wait(self.works, ring, self.what)
             self.held, self.spare = self.spare, self.held
 
-    def gradients(self):
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ring.world > 1:
             _wait(self.grad_works, self.ring, self.grad_what)
         else:
@@ -225,7 +225,8 @@ class P2PMover(Mover):
         return self.grad_in[0], self.grad_in[1]
 
 
-def ring_attention(q, k, v, *, causal: bool = False, layout: str = "contiguous", group=None,
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   layout: str = "contiguous", group: torch.distributed.ProcessGroup | None = None,
                    scale: float | None = None, timeout: float | None = None, backend: str | None = None,
                    kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
@@ -292,7 +293,8 @@ def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, 
     return run(q, k, v, job)
 
 
-def production_ring_attention(q, k, v, *, causal: bool = False, layout: str | None = None, group=None,
+def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                              layout: str | None = None, group: torch.distributed.ProcessGroup | None = None,
                               scale: float | None = None, timeout: float | None = None, backend: str | None = None,
                               kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` with the fused kernels (``backend="auto"``) and the production default layout.

@@ -48,7 +48,7 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
     return x.index_select(dim, positions[int(rank)].to(x.device))
 
 
-def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
     """Put per-rank shards (a list, rank order) back into token order along ``dim``.
 
     Raises TypeError/ValueError naming the argument: ``shards`` not a

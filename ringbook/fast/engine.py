@@ -159,7 +159,8 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
     return acc_out, acc_lse
 
 
-def ring_backward(q, out, lse, dout, dlse, plan: Plan, mover: Mover, s: Settings) -> torch.Tensor:
+def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                  dlse: torch.Tensor | None, plan: Plan, mover: Mover, s: Settings) -> torch.Tensor:
     """The ring again; each block's gradients from the global ``out``/``lse`` of its rows. Returns dq.
 
     dK/dV accumulate where the mover says (:meth:`Mover.backward_kv`) and come
@@ -253,7 +254,7 @@ class RingFunction(torch.autograd.Function):
         return (job.leave(dq, dtype=q.dtype), job.leave(dk, dtype=k.dtype), job.leave(dv, dtype=v.dtype), None)
 
 
-def run(q, k, v, job: Job):
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of one fused ring call (differentiable through :class:`RingFunction`)."""
     return RingFunction.apply(q, k, v, job)
 
@@ -275,13 +276,13 @@ class StackedMover(Mover):
             self.dk = torch.zeros(self.k.shape, dtype=work, device=k.device)
             self.dv = torch.zeros(self.v.shape, dtype=work, device=v.device)
 
-    def forward_kv(self, t):
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
 
-    def backward_kv(self, t):
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.k, self.v, self.dk, self.dv
 
-    def gradients(self):
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.doubled:
             return self.dk, self.dv
         half = self.dk.shape[0] // 2

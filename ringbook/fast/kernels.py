@@ -169,7 +169,8 @@ def _choose(q, k, causal: bool, scale: float, backend: str):
     return key, _CHOICE[key]
 
 
-def forward_block(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
+def forward_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block_attention` without autograd (the ring engine's own Function handles gradients)."""
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"a causal block must be diagonal (the same positions for queries and keys), got "
@@ -215,7 +216,8 @@ class _BlockAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def block_attention(q, k, v, *, scale: float, causal: bool = False, backend: str = "auto"):
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query block to one key/value block with the fastest kernel available. Returns ``(out, lse)``.
 
     ``q`` is ``b i h d``, ``k``/``v`` are ``b j h_kv d`` (``h_kv`` divides
@@ -343,8 +345,9 @@ def _probe_backward(device, dtype, d, causal, h, hk, scale, backend):
         "backward.")
 
 
-def block_attention_backward(q, k, v, out, lse, dout, *, scale: float, causal: bool = False, delta=None,
-                             backend: str = "auto"):
+def block_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             dout: torch.Tensor, *, scale: float, causal: bool = False, delta: torch.Tensor | None = None,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of one block, given the global ``out``/``lse`` of its query rows.
 
     The FlashAttention backward of :func:`~ringbook.online_softmax.attend_block_backward`

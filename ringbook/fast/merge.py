@@ -13,6 +13,8 @@ merge; this module is the fast one the ring engine uses, without autograd:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import rearrange
 
@@ -21,7 +23,8 @@ from .kernels import STATUS
 TRITON: dict = {}  # device -> True or the reason the Triton merge is not used
 
 
-def merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk) -> None:
+def merge_into_torch_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_blk: torch.Tensor,
+                      lse_blk: torch.Tensor) -> None:
     """Equation (M) in place with torch ops: ``(acc_out, acc_lse) ← merge(acc, blk)``.
 
     ``acc_out`` (``b n h d``) and ``acc_lse`` (``b h n``) are the float32 or
@@ -89,7 +92,8 @@ def _self_check_triton(fn, device):
     return True
 
 
-def merge_many_into_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> None:
+def merge_many_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                     initialise: bool = False) -> None:
     """Fold several blocks ``[(out, lse), …]`` of the same rows into the accumulators, equation (M) repeated.
 
     On CUDA with the Triton merge, up to ``MAX_BLOCKS`` (4) blocks per pass:

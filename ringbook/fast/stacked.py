@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -239,8 +240,10 @@ def _start(n, world, batch, layout, causal, k_st, v_st, backward: bool, *, merge
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
 
-def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None, segment_lengths=None,
-                              dilation_rates=None, heads="all", scale=None, backend="auto"):
+def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int = 1, causal: bool = False,
+                              layout: str | None = None, segment_lengths: Sequence[int] | None = None,
+                              dilation_rates: Sequence[int] | None = None, heads: str = "all",
+                              scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
 
     Args:
@@ -304,7 +307,8 @@ def production_ring_attention(q, k, v, *, ring_size=1, causal=False, layout=None
 
 # --------------------------------------------------------------------------- dilated attention
 
-def segment_kernel(q, k, v, *, scale, causal=False, q_start=0, backend="auto"):
+def segment_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False, q_start: int = 0,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The fast kernel hook of :func:`ringbook.ring_dilated_attention`: batched segments ``(B m h d)``.
 
     Dilated query ``i`` has index ``q_start + i`` in its segment; keys start

@@ -13,6 +13,8 @@ Importing this module needs triton.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +85,8 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, b0, l0, b1, l1, b2, l2, b3, l3, n_rows, 
     tl.store(acc_lse_ptr + acc_lse_off, lse, mask=rmask)
 
 
-def merge_many_into_triton_(acc_out, acc_lse, blocks, *, initialise: bool = False) -> None:
+def merge_many_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                            initialise: bool = False) -> None:
     """Fold up to :data:`MAX_BLOCKS` ``(out, lse)`` of the same rows into the accumulators in one pass.
 
     The blocks share one shape and one set of strides; ``initialise``: the

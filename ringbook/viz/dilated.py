@@ -6,6 +6,7 @@ Pure functions: plain data in, a Figure out.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,6 +21,9 @@ from .palette import (
     pair_color,
     rank_color,
 )
+
+if TYPE_CHECKING:
+    from ..ring_dilated import DilatedRingPlan
 
 
 def _pair_label(seg: int, r: int) -> str:
@@ -234,7 +238,7 @@ def plot_dilated_scaling(seq_lens: Sequence[int], scores: Mapping[str, Sequence[
     return fig
 
 
-def plot_dilated_ring_plan(plan, *, batch: int = 1, head_dim: int = 1) -> Figure:
+def plot_dilated_ring_plan(plan: DilatedRingPlan, *, batch: int = 1, head_dim: int = 1) -> Figure:
     """How the segments of each pair fall onto the ring's shards, and what each rank sends.
 
     ``plan`` is a :class:`ringbook.ring_dilated.DilatedRingPlan`. Left: one

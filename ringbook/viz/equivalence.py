@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from .figure import _np, new_figure
 from .palette import (
@@ -28,11 +29,11 @@ def _annotate_cells(ax, values: np.ndarray, texts: Sequence[Sequence[str]], rgba
 
 
 def plot_error_matrix(
-    errors,
+    errors: ArrayLike,
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     *,
-    ratios=None,
+    ratios: ArrayLike | None = None,
     ratio_labels: Sequence[str] | None = None,
     groups: Sequence[int] = (),
     title: str = "Error against the float64 reference",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, figsize=(8.0, 4.0), **subplot_kw) -> tuple[Figure, np.ndarray]:
+def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (8.0, 4.0),
+               **subplot_kw: Any) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure and its axes array, not held by pyplot."""
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize, layout="constrained", squeeze=False, **subplot_kw)
     plt.close(fig)

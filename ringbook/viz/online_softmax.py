@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from numpy.typing import ArrayLike
 
 from .figure import _block_edges, _dtype_name, _np, new_figure
 from .palette import (
@@ -24,7 +25,7 @@ from .palette import (
 
 
 def plot_exp_overflow(
-    scores=None,
+    scores: ArrayLike | None = None,
     *,
     dtypes: Sequence[torch.dtype] = (torch.float16, torch.float32),
     show_shifted: bool = False,
@@ -86,12 +87,12 @@ def plot_exp_overflow(
 
 
 def plot_online_softmax(
-    scores,
+    scores: ArrayLike,
     block_size: int,
-    m,
-    l,
-    outs=None,
-    exact_out=None,
+    m: ArrayLike,
+    l: ArrayLike,
+    outs: ArrayLike | None = None,
+    exact_out: ArrayLike | None = None,
     *,
     blocks_seen: int | None = None,
 ) -> Figure:
@@ -204,7 +205,7 @@ def plot_online_softmax(
     return fig
 
 
-def plot_block_weights(lse_blocks, *, labels: Sequence[str] | None = None, max_queries: int = 24) -> Figure:
+def plot_block_weights(lse_blocks: ArrayLike, *, labels: Sequence[str] | None = None, max_queries: int = 24) -> Figure:
     """Each partial's share of the merged output, per query.
 
     ``lse_blocks`` is ``(w, n)``: the lse of w disjoint key blocks for n

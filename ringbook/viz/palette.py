@@ -40,11 +40,11 @@ IMPL_COLORS = {
 RING_STYLES = {1: ("-", "o"), 2: ("-", "P"), 4: ("--", "s"), 8: ("-.", "^"), 16: (":", "D")}
 
 
-def rank_color(r: int):
+def rank_color(r: int) -> tuple[float, float, float, float]:
     """Rank r's colour (the same in every figure of the ring)."""
     return plt.get_cmap(RANK_CMAP)(r % 10)
 
 
-def pair_color(p: int):
+def pair_color(p: int) -> tuple[float, float, float, float]:
     """The colour of (segment length, dilation rate) pair p."""
     return plt.get_cmap(PAIR_CMAP)(p % 8)

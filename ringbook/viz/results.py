@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
@@ -13,7 +17,7 @@ from .figure import new_figure
 from .palette import COLORS, IMPL_COLORS, RING_STYLES
 
 
-def plot_results(rows: list[dict], metric: str = "tflops"):
+def plot_results(rows: list[dict], metric: str = "tflops") -> Figure:
     """Throughput (``tflops`` or ``tokens_per_s``) or ``peak_mem_gb`` against seq_len. -> Figure."""
     labels = {"tflops": "TFLOP/s (forward)", "tokens_per_s": "tokens / s", "peak_mem_gb": "peak memory (GB)"}
     if metric not in labels:
@@ -53,7 +57,7 @@ def plot_results(rows: list[dict], metric: str = "tflops"):
     return fig
 
 
-def plot_live_rows(rows: list[dict]):
+def plot_live_rows(rows: list[dict]) -> Figure:
     """Bars for rows measured live: TFLOP/s (labelled with the median time) and max_rel_err against the
     dtype's tolerance (red ticks). Rows that are not ok are drawn grey and labelled with their status. -> Figure"""
     if not rows:
@@ -89,7 +93,7 @@ def plot_live_rows(rows: list[dict]):
     return fig
 
 
-def plot_sweep(rows: list[dict], *, impls: list[str] | None = None, title: str | None = None):
+def plot_sweep(rows: list[dict], *, impls: list[str] | None = None, title: str | None = None) -> Figure:
     """TFLOP/s (top) and peak memory (bottom) against sequence length, non-causal (left) and causal (right).
 
     Colour = implementation, line style and marker = ring size; only ok rows are drawn, an × marks the
@@ -145,7 +149,8 @@ def plot_sweep(rows: list[dict], *, impls: list[str] | None = None, title: str |
 
 
 def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label: str = "target",
-                 one_label: str = "one GPU", multi_label: str = "per GPU of the ring", axes=None):
+                 one_label: str = "one GPU", multi_label: str = "per GPU of the ring",
+                 axes: Sequence[Axes] | None = None) -> Figure:
     """From :func:`scaling_rows`: speed-up against sequence length (ideal = world size, dashed; ``target``
     dotted) and peak memory per GPU, one GPU against each GPU of the ring. ``axes``: two existing axes
     (speed-up, memory) to draw into instead of a new figure. -> Figure"""
@@ -194,7 +199,7 @@ def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label
     return fig
 
 
-def plot_ratios(rows: list[dict], targets: dict[str, float]):
+def plot_ratios(rows: list[dict], targets: dict[str, float]) -> Figure:
     """Horizontal bars of ``ratio_vs_sdpa`` (production time vs the fastest SDPA backend, >1 = faster), one
     per row of a GPU check, coloured by ``section``; each bar's target (``targets[section]``) is a red tick,
     1× a dashed line. -> Figure"""

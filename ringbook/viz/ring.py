@@ -31,7 +31,8 @@ def _runs(pos: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(pos, cuts)]
 
 
-def ring_step_cells(n: int, ring_size: int, *, layout: str, causal: bool):
+def ring_step_cells(n: int, ring_size: int, *, layout: str,
+                    causal: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per score cell ``(i, j)``: the ring step that computes it and how (the data of :func:`plot_ring_step`).
 
     Returns ``(owner, origin, step, state)``: ``owner[i]`` the rank holding

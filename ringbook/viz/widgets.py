@@ -12,9 +12,16 @@ just drawn, so a notebook can assert on it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 from . import dilated as dilated_plots
 from . import online_softmax as online_softmax_plots
 from . import ring as ring_plots
+
+if TYPE_CHECKING:  # type names only: ipywidgets is imported when a widget is built
+    import ipywidgets
+    from numpy.typing import ArrayLike
 
 
 def _interactive(draw, **controls):
@@ -29,7 +36,8 @@ def _interactive(draw, **controls):
     return interactive(redraw, **controls)
 
 
-def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, blocks_seen: int = 1):
+def online_softmax_explorer(scores: ArrayLike, block_size: int, m: ArrayLike, l: ArrayLike, outs: ArrayLike | None,
+                            exact_out: ArrayLike | None, *, blocks_seen: int = 1) -> ipywidgets.interactive:
     """A slider over the key blocks seen so far, redrawing :func:`ringbook.viz.plot_online_softmax`.
 
     Arguments are those of :func:`ringbook.viz.plot_online_softmax`;
@@ -49,7 +57,8 @@ def online_softmax_explorer(scores, block_size: int, m, l, outs, exact_out, *, b
     return _interactive(draw, blocks_seen=slider)
 
 
-def ring_step_explorer(n: int, ring_size: int, *, step: int = 0, layout: str = "zigzag", causal: bool = True):
+def ring_step_explorer(n: int, ring_size: int, *, step: int = 0, layout: str = "zigzag",
+                       causal: bool = True) -> ipywidgets.interactive:
     """A step slider, a layout dropdown and a causal checkbox, redrawing :func:`ringbook.viz.plot_ring_step`.
 
     ``n`` must suit every layout (a multiple of ``2 · ring_size``); the
@@ -74,7 +83,7 @@ def ring_step_explorer(n: int, ring_size: int, *, step: int = 0, layout: str = "
 
 def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_length: int = 8,
                              dilation_rate: int = 1, num_pairs: int = 3, head: int = 0, heads: str = "grouped",
-                             causal: bool = False):
+                             causal: bool = False) -> ipywidgets.interactive:
     """Sliders for a LongNet configuration, redrawing :func:`ringbook.viz.plot_dilated_pattern`.
 
     The pairs are geometric, as in LongNet: ``(w, r), (2w, 2r), (4w, 4r), …``
@@ -106,8 +115,9 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
                         head=head_slider, heads=mode, causal=checkbox)
 
 
-def bench_row_explorer(run, *, seq_lens, ring_sizes, impls, dtypes, seq_len=None, ring_size=1, impl=None,
-                       dtype=None, causal=False):
+def bench_row_explorer(run: Callable[..., dict], *, seq_lens: Sequence[int], ring_sizes: Sequence[int],
+                       impls: Sequence[str], dtypes: Sequence[str], seq_len: int | None = None, ring_size: int = 1,
+                       impl: str | None = None, dtype: str | None = None, causal: bool = False) -> ipywidgets.interactive:
     """Controls for one benchmark row and a "run" button; each click measures a row and redraws
     :func:`ringbook.viz.results.plot_live_rows` over the rows measured so far.
 
