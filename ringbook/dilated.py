@@ -17,7 +17,7 @@ dense attention in which key j counts ``c_ij`` times for query i — equation (D
 
 A position no pattern keeps gets out 0 and lse -inf. Head modes: ``"all"`` —
 every head uses every pair with offset ``o = h mod r``; ``"grouped"`` (the
-seed's) — the heads are split into one contiguous group per pair
+benchmark's configuration) — the heads are split into one contiguous group per pair
 (:func:`grouped_heads`) and the j-th head of group g keeps ``j mod r_g``.
 
 Queries, keys and values are dilated together: a pair costs

@@ -1,6 +1,6 @@
 """Dilated attention sharded over a ring of ranks, in one process (notebook ``03_dilated_attention``).
 
-The seed's ``RingDilatedAttentionV2`` done right: the same function as
+Dilated attention over a ring: the same function as
 :func:`ringbook.dilated_attention` (equation (D)) for every ring size. The
 sequence is sharded contiguously, rank ``k`` holding tokens
 ``[k·c, (k+1)·c)`` with ``c = n / ring_size``. For each pair (s, r):

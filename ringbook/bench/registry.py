@@ -112,7 +112,7 @@ def bench_dilated_config(n: int) -> dict:
     """The seed's (segment length, dilation rate) pairs for sequence length ``n``, heads grouped 2:3:3.
 
     Segment lengths 2048/4096/8192 up to 16K, 4096/8192/16384 up to 64K,
-    8192/16384/32768 beyond (seed/NOTES.md). The seed did not state its rates;
+    8192/16384/32768 beyond (docs/seed-notes.md). The seed did not state its rates;
     ringbook assumes [1, 2, 4]. Below 16K the seed's 16K pairs are scaled
     with ``n``: segment lengths n/8, n/4, n/2 (n must be a multiple of 8).
     """
