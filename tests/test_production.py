@@ -322,10 +322,10 @@ def test_merge_group_does_not_change_the_function(monkeypatch, group):
     g = min(group, 5)
     assert folds == [g] * (5 // g) + ([5 % g] if 5 % g else [])  # the 5 steps' results, g per pass
     k_st, v_st = (stacked._Stacking(5, None, ()).enter(x) for x in (k, v))
-    _, plan = stacked._start(40, 5, B, "contiguous", False, k_st, v_st, False, merge_group=g)
+    _, plan = stacked._start(40, 5, B, "contiguous", False, 1, k_st, v_st, False)
     assert plan.merge_group == g
     monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", 0.0)  # split steps: their rows differ, no grouping
-    _, plan = stacked._start(40, 5, B, "contiguous", False, k_st, v_st, False, merge_group=g)
+    _, plan = stacked._start(40, 5, B, "contiguous", False, 1, k_st, v_st, False)
     assert plan.merge_group == 1
 
 

@@ -25,6 +25,7 @@ does; ``D − dlse`` is formed once (:func:`~ringbook.fast.kernels.delta`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,11 @@ class Plan:
     steps: tuple[tuple[Block, ...], ...]
     merge_group: int = 1
 
+    @functools.cached_property
+    def has_positions(self) -> bool:
+        """Whether some block carries token positions (it then needs ``D − dlse`` in the backward)."""
+        return any(blk.q_pos is not None for blocks in self.steps for blk in blocks)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -102,8 +108,10 @@ class Mover:
 
 
 def _rows(x: torch.Tensor, batch: Rows, rows: Rows, dim: int = 1) -> torch.Tensor:
-    x = x[batch[0]:batch[1]]
-    return x[:, rows[0]:rows[1]] if dim == 1 else x[:, :, rows[0]:rows[1]]
+    """The view of ``x`` at batch rows ``batch`` and rows ``rows`` of dimension ``dim`` (1, or 2 for an lse)."""
+    if dim == 1:
+        return x[batch[0]:batch[1], rows[0]:rows[1]]
+    return x[batch[0]:batch[1], :, rows[0]:rows[1]]
 
 
 def _block_forward(q, k, v, blk: Block, s: Settings):
@@ -174,8 +182,7 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
         warn_once(f"{s.who}: a gradient flows into lse; the fused backward ops cannot take it, so this backward "
                   "uses the (slower, exact) einops kernels")
         fast = False
-    positions = any(blk.q_pos is not None for blocks in plan.steps for blk in blocks)
-    full_delta = delta(dout, out, dlse) if (positions or not fast) else None
+    full_delta = delta(dout, out, dlse) if (plan.has_positions or not fast) else None
     backend = s.backend if fast else "einops"
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     h = q.shape[2]

@@ -222,21 +222,35 @@ class _Stacking:
         return out
 
 
-def _start(n, world, batch, layout, causal, k_st, v_st, backward: bool, *, merge_group: int):
-    """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
-
-    The forward folds up to ``merge_group`` steps' results per pass where every
-    step is one launch over every row (non-causal).
-    """
+@functools.lru_cache(maxsize=256)
+def _launch_shape(n: int, world: int, layout: str, causal: bool) -> tuple[bool, bool, bool]:
+    """``(some launch wraps, every step whole with doubled K/V, every step whole without)``; cached per shape."""
     launches = production_plan(n, world, layout=layout, causal=causal)
     wraps = world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
-    extra = 2 * (k_st.nbytes + v_st.nbytes)
-    if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
-        extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
-    doubled = wraps and extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
-    whole = not backward and world > 1 and _whole_steps(launches, world, n // world, doubled)
-    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled,
-                        merge_group=merge_group if whole else 1)
+    whole = [world > 1 and _whole_steps(launches, world, n // world, d) for d in (True, False)]
+    return wraps, whole[0], whole[1]
+
+
+def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: bool):
+    """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
+
+    The forward folds up to :data:`MERGE_GROUP` steps' results per pass where
+    every step is one launch over every row (non-causal), while the held
+    results (``result_bytes`` each) fit in :data:`DOUBLED_KV_MAX_FRACTION` of
+    the free memory. The free memory is read only where a choice depends on it.
+    """
+    wraps, whole_doubled, whole_single = _launch_shape(n, world, layout, causal)
+    doubled = False
+    if wraps:
+        extra = 2 * (k_st.nbytes + v_st.nbytes)
+        if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
+            extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
+        doubled = extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
+    group = 1
+    if not backward and (whole_doubled if doubled else whole_single):
+        spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
+        group = int(max(1, min(MERGE_GROUP, world, 1 + spare // max(result_bytes, 1))))
+    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled, merge_group=group)
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
 
@@ -297,10 +311,8 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     order, runs = _layout_order(n, ring_size, layout, str(q.device))
     stacking = _Stacking(ring_size, order, runs)
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
-    group = int(max(1, min(MERGE_GROUP, ring_size, 1 + DOUBLED_KV_MAX_FRACTION * available_bytes(q.device)
-                           // max(result_bytes, 1))))
     job = Job(settings=Settings(resolve_scale(scale, d), backend, who="production_ring_attention"),
-              start=functools.partial(_start, n, ring_size, b, layout, causal, merge_group=group),
+              start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes),
               enter=stacking.enter, leave=stacking.leave)
     return run(q, k, v, job)
 
