@@ -154,7 +154,7 @@ def default_config(device: str | torch.device | None = None) -> SweepConfig:
     out of memory or a call would exceed 10 s), every SDPA backend as a peer,
     the one-process rings (ring, production, ring_dilated, production_dilated) at ring sizes 1, 4, 8
     and 16.
-    CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about a minute and a half
+    CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about two minutes
     on 2 cores.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
