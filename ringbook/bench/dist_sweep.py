@@ -112,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-lens", nargs="+", type=seq_len, default=[131072], help="global sequence lengths (16K, 1M…)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--causal", type=bool_list, default=[False, True], help="false, true or both (default)")
-    p.add_argument("--backend", "--kernel", dest="kernel", choices=KERNELS, default="einops",
-                   help="einops (default): ring_attention's einops blocks, impl ring_dist; auto/cudnn/flash/"
-                        "efficient: production_ring_attention with that backend, impl production_dist "
-                        "(--kernel is the older name; rows record it as 'kernel')")
+    p.add_argument("--kernel", choices=KERNELS, default="einops",
+                   help="the attention backend: einops (default): ring_attention's einops blocks, impl ring_dist; "
+                        "auto/cudnn/flash/efficient: production_ring_attention(backend=...), impl production_dist "
+                        "(--backend names the process-group backend, gloo or nccl)")
     p.add_argument("--layout", choices=["auto", "contiguous", "zigzag", "striped"], default="auto",
                    help="how tokens are dealt to ranks (auto: zigzag when causal, else contiguous)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=[],
