@@ -307,3 +307,19 @@ def test_cli_backward_writes_its_own_file(tmp_path):
     data = json.loads((tmp_path / "bench-cpu-float32-fwd-bwd.json").read_text())
     assert [r["mode"] for r in data["rows"]] == ["forward+backward"]
     assert "fwd+bwd" in (tmp_path / "bench-cpu-float32-fwd-bwd.md").read_text()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dilated_sdpa_peer_computes_the_production_dilated_function(causal):
+    """The batched-call peer (one fused call per head group, no ring) is the same function as production_dilated."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 256, 8, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    peer, peer_lse = bench.IMPLS["dilated_sdpa"].fn(q, k, v, causal=causal, ring_size=1)
+    for ring_size in (1, 4):
+        prod, prod_lse = bench.IMPLS["production_dilated"].fn(q, k, v, causal=causal, ring_size=ring_size)
+        assert torch.allclose(peer, prod, atol=1e-12, rtol=0)
+        assert torch.equal(torch.isneginf(peer_lse), torch.isneginf(prod_lse))  # the same uncovered positions
+    row = bench.run_row(bench.IMPLS["dilated_sdpa"], seq_len=256, causal=causal, **{**SMALL, "heads": 8})
+    assert row["status"] == "ok" and row["max_rel_err"] < 1e-5, row["error"]
+    assert row["flops"] == bench.run_row(bench.IMPLS["production_dilated"], seq_len=256, causal=causal,
+                                         **{**SMALL, "heads": 8})["flops"]

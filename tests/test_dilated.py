@@ -263,3 +263,24 @@ def test_dilated_flops_sizes_must_be_positive_ints(name, value):
     kwargs = dict(batch=1, num_heads=2, seq_len=8, head_dim=4) | {name: value}
     with pytest.raises((TypeError, ValueError), match=rf"^{name} must be a positive int"):
         ringbook.dilated_flops(**kwargs, segment_lengths=[4], dilation_rates=[1])
+
+
+def test_dilated_attention_segment_kernel_hook_is_checked_and_used():
+    from ringbook.fast.stacked import segment_kernel
+
+    q, k, v = (torch.randn(1, 32, 4, 8, dtype=torch.float64) for _ in range(3))
+    cfg = dict(segment_lengths=[8, 16], dilation_rates=[1, 2], heads="grouped", causal=True)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return segment_kernel(*args, **kwargs)
+
+    ref_out, ref_lse = dilated.dilated_attention(q, k, v, **cfg)
+    out, lse = dilated.dilated_attention(q, k, v, segment_kernel=counting, **cfg)
+    assert len(calls) == 2  # one batched call per pair: every segment and every head of the pair at once
+    assert torch.allclose(out, ref_out, atol=1e-12)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert torch.allclose(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=1e-12)
+    with pytest.raises(TypeError, match="^segment_kernel must be a function"):
+        dilated.dilated_attention(q, k, v, segment_kernel=3, **cfg)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .._utils import attention_flops
-from ..dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
-from ..fast.stacked import production_ring_attention
+from ..dilated import SCORE_BUDGET, dilated_attention, dilated_flops, dilated_reference_rows
+from ..fast.stacked import production_ring_attention, segment_kernel
 from ..naive import naive_attention
 from ..online_softmax import KEY_CHUNK, blockwise_attention
 from ..ring import ring_attention
@@ -166,6 +166,17 @@ register(Impl(
     "did not state them); TFLOP/s counts the dilated work", ring=True,
     flops=_ring_dilated_flops, reference=_ring_dilated_check,
     extra_bytes=_dilated_extra_bytes,
+))
+def _dilated_sdpa(q, k, v, *, causal, ring_size, **_):
+    return dilated_attention(q, k, v, causal=causal, heads="grouped", segment_kernel=segment_kernel,
+                             **bench_dilated_config(q.shape[1]))
+
+
+register(Impl(
+    "dilated_sdpa", _dilated_sdpa, "the batched-call peer of production_dilated: the same configuration, one fused "
+    "SDPA call per (segment length, rate) head group on the gathered rows of every segment at once "
+    "(ringbook.dilated_attention with the fused segment kernel; einops on CPU); no ring; TFLOP/s counts the "
+    "dilated work", flops=_ring_dilated_flops, reference=_ring_dilated_check, extra_bytes=_dilated_extra_bytes,
 ))
 register(Impl(
     "production_dilated", _production_dilated, "ringbook.production_ring_attention with the seed's configuration "

@@ -153,15 +153,15 @@ def default_config(device: str | torch.device | None = None) -> SweepConfig:
     GPU: bf16, sequence lengths 4K…512K (each implementation stops where it runs
     out of memory or a call would exceed 10 s), every SDPA backend as a peer,
     the one-process rings (ring, production, ring_dilated, production_dilated) at ring sizes 1, 4, 8
-    and 16.
+    and 16, and dilated_sdpa (the batched-call peer of production_dilated).
     CPU: float32, 256…2048 tokens, ring sizes 1 and 4, done in about two minutes
     on 2 cores.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         return SweepConfig(
-            impls=["naive", "blockwise", "ring", "production", "ring_dilated", "production_dilated", "sdpa",
-                   "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
+            impls=["naive", "blockwise", "ring", "production", "ring_dilated", "production_dilated", "dilated_sdpa",
+                   "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"],
             seq_lens=[2 ** p for p in range(12, 20)], ring_sizes=[1, 4, 8, 16], dtype=torch.bfloat16,
             warmup=2, repeats=10, max_row_seconds=10.0, device=str(device),
         )
