@@ -183,6 +183,19 @@ def test_sweep_does_not_run_calls_predicted_too_slow(monkeypatch):
     assert rows[2]["error"].startswith("not run: a call is predicted to take")
 
 
+def test_sweep_predicts_with_the_work_count_not_always_quadratically(monkeypatch):
+    """Before: dilated rows (linear work) were not run, predicted from (n / n_prev)² growth."""
+    def linear(q, k, v, **_):
+        time.sleep(0.02 * q.shape[1] / 32)
+        return bench.IMPLS["naive"].fn(q, k, v, causal=False, ring_size=1)
+
+    monkeypatch.setitem(bench.IMPLS, "linear", _fake("linear", linear, flops=lambda b, h, n_q, n_k, d, c: 4.0 * n_q))
+    config = bench.SweepConfig(impls=["linear"], seq_lens=[32, 64, 512], causal=[False], heads=1, head_dim=8,
+                               warmup=0, repeats=3, max_row_seconds=0.5)
+    rows = bench.run_sweep(config, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]  # 0.32 s predicted (linear), not 2.6 s (quadratic)
+
+
 def test_plan_rejects_unknown_impl_and_expands_ring_sizes_only_for_ring_impls(monkeypatch):
     with pytest.raises(ValueError, match="unknown implementation"):
         bench.planned_rows(bench.SweepConfig(impls=["nope"], seq_lens=[8]))

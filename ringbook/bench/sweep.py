@@ -185,6 +185,23 @@ def planned_rows(config: SweepConfig) -> list[dict]:
     return specs
 
 
+def _growth(impl: Impl, prev: dict, seq_len: int) -> float:
+    """How much longer a call at ``seq_len`` should take than ``prev``'s: the ratio of their work counts.
+
+    Quadratic for dense attention, about linear for dilated; ``(n / n_prev)²``
+    where the work cannot be counted.
+    """
+    args = (prev["batch"], prev["heads"])
+    try:
+        new = impl.flops(*args, seq_len, seq_len, prev["head_dim"], prev["causal"])
+        old = impl.flops(*args, prev["seq_len"], prev["seq_len"], prev["head_dim"], prev["causal"])
+    except (TypeError, ValueError):
+        new = old = None
+    if not new or not old:
+        return (seq_len / prev["seq_len"]) ** 2
+    return new / old
+
+
 def run_sweep(config: SweepConfig, *, progress: bool = True,
               on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Measure every planned row; an OOM or error never stops the sweep.
@@ -194,8 +211,9 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
 
     Within one (impl, causal, ring_size) series, once a length ran out of
     memory the longer ones are recorded as ``oom`` without running, and a
-    length whose call is predicted (quadratic growth from the last row) to
-    exceed ``max_row_seconds`` is recorded as ``error`` "not run: …".
+    length whose call is predicted (the last row's time scaled by the ratio of
+    the work counts: quadratic for dense attention, about linear for dilated)
+    to exceed ``max_row_seconds`` is recorded as ``error`` "not run: …".
     """
     from tqdm.auto import tqdm
 
@@ -212,7 +230,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
         if prev is not None and prev["status"] == "oom":
             skip = ("oom", f"not run: seq_len {prev['seq_len']:,} already ran out of memory")
         elif prev is not None and prev["status"] == "ok":
-            predicted = prev["time_ms"] / 1e3 * (spec["seq_len"] / prev["seq_len"]) ** 2
+            predicted = prev["time_ms"] / 1e3 * _growth(IMPLS[spec["impl"]], prev, spec["seq_len"])
             if predicted > config.max_row_seconds:
                 skip = ("error", f"not run: a call is predicted to take {predicted:.0f} s "
                                  f"(> max_row_seconds={config.max_row_seconds:g}), from "
