@@ -262,9 +262,12 @@ def test_cli_end_to_end(tmp_path):
     (["--causal", "maybe"], "false, true or both"),
     (["--impl", "nope"], "invalid choice"),
 ])
-def test_cli_rejects_bad_options(args, message, tmp_path):
-    res = _cli("bench", *args, "--out", str(tmp_path))
-    assert res.returncode == 2 and message in res.stderr
+def test_cli_rejects_bad_options(args, message, tmp_path, capsys):
+    from ringbook.bench import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *args, "--out", str(tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_seq_len_suffixes():
@@ -312,11 +315,13 @@ def test_production_dilated_row_is_the_seed_configuration(causal):
     assert names == {"ring_dilated", "production_dilated"}
 
 
-def test_cli_backward_writes_its_own_file(tmp_path):
-    res = _cli("bench", "--backward", "--impl", "production", "--ring-sizes", "2", "--seq-lens", "64",
-               "--heads", "2", "--head-dim", "8", "--causal", "false", "--repeats", "3", "--quiet",
-               "--out", str(tmp_path))
-    assert res.returncode == 0, res.stderr
+def test_cli_backward_writes_its_own_file(tmp_path, capsys):
+    from ringbook.bench import cli
+
+    code = cli.main(["bench", "--backward", "--impl", "production", "--ring-sizes", "2", "--seq-lens", "64",
+                     "--heads", "2", "--head-dim", "8", "--causal", "false", "--repeats", "3", "--quiet",
+                     "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
     data = json.loads((tmp_path / "bench-cpu-float32-fwd-bwd.json").read_text())
     assert [r["mode"] for r in data["rows"]] == ["forward+backward"]
     assert "fwd+bwd" in (tmp_path / "bench-cpu-float32-fwd-bwd.md").read_text()
