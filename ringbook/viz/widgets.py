@@ -86,7 +86,7 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
                              causal: bool = False) -> ipywidgets.interactive:
     """Sliders for a LongNet configuration, redrawing :func:`ringbook.viz.plot_dilated_pattern`.
 
-    The pairs are geometric, as in LongNet: ``(w, r), (2w, 2r), (4w, 4r), …``
+    The pairs are geometric, as in LongNet: ``(s, r), (2s, 2r), (4s, 4r), …``
     for ``num_pairs`` pairs, with ``w`` and ``r`` on the sliders. Segment
     lengths are powers of two with ``w · 2^(num_pairs−1)`` dividing
     ``seq_len`` (checked by :func:`ringbook.dilated_weights` when drawn).
@@ -98,9 +98,9 @@ def dilated_pattern_explorer(seq_len: int = 64, num_heads: int = 8, *, segment_l
 
     wide = {"continuous_update": False, "style": {"description_width": "initial"}, "layout": Layout(width="420px")}
     segs = [2**p for p in range(1, seq_len.bit_length()) if seq_len % 2**p == 0 and 2**p <= seq_len // 4]
-    seg_slider = SelectionSlider(options=segs, value=segment_length, description="segment length w", **wide)
+    seg_slider = SelectionSlider(options=segs, value=segment_length, description="segment length s", **wide)
     rate_slider = SelectionSlider(options=[1, 2, 4, 8], value=dilation_rate, description="dilation rate r", **wide)
-    pairs_slider = IntSlider(value=num_pairs, min=1, max=3, description="pairs (w, r)·2^k", **wide)
+    pairs_slider = IntSlider(value=num_pairs, min=1, max=3, description="pairs (s, r)·2^k", **wide)
     head_slider = IntSlider(value=head, min=0, max=num_heads - 1, description="head", **wide)
     mode = Dropdown(options=list(HEAD_MODES), value=heads, description="heads")
     checkbox = Checkbox(value=causal, description="causal")
