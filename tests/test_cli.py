@@ -86,6 +86,7 @@ def test_json_is_written_row_by_row(capsys, tmp_path, monkeypatch):
     assert seen == [0, 1, 2, 3]  # before each row, the file holds every row measured so far
     data = json.loads((tmp_path / "bench-cpu-float32.json").read_text())
     assert len(data["rows"]) == 4 and data["meta"]["complete"] is True and data["meta"]["rows_planned"] == 4
+    assert 0 < data["meta"]["sweep_seconds"] < 600
 
 
 def test_ctrl_c_keeps_the_rows_measured(capsys, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -184,6 +185,7 @@ def _bench(args, argv) -> int:
         done[:] = rows
         results.save_json(rows, json_path, {**meta, "complete": False})
 
+    start = time.perf_counter()
     try:
         rows = run_sweep(config, progress=not args.quiet, on_row=save)
     except KeyboardInterrupt:
@@ -194,6 +196,7 @@ def _bench(args, argv) -> int:
         code = 130
     else:
         code = 0
+    meta["sweep_seconds"] = round(time.perf_counter() - start, 1)  # the whole sweep, every row's checks included
     print_table(rows)
     paths = report.write_outputs(rows, out, stem=stem, meta={**meta, "complete": code == 0})
     for kind, path in paths.items():
