@@ -142,7 +142,8 @@ def _config_from_args(args):
     return config
 
 
-def print_table(rows: list[dict], file: TextIO = sys.stdout) -> None:
+def print_table(rows: list[dict], file: TextIO | None = None) -> None:
+    file = file if file is not None else sys.stdout  # looked up per call: a default bound at import goes stale
     header = f"{'impl':<16}{'ring':>5}{'causal':>8}{'seq':>10}{'status':>8}{'ms':>11}{'TFLOP/s':>9}{'GB':>8}{'rel err':>10}"
     print(header, file=file)
     print("-" * len(header), file=file)

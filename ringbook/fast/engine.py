@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -46,7 +47,12 @@ class Block:
     in the batch, or all of it), ``q``/``kv`` rows of the sequence dimension.
     ``causal`` is the kernels' top-left mask (a diagonal block). A causal
     block that mask cannot express carries the token positions of its rows
-    (``q_pos``, ``k_pos``) and runs on the einops path with them.
+    (``q_pos``, ``k_pos``) and runs on the einops path with them. A
+    *gathered* block (dilated attention) carries a ``gather``
+    (:class:`ringbook.fast.dilated.Gather`): it reads its rows with
+    ``take_q``/``take_kv``/``take_lse`` instead of the row ranges, writes or
+    merges its result with ``put`` and adds its gradients with
+    ``add_q``/``add_kv``.
     """
 
     q_batch: Rows
@@ -56,6 +62,7 @@ class Block:
     causal: bool = False
     q_pos: torch.Tensor | None = None
     k_pos: torch.Tensor | None = None
+    gather: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Settings:
     scale: float
     backend: str  # "auto", a fused backend, or "einops"
     who: str = "the ring"  # the public function, for messages
+    twice: str = "ringbook.ring_attention"  # its twice-differentiable twin, for the double-backward refusal
 
 
 class Mover:
@@ -115,6 +123,10 @@ def _rows(x: torch.Tensor, batch: Rows, rows: Rows, dim: int = 1) -> torch.Tenso
 
 
 def _block_forward(q, k, v, blk: Block, s: Settings):
+    if blk.gather is not None:
+        g = blk.gather
+        return forward_block(g.take_q(q), g.take_kv(k), g.take_kv(v), scale=s.scale, causal=blk.causal,
+                             backend=s.backend)
     qb, kb, vb = _rows(q, blk.q_batch, blk.q), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv)
     if blk.q_pos is not None:
         h = q.shape[2]
@@ -132,7 +144,7 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
     b, c, h, d = q.shape
     work = compute_dtype(q.dtype)
     first = plan.steps[0][0] if plan.steps and plan.steps[0] else None
-    whole = first is not None and first.q_batch == (0, b) and first.q == (0, c)
+    whole = first is not None and first.gather is None and first.q_batch == (0, b) and first.q == (0, c)
     if whole and len(plan.steps) == 1 and len(plan.steps[0]) == 1:  # one block: its result is the answer
         k, v = mover.forward_kv(0)
         out, lse = _block_forward(q, k, v, first, s)
@@ -155,6 +167,10 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
     for t, blocks in enumerate(plan.steps):
         k, v = mover.forward_kv(t)
         for blk in blocks:
+            if blk.gather is not None:  # a gathered block writes or merges its own rows
+                flush()
+                blk.gather.put(acc_out, acc_lse, *_block_forward(q, k, v, blk, s))
+                continue
             here = (blk.q_batch, blk.q)
             if pending and (here != rows or len(pending) == plan.merge_group):
                 flush()
@@ -189,6 +205,9 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
     for t, blocks in enumerate(plan.steps):
         k, v, dk, dv = mover.backward_kv(t)
         for blk in blocks:
+            if blk.gather is not None:
+                _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s)
+                continue
             sl = (blk.q_batch, blk.q)
             args = (_rows(q, *sl), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv), _rows(out, *sl),
                     _rows(lse, *sl, dim=2), _rows(dout, *sl))
@@ -206,6 +225,18 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
             _rows(dv, blk.kv_batch, blk.kv).add_(gv)
         mover.backward_done(t)
     return dq
+
+
+def _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s: Settings):
+    """One gathered block's backward: its rows taken from the global tensors, its gradients added back."""
+    g = blk.gather
+    blk_delta = None if (fast or full_delta is None) else g.take_lse(full_delta)
+    gq, gk, gv = block_attention_backward(g.take_q(q), g.take_kv(k), g.take_kv(v), g.take_q(out), g.take_lse(lse),
+                                          g.take_q(dout), scale=s.scale, causal=blk.causal, delta=blk_delta,
+                                          backend=backend)
+    g.add_q(dq, gq)
+    g.add_kv(dk, gk)
+    g.add_kv(dv, gv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +281,7 @@ class RingFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         job = ctx.job
         refuse_double_backward(job.settings.who, "a custom autograd Function running the ring again with fused "
-                               "backward kernels", "For second derivatives use ringbook.ring_attention (einops, "
+                               "backward kernels", f"For second derivatives use {job.settings.twice} (einops, "
                                "twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()

@@ -59,10 +59,10 @@ from einops import rearrange
 
 from .._utils import available_bytes, check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
 from ..online_softmax import merge_partials
-from ..ring_dilated import ring_dilated_attention
 from ..schedule import check_layout, layout_positions
+from .dilated import production_dilated_attention
 from .engine import Block, Job, Plan, Settings, StackedMover, run
-from .kernels import block_attention, check_backend, expand_kv
+from .kernels import block_attention, check_backend
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
 
@@ -133,12 +133,6 @@ def _runs(order: torch.Tensor) -> tuple:
     breaks = (torch.nonzero(order[1:] != order[:-1] + 1).flatten() + 1).tolist()
     starts, ends = [0] + breaks, breaks + [order.numel()]
     return tuple((s, int(order[s]), e - s) for s, e in zip(starts, ends))
-
-
-# The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
-# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two
-# (at such sizes a second launch per step costs next to nothing). Held results of a merge group likewise.
-DOUBLED_KV_MAX_FRACTION = 0.1
 
 
 # The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
@@ -268,9 +262,10 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         layout: ``"zigzag"`` (default when causal) or ``"contiguous"``
             (default otherwise); ``"striped"`` is refused (module docstring).
         segment_lengths, dilation_rates, heads: given together, dilated
-            attention (equation (D)) computed as
-            :func:`ringbook.ring_dilated_attention` does (contiguous shards),
-            with the fast kernel on the batched segments.
+            attention (equation (D)) on the ring engine, one gathered block
+            per (pair, head group) (:mod:`ringbook.fast.dilated`; contiguous
+            shards, the function :func:`ringbook.ring_dilated_attention`
+            computes).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         backend: block kernel, ``"auto"`` or one of
             :data:`ringbook.kernels.BACKENDS` (``"einops"``: the reference
@@ -345,14 +340,7 @@ def segment_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
 
 
 def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend):
-    if segment_lengths is None or dilation_rates is None:
-        raise ValueError("dilated attention needs both segment_lengths and dilation_rates (one rate per length)")
     if layout not in (None, "contiguous"):
         raise ValueError(f"dilated ring attention shards contiguously (segments are contiguous); got layout={layout!r}")
-    check_qkv(q, k, v, allow_gqa=True)
-    # Dilated rows are picked per query head (each head keeps its own offset), so with grouped-query
-    # attention the K/V rows a head needs are per q head: K/V are expanded before the plan runs.
-    k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
-    return ring_dilated_attention(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
-                                  ring_size=ring_size, causal=causal, heads=heads, scale=scale,
-                                  segment_kernel=functools.partial(segment_kernel, backend=backend))
+    return production_dilated_attention(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
+                                        ring_size=ring_size, causal=causal, heads=heads, scale=scale, backend=backend)
