@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,8 @@ import torch.nn.functional as F
 
 import ringbook
 from ringbook._utils import attention_flops
-from ringbook.bench import check_against_reference, environment, time_once
+from ringbook.bench import check_against_reference, environment
+from ringbook.bench.measure import time_interleaved
 
 
 def load_baseline(folder: Path):
@@ -55,17 +55,7 @@ def cudnn(q, k, v, causal):
 
 
 def interleaved(calls: dict, rounds: int, warmup: int = 2) -> dict:
-    device = torch.device("cuda")
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    torch.cuda.synchronize()
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name].append(time_once(fn, device))
-    return {name: {"median_ms": statistics.median(ts), "times_ms": [round(t, 4) for t in ts]}
-            for name, ts in times.items()}
+    return time_interleaved(calls, torch.device("cuda"), rounds=rounds, warmup=warmup)
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -109,6 +110,26 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.device, *, rounds: int,
+                     warmup: int = 2) -> dict[str, dict]:
+    """Time several calls in interleaved rounds (one call of each per round, :func:`time_once`), after warm-up.
+
+    Interleaving spreads clock and thermal drift over every call alike, so
+    the ratios of the medians are same-run ratios. Returns
+    ``{name: {"median_ms", "times_ms"}}``.
+    """
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_once(fn, device))
+    return {name: {"median_ms": statistics.median(ts), "times_ms": [round(t, 4) for t in ts]}
+            for name, ts in times.items()}
 
 
 CPU_PEAK_MEM_KIND = ("CPU resident memory: the peak during one call (VmHWM, reset before the call through "

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .._utils import attention_flops
-from ..dilated import SCORE_BUDGET, dilated_attention, dilated_flops, dilated_reference_rows
-from ..fast.stacked import production_ring_attention, segment_kernel
+from ..dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
+from ..fast.dilated import dilated_sdpa
+from ..fast.stacked import production_ring_attention
 from ..naive import naive_attention
 from ..online_softmax import KEY_CHUNK, blockwise_attention
 from ..ring import ring_attention
@@ -168,20 +169,20 @@ register(Impl(
     extra_bytes=_dilated_extra_bytes,
 ))
 def _dilated_sdpa(q, k, v, *, causal, ring_size, **_):
-    return dilated_attention(q, k, v, causal=causal, heads="grouped", segment_kernel=segment_kernel,
-                             **bench_dilated_config(q.shape[1]))
+    return dilated_sdpa(q, k, v, causal=causal, heads="grouped", **bench_dilated_config(q.shape[1]))
 
 
 register(Impl(
     "dilated_sdpa", _dilated_sdpa, "the batched-call peer of production_dilated: the same configuration, one fused "
-    "SDPA call per (segment length, rate) head group on the gathered rows of every segment at once "
-    "(ringbook.dilated_attention with the fused segment kernel; einops on CPU); no ring; TFLOP/s counts the "
-    "dilated work", flops=_ring_dilated_flops, reference=_ring_dilated_check, extra_bytes=_dilated_extra_bytes,
+    "SDPA call per (segment length, rate) head group on the gathered rows of every segment at once, out and lse "
+    "scattered back (ringbook.fast.dilated.dilated_sdpa; einops kernel on CPU); no ring, no engine; TFLOP/s "
+    "counts the dilated work", flops=_ring_dilated_flops, reference=_ring_dilated_check, extra_bytes=_dilated_extra_bytes,
 ))
 register(Impl(
     "production_dilated", _production_dilated, "ringbook.production_ring_attention with the seed's configuration "
-    "(as ring_dilated: heads grouped 2:3:3, its segment lengths, rates [1, 2, 4]): the same ring-dilated plan "
-    "with each batch of segments in one fused SDPA call on CUDA (einops on CPU); TFLOP/s counts the dilated work",
+    "(as ring_dilated: heads grouped 2:3:3, its segment lengths, rates [1, 2, 4]) on the ring engine: one "
+    "gathered block per (pair, head group) over every rank's segments, fused SDPA on CUDA (einops on CPU); "
+    "TFLOP/s counts the dilated work",
     ring=True, flops=_ring_dilated_flops, reference=_ring_dilated_check,
     extra_bytes=_dilated_extra_bytes,
 ))

@@ -1,0 +1,215 @@
+"""The dilated fast path on one GPU: exact, and timed against the batched-call peer in the same run.
+
+    python tools/gpu_dilated.py [--out DIR] [--seq-lens 16384 131072 524288] [--rings 1 4 8 16]
+
+For the seed's configuration (``ringbook.bench.registry.bench_dilated_config``,
+heads grouped 2:3:3, bf16, b=1 h=8 d=64) and each sequence length and causal
+setting, it runs
+
+* the batched-call peer ``dilated_sdpa`` (one fused SDPA call per head group
+  on gathered rows, scattered back), the previous peer (``dilated_attention``
+  with the fused segment kernel, for the record) and
+  ``production_ring_attention`` with the dilated configuration at each ring
+  size, timed in interleaved rounds (``ringbook.bench.measure.time_interleaved``:
+  CUDA events, warm-up, median);
+* the check of every output against equation (D) in float64 on sampled rows
+  (the benchmark's reference check and tolerance), and the largest
+  difference from the peer's out and lse (with the same uncovered rows).
+
+Then ``heads="all"`` with the same pairs against its own peer, forward+backward
+at 131K and ring 8 against the peer's forward+backward, gradients against the
+float64 dense reference at 4K (the 2x rule against the peer in bf16), and the
+CUDA kernel launches of one call (torch.profiler). Writes ``gpu_dilated.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from ringbook import dilated_attention, production_ring_attention
+from ringbook.bench import environment
+from ringbook.bench.measure import time_interleaved
+from ringbook.bench.registry import _ring_dilated_check, _ring_dilated_flops, bench_dilated_config
+from ringbook.bench.rules import TOLERANCE, within_2x_rule
+from ringbook.dilated import dilated_attention_dense
+from ringbook.fast import kernels
+from ringbook.fast.dilated import dilated_sdpa
+from ringbook.fast.stacked import segment_kernel
+
+DTYPE = torch.bfloat16
+
+
+def qkv(n, h=8, d=64, seed=0, grad=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, n, h, d, generator=gen, device="cuda", dtype=DTYPE).requires_grad_(grad) for _ in range(3)]
+
+
+def calls_for(n, causal, rings, heads="grouped", old_peer=True):
+    cfg = dict(bench_dilated_config(n), causal=causal, heads=heads)
+    calls = {"dilated_sdpa": lambda q, k, v: dilated_sdpa(q, k, v, **cfg)}
+    if old_peer:
+        calls["previous_peer"] = lambda q, k, v: dilated_attention(q, k, v, segment_kernel=segment_kernel, **cfg)
+    for w in rings:
+        calls[f"production_dilated r{w}"] = (lambda w: lambda q, k, v: production_ring_attention(
+            q, k, v, ring_size=w, **cfg))(w)
+    return cfg, calls
+
+
+def agreement(got, ref):
+    (o, l), (ro, rl) = got, ref
+    same_holes = bool(torch.equal(torch.isneginf(l), torch.isneginf(rl)))
+    finite = torch.isfinite(rl)
+    return {"max_abs_out_vs_peer": float((o.float() - ro.float()).abs().max()),
+            "max_abs_lse_vs_peer": float((l - rl)[finite].abs().max()) if finite.any() else 0.0,
+            "same_uncovered_rows": same_holes}
+
+
+def forward_section(n, causal, rings, rounds, heads="grouped"):
+    q, k, v = qkv(n, seed=n + causal)
+    cfg, calls = calls_for(n, causal, rings, heads=heads, old_peer=heads == "grouped")
+    rows = {}
+    with torch.no_grad():
+        peer = calls["dilated_sdpa"](q, k, v)
+        for name, fn in calls.items():
+            got = fn(q, k, v)
+            row = {}
+            if heads == "grouped":
+                err, checked = _ring_dilated_check(q, k, v, got[0], causal=causal)
+                row.update(rel_err=err, rows_checked=checked, ok=bool(math.isfinite(err) and err <= TOLERANCE[DTYPE]))
+            row.update(agreement(got, peer))
+            rows[name] = row
+            del got
+        timing = time_interleaved({name: (lambda fn: lambda: fn(q, k, v))(fn) for name, fn in calls.items()},
+                                  torch.device("cuda"), rounds=rounds)
+    flops = _ring_dilated_flops(1, 8, n, n, 64, causal) if heads == "grouped" else None
+    for name, t in timing.items():
+        rows[name].update(t)
+        rows[name]["vs_peer"] = t["median_ms"] / timing["dilated_sdpa"]["median_ms"]
+        if flops:
+            rows[name]["tflops"] = flops / t["median_ms"] / 1e9
+    print(f"n={n} causal={causal} heads={heads}: " + ", ".join(
+        f"{name} {r['median_ms']:.3f} ms ({r['vs_peer']:.2f}x)" for name, r in rows.items()), flush=True)
+    return {"seq_len": n, "causal": causal, "heads": heads, "config": {k: v for k, v in cfg.items()}, "rows": rows}
+
+
+def fwd_bwd_section(n, causal, rings, rounds):
+    q, k, v = qkv(n, seed=7 + causal, grad=True)
+    cfg, calls = calls_for(n, causal, rings, old_peer=False)
+    dout = torch.randn_like(q)
+
+    def step(fn):
+        def go():
+            out, _ = fn(q, k, v)
+            torch.autograd.grad(out, (q, k, v), dout)
+        return go
+
+    grads = {}
+    for name, fn in calls.items():
+        out, _ = fn(q, k, v)
+        grads[name] = torch.autograd.grad(out, (q, k, v), dout)
+    peer = grads["dilated_sdpa"]
+    rows = {name: {"max_rel_grad_vs_peer": max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                                                for a, b in zip(g, peer))} for name, g in grads.items()}
+    del grads
+    timing = time_interleaved({name: step(fn) for name, fn in calls.items()}, torch.device("cuda"), rounds=rounds)
+    for name, t in timing.items():
+        rows[name].update(t, vs_peer=t["median_ms"] / timing["dilated_sdpa"]["median_ms"])
+    print(f"fwd+bwd n={n} causal={causal}: " + ", ".join(
+        f"{name} {r['median_ms']:.3f} ms ({r['vs_peer']:.2f}x)" for name, r in rows.items()), flush=True)
+    return {"seq_len": n, "causal": causal, "rows": rows}
+
+
+def gradient_check(n=4096, rings=(1, 4, 8)):
+    """Gradients against equation (D) in float64 (dense weights), the 2x rule against the peer in bf16."""
+    out = []
+    for heads in ("grouped", "all"):
+        for causal in (False, True):
+            q, k, v = qkv(n, seed=3, grad=True)
+            cfg = dict(bench_dilated_config(n), causal=causal, heads=heads)
+            dout = torch.randn_like(q)
+            q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+            o64, _ = dilated_attention_dense(q64, k64, v64, **cfg)
+            ref = (o64.detach(), *torch.autograd.grad(o64, (q64, k64, v64), dout.double()))
+            o_p, _ = dilated_sdpa(q, k, v, **cfg)
+            peer = (o_p.detach(), *torch.autograd.grad(o_p, (q, k, v), dout))
+            for w in rings:
+                o, _ = production_ring_attention(q, k, v, ring_size=w, **cfg)
+                got = (o.detach(), *torch.autograd.grad(o, (q, k, v), dout))
+                checks = {}
+                for what, g, r, p in zip(("out", "dq", "dk", "dv"), got, ref, peer):
+                    passed, err, err_peer, atol = within_2x_rule(g, r, p, what=what)
+                    checks[what] = {"ok": passed, "err": err, "err_peer_bf16": err_peer, "atol": atol}
+                out.append({"seq_len": n, "heads": heads, "causal": causal, "ring_size": w, "checks": checks,
+                            "ok": all(c["ok"] for c in checks.values())})
+                print(f"grad check n={n} heads={heads} causal={causal} r{w}: ok={out[-1]['ok']}", flush=True)
+    return out
+
+
+def launches(n, causal, rings):
+    """CUDA kernels launched by one forward call (after warm-up), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = qkv(n, seed=11)
+    _, calls = calls_for(n, causal, rings)
+    result = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            fn(q, k, v)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn(q, k, v)
+                torch.cuda.synchronize()
+            kernels_run = [e for e in prof.events() if e.device_type.name == "CUDA"]
+            attention = [e for e in kernels_run if "attention" in e.name.lower() or "fmha" in e.name.lower()
+                         or "cudnn" in e.name.lower() or "sm90" in e.name.lower()]
+            result[name] = {"kernels": len(kernels_run), "attention_kernels": len(attention),
+                            "attention_cuda_ms": sum(e.device_time_total for e in attention) / 1e3,
+                            "all_cuda_ms": sum(e.device_time_total for e in kernels_run) / 1e3}
+    print(f"launches n={n} causal={causal}: {result}", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 131072, 524288])
+    p.add_argument("--rings", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/gpu_dilated.py needs a CUDA GPU")
+    result = {"environment": environment(torch.device("cuda")), "dtype": str(DTYPE), "shape": "b=1 h=8 d=64",
+              "forward": [], "heads_all": [], "fwd_bwd": [], "grad_check": [], "launches": {}}
+    path = args.out / "gpu_dilated.json"
+
+    def save():
+        result["kernel_status"] = dict(kernels.STATUS)
+        path.write_text(json.dumps(result, indent=1, default=str))
+
+    result["grad_check"] = gradient_check()
+    save()
+    for n in args.seq_lens:
+        for causal in (False, True):
+            result["forward"].append(forward_section(n, causal, args.rings, args.rounds if n <= 131072 else 5))
+            save()
+    for causal in (False, True):
+        result["heads_all"].append(forward_section(131072, causal, [1, 8, 16], args.rounds, heads="all"))
+        result["fwd_bwd"].append(fwd_bwd_section(131072, causal, [1, 8], args.rounds))
+        result["launches"][f"131072 causal={causal}"] = launches(131072, causal, [1, 16])
+        save()
+    save()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
