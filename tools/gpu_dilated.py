@@ -154,6 +154,67 @@ def gradient_check(n=4096, rings=(1, 4, 8)):
     return out
 
 
+def rank_plans_on_gpu(n=32768, worlds=(2, 4, 8), kv_heads=(8, 2)):
+    """The multi-process form's per-rank plans (:func:`ringbook.distributed.dilated.rank_dilated_plan`) on the GPU.
+
+    One GPU cannot hold a two-rank NCCL group, so the exchange is played
+    here: each rank's K/V window is cut from the whole K/V (a superset of
+    the rows its mover would receive; the blocks read only those). The ranks'
+    outputs and the windows' gradients, put back together, must equal the
+    one-process production path (fused kernels, the same blocks merged in one
+    plan) to rounding.
+    """
+    from ringbook.distributed.dilated import _window, rank_dilated_plan
+    from ringbook.fast.engine import Job, Settings, StackedMover, run
+    from ringbook.ring_dilated import dilated_ring_plan
+
+    out = []
+    for hk in kv_heads:
+        for causal in (False, True):
+            for heads in ("grouped", "all"):
+                gen = torch.Generator(device="cuda").manual_seed(5)
+                q, k, v = (torch.randn(1, n, h, 64, generator=gen, device="cuda", dtype=DTYPE) for h in (8, hk, hk))
+                dout = torch.randn(q.shape, generator=gen, device="cuda", dtype=DTYPE)
+                cfg = dict(bench_dilated_config(n), causal=causal, heads=heads)
+                xs = [x.clone().requires_grad_() for x in (q, k, v)]
+                ref_o, ref_l = production_ring_attention(*xs, **cfg)
+                ref_g = torch.autograd.grad(ref_o, xs, dout)
+                for w in worlds:
+                    plan = dilated_ring_plan(n, w, cfg["segment_lengths"], cfg["dilation_rates"], num_heads=8,
+                                             heads=heads, causal=causal)
+                    c = n // w
+                    outs, lses = [], []
+                    dq = torch.zeros_like(q, dtype=torch.float32)
+                    dk, dv = (torch.zeros_like(k, dtype=torch.float32) for _ in range(2))
+                    for rank in range(w):
+                        lo, hi = _window(plan, rank)
+                        blocks = rank_dilated_plan(plan, rank, 8 // hk, "cuda")
+                        job = Job(settings=Settings(1 / 8, "auto"), start=lambda k_, v_, backward, blocks=blocks: (
+                            StackedMover(k_, v_, backward=backward), blocks))
+                        qs = q[:, rank * c:(rank + 1) * c].clone().requires_grad_()
+                        kk, vv = (x[:, lo:hi].clone().requires_grad_() for x in (k, v))
+                        o, l = run(qs, kk, vv, job)
+                        g = torch.autograd.grad(o, (qs, kk, vv), dout[:, rank * c:(rank + 1) * c])
+                        outs.append(o.detach())
+                        lses.append(l.detach())
+                        dq[:, rank * c:(rank + 1) * c] += g[0]
+                        dk[:, lo:hi] += g[1]
+                        dv[:, lo:hi] += g[2]
+                    got_o, got_l = torch.cat(outs, 1), torch.cat(lses, 2)
+                    fin = torch.isfinite(ref_l)
+                    row = {"seq_len": n, "world": w, "kv_heads": hk, "causal": causal, "heads": heads,
+                           "max_abs_out": float((got_o.float() - ref_o.float()).abs().max()),
+                           "max_abs_lse": float((got_l - ref_l)[fin].abs().max()),
+                           "same_uncovered_rows": bool(torch.equal(torch.isneginf(got_l), torch.isneginf(ref_l))),
+                           "max_rel_grad": max(float((a - b.float()).abs().max() / b.float().abs().max())
+                                               for a, b in zip((dq, dk, dv), ref_g))}
+                    row["ok"] = (row["same_uncovered_rows"] and row["max_abs_out"] <= 1e-2 and row["max_abs_lse"] <= 1e-3
+                                 and row["max_rel_grad"] <= 1e-2)
+                    out.append(row)
+                    print(f"rank plans on GPU: {row}", flush=True)
+    return out
+
+
 def launches(n, causal, rings):
     """CUDA kernels launched by one forward call (after warm-up), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -184,11 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--rings", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    p.add_argument("--only-checks", action="store_true", help="the gradient and rank-plan checks, no timing")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tools/gpu_dilated.py needs a CUDA GPU")
     result = {"environment": environment(torch.device("cuda")), "dtype": str(DTYPE), "shape": "b=1 h=8 d=64",
-              "forward": [], "heads_all": [], "fwd_bwd": [], "grad_check": [], "launches": {}}
+              "forward": [], "heads_all": [], "fwd_bwd": [], "grad_check": [], "rank_plans": [], "launches": {}}
     path = args.out / "gpu_dilated.json"
 
     def save():
@@ -196,7 +258,11 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=1, default=str))
 
     result["grad_check"] = gradient_check()
+    result["rank_plans"] = rank_plans_on_gpu()
     save()
+    if args.only_checks:
+        print(f"wrote {path}")
+        return 0
     for n in args.seq_lens:
         for causal in (False, True):
             result["forward"].append(forward_section(n, causal, args.rings, args.rounds if n <= 131072 else 5))

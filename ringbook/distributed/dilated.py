@@ -53,6 +53,7 @@ on every rank. Ranks are ranks in ``group``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import zlib
 from collections.abc import Sequence
@@ -61,6 +62,8 @@ import torch
 import torch.distributed as dist
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, refuse_double_backward, resolve_scale
+from ..fast.engine import Job, Mover, Plan, Settings, run
+from ..fast.kernels import BACKENDS
 from ..online_softmax import merge_partials
 from ..ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
@@ -170,10 +173,13 @@ def _fingerprint(x) -> int:
     return zlib.crc32(repr(x).encode()) & 0x7FFFFFFF
 
 
-def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring) -> float:
+def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring, allow_gqa: bool = False) -> float:
     """All-gather a few ints per rank; refuse on every rank inputs that do not fit together. Returns the scale."""
     try:
-        check_qkv(q, k, v)
+        if options.get("backend") is not None and options["backend"] not in BACKENDS:
+            raise ValueError(f"backend must be None (the einops form) or one of {BACKENDS}, got "
+                             f"{options['backend']!r}")
+        check_qkv(q, k, v, allow_gqa=allow_gqa)
         check_bool(causal, "causal")
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
@@ -341,7 +347,7 @@ class _RingDilatedAttention(torch.autograd.Function):
 def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                            dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
                            group: dist.ProcessGroup | None = None, scale: float | None = None,
-                           timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           timeout: float | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention (equation (D)) over the shards held by the ranks of ``group``. Returns ``(out, lse)``.
 
     Args:
@@ -352,6 +358,14 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             :func:`ringbook.dilated_attention` (each ``w`` must divide ``n``).
         group: the process group (default: the world).
         timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
+        backend: ``None`` (default): the einops form, this rank's part of
+            :func:`ringbook.ring_dilated_attention` with autograd's graph
+            (the reading path; any configuration). ``"auto"`` (or a backend
+            of :data:`ringbook.fast.kernels.BACKENDS`): the ring engine's
+            gathered blocks (:func:`rank_dilated_plan`, :class:`DilatedMover`)
+            with PyTorch's fused kernels on CUDA (einops blocks elsewhere),
+            k/v may then have fewer heads than q (grouped-query attention);
+            it needs each dilation rate to divide the shard length.
 
     Returns:
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
@@ -381,12 +395,188 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             "with torchrun or ringbook.distributed.spawn and call torch.distributed.init_process_group first "
             "(ringbook.ring_dilated_attention plays the ring in one process)")
     ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")
-    options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads}
-    scale = _check_agreement(q, k, v, causal, scale, options, ring)
+    options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads,
+               "backend": backend, "kv heads": k.shape[2] if k.dim() == 4 else None}
+    scale = _check_agreement(q, k, v, causal, scale, options, ring, allow_gqa=backend is not None)
     # Agreed options and lengths: this raises the one-process ValueError identically on every rank.
     plan = dilated_ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates,
                              num_heads=q.shape[2], heads=heads, causal=causal)
     on = torch.is_grad_enabled()
     setup = _Setup(ring, plan, scale, on and any(x.requires_grad for x in (q, k, v)),
                    on and (k.requires_grad or v.requires_grad))
+    if backend is not None:
+        return _fused(q, k, v, setup, backend)
     return _RingDilatedAttention.apply(q, k, v, setup)
+
+
+# --------------------------------------------------------------------------- the fused form, on the ring engine
+
+
+def _kv_heads(hs, kv_group: int) -> list[int]:
+    """The kv heads that q heads ``hs`` read (grouped-query attention: q head i reads kv head i // g)."""
+    return sorted({h // kv_group for h in hs})
+
+
+def _window(plan: DilatedRingPlan, rank: int) -> tuple[int, int]:
+    """Token range ``[lo, hi)`` of the K/V rows this rank's blocks read: its shard and its segments' other pieces.
+
+    Causal: no key after the shard's end is ever seen, so the window ends there.
+    """
+    c = plan.shard_len
+    base = rank * c
+    lo = min(base // seg * seg for seg, _ in plan.pairs)
+    hi = base + c if plan.causal else max(-(-(base + c) // seg) * seg for seg, _ in plan.pairs)
+    return lo, hi
+
+
+def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device) -> Plan:
+    """This rank's gathered blocks (:mod:`ringbook.fast.dilated`): one plan step, blocks per pair.
+
+    Per pair: one block over the run of segments inside the shard, and one
+    per spanning segment over the rank's piece of it — queries from the
+    shard, keys from the window (:func:`_window`): the whole segment, or with
+    ``causal`` the pieces up to this rank's (its diagonal square, masked,
+    plus the earlier pieces unmasked). At most three blocks per pair (five
+    causal), whatever the number of segments.
+    """
+    from ..fast.dilated import gather_spec, gathered_block, head_slots
+
+    c, base = plan.shard_len, rank * plan.shard_len
+    lo, _ = _window(plan, rank)
+    blocks, seen = [], set()
+    for p, ((seg_len, r), (hs, offs)) in enumerate(zip(plan.pairs, plan.patterns)):
+        slots = head_slots(hs, offs, kv_group)
+        first = not (seen & set(hs))
+        seen |= set(hs)
+        m = seg_len // r
+        segs = plan.segments_on(rank, p)
+        local = [s for s in segs if s.kind == "local"]
+        if local:
+            spec = gather_spec(seg_len, r, slots, q_at=local[0].start - base, kv_at=local[0].start - lo,
+                               count=len(local), q_rows=(0, m), kv_rows=(0, m), first=first, device=device)
+            blocks.append(gathered_block(spec, causal=plan.causal))
+        for s in segs:
+            if s.kind == "local":
+                continue
+            a, z = s.piece(rank, c)
+            rows = ((a - s.start) // r, (z - s.start) // r)
+            common = dict(q_at=s.start - base, kv_at=s.start - lo, count=1, q_rows=rows, device=device)
+            if not plan.causal:
+                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, m), first=first, **common),
+                                             causal=False))
+                continue
+            blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=rows, first=first, **common),
+                                         causal=True))
+            if rows[0] > 0:  # the earlier pieces, all before this rank's queries
+                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, rows[0]), first=False,
+                                                         **common), causal=False))
+    return Plan((tuple(blocks),))
+
+
+class DilatedMover(Mover):
+    """The K/V window of one rank: its shard, plus the dilated rows its peers send (one batched exchange).
+
+    The window (:func:`_window`) holds this rank's K/V at its place and, at
+    the positions they came from, the dilated K/V rows of its segments'
+    other pieces (:func:`routes`: only those rows, only from the spanned
+    ranks, earlier ones only with ``causal``); rows never received are never
+    read. Gradients accumulate into float32 windows; :meth:`gradients` sends
+    the received rows' dK/dV back to their owners (the same pieces, the other
+    way) and adds what comes back for the rows this rank sent.
+    """
+
+    def __init__(self, setup: _Setup, k: torch.Tensor, v: torch.Tensor, kv_group: int, backward: bool):
+        self.setup, self.kv_group = setup, kv_group
+        plan, rank = setup.plan, setup.ring.rank
+        self.lo, hi = _window(plan, rank)
+        self.base, self.c = rank * plan.shard_len, plan.shard_len
+        self.send, self.recv = routes(plan, rank)
+        b, _, hk, d = k.shape
+        own = slice(self.base - self.lo, self.base - self.lo + self.c)
+        self.k, self.v = (x.new_zeros(b, hi - self.lo, hk, d) for x in (k, v))
+        self.k[:, own], self.v[:, own] = k, v
+        flats = _deliver({p: self._pack((k, v), pieces, rank, self.base) for p, pieces in self.send.items()},
+                         {p: self._numel(pieces, p, b, d) for p, pieces in self.recv.items()}, k, setup.ring,
+                         FORWARD_TAG, "forward")
+        for p, pieces in self.recv.items():
+            self._unpack(flats.get(p), pieces, p, (self.k, self.v), at=self.lo, add=False)
+        if backward:
+            work = compute_dtype(k.dtype)
+            self.dk, self.dv = (torch.zeros(x.shape, dtype=work, device=x.device) for x in (self.k, self.v))
+
+    def _place(self, seg, sender, o, hs, at, device):
+        """Rows and kv heads of ``sender``'s piece of ``seg`` at offset ``o``, in a tensor whose row 0 is token ``at``."""
+        a, z = seg.piece(sender, self.setup.plan.shard_len)
+        r = self.setup.plan.pairs[seg.pair][1]
+        first = (o - (a - seg.start)) % r
+        return slice(a - at + first, z - at, r), torch.tensor(_kv_heads(hs, self.kv_group), device=device)
+
+    def _pack(self, tensors, pieces, sender, at, *, take: bool = False):
+        """One flat buffer of the pieces' rows of ``tensors``, in ``pieces`` order (K then V per piece).
+
+        ``take``: zero the rows once packed. Pieces of different pairs can
+        hold the same rows (a row kept by two pairs arrives twice); a dK/dV
+        window row must go home once, with everything it accumulated.
+        """
+        parts = []
+        for seg, o, hs in pieces:
+            rows, heads = self._place(seg, sender, o, hs, at, tensors[0].device)
+            parts += [x[:, rows].index_select(2, heads).reshape(-1) for x in tensors]
+            if take:
+                for x in tensors:
+                    x[:, rows].index_fill_(2, heads, 0)
+        return torch.cat(parts) if parts else tensors[0].new_empty(0)
+
+    def _numel(self, pieces, sender, b, d) -> int:
+        plan = self.setup.plan
+        return sum(2 * b * _piece_rows(plan, seg, sender, o) * len(_kv_heads(hs, self.kv_group)) * d
+                   for seg, o, hs in pieces)
+
+    def _unpack(self, flat, pieces, sender, tensors, *, at: int, add: bool):
+        """Write (or add) a flat buffer from ``sender`` into ``tensors`` (row 0 = token ``at``) at its pieces' rows."""
+        if flat is None:  # nothing travelled (no kept rows)
+            return
+        offset = 0
+        for seg, o, hs in pieces:
+            rows, heads = self._place(seg, sender, o, hs, at, flat.device)
+            for x in tensors:
+                view = x[:, rows]
+                shape = (view.shape[0], view.shape[1], heads.numel(), view.shape[3])
+                part = flat[offset:offset + math.prod(shape)].view(shape).to(x.dtype)
+                offset += part.numel()
+                (view.index_add_ if add else view.index_copy_)(2, heads, part)
+
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.k, self.v, self.dk, self.dv
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        own = slice(self.base - self.lo, self.base - self.lo + self.c)
+        dk, dv = self.dk[:, own].clone(), self.dv[:, own].clone()
+        if self.setup.kv_grad:
+            rank = self.setup.ring.rank
+            back = {p: self._pack((self.dk, self.dv), pieces, p, self.lo, take=True) for p, pieces in self.recv.items()}
+            b, _, _, d = dk.shape
+            home = _deliver(back, {p: self._numel(pieces, rank, b, d) for p, pieces in self.send.items()}, dk,
+                            self.setup.ring, BACKWARD_TAG, "backward")
+            for p, pieces in self.send.items():
+                self._unpack(home.get(p), pieces, rank, (dk, dv), at=self.base, add=True)
+        return dk, dv
+
+
+def _fused(q, k, v, setup: _Setup, backend: str):
+    """The engine form: :func:`rank_dilated_plan` with a :class:`DilatedMover`."""
+    plan = setup.plan
+    bad = [r for _, r in plan.pairs if plan.shard_len % r]
+    if bad:
+        raise ValueError(f"ring_dilated_attention(backend={backend!r}) needs every dilation rate to divide the shard "
+                         f"length {plan.shard_len} (so a rank's piece of a segment holds whole dilated rows), got "
+                         f"dilation rates {bad}; use backend=None (the einops form takes any configuration)")
+    kv_group = q.shape[2] // k.shape[2]
+    blocks = rank_dilated_plan(plan, setup.ring.rank, kv_group, str(q.device))
+    job = Job(settings=Settings(setup.scale, backend, who="ringbook.distributed.ring_dilated_attention",
+                                twice="ringbook.ring_dilated_attention in one process"),
+              start=lambda k_, v_, backward: (DilatedMover(setup, k_, v_, kv_group, backward), blocks))
+    return run(q, k, v, job)
