@@ -429,7 +429,7 @@ def _window(plan: DilatedRingPlan, rank: int) -> tuple[int, int]:
     return lo, hi
 
 
-def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device) -> Plan:
+def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device: torch.device | str) -> Plan:
     """This rank's gathered blocks (:mod:`ringbook.fast.dilated`): one plan step, blocks per pair.
 
     Per pair: one block over the run of segments inside the shard, and one

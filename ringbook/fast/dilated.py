@@ -172,7 +172,7 @@ def head_slots(heads: Sequence[int], offsets: Sequence[int], kv_group: int) -> t
 
 
 def gather_spec(seg: int, r: int, slots: tuple, *, q_at: int, kv_at: int, count: int, q_rows: Rows, kv_rows: Rows,
-                first: bool, device) -> Gather:
+                first: bool, device: torch.device | str) -> Gather:
     """A :class:`Gather` with its head indices on ``device``."""
     q_heads, offs, kv_heads, kv_offs = (torch.tensor(x, dtype=torch.long, device=device) for x in slots)
     unique = len(set(zip(slots[2], slots[3]))) == len(slots[2])
@@ -207,7 +207,8 @@ def stacked_dilated_plan(n: int, num_heads: int, kv_heads: int, pairs: tuple, pa
     return Plan((tuple(blocks),))
 
 
-def check_dilated_call(q, k, v, *, segment_lengths, dilation_rates, heads: str, ring_size: int = 1):
+def check_dilated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int] | None,
+                       dilation_rates: Sequence[int] | None, heads: str, ring_size: int = 1) -> tuple[tuple, tuple]:
     """The checks every dilated entry point makes; returns ``(pairs, patterns)`` as tuples."""
     check_qkv(q, k, v, allow_gqa=True)
     b, n, h, d = q.shape
