@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 export RINGBOOK_CHROMIUM := $(CHROMIUM)
 
-.PHONY: bench test lint unit notebooks sync-notebooks browser-deps clean
+.PHONY: bench test lint unit notebooks sync-notebooks teacher browser-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ notebooks: $(VENV)/.test
 ## Re-execute the notebooks from their jupytext sources and store their outputs.
 sync-notebooks: $(VENV)/.test
 	$(PY) tools/build_notebooks.py
+
+## Teachers: executed notebooks with the exercises solved, in build/teacher/ (git ignores it).
+teacher: $(VENV)/.test
+	$(PY) tools/teacher_build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -52,6 +52,7 @@ from IPython.display import display
 
 import ringbook
 from ringbook import attend_block, blockwise_attention, merge_partials, naive_attention, online_softmax_trace
+from ringbook.exercises import check_lse_from_m_l, check_merge_partials, check_online_step
 from ringbook.viz import plot_block_weights, plot_error_bars, plot_exp_overflow, plot_online_softmax
 from ringbook.viz.widgets import online_softmax_explorer
 
@@ -139,9 +140,10 @@ plot_exp_overflow(scores, dtypes=(torch.float16, torch.float32))
 # \mathrm{lse}(s) = \log \sum_k e^{s_k} = m + \log \sum_k e^{s_k - m}.
 # $$
 #
-# Every exponent is now $\le 0$, so every term lies in $(0, 1]$: nothing
-# overflows. The largest term is exactly $e^0 = 1$, so the denominator is
-# $\ge 1$: no 0/0 either. `ringbook.attend_block` is this formula for one
+# Every exponent is now $\le 0$, so every term lies in $[0, 1]$ (a term far
+# below the max underflows to 0, which is harmless): nothing overflows. The
+# largest term is exactly $e^0 = 1$, so the denominator is $\ge 1$: no 0/0
+# either. `ringbook.attend_block` is this formula for one
 # block of keys: it takes the row max `m`, forms `p = exp(s - m)` and the
 # normaliser `l = p.sum()`, returns `out = p @ v / l` and `lse = m + log(l)`.
 
@@ -241,6 +243,21 @@ assert (m.diff() >= 0).all() and m[-1] == s.max() and invariant and all(final.va
 plot_online_softmax(s, BLOCK, m, l)
 
 # %% [markdown]
+# **Exercise 1 · The lse of a block.** A block's scan leaves its row maxima
+# $m$ and normalisers $\ell = \sum_j e^{s_j - m}$. Write the block's
+# $\mathrm{lse}$ from them (one row per entry; a row whose keys are all
+# masked has $m = -\infty$ and $\ell = 0$). Replace the `raise` and run the
+# cell: the checker tries awkward cases and says which one fails, and why.
+
+# %%
+def lse_from_m_l(m, l):
+    """m, l: tensors of shape (rows,). Return the lse of each row."""
+    raise NotImplementedError
+
+
+_ = check_lse_from_m_l(lse_from_m_l)
+
+# %% [markdown]
 # ## 4 · Merging partial results: the lse merge
 #
 # The normaliser alone is not attention: we also need the weighted sum of
@@ -264,7 +281,10 @@ plot_online_softmax(s, BLOCK, m, l)
 # = \sum_{j\in J} e^{s_j}$ and $U_J = Z_J O_J = \sum_{j \in J} e^{s_j} v_j$.
 # Both are plain sums over keys, so $Z_{A\cup B} = Z_A + Z_B$ and
 # $U_{A \cup B} = U_A + U_B$; (M) is exactly this, written in log space so that
-# every exponent is $\le 0$. The merge is therefore *addition in disguise*:
+# every exponent is $\le 0$. The merge is therefore *addition in disguise*,
+# exactly so in real arithmetic; in floating point each order of merging
+# rounds differently, by a few units in the last place (notebook 04 measures
+# it):
 #
 # * commutative: $M(P_A, P_B) = M(P_B, P_A)$;
 # * associative: $M(M(P_A, P_B), P_C) = M(P_A, M(P_B, P_C))$;
@@ -276,6 +296,19 @@ plot_online_softmax(s, BLOCK, m, l)
 # loop (blockwise attention), as a tree, or as they travel round a ring, where
 # each device sees the blocks in a different order. `ringbook.merge_partials`
 # implements (M); `ringbook.attend_block` makes one partial per block.
+#
+# **Exercise 2 · The merge (M).** Write it for one query row per entry:
+# `out_a`, `out_b` of shape (rows, d), `lse_a`, `lse_b` of shape (rows,).
+# The checker includes logits scaled by 100 in float32 (where $e^{100}$
+# overflows), an empty side $(0, -\infty)$ and two empty sides.
+
+# %%
+def my_merge(out_a, lse_a, out_b, lse_b):
+    """Return (out, lse) of the union of the two disjoint key sets."""
+    raise NotImplementedError
+
+
+_ = check_merge_partials(my_merge)
 
 # %%
 B, H, W, C = 2, 3, 4, 10  # batch, heads, w blocks of c keys each (n = w·c = 40)
@@ -342,6 +375,22 @@ plot_block_weights(lse_blocks, labels=[f"block {r}: keys {r * C}–{(r + 1) * C 
 
 # %%
 plot_error_bars(errors, title="Merging the 4 partials in different orders vs naive_attention", tolerance=TOL)
+
+# %% [markdown]
+# **Exercise 3 · One online-softmax step with values.** §3's recurrence
+# carries $m$ and $\ell$; carry also the unnormalised output
+# $\mathrm{acc} = \sum_j e^{s_j - m} v_j$. Given the running `(m, l, acc)`
+# and a new block's scores `s` (rows × keys) and values `v` (keys × d),
+# return the updated triple. The checker runs your step over all blocks from
+# $(-\infty, 0, 0)$ and compares `acc / l` with the softmax.
+
+# %%
+def online_step(m, l, acc, s, v):
+    """m, l: (rows,); acc: (rows, d); s: (rows, keys); v: (keys, d). Return (m, l, acc) after the block."""
+    raise NotImplementedError
+
+
+_ = check_online_step(online_step)
 
 # %% [markdown]
 # ## 5 · Blockwise attention equals naive attention

@@ -49,6 +49,7 @@ from ringbook._utils import attention_flops
 from ringbook.bench import bench_dilated_config, time_call
 from ringbook.bench.results import load_rows
 from ringbook.dilated import grouped_heads, pair_heads
+from ringbook.exercises import check_kept_positions
 from ringbook.viz import (
     plot_dilated_coverage,
     plot_dilated_pattern,
@@ -98,6 +99,21 @@ print("ringbook", ringbook.__version__)
 # * `"grouped"` (the seed's): the heads are cut into one contiguous group per
 #   pair, and the $j$-th head of a group keeps offset $j \bmod r_p$.
 #
+# **Exercise 6 · The kept positions of one pattern.** Before the library
+# computes the weights, write the set one head keeps for one pair: the
+# positions $p < n$ whose index within its segment is $\equiv o \pmod r$.
+# The checker compares with the diagonal of `ringbook.dilated_weights` (a
+# query keeps itself exactly when its position is kept).
+
+# %%
+def kept_positions(n, segment, rate, offset):
+    """Sorted positions kept by the pattern (segment, rate) at `offset`, e.g. (8, 4, 2, 1) -> [1, 3, 5, 7]."""
+    raise NotImplementedError
+
+
+_ = check_kept_positions(kept_positions)
+
+# %% [markdown]
 # `ringbook.dilated_weights` returns the integer tensor $c^h_{ij}$ (`h i j`);
 # `ringbook.dilated.pair_heads` says which heads use which pair at which
 # offset. The configuration below is the seed's benchmark configuration

@@ -93,10 +93,13 @@ print("ringbook", ringbook.__version__)
 # \le \text{tol(dtype)} .
 # $$
 #
-#   A row above its dtype's tolerance is `status: "error"`, not a result.
-#   Other statuses: `ok`, or `oom`; a row the sweep chose not to run (a shorter
-#   length already ran out of memory, or a call predicted to take longer
-#   than `max_row_seconds`) says so in `error`.
+#   A row above its dtype's tolerance is `status: "error"`, not a result:
+#   `error` means something went wrong (a wrong result, a crash). Other
+#   statuses: `ok`; `oom` (it ran out of memory, or a shorter length already
+#   did, so it was not run); `skipped`, a row the sweep chose not to run
+#   because its call was predicted to take longer than `max_row_seconds`.
+#   Each says why in `error`. (Files written before `skipped` existed
+#   recorded those rows as `error`; `load_rows` reads them as `skipped`.)
 #
 # The check below holds the committed H100 files to these rules: every ok row's
 # time is the median of its repeats, its TFLOP/s follows from its FLOPs and
@@ -135,7 +138,7 @@ for r in ok + fwd_bwd:
 dilated_flops = {(r["impl"], r["seq_len"], r["ring_size"], r["causal"]): r["flops"] for r in ok if r["impl"] in DILATED}
 assert all(f == dilated_flops[("ring_dilated", *key[1:])] for key, f in dilated_flops.items()
            if key[0] == "production_dilated")  # both dilated implementations are credited the same work
-statuses = {s: sum(r["status"] == s for r in bench) for s in ("ok", "oom", "error")}
+statuses = {s: sum(r["status"] == s for r in bench) for s in ("ok", "oom", "error", "skipped")}
 print(f"{BENCH.name}: {len(bench)} rows {statuses}; {FWD_BWD.name}: {len(fwd_bwd)} rows, all ok.\n"
       f"Every ok row: median time, TFLOP/s = F / t, F = 4·b·h·n²·d (dense; ×3.5 forward+backward; "
       f"dilated work for {' and '.join(DILATED)}), error within tolerance: True")
@@ -150,6 +153,7 @@ for r in bench:
         reasons[key] = reasons.get(key, 0) + 1
 print("rows not ok, by reason:", reasons)
 assert sum(reasons.values()) == len(bench) - len(ok) and len(reasons) == 3  # no wrong answers, no crashes
+assert statuses["error"] == 0 and statuses["skipped"] == reasons["not run: predicted to exceed max_row_seconds"]
 
 # %% [markdown]
 # ## 2 · Measure a row on this machine

@@ -116,6 +116,15 @@ def build(source: Path) -> Path:
     nb.metadata.setdefault("kernelspec", {"display_name": "Python 3 (ipykernel)", "language": "python", "name": KERNEL_NAME})
     stable_ids(nb)
 
+    execute(nb, source.parent)
+    nb = strip_volatile(nb)
+    nbformat.validate(nb)
+    nbformat.write(nb, target)
+    return target
+
+
+def execute(nb, cwd: Path) -> None:
+    """Run every cell of ``nb`` in place on a kernel of this Python, with this checkout's ringbook first."""
     kernel_env = {
         # the kernel imports this checkout's ringbook, whatever is installed
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
@@ -126,15 +135,10 @@ def build(source: Path) -> Path:
     ep = ExecutePreprocessor(timeout=TIMEOUT_S, kernel_name=KERNEL_NAME, record_timing=False, store_widget_state=True)
     try:
         with patched_environ(kernel_env):
-            ep.preprocess(nb, {"metadata": {"path": str(source.parent)}}, km=km)
+            ep.preprocess(nb, {"metadata": {"path": str(cwd)}}, km=km)
     finally:  # the client leaves a kernel it did not start running
         if km.has_kernel:
             km.shutdown_kernel(now=True)
-
-    nb = strip_volatile(nb)
-    nbformat.validate(nb)
-    nbformat.write(nb, target)
-    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,7 +91,8 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
             "|-------|------|--------|--------|-----------|---------|-------------|--------------------|-------------|",
         ]
         for r in (r for r in rows if r["seq_len"] == n):
-            status = {"ok": "✓ ok", "oom": "✗ oom", "error": "✗ error"}.get(r["status"], r["status"])
+            status = {"ok": "✓ ok", "oom": "✗ oom", "error": "✗ error", "skipped": "– skipped"}.get(r["status"],
+                                                                                                  r["status"])
             lines.append(
                 f"| {row_label(r)} | {r['ring_size']} | {r['causal']} | {status} | {_num(r['time_ms'], '{:,.2f}')} | "
                 f"{_num(r['tflops'], '{:.3g}')} | {_num(r['peak_mem_gb'], '{:.2f}')} | "

@@ -213,7 +213,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
     memory the longer ones are recorded as ``oom`` without running, and a
     length whose call is predicted (the last row's time scaled by the ratio of
     the work counts: quadratic for dense attention, about linear for dilated)
-    to exceed ``max_row_seconds`` is recorded as ``error`` "not run: …".
+    to exceed ``max_row_seconds`` is recorded as ``skipped`` "not run: …" (not an
+    error: nothing failed; the row says why it was not measured).
     """
     from tqdm.auto import tqdm
 
@@ -232,7 +233,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
         elif prev is not None and prev["status"] == "ok":
             predicted = prev["time_ms"] / 1e3 * _growth(IMPLS[spec["impl"]], prev, spec["seq_len"])
             if predicted > config.max_row_seconds:
-                skip = ("error", f"not run: a call is predicted to take {predicted:.0f} s "
+                skip = ("skipped", f"not run: a call is predicted to take {predicted:.0f} s "
                                  f"(> max_row_seconds={config.max_row_seconds:g}), from "
                                  f"{prev['time_ms'] / 1e3:.2g} s at seq_len {prev['seq_len']:,}")
         if skip:

@@ -1,0 +1,108 @@
+"""The notebooks' exercise checkers (ringbook.exercises): solutions pass, plausible wrong answers fail, stubs wait."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringbook import exercises
+
+SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
+STUB_NAME = {"merge_partials": "my_merge"}  # the notebook's stub name, where it differs from the checker's
+
+
+def _solutions():
+    found = {}
+    for path in sorted(SOLUTIONS.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"solutions_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found.update({name: getattr(module, STUB_NAME.get(name, name)) for name in exercises.CHECKERS
+                      if hasattr(module, STUB_NAME.get(name, name))})
+    return found
+
+
+def test_every_checker_has_a_solution():
+    assert set(_solutions()) == set(exercises.CHECKERS)
+
+
+@pytest.mark.parametrize("name", sorted(exercises.CHECKERS))
+def test_solution_passes_its_checker(name, capsys):
+    assert exercises.CHECKERS[name](_solutions()[name]) is True
+    assert capsys.readouterr().out.startswith(f"✓ {name}")
+
+
+@pytest.mark.parametrize("name", sorted(exercises.CHECKERS))
+def test_a_stub_is_not_attempted_yet_and_does_not_fail(name, capsys):
+    def stub(*args):
+        raise NotImplementedError
+
+    assert exercises.CHECKERS[name](stub) is None
+    assert exercises.NOT_ATTEMPTED in capsys.readouterr().out
+
+
+
+WRONG = {  # plausible mistakes, each with the words its hint must contain
+    "lse_from_m_l": [(lambda m, l: torch.log(l), "added back"),  # forgot the maximum
+                     (lambda m, l: torch.nan_to_num(m + torch.log(l)), "masked")],  # -1.8e308 instead of -inf
+    "merge_partials": [(lambda oa, la, ob, lb: ((oa + ob) / 2, torch.logaddexp(la, lb)), "plain average"),
+                       (lambda oa, la, ob, lb: ((torch.exp(la)[:, None] * oa + torch.exp(lb)[:, None] * ob)
+                                                / (torch.exp(la) + torch.exp(lb))[:, None],
+                                                torch.log(torch.exp(la) + torch.exp(lb))), "overflows"),
+                       (lambda oa, la, ob, lb: (torch.exp(la - torch.logaddexp(la, lb))[:, None] * oa
+                                                + torch.exp(lb - torch.logaddexp(la, lb))[:, None] * ob,
+                                                torch.logaddexp(la, lb)), "empty")],
+    "online_step": [(lambda m, l, acc, s, v: (torch.maximum(m, s.amax(1)), l + torch.exp(s).sum(1),
+                                              acc + torch.exp(s) @ v), "never s itself"),
+                    (lambda m, l, acc, s, v: (lambda mn: (mn, l * torch.exp(m - mn) + torch.exp(s - mn[:, None]).sum(1),
+                                                          acc * torch.exp(m - mn)[:, None] + torch.exp(s - mn[:, None]) @ v))(
+                        torch.maximum(m, s.amax(1))), "masked")],
+    "zigzag_positions": [(lambda n, w, r: list(range(r * n // w, (r + 1) * n // w)), "2·world chunks"),
+                         (lambda n, w, r: list(range(r * n // (2 * w), (r + 1) * n // (2 * w)))
+                          + list(range((2 * w - r) * n // (2 * w), (2 * w - r + 1) * n // (2 * w))), "2·world − 1 − r")],
+    "causal_skip": [(lambda r, t, w: t >= r, "diagonal"),  # skips the diagonal step of rank 0
+                    (lambda r, t, w: (r - t) % w < r, "later rank")],  # the direction reversed
+    "kept_positions": [(lambda n, s, r, o: list(range(o, s, r)), "every segment"),  # the first segment only
+                       (lambda n, s, r, o: [p for p in range(n) if p % s % r == o + 1], "offset")],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG.items() for i in range(len(ws))])
+def test_checker_rejects_a_plausible_wrong_answer_with_a_hint(name, index, capsys):
+    wrong, words = WRONG[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and "expected:" in out and "got:" in out and words in out, out
+
+
+def test_a_checker_refuses_what_is_not_a_function():
+    with pytest.raises(TypeError, match="check_merge_partials takes your function"):
+        exercises.check_merge_partials(3)
+
+
+def test_a_crashing_answer_is_reported_not_raised(capsys):
+    assert exercises.check_kept_positions(lambda *a: 1 / 0) is False
+    assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_teacher_build_fills_every_stub_of_every_notebook():
+    import sys
+
+    sys.path.insert(0, str(SOLUTIONS.parents[1] / "tools"))
+    import jupytext
+    import teacher_build
+
+    stubs = 0
+    for source in sorted(SOLUTIONS.parent.glob("0*.py")):
+        nb = jupytext.read(source, fmt="py:percent")
+        before = sum("raise NotImplementedError" in c.source for c in nb.cells if c.cell_type == "code")
+        filled = teacher_build.fill(nb, teacher_build.solutions(source.stem))
+        assert len(filled) == before, source.name
+        assert not any("raise NotImplementedError" in c.source for c in nb.cells if c.cell_type == "code")
+        assert all("check_" in c.source for c in nb.cells if c.cell_type == "code" and any(
+            f"def {name}(" in c.source for name in filled))  # the checker call is kept
+        stubs += before
+    assert stubs == len(exercises.CHECKERS)  # every exercise appears in a notebook, once
