@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 export RINGBOOK_CHROMIUM := $(CHROMIUM)
 
-.PHONY: bench test lint unit notebooks sync-notebooks teacher browser-deps clean
+.PHONY: bench test lint unit notebooks sync-notebooks teacher screenshots browser-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,11 @@ browser-deps:
 	fi
 
 ## Lint (ruff, configured in pyproject.toml), unit tests (the browser test included), then every notebook under nbval.
+# The notebooks save their figures into a temporary folder here, so testing leaves the clone clean;
+# `make sync-notebooks` refreshes the committed figures, `make screenshots` the browser pictures.
 test: $(VENV)/.test browser-deps lint
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval --nbval-current-env notebooks
+	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env notebooks
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
@@ -54,7 +56,11 @@ unit: $(VENV)/.test browser-deps
 	$(PY) -m pytest -q tests
 
 notebooks: $(VENV)/.test
-	$(PY) -m pytest -q --nbval --nbval-current-env notebooks
+	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env notebooks
+
+## Refresh the committed screenshots of the notebooks in a real browser (figures/browser/).
+screenshots: $(VENV)/.test browser-deps
+	RINGBOOK_SCREENSHOTS=$(CURDIR)/figures/browser $(PY) -m pytest -q tests/test_browser.py
 
 ## Re-execute the notebooks from their jupytext sources and store their outputs.
 sync-notebooks: $(VENV)/.test

@@ -11,6 +11,14 @@
 # %% [markdown]
 # # 01 · The online softmax
 #
+# > **You will learn** the safe softmax and why it cannot overflow; the online recurrence for $m$ and $\ell$; the
+# > lse merge (M) and why blocks may be merged in any order; how blockwise attention follows.
+# >
+# > **You need** attention as $\mathrm{softmax}(QK^\top/\sqrt d)V$; basic PyTorch tensors.
+# >
+# > **Exercises** exercises 1–3 (the lse of a block, the merge, one online step). **Time** about 25 minutes in
+# > class; executing it takes 10–30 s on 2 CPU cores.
+#
 # Ring attention splits the keys and values of a long sequence over devices
 # and passes them round a ring: each device sees **one block of keys at a
 # time** and never the whole row of attention scores. This notebook derives
@@ -43,6 +51,7 @@
 
 # %%
 import math
+import os
 from functools import reduce
 from pathlib import Path
 
@@ -62,7 +71,8 @@ TOL = 1e-12  # float64 agreement asserted throughout
 
 # The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
 FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
@@ -454,7 +464,7 @@ assert online_matches_trace and fold_is_blockwise and (outs[-1] - exact_out).abs
 
 # %%
 fig = plot_online_softmax(s, BLOCK, m, l, outs, exact_out)
-fig.savefig(FIGURES / "01_online_softmax.png", dpi=110, metadata={"Software": None})
+fig.savefig(SAVE / "01_online_softmax.png", dpi=110, metadata={"Software": None})
 fig
 
 # %% [markdown]
@@ -470,7 +480,81 @@ assert explorer.result.axes[0].get_title() == f"(a) scores and running max, 3/{K
 _ = display(explorer)
 
 # %% [markdown]
+# ## 6 · Two forms of one summary, and the backward pass
+#
+# **FlashAttention's accumulator is the same summary.** FlashAttention (Dao
+# et al., 2022) carries, per query row, the running max $m$, the running
+# normaliser $\ell$ and the *unnormalised* output $\mathrm{acc} =
+# \sum_j e^{s_j - m} v_j$ (exercise 3). The $(O, \mathrm{lse})$ form of
+# section 4 is the same information, normalised:
+#
+# $$
+# O = \mathrm{acc} / \ell, \qquad \mathrm{lse} = m + \log \ell ,
+# \qquad\text{and back:}\quad \ell = e^{\mathrm{lse} - m},\ \mathrm{acc} = \ell\, O
+# \ \text{for any } m .
+# $$
+#
+# Inside one kernel the unnormalised form saves a division per block; between
+# devices the normalised form is what travels and merges, because it needs no
+# agreed $m$: each side's exponents in (M) are relative to the merged lse.
+#
+# **The backward pass.** With $P = \mathrm{softmax}(S)$, $S = QK^\top \cdot
+# \text{scale}$ and $O = PV$, the gradients given $dO$ are
+#
+# $$
+# dV = P^\top dO, \qquad dP = dO\, V^\top, \qquad
+# dS = P \circ (dP - D), \quad D_i = \textstyle\sum_d dO_{id}\, O_{id},
+# \qquad dQ = dS\, K \cdot \text{scale}, \quad dK = dS^\top Q \cdot \text{scale}.
+# $$
+#
+# $D$ is the row sum of $P \circ dP$ (since $O = PV$), which is why the
+# backward needs only $O$ and $\mathrm{lse}$ of the forward: $P_{ij} =
+# e^{s_{ij} - \mathrm{lse}_i}$ is recomputed block by block, and $D$ from $O$
+# and $dO$. A gradient of lse adds $P \circ d\mathrm{lse}$ to $dS$, which is
+# the same as using $D - d\mathrm{lse}$. On a ring each block's $dS$ needs the
+# *global* $O$ and lse of its queries, so the backward runs the ring again:
+# $dQ$ sums over the blocks a rank meets and stays home, while $dK$ and $dV$
+# belong to the K/V shard and travel with it, collecting each rank's
+# contribution, and one last hop brings them to their owner. The check below
+# computes these formulas by hand and compares them with autograd:
+
+# %%
+q6, k6, v6 = (torch.randn(5, 8, dtype=F64, requires_grad=True) for _ in range(3))
+do6, dlse6 = torch.randn(5, 8, dtype=F64), torch.randn(5, dtype=F64)
+sc = 1 / math.sqrt(8)
+S6 = q6 @ k6.T * sc
+P6, lse6 = torch.softmax(S6, dim=1), torch.logsumexp(S6, dim=1)
+O6 = P6 @ v6
+auto = torch.autograd.grad((O6 * do6).sum() + (lse6 * dlse6).sum(), (q6, k6, v6))
+with torch.no_grad():
+    D6 = (do6 * O6).sum(dim=1) - dlse6  # D − dlse
+    dS6 = P6 * (do6 @ v6.T - D6[:, None])
+    by_hand = (dS6 @ k6 * sc, dS6.T @ q6 * sc, P6.T @ do6)
+print("dq, dk, dv from dS = P∘(dP − (D − dlse)) equal autograd's:",
+      all(torch.allclose(a, b, atol=1e-12) for a, b in zip(by_hand, auto)))
+m6, l6 = S6.detach().amax(dim=1), torch.exp(S6.detach() - S6.detach().amax(dim=1, keepdim=True)).sum(dim=1)
+acc6 = torch.exp(S6.detach() - m6[:, None]) @ v6.detach()
+print("(acc / l, m + log l) == (O, lse):", torch.allclose(acc6 / l6[:, None], O6.detach(), atol=1e-12)
+      and torch.allclose(m6 + torch.log(l6), lse6.detach(), atol=1e-12))
+assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(by_hand, auto))
+
+# %% [markdown]
+# **References.** Milakov & Gimelshein (2018), [Online normalizer calculation
+# for softmax](https://arxiv.org/abs/1805.02867); Rabe & Staats (2021),
+# [Self-attention does not need O(n²) memory](https://arxiv.org/abs/2112.05682);
+# Dao et al. (2022), [FlashAttention](https://arxiv.org/abs/2205.14135).
+
+# %% [markdown]
 # **Next:** notebook 02 puts the blocks on a ring. Each device keeps its query
 # block, the key/value blocks travel one hop per step, and every device folds
 # them into its accumulator with (M), in its own order, which the
 # commutativity and associativity shown here make exact.
+
+# %% [markdown]
+# > **What to remember**
+# >
+# > * Subtracting the row max makes every exponent ≤ 0: the softmax cannot overflow.
+# > * A block of keys is summarised by $(O, \mathrm{lse})$; two summaries over disjoint keys merge exactly by (M),
+# >   with identity $(0, -\infty)$.
+# > * The merge is addition of $Z = e^{\mathrm{lse}}$ and $U = Z O$ in log space: any order, any grouping, equal up
+# >   to rounding.

@@ -11,6 +11,14 @@
 # %% [markdown]
 # # 03 · Dilated attention
 #
+# > **You will learn** the (segment, rate, head) pattern and its weights $c_{ij}$, equation (D); coverage across
+# > heads; the work $n s / r^2$ per pair against dense $n^2$; which segments cross ring shards.
+# >
+# > **You need** notebooks 01 and 02.
+# >
+# > **Exercises** exercise 6 (the kept positions of one pattern). **Time** about 20 minutes in class (sections 1–4);
+# > executing it takes 10–30 s on 2 CPU cores.
+#
 # Ring attention (notebook 02) makes long sequences *fit*: memory per rank is
 # $O(n / w)$. It does not make them *cheap*: every query still meets every
 # key, $n^2$ scores. **Dilated attention** (Ding et al., 2023, *LongNet:
@@ -29,6 +37,7 @@
 # `s` is a segment length and `r` a dilation rate; `w` stays the ring size.
 
 # %%
+import os
 import statistics
 from pathlib import Path
 
@@ -66,7 +75,8 @@ TOL = 1e-10  # float64 agreement asserted throughout
 
 # The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
 FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
@@ -151,7 +161,7 @@ assert torch.equal(c_grouped[0], torch.block_diag(*[torch.ones(8, 8, dtype=torch
 
 # %%
 fig = plot_dilated_pattern(N, H, head=6, heads="grouped", **SEED)
-fig.savefig(FIGURES / "03_dilated_attention.png", dpi=110, metadata={"Software": None})
+fig.savefig(SAVE / "03_dilated_attention.png", dpi=110, metadata={"Software": None})
 fig
 
 # %% [markdown]
@@ -207,7 +217,7 @@ assert torch.isfinite(dilated_attention(q, k, v, heads="all", **SEED)[1]).all()
 
 # %%
 fig_cov = plot_dilated_coverage(N, H, heads="grouped", **SEED)
-fig_cov.savefig(FIGURES / "03_coverage.png", dpi=110, metadata={"Software": None})
+fig_cov.savefig(SAVE / "03_coverage.png", dpi=110, metadata={"Software": None})
 fig_cov
 
 # %% [markdown]
@@ -423,7 +433,7 @@ measured["dilated: production_dilated r1 (fused, H200)"] = (fused_lens, [fused_m
 fig_cost = plot_dilated_scaling(seq_lens, scores, measured=measured,
                                 measured_title=f"{bench[0]['device'].split()[1]} (fused dilated: "
                                                f"{fused[0]['device'].split()[1]}), bf16, b 1, h 8, d 64, non-causal")
-fig_cost.savefig(FIGURES / "03_work.png", dpi=110, metadata={"Software": None})
+fig_cost.savefig(SAVE / "03_work.png", dpi=110, metadata={"Software": None})
 fig_cost
 
 # %% [markdown]
@@ -486,7 +496,7 @@ assert sum(plan3c.sent_elements(1, D5)) * 2 == sum(plan3.sent_elements(1, D5))  
 
 # %%
 fig_plan = plot_dilated_ring_plan(plan3, batch=1, head_dim=D5)
-fig_plan.savefig(FIGURES / "03_ring_plan.png", dpi=110, metadata={"Software": None})
+fig_plan.savefig(SAVE / "03_ring_plan.png", dpi=110, metadata={"Software": None})
 fig_plan
 
 # %% [markdown]
@@ -525,3 +535,15 @@ plot_error_bars(ring_errors, title=f"ring_dilated_attention vs dilated_attention
 # $n s / r^2$ scores per pair, linear in $n$; on a ring only the segments
 # that straddle a shard boundary move, as dilated K/V, and the result is the
 # same for every ring size.
+
+# %% [markdown]
+# **References.** Ding et al. (2023), [LongNet: Scaling Transformers to
+# 1,000,000,000 Tokens](https://arxiv.org/abs/2307.02486).
+
+# %% [markdown]
+# > **What to remember**
+# >
+# > * Dilated attention is dense attention with integer weights $c_{ij}$ (equation (D)): each pair a key shares with
+# >   a query counts once.
+# > * A pair $(s, r)$ costs $(n/s)(s/r)^2$ scores per head: linear in $n$, not quadratic.
+# > * On a ring only segments that span shards communicate, and only their dilated rows.

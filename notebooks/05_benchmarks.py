@@ -11,6 +11,14 @@
 # %% [markdown]
 # # 05 · Benchmarks
 #
+# > **You will learn** how to time and check a benchmark row honestly (CUDA events, warm-up, median, a reference
+# > check, work counts); one live row; the fused path against cuDNN; one GPU against two.
+# >
+# > **You need** notebook 02.
+# >
+# > **Exercises** no exercises (section 2 measures a row live). **Time** about 10 minutes for section 1; executing
+# > it takes 10–30 s on 2 CPU cores.
+#
 # A benchmark number means something only if it says what was counted, how
 # it was timed, and that the answer was right. The seed's report claimed
 # 131,072 tokens at 41,468 tok/s for a "ring attention" that never moved a
@@ -26,6 +34,7 @@
 
 # %%
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -47,7 +56,8 @@ torch.set_num_threads(1)  # small live rows: one thread is as fast and keeps tim
 
 # The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
 ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
 FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
@@ -232,7 +242,7 @@ assert {(r["device"], r["dtype"], r["batch"], r["heads"], r["head_dim"]) for r i
 OURS = ["ring", "ring_dilated", "production", "production_dilated"]
 PEERS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa"]
 fig = plot_sweep(rows, impls=OURS + PEERS)
-fig.savefig(FIGURES / "05_benchmarks.png", dpi=110, metadata={"Software": None})
+fig.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
 fig
 
 # %% [markdown]
@@ -457,7 +467,7 @@ fig_ratio = plot_ratios(
     sweep["fwd"] + [x for x in sweep["fwd+bwd"] if x["seq_len"] == TARGET_AT["fwd+bwd"][0]]
     + [dict(r, section=f"check {r['section']}") for r in timed],
     {f"{m} {s}": t for s, t in TARGETS.items() for m in ("sweep", "check")})
-fig_ratio.savefig(FIGURES / "05_production.png", dpi=110, metadata={"Software": None})
+fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
 fig_ratio
 
 # %% [markdown]
@@ -513,7 +523,7 @@ print("launches of one forward at 131K:", {name: x["kernels"] for name, x in dil
 # %%
 fig_dil = plot_ratios(dil_rows, {"grouped fwd": 0.8, "all fwd": 1 / 1.3, "grouped fwd+bwd": 1 / 1.3},
                       peer="dilated_sdpa", ours="production_dilated")
-fig_dil.savefig(FIGURES / "05_dilated.png", dpi=110, metadata={"Software": None})
+fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
 fig_dil
 
 # %% [markdown]
@@ -686,7 +696,7 @@ ax_m.set_ylabel("peak memory (GB), the largest of the GPUs")
 ax_m.set_title("peak memory per GPU", fontsize=10)
 ax_m.legend(fontsize=7, loc="upper left", ncol=2)
 fig_scale.suptitle(f"{auto[0]['device']} × 2, NCCL, bf16, b=1 h=8 d=64", fontsize=10)
-fig_scale.savefig(FIGURES / "05_scaling.png", dpi=110, metadata={"Software": None})
+fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
 fig_scale
 
 # %% [markdown]
@@ -703,3 +713,10 @@ fig_scale
 # GPU. Over two GPUs it runs just under 1.9× one GPU's speed, keeps
 # level with PyTorch's `context_parallel` (CP slightly ahead with a mask) and
 # needs less memory per GPU than CP.
+
+# %% [markdown]
+# > **What to remember**
+# >
+# > * A number counts only with its work count, its timer and its reference check; a row that is not finite or not
+# >   within tolerance is an error, not a result.
+# > * Compare against the strongest peer timed in the same run, and say what limits you when you miss.

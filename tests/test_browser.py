@@ -14,12 +14,13 @@ headless Chromium driven by Playwright, runs all cells (JupyterLab's own
   keyboard, or else a dropdown) changes the figure it draws (the ``src`` of
   the image in the widget's output), and the redraw shows no traceback.
 
-It saves one screenshot per notebook, ``figures/browser/<notebook>.png`` (the
-widget cell after the move; for a notebook without widgets, its first figure).
-They are committed: they are the project's pictures of the notebooks in a
-real browser (byte-identical from run to run on the same Chromium, so a
-rerun leaves git clean unless a notebook's look changed). On a failure the
-page is saved under pytest's temporary directory and the message says where.
+It saves one screenshot per notebook (the widget cell after the move; for a
+notebook without widgets, its first figure) into a temporary folder, so a
+test run leaves the clone clean. The committed pictures of the notebooks in
+a real browser, ``figures/browser/<notebook>.png``, are refreshed only on
+request: ``make screenshots`` (``RINGBOOK_SCREENSHOTS=figures/browser``). On
+a failure the page is saved under pytest's temporary directory and the
+message says where.
 
 What it runs on, so that the repository stays clean:
 
@@ -59,6 +60,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -68,7 +70,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-SHOTS = ROOT / "figures" / "browser"
+# Where the screenshots go: a temporary folder, unless RINGBOOK_SCREENSHOTS names one (make screenshots).
+SHOTS = Path(os.environ.get("RINGBOOK_SCREENSHOTS") or tempfile.mkdtemp(prefix="ringbook-screenshots-"))
 OVERRIDES = Path(__file__).resolve().parent / "browser" / "overrides.json"
 CHROMIUM = os.environ.get("RINGBOOK_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
