@@ -106,7 +106,7 @@ print("ringbook", ringbook.__version__)
 # Which offset $o_{h,p}$ a head uses is the **head mode**:
 #
 # * `"all"`: every head uses every pair, with offset $o = h \bmod r_p$;
-# * `"grouped"` (the seed's): the heads are cut into one contiguous group per
+# * `"grouped"` (the benchmark's): the heads are cut into one contiguous group per
 #   pair, and the $j$-th head of a group keeps offset $j \bmod r_p$.
 #
 # **Exercise 6 · The kept positions of one pattern.** Before the library
@@ -126,19 +126,19 @@ _ = check_kept_positions(kept_positions)
 # %% [markdown]
 # `ringbook.dilated_weights` returns the integer tensor $c^h_{ij}$ (`h i j`);
 # `ringbook.dilated.pair_heads` says which heads use which pair at which
-# offset. The configuration below is the seed's benchmark configuration
+# offset. The configuration below is the benchmark's configuration
 # scaled to 64 tokens (`ringbook.bench.bench_dilated_config`: segment
 # lengths $n/8, n/4, n/2$ with rates 1, 2, 4, 8 heads grouped 2 : 3 : 3).
 
 # %%
 N, H = 64, 8
-SEED = bench_dilated_config(N)  # {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
-print("seed config at n = 64:", SEED)
-for (hs, offs), seg, r in zip(pair_heads(H, SEED["dilation_rates"], "grouped"), *SEED.values()):
+CFG = bench_dilated_config(N)  # {"segment_lengths": [8, 16, 32], "dilation_rates": [1, 2, 4]}
+print("benchmark config at n = 64:", CFG)
+for (hs, offs), seg, r in zip(pair_heads(H, CFG["dilation_rates"], "grouped"), *CFG.values()):
     print(f"  pair (s = {seg:2}, r = {r}): heads {list(hs)} at offsets {list(offs)}")
 
-c_grouped = dilated_weights(N, H, heads="grouped", **SEED)
-c_all = dilated_weights(N, H, heads="all", **SEED)
+c_grouped = dilated_weights(N, H, heads="grouped", **CFG)
+c_all = dilated_weights(N, H, heads="all", **CFG)
 print("c_ij takes the values (grouped):", sorted(c_grouped.unique().tolist()),
       "| (all):", sorted(c_all.unique().tolist()))
 
@@ -153,14 +153,14 @@ assert torch.equal(c_grouped[6], by_hand)
 assert torch.equal(c_grouped[0], torch.block_diag(*[torch.ones(8, 8, dtype=torch.long)] * 8))  # (8, 1): dense blocks
 
 # %% [markdown]
-# Head 6 of the seed's configuration: its group's pair is $(32, 4)$ and its
+# Head 6 of the benchmark's configuration: its group's pair is $(32, 4)$ and its
 # offset 1, so it keeps every 4th token of each half of the sequence. On the
 # right, for every head, how many pairs keep each position ($c_{ii}$); red
 # positions are kept by none. The figure is saved to
 # `figures/03_dilated_attention.png`.
 
 # %%
-fig = plot_dilated_pattern(N, H, head=6, heads="grouped", **SEED)
+fig = plot_dilated_pattern(N, H, head=6, heads="grouped", **CFG)
 fig.savefig(SAVE / "03_dilated_attention.png", dpi=110, metadata={"Software": None})
 fig
 
@@ -185,7 +185,7 @@ _ = display(explorer)
 # A head keeps a position only if one of its pairs has the right offset
 # there. A position kept by no pair of head $h$ has an empty key set in (D):
 # its output is 0 and its lse is $-\infty$, the identity partial of notebook
-# 01. In the seed's grouped configuration the pair $(32, 4)$ has 3 heads for
+# 01. In the benchmark's grouped configuration the pair $(32, 4)$ has 3 heads for
 # 4 offsets, so the positions $\equiv 3 \pmod 4$ of every segment are seen by
 # **no head of that group**: a quarter of the sequence is invisible to it,
 # and each of its heads drops three quarters. The check runs the fast
@@ -193,9 +193,9 @@ _ = display(explorer)
 
 # %%
 q, k, v = (torch.randn(1, N, H, 16, dtype=F64) for _ in range(3))
-out, lse = dilated_attention(q, k, v, heads="grouped", **SEED)
+out, lse = dilated_attention(q, k, v, heads="grouped", **CFG)
 lost = torch.isneginf(lse[0])  # h n: positions kept by no pair
-groups = grouped_heads(H, len(SEED["segment_lengths"]))
+groups = grouped_heads(H, len(CFG["segment_lengths"]))
 print("share of positions with lse = -inf, per head:", [f"{x:.2f}" for x in lost.double().mean(1).tolist()])
 for g, hs in enumerate(groups):
     unseen = lost[list(hs)].all(0)
@@ -209,14 +209,14 @@ assert lost[list(groups[2])].all(0).double().mean() == 0.25  # a quarter of the 
 assert not lost[list(groups[1])].all(0).any()  # (16, 2): 3 heads cover both offsets
 assert (out[0].transpose(0, 1)[lost] == 0).all() and torch.equal(lost, c_grouped.diagonal(dim1=1, dim2=2) == 0)
 # mode "all" with a rate-1 pair keeps every position of every head
-assert torch.isfinite(dilated_attention(q, k, v, heads="all", **SEED)[1]).all()
+assert torch.isfinite(dilated_attention(q, k, v, heads="all", **CFG)[1]).all()
 
 # %% [markdown]
 # Per head (bars) and per group (black line: the share that no head of the
 # group keeps). Heads 0 and 1 see everything, inside segments of 8.
 
 # %%
-fig_cov = plot_dilated_coverage(N, H, heads="grouped", **SEED)
+fig_cov = plot_dilated_coverage(N, H, heads="grouped", **CFG)
 fig_cov.savefig(SAVE / "03_coverage.png", dpi=110, metadata={"Software": None})
 fig_cov
 
@@ -236,7 +236,7 @@ fig_cov
 
 # %%
 CONFIGS = {
-    "seed, n = 64": (64, SEED),
+    "benchmark, n = 64": (64, CFG),
     "one pair (12, 3), n = 48": (48, {"segment_lengths": [12], "dilation_rates": [3]}),
     "(6, 1) (12, 2) (24, 4), n = 48": (48, {"segment_lengths": [6, 12, 24], "dilation_rates": [1, 2, 4]}),
     "(10, 5) (20, 2), n = 60": (60, {"segment_lengths": [10, 20], "dilation_rates": [5, 2]}),
@@ -281,10 +281,10 @@ plot_error_bars(errors, title="dilated_attention vs equation (D), float64", tole
 # For fixed pairs that is **linear** in $n$. `ringbook.dilated_flops` counts
 # $4 d$ FLOPs per score, summed over heads and pairs (halved if causal, like
 # `attention_flops` for dense attention); dividing by $4 d$ gives scores. The
-# seed's configuration is *not* fixed, though: below 16K its segments are
+# benchmark's configuration is *not* fixed, though: below 16K its segments are
 # $n/8, n/4, n/2$ (quadratic, about $1/15$ of dense), and above 16K they
-# double at 32K and at 128K, so the seed's work is linear between those steps
-# and jumps $2\times$ at each. The seed's 4K pairs $(512, 1), (1024, 2),
+# double at 32K and at 128K, so its work is linear between those steps
+# and jumps $2\times$ at each. Its 4K pairs $(512, 1), (1024, 2),
 # (2048, 4)$ kept fixed show the pure linear law.
 
 # %%
@@ -293,21 +293,21 @@ seq_lens = [2**p for p in range(12, 20)]  # 4K … 512K, the benchmark's sweep
 fixed = bench_dilated_config(4096)  # [512, 1024, 2048], rates [1, 2, 4]
 scores = {
     "dense attention": [attention_flops(B, H, n, n, D) / (4 * D) for n in seq_lens],
-    "dilated, the seed's config": [dilated_flops(B, H, n, D, heads="grouped", **bench_dilated_config(n)) / (4 * D)
+    "dilated, the benchmark's config": [dilated_flops(B, H, n, D, heads="grouped", **bench_dilated_config(n)) / (4 * D)
                                    for n in seq_lens],
     "dilated, the 4K pairs kept fixed": [dilated_flops(B, H, n, D, heads="grouped", **fixed) / (4 * D)
                                           for n in seq_lens],
 }
 print(f"fixed pairs: {fixed}")
-dense, seed_work, lin = (scores[k] for k in scores)
-print("n (tokens)   dense scores   seed's dilated   fixed pairs   dense / seed")
+dense, bench_work, lin = (scores[k] for k in scores)
+print("n (tokens)   dense scores    bench dilated   fixed pairs  dense / bench")
 for i, n in enumerate(seq_lens):
-    print(f"{n:>10} {dense[i]:>14.4g} {seed_work[i]:>16.4g} {lin[i]:>13.4g} {dense[i] / seed_work[i]:>14.0f}")
+    print(f"{n:>10} {dense[i]:>14.4g} {bench_work[i]:>16.4g} {lin[i]:>13.4g} {dense[i] / bench_work[i]:>14.0f}")
 
 assert all(b == 4 * a for a, b in zip(dense, dense[1:]))  # quadratic
 assert all(b == 2 * a for a, b in zip(lin, lin[1:]))  # linear
-assert all(b > a for a, b in zip(seed_work, seed_work[1:]))  # monotonic
-assert [round(b / a) for a, b in zip(seed_work, seed_work[1:])] == [4, 4, 4, 2, 4, 2, 2]  # steps: 32K, 128K
+assert all(b > a for a, b in zip(bench_work, bench_work[1:]))  # monotonic
+assert [round(b / a) for a, b in zip(bench_work, bench_work[1:])] == [4, 4, 4, 2, 4, 2, 2]  # steps: 32K, 128K
 assert dilated_flops(B, H, 4096, D, causal=True, heads="grouped", **bench_dilated_config(4096)) * 2 == \
     dilated_flops(B, H, 4096, D, heads="grouped", **bench_dilated_config(4096))
 
@@ -353,7 +353,7 @@ fig_live
 # %% [markdown]
 # **Measured on an H100.** The committed benchmark
 # (`figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json`, written by
-# `python -m ringbook bench`) has the seed's configuration run by
+# `python -m ringbook bench`) has the benchmark's dilated configuration run by
 # `ring_dilated_attention` with all ranks in one process (`ring_dilated`),
 # and dense peers: cuDNN's fused attention (`sdpa_cudnn`), ringbook's
 # `blockwise` and its one-process `ring`. Non-causal, ring size 1:
@@ -362,7 +362,7 @@ fig_live
 bench_file = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16.json"
 assert bench_file.exists(), f"{bench_file.relative_to(ROOT)} is missing: run `python -m ringbook bench` on a GPU"
 bench = [r for r in load_rows(bench_file) if r["ring_size"] == 1 and not r["causal"]]
-PEERS = {"ring_dilated": "dilated: ring_dilated (seed config)", "sdpa_cudnn": "dense, sdpa_cudnn (fused kernel)",
+PEERS = {"ring_dilated": "dilated: ring_dilated (benchmark config)", "sdpa_cudnn": "dense, sdpa_cudnn (fused kernel)",
          "blockwise": "dense, blockwise (ringbook)", "ring": "dense, ring (ringbook)"}
 measured = {}
 print(f"{bench[0]['device']}, torch {bench[0]['torch_version']}, {bench[0]['dtype']}")
@@ -378,7 +378,7 @@ blk = dict(zip(*measured[PEERS["blockwise"]]))
 assert sorted(dil) == seq_lens  # every ring_dilated row ran and passed its check
 assert all(r["status"] == "ok" for r in load_rows(bench_file) if r["impl"] == "ring_dilated")
 print(f"\nat 512K: ring_dilated {dil[524288]:.0f} ms, sdpa_cudnn {cud[524288]:.0f} ms "
-      f"({cud[524288] / dil[524288]:.1f}× slower, for {dense[-1] / seed_work[-1]:.0f}× the scores)")
+      f"({cud[524288] / dil[524288]:.1f}× slower, for {dense[-1] / bench_work[-1]:.0f}× the scores)")
 print(f"at 128K: blockwise {blk[131072]:.0f} ms vs ring_dilated {dil[131072]:.0f} ms "
       f"({blk[131072] / dil[131072]:.0f}×, same einops arithmetic); blockwise stopped after 128K")
 assert dil[524288] < cud[524288] and blk[131072] > 10 * dil[131072]
@@ -502,8 +502,9 @@ fig_plan
 # %% [markdown]
 # ## 6 · The ring does not change the result
 #
-# Unlike the seed's version, which attended each chunk only to itself and
-# skipped head groups whose segment did not fit the chunk, the ring computes
+# A tempting shortcut attends each shard only to itself and drops the head
+# groups whose segment does not fit a shard; that is a different function.
+# The ring here computes
 # (D) exactly, whatever the ring size: for every divisor of $n$ (even shards
 # of 1 token, where every segment longer than 1 is exchanged), both head
 # modes, causal and not, `ring_dilated_attention` equals `dilated_attention`
@@ -531,7 +532,7 @@ plot_error_bars(ring_errors, title=f"ring_dilated_attention vs dilated_attention
 # **Summary.** Dilated attention is dense attention with integer weights
 # $c_{ij}$ (D): a key counts once per pair that shows it to the query, and a
 # position no pair keeps gets out 0 and lse $-\infty$ (a quarter of the
-# sequence for the last head group of the seed's configuration). It costs
+# sequence for the last head group of the benchmark's configuration). It costs
 # $n s / r^2$ scores per pair, linear in $n$; on a ring only the segments
 # that straddle a shard boundary move, as dilated K/V, and the result is the
 # same for every ring size.

@@ -205,7 +205,7 @@ assert ratio_naive < 0.5
 #
 # * **A**: pairs $(16, 1), (32, 2)$, every head uses every pair
 #   (`heads="all"`): every position is kept;
-# * **B**: pairs $(8, 1), (16, 2), (32, 4)$, heads grouped (the seed's shape):
+# * **B**: pairs $(8, 1), (16, 2), (32, 4)$, heads grouped (the benchmark's shape):
 #   the heads of the rate-2 and rate-4 groups keep only some positions, so
 #   `lse` has $-\infty$ entries and `out` exact zeros that every
 #   implementation must reproduce.
