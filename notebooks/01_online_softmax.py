@@ -49,11 +49,20 @@
 # q, k and v are `b n h d`; the log-sum-exp `lse` is `b h n`; score tensors
 # are `b h i j`. Every attention function returns `(out, lse)`.
 
+# %% jupyter={"source_hidden": true}
+# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
+import os
+from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
+# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
+FIGURES.mkdir(exist_ok=True)
+
 # %%
 import math
-import os
 from functools import reduce
-from pathlib import Path
 
 import torch
 from einops import einsum, rearrange
@@ -69,11 +78,6 @@ torch.manual_seed(0)
 F64 = torch.float64  # exactness checks run in float64
 TOL = 1e-12  # float64 agreement asserted throughout
 
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
 # %% [markdown]
@@ -464,8 +468,11 @@ assert online_matches_trace and fold_is_blockwise and (outs[-1] - exact_out).abs
 
 # %%
 fig = plot_online_softmax(s, BLOCK, m, l, outs, exact_out)
-fig.savefig(SAVE / "01_online_softmax.png", dpi=110, metadata={"Software": None})
 fig
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig.savefig(SAVE / "01_online_softmax.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # Move the slider to add one key block at a time and watch $m$, $\ell$ and the
@@ -474,10 +481,14 @@ fig
 # %%
 # NBVAL_IGNORE_OUTPUT
 explorer = online_softmax_explorer(s, BLOCK, m, l, outs, exact_out, blocks_seen=K)
-assert len(explorer.result.axes) == 4
-explorer.children[0].value = 3  # moving the slider redraws the figure
-assert explorer.result.axes[0].get_title() == f"(a) scores and running max, 3/{K} blocks seen"
 _ = display(explorer)
+
+# %% jupyter={"source_hidden": true}
+# Check (hidden in JupyterLab): moving the slider redraws the figure; then the slider goes back.
+assert len(explorer.result.axes) == 4
+explorer.children[0].value = 3
+assert explorer.result.axes[0].get_title() == f"(a) scores and running max, 3/{K} blocks seen"
+explorer.children[0].value = K
 
 # %% [markdown]
 # ## 6 · Two forms of one summary, and the backward pass

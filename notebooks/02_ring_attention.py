@@ -44,9 +44,18 @@
 # Shapes as in notebook 01: q, k, v are `b n h d`, lse is `b h n`; a shard
 # is `b c h d`; `w` is the ring size.
 
-# %%
+# %% jupyter={"source_hidden": true}
+# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
 import os
 from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
+# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
+FIGURES.mkdir(exist_ok=True)
+
+# %%
 
 import torch
 from IPython.display import display
@@ -66,11 +75,6 @@ torch.set_num_threads(1)  # small tensors; the 4-process ring below shares 2 cor
 F64 = torch.float64  # exactness checks run in float64
 TOL = 1e-10  # float64 agreement asserted throughout
 
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
 # %% [markdown]
@@ -213,8 +217,11 @@ for layout in LAYOUTS:
 
 # %%
 fig = plot_ring_step(n_pic, W, 1, layout="zigzag", causal=True)
-fig.savefig(SAVE / "02_ring_attention.png", dpi=110, metadata={"Software": None})
 fig
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig.savefig(SAVE / "02_ring_attention.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # Move the slider through the steps, and switch the layout and the mask. With
@@ -225,11 +232,15 @@ fig
 # %%
 # NBVAL_IGNORE_OUTPUT
 explorer = ring_step_explorer(n_pic, W, step=0, layout="zigzag", causal=True)
+_ = display(explorer)
+
+# %% jupyter={"source_hidden": true}
+# Check (hidden in JupyterLab): changing a control redraws the figure; then the controls go back.
 assert len(explorer.result.axes) == 2
-explorer.children[1].value = "contiguous"  # changing a control redraws the figure
+explorer.children[1].value = "contiguous"
 explorer.children[0].value = 2
 assert explorer.result.axes[0].get_title() == f"step 2 of {W} · layout contiguous · causal (n = {n_pic}, w = {W})"
-_ = display(explorer)
+explorer.children[1].value, explorer.children[0].value = "zigzag", 0
 
 # %% [markdown]
 # ## 3 · Causal work per rank: contiguous, zigzag, striped
@@ -292,8 +303,11 @@ assert sum(needed["contiguous"]) == sum(needed["zigzag"]) == sum(needed["striped
 
 # %%
 fig_work = plot_causal_work(computed, needed, critical=critical)
-fig_work.savefig(SAVE / "02_causal_work.png", dpi=110, metadata={"Software": None})
 fig_work
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_work.savefig(SAVE / "02_causal_work.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 4 · Memory per rank: O(n / w)
@@ -364,8 +378,11 @@ assert share > 0.85 and vs_shards > 10
 fig_mem = plot_memory_per_rank(seq_lens, per_rank, reference=naive_scores,
                                reference_label="naive: n × n float32 scores, one device",
                                terms=terms, terms_label="n = 128K, w = 2")
-fig_mem.savefig(SAVE / "02_memory.png", dpi=110, metadata={"Software": None})
 fig_mem
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_mem.savefig(SAVE / "02_memory.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Measured.** `python -m ringbook.dist_bench` (under `torchrun` with 2

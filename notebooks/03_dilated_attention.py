@@ -36,10 +36,19 @@
 # Shapes and letters as in notebook 01: q, k, v are `b n h d`, lse is `b h n`;
 # `s` is a segment length and `r` a dilation rate; `w` stays the ring size.
 
-# %%
+# %% jupyter={"source_hidden": true}
+# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
 import os
-import statistics
 from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
+# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
+FIGURES.mkdir(exist_ok=True)
+
+# %%
+import statistics
 
 import torch
 from IPython.display import display
@@ -73,11 +82,6 @@ torch.set_num_threads(1)  # small tensors: one thread is as fast and keeps timin
 F64 = torch.float64  # exactness checks run in float64
 TOL = 1e-10  # float64 agreement asserted throughout
 
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
 # %% [markdown]
@@ -161,8 +165,11 @@ assert torch.equal(c_grouped[0], torch.block_diag(*[torch.ones(8, 8, dtype=torch
 
 # %%
 fig = plot_dilated_pattern(N, H, head=6, heads="grouped", **CFG)
-fig.savefig(SAVE / "03_dilated_attention.png", dpi=110, metadata={"Software": None})
 fig
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig.savefig(SAVE / "03_dilated_attention.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # Explore: the pairs are geometric as in LongNet, $(s, r), (2s, 2r), (4s, 4r)$.
@@ -173,11 +180,15 @@ fig
 # %%
 # NBVAL_IGNORE_OUTPUT
 explorer = dilated_pattern_explorer(N, H, segment_length=8, dilation_rate=1, num_pairs=3, head=6, heads="grouped")
+_ = display(explorer)
+
+# %% jupyter={"source_hidden": true}
+# Check (hidden in JupyterLab): changing a control redraws the figure; then the controls go back.
 assert len(explorer.result.axes) == 2
-explorer.children[4].value = "all"  # changing a control redraws the figure
+explorer.children[4].value = "all"
 explorer.children[1].value = 2
 assert explorer.result.axes[0].get_title() == "head 6: $c_{ij}$ · segments [8, 16, 32] · rates [2, 4, 8] · heads all"
-_ = display(explorer)
+explorer.children[4].value, explorer.children[1].value = "grouped", 1
 
 # %% [markdown]
 # ## 2 · Coverage: what each head never sees
@@ -217,8 +228,11 @@ assert torch.isfinite(dilated_attention(q, k, v, heads="all", **CFG)[1]).all()
 
 # %%
 fig_cov = plot_dilated_coverage(N, H, heads="grouped", **CFG)
-fig_cov.savefig(SAVE / "03_coverage.png", dpi=110, metadata={"Software": None})
 fig_cov
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_cov.savefig(SAVE / "03_coverage.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 3 · The fast path equals the definition
@@ -433,8 +447,11 @@ measured["dilated: production_dilated r1 (fused, H200)"] = (fused_lens, [fused_m
 fig_cost = plot_dilated_scaling(seq_lens, scores, measured=measured,
                                 measured_title=f"{bench[0]['device'].split()[1]} (fused dilated: "
                                                f"{fused[0]['device'].split()[1]}), bf16, b 1, h 8, d 64, non-causal")
-fig_cost.savefig(SAVE / "03_work.png", dpi=110, metadata={"Software": None})
 fig_cost
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_cost.savefig(SAVE / "03_work.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 5 · On a ring: local and exchanged segments
@@ -496,8 +513,11 @@ assert sum(plan3c.sent_elements(1, D5)) * 2 == sum(plan3.sent_elements(1, D5))  
 
 # %%
 fig_plan = plot_dilated_ring_plan(plan3, batch=1, head_dim=D5)
-fig_plan.savefig(SAVE / "03_ring_plan.png", dpi=110, metadata={"Software": None})
 fig_plan
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_plan.savefig(SAVE / "03_ring_plan.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 6 · The ring does not change the result

@@ -46,11 +46,20 @@
 # that zigzag fits a ring of 8) so that the whole matrix runs on a CPU in well
 # under a minute.
 
+# %% jupyter={"source_hidden": true}
+# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
+import os
+from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
+# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
+FIGURES.mkdir(exist_ok=True)
+
 # %%
 import functools
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,11 +90,6 @@ RING_SIZES = (1, 2, 4, 8)
 TOL64 = 1e-10  # float64: equal to rounding
 TOL32 = 1e-5  # float32: a fixed tolerance, justified in section 1
 
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
 # %% [markdown]
@@ -424,8 +428,11 @@ def plot_part(part, what):
 
 
 fig_forward = plot_part(FORWARD, "forward, out and lse")
-fig_forward.savefig(SAVE / "04_equivalence.png", dpi=110, metadata={"Software": None})
 fig_forward
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_forward.savefig(SAVE / "04_equivalence.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # The gradients, the largest error of dq, dk and dv. They are mostly larger
@@ -436,8 +443,11 @@ fig_forward
 
 # %%
 fig_gradients = plot_part(GRADIENTS, "gradients, dq, dk and dv")
-fig_gradients.savefig(SAVE / "04_gradients.png", dpi=110, metadata={"Software": None})
 fig_gradients
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_gradients.savefig(SAVE / "04_gradients.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **One quantity at a time.** Pick `out`, `lse`, `dq`, `dk` or `dv`: the
@@ -456,10 +466,14 @@ def show_quantity(quantity):
 
 
 explorer = interactive(show_quantity, quantity=Dropdown(options=QUANTITIES, value="lse", description="quantity"))
-assert explorer.result.axes[0].get_title().startswith("lse:")
-explorer.children[0].value = "dk"  # changing the control redraws the figure
-assert explorer.result.axes[0].get_title().startswith("dk:")
 _ = display(explorer)
+
+# %% jupyter={"source_hidden": true}
+# Check (hidden in JupyterLab): changing the control redraws the figure; then it goes back.
+assert explorer.result.axes[0].get_title().startswith("lse:")
+explorer.children[0].value = "dk"
+assert explorer.result.axes[0].get_title().startswith("dk:")
+explorer.children[0].value = "lse"
 
 # %% [markdown]
 # **Summary.** Every implementation — blockwise, the ring in every layout,

@@ -32,11 +32,21 @@
 #
 # Shapes as in notebook 01: q, k, v are `b n h d`; `w` is the ring size.
 
+# %% jupyter={"source_hidden": true}
+# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
+import os
+from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
+FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
+SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
+# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
+FIGURES.mkdir(exist_ok=True)
+
 # %%
 import json
 import os
 import statistics
-from pathlib import Path
 
 import torch
 from IPython.display import Markdown, display
@@ -54,11 +64,6 @@ from ringbook.viz.widgets import bench_row_explorer
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small live rows: one thread is as fast and keeps timings steady
 
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-FIGURES.mkdir(exist_ok=True)
 print("ringbook", ringbook.__version__)
 
 # %% [markdown]
@@ -204,6 +209,10 @@ print(f"sequence lengths {LIVE['seq_lens']}, ring sizes {LIVE['ring_sizes']}, dt
 # NBVAL_IGNORE_OUTPUT
 explorer = bench_row_explorer(run_live, seq_lens=LIVE["seq_lens"], ring_sizes=LIVE["ring_sizes"], impls=LIVE_IMPLS,
                               dtypes=LIVE["dtypes"], seq_len=LIVE["start"], ring_size=4, impl="ring")
+_ = display(explorer)
+
+# %% jupyter={"source_hidden": true}
+# Check (hidden in JupyterLab): two more rows through the controls and the run button, each ok and checked.
 controls = {w.description: w for w in explorer.kwargs_widgets}
 for impl, dtype, causal in (("production", LIVE["dtypes"][1], True), ("ring_dilated", LIVE["dtypes"][0], True)):
     controls["implementation"].value, controls["dtype"].value, controls["causal"].value = impl, dtype, causal
@@ -213,7 +222,6 @@ for row in explorer.rows:
     assert row["status"] == "ok", row["error"]
     assert row["max_rel_err"] <= TOLERANCE[DTYPES[row["dtype"]]] and row["time_ms"] > 0
 assert len(explorer.result.axes) == 2 and len(explorer.result.axes[0].patches) == 3  # one bar per row
-_ = display(explorer)
 
 # %% [markdown]
 # ## 3 · One H100: throughput and memory against sequence length
@@ -242,8 +250,11 @@ assert {(r["device"], r["dtype"], r["batch"], r["heads"], r["head_dim"]) for r i
 OURS = ["ring", "ring_dilated", "production", "production_dilated"]
 PEERS = ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa"]
 fig = plot_sweep(rows, impls=OURS + PEERS)
-fig.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
 fig
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # The seed report's summary table, for the same measurements: for each
@@ -467,8 +478,11 @@ fig_ratio = plot_ratios(
     sweep["fwd"] + [x for x in sweep["fwd+bwd"] if x["seq_len"] == TARGET_AT["fwd+bwd"][0]]
     + [dict(r, section=f"check {r['section']}") for r in timed],
     {f"{m} {s}": t for s, t in TARGETS.items() for m in ("sweep", "check")})
-fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
 fig_ratio
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 4b · The seed's dilated system on the ring engine (one H200)
@@ -523,8 +537,11 @@ print("launches of one forward at 131K:", {name: x["kernels"] for name, x in dil
 # %%
 fig_dil = plot_ratios(dil_rows, {"grouped fwd": 0.8, "all fwd": 1 / 1.3, "grouped fwd+bwd": 1 / 1.3},
                       peer="dilated_sdpa", ours="production_dilated")
-fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
 fig_dil
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # ## 5 · From one GPU to two
@@ -696,8 +713,11 @@ ax_m.set_ylabel("peak memory (GB), the largest of the GPUs")
 ax_m.set_title("peak memory per GPU", fontsize=10)
 ax_m.legend(fontsize=7, loc="upper left", ncol=2)
 fig_scale.suptitle(f"{auto[0]['device']} × 2, NCCL, bf16, b=1 h=8 d=64", fontsize=10)
-fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
 fig_scale
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Summary.** Every committed row was timed by the median of CUDA-event
