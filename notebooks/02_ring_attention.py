@@ -57,6 +57,8 @@ FIGURES.mkdir(exist_ok=True)
 
 # %%
 
+import math
+
 import torch
 from IPython.display import display
 
@@ -97,9 +99,48 @@ print("ringbook", ringbook.__version__)
 # mask hides completely contributes the identity, so the ring may skip it
 # without computing it.
 #
-# `ringbook.ring_attention` plays the $w$ ranks in turn in one process; the
-# schedule (who holds what, which blocks are computed) is data, read from
-# `ringbook.ring_schedule`. First the arrival order at each rank:
+# **The loop, in plain torch.** Before the library, the whole idea in 25
+# lines: $w$ ranks played in turn, one head, no mask. Each rank keeps its
+# query shard and a running $(O, \mathrm{lse})$; at every step it attends to
+# the K/V shard it holds and merges by (M); then every shard moves one rank
+# along the ring.
+
+# %%
+def toy_ring_attention(q, k, v, w):
+    """q, k, v: (n, d), one head, no mask. Returns (out, lse) after w steps of a w-rank ring."""
+    c, scale = q.shape[0] // w, q.shape[1] ** -0.5
+    queries = q.split(c)  # rank r keeps queries r·c … (r+1)·c − 1 for the whole call
+    held = list(zip(k.split(c), v.split(c)))  # the K/V shard each rank holds; at step 0 its own
+    out = [torch.zeros_like(x) for x in queries]
+    lse = [torch.full((c,), -math.inf, dtype=q.dtype) for _ in queries]
+    for t in range(w):
+        for r in range(w):  # every rank, one block each
+            k_b, v_b = held[r]
+            s_b = queries[r] @ k_b.T * scale
+            lse_b, out_b = torch.logsumexp(s_b, dim=1), torch.softmax(s_b, dim=1) @ v_b
+            merged = torch.logaddexp(lse[r], lse_b)  # equation (M)
+            out[r] = torch.exp(lse[r] - merged)[:, None] * out[r] + torch.exp(lse_b - merged)[:, None] * out_b
+            lse[r] = merged
+        held = held[-1:] + held[:-1]  # the send: the shard held by rank r moves to rank r + 1
+    return torch.cat(out), torch.cat(lse)
+
+
+q_toy, k_toy, v_toy = (torch.randn(24, 8, dtype=F64) for _ in range(3))
+toy_out, toy_lse = toy_ring_attention(q_toy, k_toy, v_toy, w=4)
+ref_toy = naive_attention(*(x[None, :, None] for x in (q_toy, k_toy, v_toy)))
+lib_toy = ring_attention(*(x[None, :, None] for x in (q_toy, k_toy, v_toy)), ring_size=4)
+print("toy ring == naive_attention:", torch.allclose(toy_out, ref_toy[0][0, :, 0], atol=1e-12),
+      "| == ringbook.ring_attention:", torch.allclose(toy_out, lib_toy[0][0, :, 0], atol=1e-12)
+      and torch.allclose(toy_lse, lib_toy[1][0, 0], atol=1e-12))
+assert torch.allclose(toy_out, ref_toy[0][0, :, 0], atol=1e-12) and torch.allclose(toy_lse, ref_toy[1][0, 0], atol=1e-12)
+
+# %% [markdown]
+# `ringbook.ring_attention` is the same loop made general and robust: batch
+# and heads, the causal mask with its skipped blocks, the three layouts, keys
+# visited in chunks, grouped-query attention; it plays the $w$ ranks in turn
+# in one process, and the schedule (who holds what, which blocks are
+# computed) is data, read from `ringbook.ring_schedule`. First the arrival
+# order at each rank:
 
 # %%
 W = 4
