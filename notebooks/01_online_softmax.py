@@ -143,6 +143,10 @@ scores = row * 50
 plot_exp_overflow(scores, dtypes=(torch.float16, torch.float32))
 
 # %% [markdown]
+# **Takeaway:** the plain softmax breaks as soon as a score passes the log of
+# the dtype's largest number: about 11 in float16, 88 in float32.
+
+# %% [markdown]
 # ## 2 · The safe softmax: subtract the max
 #
 # Multiplying numerator and denominator by $e^{-m}$ changes nothing, for any
@@ -192,6 +196,10 @@ assert verdict(safe) == "ok" and (safe.double() - exact).abs().max() < 1e-3
 
 # %%
 plot_exp_overflow(scores, dtypes=(torch.float16, torch.float32), show_shifted=True)
+
+# %% [markdown]
+# **Takeaway:** after subtracting the max every exponent is at most 0, so no
+# dtype overflows.
 
 # %% [markdown]
 # ## 3 · The online normaliser
@@ -255,6 +263,10 @@ assert (m.diff() >= 0).all() and m[-1] == s.max() and invariant and all(final.va
 
 # %%
 plot_online_softmax(s, BLOCK, m, l)
+
+# %% [markdown]
+# **Takeaway:** the running max only grows, and rescaling $\ell$ by $e^{m -
+# m'}$ keeps it consistent, so one pass over the blocks suffices.
 
 # %% [markdown]
 # **Exercise 1 · The lse of a block.** A block's scan leaves its row maxima
@@ -385,10 +397,17 @@ lse_blocks = torch.stack([lse[0, 0] for _, lse in parts])  # w × n: lse_J of ea
 plot_block_weights(lse_blocks, labels=[f"block {r}: keys {r * C}–{(r + 1) * C - 1}" for r in range(W)])
 
 # %% [markdown]
+# **Takeaway:** each block counts in proportion to its share of the softmax
+# mass, $e^{\mathrm{lse}_J - \mathrm{lse}}$.
+
+# %% [markdown]
 # And every order of merging lands on the reference to float64 rounding:
 
 # %%
 plot_error_bars(errors, title="Merging the 4 partials in different orders vs naive_attention", tolerance=TOL)
+
+# %% [markdown]
+# **Takeaway:** the order of merging changes only the last digits of float64.
 
 # %% [markdown]
 # **Exercise 3 · One online-softmax step with values.** §3's recurrence
@@ -473,6 +492,10 @@ fig
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig.savefig(SAVE / "01_online_softmax.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** the online output is exact only after the last block; until
+# then its error is the mass of the keys not yet seen.
 
 # %% [markdown]
 # Move the slider to add one key block at a time and watch $m$, $\ell$ and the

@@ -265,6 +265,10 @@ fig
 fig.savefig(SAVE / "02_ring_attention.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
+# **Takeaway:** with zigzag, every rank computes the same number of scores at
+# every step after the first.
+
+# %% [markdown]
 # Move the slider through the steps, and switch the layout and the mask. With
 # `contiguous` and a causal mask, rank 0 has nothing to do after step 0 and
 # rank 3 works at every step; with `striped`, every block of every step needs
@@ -351,6 +355,10 @@ fig_work
 fig_work.savefig(SAVE / "02_causal_work.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
+# **Takeaway:** zigzag balances causal work at almost no extra cost;
+# contiguous leaves ranks idle, striped computes scores only to mask them.
+
+# %% [markdown]
 # ## 4 · Memory per rank: O(n / w)
 #
 # A rank never holds the whole sequence. At its peak in the forward pass of
@@ -424,6 +432,10 @@ fig_mem
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig_mem.savefig(SAVE / "02_memory.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** memory per rank depends only on $c = n / w$: more ranks fit a
+# longer sequence.
 
 # %% [markdown]
 # **Measured.** `python -m ringbook.dist_bench` (under `torchrun` with 2

@@ -435,6 +435,10 @@ fig_forward
 fig_forward.savefig(SAVE / "04_equivalence.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
+# **Takeaway:** the error depends on the dtype, not on the implementation, the
+# layout or the ring size.
+
+# %% [markdown]
 # The gradients, the largest error of dq, dk and dv. They are mostly larger
 # than the forward errors (the backward sums over queries as well as over
 # keys); every cell is within the rule. The dilated ring rows,
@@ -448,6 +452,9 @@ fig_gradients
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig_gradients.savefig(SAVE / "04_gradients.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** the gradients, too, stay within the 2× rule in every cell.
 
 # %% [markdown]
 # **One quantity at a time.** Pick `out`, `lse`, `dq`, `dk` or `dv`: the

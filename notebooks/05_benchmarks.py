@@ -124,7 +124,8 @@ print("ringbook", ringbook.__version__)
 # SDPA backends at 16K–512K were re-measured together in one run (rows with
 # `mode: "forward"`); the other rows are from an earlier run.
 
-# %%
+# %% jupyter={"source_hidden": true}
+# The audit (hidden in JupyterLab): load the committed files and hold every row to the rules above.
 print("tolerance per dtype:", {str(d).removeprefix("torch."): t for d, t in TOLERANCE.items()})
 assert attention_flops(1, 8, 131072, 131072, 64) == 4 * 8 * 131072**2 * 64
 assert attention_flops(1, 8, 131072, 131072, 64, causal=True) * 2 == attention_flops(1, 8, 131072, 131072, 64)
@@ -255,6 +256,10 @@ fig
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** the fused production path tracks cuDNN's throughput at every
+# ring size; the einops paths run more than ten times slower.
 
 # %% [markdown]
 # The seed report's summary table, for the same measurements: for each
@@ -485,6 +490,11 @@ fig_ratio
 fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
+# **Takeaway:** the merge and the smaller causal blocks cost the few points by
+# which the 16-rank forward misses 0.95×; forward+backward at 8 ranks meets
+# 0.85×.
+
+# %% [markdown]
 # ## 4b · The seed's dilated system on the ring engine (one H200)
 #
 # The seed's heart is dilated ring attention (RingDilatedV2 and Production
@@ -542,6 +552,11 @@ fig_dil
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** on the engine the dilated path stays within a few per cent of
+# the plain batched calls at every ring size: in one process the ring costs
+# nothing.
 
 # %% [markdown]
 # ## 5 · From one GPU to two
@@ -718,6 +733,10 @@ fig_scale
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** two GPUs run the 131K ring 1.87× faster than one, and each
+# holds less memory than a context_parallel rank.
 
 # %% [markdown]
 # **Summary.** Every committed row was timed by the median of CUDA-event
