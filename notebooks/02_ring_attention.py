@@ -65,11 +65,11 @@ from IPython.display import display
 import ringbook
 from ringbook import LAYOUTS, layout_positions, naive_attention, ring_attention, ring_schedule, work_per_rank
 from ringbook.bench.results import load_rows
-from ringbook.demo import global_inputs, ring_memory_bytes, ring_worker
+from ringbook.demo import global_inputs, ring_memory_bytes, ring_step_seconds, ring_worker
 from ringbook.distributed import spawn, unshard
 from ringbook.exercises import check_causal_skip, check_zigzag_positions
 from ringbook.online_softmax import KEY_CHUNK
-from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step
+from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step, plot_ring_timeline
 from ringbook.viz.widgets import ring_step_explorer
 
 torch.manual_seed(0)
@@ -487,6 +487,51 @@ if measured_file.exists():
         ratio_piece = max(r["per_rank_peak_mem_gb"]) / piece_bound
         print(f"{r['seq_len']:>7} causal: measured / bound with piece tiles = {ratio_piece:.2f}")
         assert 0.8 <= ratio_piece <= 1.0 + ALLOWANCE_GB / piece_bound
+
+# %% [markdown]
+# ## 4b · When the transfer hides: double buffering
+#
+# Each step a rank computes one block, $4 b h c^2 d$ FLOPs at rate $F$,
+# while the next K/V shard, $2 b c h d$ elements of $e$ bytes, crosses the
+# link at bandwidth $B$ on another stream. With double buffering a step takes
+# the longer of the two, so the transfer is free when
+#
+# $$
+# \frac{4 b h c^2 d}{F} \ge \frac{2 b c h d\, e}{B}
+# \iff c \ge \frac{e F}{2 B} \quad (= F / B \text{ in bf16}),
+# $$
+#
+# the condition of Liu et al. (2023, Table 2: about 1K tokens per device on
+# A100s over NVLink, 24.5K over InfiniBand). `ringbook.demo.ring_step_seconds`
+# is this model. Below, $F$ is the cuDNN rate measured at 131K in the
+# committed H100 file, and $B$ two nominal link rates (not measured here):
+# NVLink 4 at 450 GB/s per direction and 400 Gb/s InfiniBand at 50 GB/s.
+
+# %%
+measured_h100 = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16.json"
+cudnn_131k = next(r for r in load_rows(measured_h100)
+                  if r["impl"] == "sdpa_cudnn" and r["seq_len"] == 131072 and not r["causal"] and r["status"] == "ok")
+F_H100 = cudnn_131k["tflops"] * 1e12
+LINKS = {"NVLink 4, 450 GB/s": 450e9, "InfiniBand 400 Gb/s, 50 GB/s": 50e9}
+C_STEP = 4096
+timeline = {}
+for name, bw in LINKS.items():
+    t = ring_step_seconds(C_STEP, flops_per_s=F_H100, bytes_per_s=bw)
+    hidden = t["transfer"] <= t["compute"]
+    print(f"{name}: threshold c ≥ {t['threshold']:,.0f} tokens; at c = {C_STEP}: compute {t['compute'] * 1e3:.3f} ms, "
+          f"transfer {t['transfer'] * 1e3:.3f} ms -> {'hidden' if hidden else 'the compute waits'}")
+    timeline[f"c = {C_STEP}, {name}"] = (t["compute"] * 1e3, t["transfer"] * 1e3)
+print(f"(F = {F_H100 / 1e12:.0f} TFLOP/s: cuDNN on the {cudnn_131k['device']}, bf16, 131K, from {measured_h100.name})")
+assert ring_step_seconds(C_STEP, flops_per_s=F_H100, bytes_per_s=450e9)["transfer"] < timeline[next(iter(timeline))][0] / 1e3
+assert ring_step_seconds(C_STEP, flops_per_s=F_H100, bytes_per_s=50e9)["threshold"] > C_STEP
+
+# %%
+plot_ring_timeline(4, timeline)
+
+# %% [markdown]
+# **Takeaway:** over NVLink a shard of a few thousand tokens already hides
+# its transfer; over InfiniBand the same ring waits on the network unless
+# each rank holds about ten thousand tokens or more.
 
 # %% [markdown]
 # ## 5 · A real ring: 4 processes

@@ -92,3 +92,28 @@ def ring_memory_bytes(n: int, world_size: int, *, batch: int = 1, heads: int = 8
         "accumulators": 8 * s * a + 8 * batch * heads * c * a,
         "score tiles": tile * (3 * a + int(causal)),
     }
+
+
+def ring_step_seconds(shard_len: int, *, flops_per_s: float, bytes_per_s: float, batch: int = 1, heads: int = 8,
+                      head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """One non-causal ring step of one rank: the block's compute time and the K/V shard's transfer time.
+
+    A step attends ``c`` queries to ``c`` keys, ``4·b·h·c²·d`` FLOPs at
+    ``flops_per_s``, while the next K/V shard, ``2·b·c·h·d`` elements of ``e``
+    bytes, crosses the link at ``bytes_per_s``. With double buffering the
+    step takes the larger of the two: the transfer hides when
+    ``c ≥ e·F / (2·B)`` (``threshold`` below), which for bf16 (e = 2) is the
+    ``c ≥ F / B`` of Liu et al. (2023). Returns ``{"compute", "transfer",
+    "step", "threshold"}`` (seconds, seconds, seconds, tokens).
+    """
+    for value, name in ((shard_len, "shard_len"), (batch, "batch"), (heads, "heads"), (head_dim, "head_dim")):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for value, name in ((flops_per_s, "flops_per_s"), (bytes_per_s, "bytes_per_s")):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    e = torch.empty((), dtype=dtype).element_size()
+    compute = 4.0 * batch * heads * shard_len ** 2 * head_dim / flops_per_s
+    transfer = 2.0 * batch * shard_len * heads * head_dim * e / bytes_per_s
+    return {"compute": compute, "transfer": transfer, "step": max(compute, transfer),
+            "threshold": e * flops_per_s / (2.0 * bytes_per_s)}

@@ -180,3 +180,29 @@ def test_plot_error_matrix_draws_every_cell_and_outlines_failures():
         plot_error_matrix(errors, ["a"], ["x", "y", "z"])
     with pytest.raises(ValueError, match="ratios needs 2 rows"):
         plot_error_matrix(errors, ["a", "b"], ["x", "y", "z"], ratios=ratios)
+
+
+def test_ring_step_seconds_hides_the_transfer_exactly_above_the_threshold():
+    from ringbook.demo import ring_step_seconds
+
+    f, b = 400e12, 100e9
+    t = ring_step_seconds(1024, flops_per_s=f, bytes_per_s=b)
+    assert t["threshold"] == pytest.approx(2 * f / (2 * b))  # bf16: c ≥ F / B
+    assert t["compute"] == pytest.approx(4 * 8 * 1024**2 * 64 / f) and t["step"] == max(t["compute"], t["transfer"])
+    below = ring_step_seconds(int(t["threshold"]) - 1, flops_per_s=f, bytes_per_s=b)
+    above = ring_step_seconds(int(t["threshold"]) + 1, flops_per_s=f, bytes_per_s=b)
+    assert below["transfer"] > below["compute"] and above["transfer"] < above["compute"]
+    with pytest.raises(ValueError, match="bytes_per_s must be a positive number"):
+        ring_step_seconds(1024, flops_per_s=f, bytes_per_s=0)
+    with pytest.raises(ValueError, match="shard_len must be a positive int"):
+        ring_step_seconds(0, flops_per_s=f, bytes_per_s=b)
+
+
+def test_plot_ring_timeline_waits_only_when_the_transfer_is_longer():
+    from ringbook.viz import plot_ring_timeline
+
+    fig = plot_ring_timeline(4, {"hidden": (2.0, 1.0), "bound": (1.0, 3.0)})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("hidden: 4 steps in 8 ms") and titles[1].startswith("bound: 4 steps in 10 ms")
+    with pytest.raises(ValueError, match="world must be a positive int"):
+        plot_ring_timeline(0, {"x": (1.0, 1.0)})

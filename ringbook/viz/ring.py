@@ -272,3 +272,40 @@ def plot_memory_per_rank(seq_lens: Sequence[int], bytes_per_rank: Mapping[int, S
         ax_t.set_title(f"The terms of the model, {terms_label}", fontsize=10)
         ax_t.grid(alpha=0.3, axis="x")
     return fig
+
+
+def plot_ring_timeline(world: int, cases: Mapping[str, tuple[float, float]], *, unit: str = "ms") -> Figure:
+    """One rank's ring over ``world`` steps on two streams, one panel per case: compute, and the next K/V in flight.
+
+    ``cases[label] = (compute, transfer)``: one step's block compute time
+    and the K/V transfer time (same unit). Step ``t + 1`` starts when both
+    its block's inputs have arrived and step ``t`` is done (double
+    buffering); the transfer is hidden when it is shorter than the compute,
+    else the compute stream waits (hatched). -> Figure
+    """
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+    if not cases:
+        raise ValueError("cases must name at least one (compute, transfer) pair")
+    fig, axes = new_figure(len(cases), 1, figsize=(9.0, 1.7 * len(cases) + 0.6))
+    for ax, (label, (compute, transfer)) in zip(axes[:, 0], cases.items()):
+        start = 0.0
+        for t in range(world):
+            ax.broken_barh([(start, compute)], (1.1, 0.8), color=rank_color(t % 10), alpha=0.85)
+            ax.text(start + compute / 2, 1.5, f"step {t}", ha="center", va="center", fontsize=7, color="white")
+            if t < world - 1:
+                ax.broken_barh([(start, transfer)], (0.1, 0.8), color=COLORS["partial"], alpha=0.7)
+                end = start + max(compute, transfer)
+                if transfer > compute:  # the compute stream waits for the next shard
+                    ax.broken_barh([(start + compute, transfer - compute)], (1.1, 0.8), facecolor="none",
+                                   edgecolor=COLORS["max"], hatch="///", lw=0.8)
+                start = end
+            else:
+                start += compute
+        ax.set_yticks([0.5, 1.5], ["K/V transfer", "compute"])
+        ax.set_xlim(0, start * 1.02)
+        ax.set_title(f"{label}: {world} steps in {start:.3g} {unit} (compute alone {world * compute:.3g} {unit})",
+                     fontsize=9)
+        ax.set_xlabel(unit)
+        ax.grid(alpha=0.3, axis="x")
+    return fig
