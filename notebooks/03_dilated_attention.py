@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 03 · Dilated attention
 #
-# > **You will learn** the (segment, rate, head) pattern and its weights $c_{ij}$, equation (D); coverage across
+# > **You will learn** the (segment, rate, head) pattern and its weights $\kappa_{ij}$, equation (D); coverage across
 # > heads; the work $n s / r^2$ per pair against dense $n^2$; which segments cross ring shards.
 # >
 # > **You need** notebooks 01 and 02.
@@ -94,16 +94,16 @@ print("ringbook", ringbook.__version__)
 # together). A head that uses several pairs merges their partial results by
 # lse, and merging partials over key sets that *overlap* counts a key once per
 # pair that shows it to the query. So the whole construction is dense
-# attention in which key $j$ has weight $c_{ij}$ for query $i$, equation (D)
+# attention in which key $j$ has weight $\kappa_{ij}$ for query $i$, equation (D)
 # of `ringbook/dilated.py`:
 #
 # $$
-# c^h_{ij} = \#\big\{p :\ \lfloor i / w_p \rfloor = \lfloor j / w_p \rfloor,\
-#            i \bmod w_p \equiv j \bmod w_p \equiv o_{h,p} \pmod{r_p}\big\}
+# \kappa^h_{ij} = \#\big\{p :\ \lfloor i / s_p \rfloor = \lfloor j / s_p \rfloor,\
+#            i \bmod s_p \equiv j \bmod s_p \equiv o_{h,p} \pmod{r_p}\big\}
 #            \;[\,j \le i \text{ if causal}],
 # \qquad
-# \mathrm{lse}_i = \log \sum_j c_{ij}\, e^{s_{ij}}, \quad
-# O_i = \frac{\sum_j c_{ij}\, e^{s_{ij}}\, v_j}{\sum_j c_{ij}\, e^{s_{ij}}} .
+# \mathrm{lse}_i = \log \sum_j \kappa_{ij}\, e^{s_{ij}}, \quad
+# O_i = \frac{\sum_j \kappa_{ij}\, e^{s_{ij}}\, v_j}{\sum_j \kappa_{ij}\, e^{s_{ij}}} .
 # \tag{D}
 # $$
 #
@@ -128,7 +128,7 @@ def kept_positions(n, segment, rate, offset):
 _ = check_kept_positions(kept_positions)
 
 # %% [markdown]
-# `ringbook.dilated_weights` returns the integer tensor $c^h_{ij}$ (`h i j`);
+# `ringbook.dilated_weights` returns the integer tensor $\kappa^h_{ij}$ (`h i j`);
 # `ringbook.dilated.pair_heads` says which heads use which pair at which
 # offset. The configuration below is the benchmark's configuration
 # scaled to 64 tokens (`ringbook.bench.bench_dilated_config`: segment
@@ -143,7 +143,7 @@ for (hs, offs), seg, r in zip(pair_heads(H, CFG["dilation_rates"], "grouped"), *
 
 c_grouped = dilated_weights(N, H, heads="grouped", **CFG)
 c_all = dilated_weights(N, H, heads="all", **CFG)
-print("c_ij takes the values (grouped):", sorted(c_grouped.unique().tolist()),
+print("κ_ij takes the values (grouped):", sorted(c_grouped.unique().tolist()),
       "| (all):", sorted(c_all.unique().tolist()))
 
 # (D) by hand for head 6 (pair (32, 4), offset 1): keep i ≡ j ≡ 1 (mod 4), same segment of 32
@@ -159,7 +159,7 @@ assert torch.equal(c_grouped[0], torch.block_diag(*[torch.ones(8, 8, dtype=torch
 # %% [markdown]
 # Head 6 of the benchmark's configuration: its group's pair is $(32, 4)$ and its
 # offset 1, so it keeps every 4th token of each half of the sequence. On the
-# right, for every head, how many pairs keep each position ($c_{ii}$); red
+# right, for every head, how many pairs keep each position ($\kappa_{ii}$); red
 # positions are kept by none. The figure is saved to
 # `figures/03_dilated_attention.png`.
 
@@ -191,7 +191,7 @@ _ = display(explorer)
 assert len(explorer.result.axes) == 2
 explorer.children[4].value = "all"
 explorer.children[1].value = 2
-assert explorer.result.axes[0].get_title() == "head 6: $c_{ij}$ · segments [8, 16, 32] · rates [2, 4, 8] · heads all"
+assert explorer.result.axes[0].get_title() == "head 6: $\\kappa_{ij}$ · segments [8, 16, 32] · rates [2, 4, 8] · heads all"
 explorer.children[4].value, explorer.children[1].value = "grouped", 1
 
 # %% [markdown]
@@ -251,7 +251,7 @@ fig_cov.savefig(SAVE / "03_coverage.png", dpi=110, metadata={"Software": None})
 # all segments as one batch (`attend_segments`), scatters the result back
 # with 0 / $-\infty$ at the dropped positions (`scatter_dilated`), and merges
 # the pairs with (M). `ringbook.dilated_attention_dense` is (D) itself, with
-# the $n \times n$ weights $c_{ij}$ materialised. They must agree, in
+# the $n \times n$ weights $\kappa_{ij}$ materialised. They must agree, in
 # float64, for every configuration: both head modes, causal or not, one pair
 # or several, rates up to the segment length, and sequence lengths that are
 # not powers of two.
@@ -575,7 +575,7 @@ plot_error_bars(ring_errors, title=f"ring_dilated_attention vs dilated_attention
 
 # %% [markdown]
 # **Summary.** Dilated attention is dense attention with integer weights
-# $c_{ij}$ (D): a key counts once per pair that shows it to the query, and a
+# $\kappa_{ij}$ (D): a key counts once per pair that shows it to the query, and a
 # position no pair keeps gets out 0 and lse $-\infty$ (a quarter of the
 # sequence for the last head group of the benchmark's configuration). It costs
 # $n s / r^2$ scores per pair, linear in $n$; on a ring only the segments
@@ -589,7 +589,7 @@ plot_error_bars(ring_errors, title=f"ring_dilated_attention vs dilated_attention
 # %% [markdown]
 # > **What to remember**
 # >
-# > * Dilated attention is dense attention with integer weights $c_{ij}$ (equation (D)): each pair a key shares with
+# > * Dilated attention is dense attention with integer weights $\kappa_{ij}$ (equation (D)): each pair a key shares with
 # >   a query counts once.
 # > * A pair $(s, r)$ costs $(n/s)(s/r)^2$ scores per head: linear in $n$, not quadratic.
 # > * On a ring only segments that span shards communicate, and only their dilated rows.

@@ -5,15 +5,15 @@ is cut into segments of ``s`` tokens; inside each segment head ``h`` keeps the
 positions whose index within the segment is ≡ ``o_h`` (mod ``r``), and a kept
 query attends the kept keys of its own segment. Several pairs are combined
 through their softmax denominators (equation (M) of notebook 01), which is
-dense attention in which key j counts ``c_ij`` times for query i — equation (D):
+dense attention in which key j counts ``κ_ij`` times for query i — equation (D):
 
 .. math::
 
-    c^h_{ij} = \\#\\{p : i, j \\text{ in one segment of } w_p,\\;
-               i \\bmod w_p \\equiv j \\bmod w_p \\equiv o_{h,p} \\pmod{r_p}\\}
+    \\kappa^h_{ij} = \\#\\{p : i, j \\text{ in one segment of } s_p,\\;
+               i \\bmod s_p \\equiv j \\bmod s_p \\equiv o_{h,p} \\pmod{r_p}\\}
                \\;[\\,j \\le i \\text{ if causal}],\\qquad
-    \\mathrm{lse}_i = \\log \\sum_j c_{ij} e^{s_{ij}},\\quad
-    O_i = \\frac{\\sum_j c_{ij} e^{s_{ij}} V_j}{\\sum_j c_{ij} e^{s_{ij}}}
+    \\mathrm{lse}_i = \\log \\sum_j \\kappa_{ij} e^{s_{ij}},\\quad
+    O_i = \\frac{\\sum_j \\kappa_{ij} e^{s_{ij}} V_j}{\\sum_j \\kappa_{ij} e^{s_{ij}}}
 
 A position no pattern keeps gets out 0 and lse -inf. Head modes: ``"all"`` —
 every head uses every pair with offset ``o = h mod r``; ``"grouped"`` (the
@@ -93,7 +93,7 @@ def pair_heads(num_heads: int, dilation_rates: Sequence[int],
 
 
 def _row_weights(rows, cols, num_heads, pairs, patterns, causal):
-    """``c_ij`` of equation (D) for query positions ``rows`` and key positions ``cols``: ``(h, i, j)`` int64."""
+    """``κ_ij`` of equation (D) for query positions ``rows`` and key positions ``cols``: ``(h, i, j)`` int64."""
     c = torch.zeros(num_heads, rows.numel(), cols.numel(), dtype=torch.int64, device=rows.device)
     for (seg, r), (hs, offs) in zip(pairs, patterns):
         same = rearrange(rows // seg, "i -> 1 i 1") == rearrange(cols // seg, "j -> 1 1 j")
@@ -108,7 +108,7 @@ def _row_weights(rows, cols, num_heads, pairs, patterns, causal):
 
 def dilated_weights(seq_len: int, num_heads: int, *, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
                     causal: bool = False, heads: str = "all") -> torch.Tensor:
-    """The dense ``(h, n, n)`` integer weights ``c_ij`` of equation (D) (teaching tool and test reference)."""
+    """The dense ``(h, n, n)`` integer weights ``κ_ij`` of equation (D) (teaching tool and test reference)."""
     check_positive_int(num_heads, "num_heads")
     causal = check_bool(causal, "causal")
     pairs = check_dilated_config(seq_len, segment_lengths, dilation_rates, heads=heads, num_heads=num_heads)

@@ -1,4 +1,4 @@
-"""Dilated attention (equation (D)) against the dense c_ij reference: values, gradients, work and refusals."""
+"""Dilated attention (equation (D)) against the dense κ_ij reference: values, gradients, work and refusals."""
 
 import math
 
@@ -45,7 +45,7 @@ def _kw(seg, rates, mode, causal):
 
 
 def _brute_weights(n, h, seg, rates, mode, causal):
-    """c_ij straight from the words of the definition, one (head, pair, i, j) at a time."""
+    """κ_ij straight from the words of the definition, one (head, pair, i, j) at a time."""
     c = torch.zeros(h, n, n, dtype=torch.int64)
     groups = grouped_heads(h, len(seg)) if mode == "grouped" else None
     for head in range(h):
@@ -111,7 +111,7 @@ def test_backward_matches_dense_reference(config, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["all", "grouped"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_low_precision_within_twice_the_dense_error(dtype, mode, causal):
+def test_los_precision_within_twice_the_dense_error(dtype, mode, causal):
     kw = _kw([32, 64, 128], [1, 2, 4], mode, causal)
     q, k, v = make_qkv(b=1, n_q=128, h=8, d=32, dtype=dtype, seed=3)
     out, lse = dilated_attention(q, k, v, **kw)
@@ -148,7 +148,7 @@ def test_one_full_segment_is_dense_attention_and_a_repeated_pair_counts_twice():
         out, lse = dilated_attention(q, k, v, segment_lengths=[24], dilation_rates=[1], causal=causal)
         assert_matches_reference(out, lse, ref_out, ref_lse)
         out, lse = dilated_attention(q, k, v, segment_lengths=[24, 24], dilation_rates=[1, 1], causal=causal)
-        assert_matches_reference(out, lse, ref_out, ref_lse + math.log(2))  # c_ij = 2 everywhere
+        assert_matches_reference(out, lse, ref_out, ref_lse + math.log(2))  # κ_ij = 2 everywhere
 
 
 def test_grouped_split_eight_heads_over_three_pairs():

@@ -106,9 +106,9 @@ def test_plot_dilated_pattern_draws_the_weights():
 
     fig = plot_dilated_pattern(64, 8, head=6, heads="grouped", **SEED64)
     ax, cov = fig.axes
-    assert ax.get_title() == "head 6: $c_{ij}$ · segments [8, 16, 32] · rates [1, 2, 4] · heads grouped"
+    assert ax.get_title() == "head 6: $\\kappa_{ij}$ · segments [8, 16, 32] · rates [1, 2, 4] · heads grouped"
     c = dilated_weights(64, 8, heads="grouped", **SEED64)
-    assert np.array_equal(ax.images[0].get_array(), c[6].numpy())  # the image is c_ij of the head
+    assert np.array_equal(ax.images[0].get_array(), c[6].numpy())  # the image is κ_ij of the head
     assert "240 of 512" in cov.get_title()  # (head, position) cells kept by no pair: 2·0 + 3·32 + 3·48
     fig = plot_dilated_pattern(64, 8, head=1, heads="all", causal=True, **SEED64)
     assert fig.axes[0].get_title().endswith("heads all · causal")
@@ -156,9 +156,9 @@ def test_dilated_pattern_explorer_redraws():
     widget.children[2].value = 1  # one pair
     widget.children[1].value = 4
     widget.children[0].value = 16
-    assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [16] · rates [4] · heads grouped"
+    assert widget.result.axes[0].get_title() == "head 0: $\\kappa_{ij}$ · segments [16] · rates [4] · heads grouped"
     widget.children[0].value = 2  # the rate is clipped to the segment length
-    assert widget.result.axes[0].get_title() == "head 0: $c_{ij}$ · segments [2] · rates [2] · heads grouped"
+    assert widget.result.axes[0].get_title() == "head 0: $\\kappa_{ij}$ · segments [2] · rates [2] · heads grouped"
 
 
 def test_plot_error_matrix_draws_every_cell_and_outlines_failures():

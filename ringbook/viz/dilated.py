@@ -70,7 +70,7 @@ def plot_dilated_pattern(seq_len: int, num_heads: int, *, segment_lengths: Seque
                          causal: bool = False) -> Figure:
     """Dilated attention's pattern for one head, and which positions every head keeps.
 
-    Left: the multiplicity ``c_ij`` of equation (D) for head ``head``
+    Left: the multiplicity ``κ_ij`` of equation (D) for head ``head``
     (read from :func:`ringbook.dilated_weights`): white cells are never
     scored, darker cells are keys counted by several pairs. Each pair the head
     uses outlines its segments in the pair's colour. Right: heads ×
@@ -95,7 +95,7 @@ def plot_dilated_pattern(seq_len: int, num_heads: int, *, segment_lengths: Seque
     fig, axes = new_figure(1, 2, figsize=(12.0, 5.6), gridspec_kw={"width_ratios": [1.0, 1.05]})
     ax, ax_cov = axes[0]
     ax.imshow(c[head], cmap=cmap, norm=norm, extent=(-0.5, n - 0.5, n - 0.5, -0.5), interpolation="nearest")
-    handles = [Patch(facecolor=cmap(norm(k)), edgecolor="#999999", label=f"$c_{{ij}} = {k}$") for k in range(top + 1)]
+    handles = [Patch(facecolor=cmap(norm(k)), edgecolor="#999999", label=f"$\\kappa_{{ij}} = {k}$") for k in range(top + 1)]
     for p, ((seg, r), (hs, offs)) in enumerate(zip(pairs, patterns)):
         if head not in hs:
             continue
@@ -112,7 +112,7 @@ def plot_dilated_pattern(seq_len: int, num_heads: int, *, segment_lengths: Seque
     ax.set_ylabel("query position $i$")
     seg = ", ".join(str(seg) for seg in segment_lengths)
     rates = ", ".join(str(r) for r in dilation_rates)
-    ax.set_title(f"head {head}: $c_{{ij}}$ · segments [{seg}] · rates [{rates}] · heads {heads}"
+    ax.set_title(f"head {head}: $\\kappa_{{ij}}$ · segments [{seg}] · rates [{rates}] · heads {heads}"
                  + (" · causal" if causal else ""), fontsize=10)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncols=2, fontsize=8, frameon=False)
 
