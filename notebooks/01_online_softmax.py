@@ -507,8 +507,8 @@ explorer = online_softmax_explorer(s, BLOCK, m, l, outs, exact_out, blocks_seen=
 _ = display(explorer)
 
 # %% jupyter={"source_hidden": true}
-# NBVAL_IGNORE_OUTPUT
 # Check (hidden in JupyterLab): moving the slider redraws the figure; then the slider goes back.
+# NBVAL_IGNORE_OUTPUT
 assert len(explorer.result.axes) == 4
 explorer.children[0].value = 3
 assert explorer.result.axes[0].get_title() == f"(a) scores and running max, 3/{K} blocks seen"

@@ -280,8 +280,8 @@ explorer = ring_step_explorer(n_pic, W, step=0, layout="zigzag", causal=True)
 _ = display(explorer)
 
 # %% jupyter={"source_hidden": true}
-# NBVAL_IGNORE_OUTPUT
 # Check (hidden in JupyterLab): changing a control redraws the figure; then the controls go back.
+# NBVAL_IGNORE_OUTPUT
 assert len(explorer.result.axes) == 2
 explorer.children[1].value = "contiguous"
 explorer.children[0].value = 2

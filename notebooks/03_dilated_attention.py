@@ -187,8 +187,8 @@ explorer = dilated_pattern_explorer(N, H, segment_length=8, dilation_rate=1, num
 _ = display(explorer)
 
 # %% jupyter={"source_hidden": true}
-# NBVAL_IGNORE_OUTPUT
 # Check (hidden in JupyterLab): changing a control redraws the figure; then the controls go back.
+# NBVAL_IGNORE_OUTPUT
 assert len(explorer.result.axes) == 2
 explorer.children[4].value = "all"
 explorer.children[1].value = 2

@@ -476,8 +476,8 @@ explorer = interactive(show_quantity, quantity=Dropdown(options=QUANTITIES, valu
 _ = display(explorer)
 
 # %% jupyter={"source_hidden": true}
-# NBVAL_IGNORE_OUTPUT
 # Check (hidden in JupyterLab): changing the control redraws the figure; then it goes back.
+# NBVAL_IGNORE_OUTPUT
 assert explorer.result.axes[0].get_title().startswith("lse:")
 explorer.children[0].value = "dk"
 assert explorer.result.axes[0].get_title().startswith("dk:")

@@ -214,8 +214,8 @@ explorer = bench_row_explorer(run_live, seq_lens=LIVE["seq_lens"], ring_sizes=LI
 _ = display(explorer)
 
 # %% jupyter={"source_hidden": true}
-# NBVAL_IGNORE_OUTPUT
 # Check (hidden in JupyterLab): two more rows through the controls and the run button, each ok and checked.
+# NBVAL_IGNORE_OUTPUT
 controls = {w.description: w for w in explorer.kwargs_widgets}
 for impl, dtype, causal in (("production", LIVE["dtypes"][1], True), ("ring_dilated", LIVE["dtypes"][0], True)):
     controls["implementation"].value, controls["dtype"].value, controls["causal"].value = impl, dtype, causal
