@@ -7,13 +7,14 @@ What differs between the fast paths is only
 
 * **the plan** (:class:`Plan`): which block calls each step makes — the
   schedule as data. Dense contiguous and zigzag rings, a rank's own row of
-  the schedule, and (later) dilated segments, documents and windows are
-  plans;
+  the schedule, and dilated segments (gathered blocks,
+  :mod:`ringbook.fast.dilated`) are plans; documents and windows will be;
 * **the mover** (:class:`Mover`): how the K/V a step reads get there, and how
   their gradients get home. :class:`StackedMover` plays every rank in one
   process (the shards are stacked in the batch, and "sending" is choosing a
-  view); :class:`ringbook.distributed.movers.P2PMover` sends them to the next
-  rank over a process group.
+  view); :class:`ringbook.distributed.ring.P2PMover` sends them to the next
+  rank over a process group; :class:`ringbook.distributed.dilated.DilatedMover`
+  delivers the dilated rows a rank's segments need in one batched exchange.
 
 :func:`ring_forward` and :func:`ring_backward` are the only loops. The
 backward runs the ring again and feeds each block the *global* out and lse
