@@ -53,6 +53,7 @@ on every rank. Ranks are ranks in ``group``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import zlib
@@ -399,8 +400,8 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                "backend": backend, "kv heads": k.shape[2] if k.dim() == 4 else None}
     scale = _check_agreement(q, k, v, causal, scale, options, ring, allow_gqa=backend is not None)
     # Agreed options and lengths: this raises the one-process ValueError identically on every rank.
-    plan = dilated_ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates,
-                             num_heads=q.shape[2], heads=heads, causal=causal)
+    plan = _ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates, q.shape[2], heads,
+                      causal)
     on = torch.is_grad_enabled()
     setup = _Setup(ring, plan, scale, on and any(x.requires_grad for x in (q, k, v)),
                    on and (k.requires_grad or v.requires_grad))
@@ -429,6 +430,29 @@ def _window(plan: DilatedRingPlan, rank: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _ring_plan(n, world, segment_lengths, dilation_rates, num_heads, heads, causal) -> DilatedRingPlan:
+    """:func:`~ringbook.ring_dilated.dilated_ring_plan`, cached per call shape (it walks every segment).
+
+    Arguments the cache cannot hold go straight to ``dilated_ring_plan``,
+    which raises its usual error for them.
+    """
+    if isinstance(segment_lengths, (list, tuple)) and isinstance(dilation_rates, (list, tuple)):
+        try:
+            return _cached_ring_plan(n, world, tuple(segment_lengths), tuple(dilation_rates), num_heads, heads,
+                                     causal)
+        except TypeError:  # an unhashable option: not cached
+            pass
+    return dilated_ring_plan(n, world, segment_lengths, dilation_rates, num_heads=num_heads, heads=heads,
+                             causal=causal)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_ring_plan(n, world, segment_lengths, dilation_rates, num_heads, heads, causal) -> DilatedRingPlan:
+    return dilated_ring_plan(n, world, list(segment_lengths), list(dilation_rates), num_heads=num_heads,
+                             heads=heads, causal=causal)
+
+
+@functools.lru_cache(maxsize=256)
 def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device: torch.device | str) -> Plan:
     """This rank's gathered blocks (:mod:`ringbook.fast.dilated`): one plan step, blocks per pair.
 
@@ -437,7 +461,8 @@ def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device: t
     shard, keys from the window (:func:`_window`): the whole segment, or with
     ``causal`` the pieces up to this rank's (its diagonal square, masked,
     plus the earlier pieces unmasked). At most three blocks per pair (five
-    causal), whatever the number of segments.
+    causal), whatever the number of segments. Cached per call shape: the
+    walk over the segments runs once, not per call.
     """
     from ..fast.dilated import gather_spec, gathered_block, head_slots
 
@@ -482,7 +507,9 @@ class DilatedMover(Mover):
     ranks, earlier ones only with ``causal``); rows never received are never
     read. Gradients accumulate into float32 windows; :meth:`gradients` sends
     the received rows' dK/dV back to their owners (the same pieces, the other
-    way) and adds what comes back for the rows this rank sent.
+    way) and adds what comes back for the rows this rank sent. The backward
+    builds the window again (the forward's exchange is repeated, as the
+    dense ring runs its ring again), so only q, k, v, out and lse are kept.
     """
 
     def __init__(self, setup: _Setup, k: torch.Tensor, v: torch.Tensor, kv_group: int, backward: bool):
