@@ -95,6 +95,9 @@ def routes(plan: DilatedRingPlan, rank: int) -> tuple[dict, dict]:
     return send, recv
 
 
+_cached_routes = functools.lru_cache(maxsize=256)(routes)  # routes walks every segment: once per call shape
+
+
 def _piece_rows(plan: DilatedRingPlan, seg, rank: int, o: int) -> int:
     """Kept rows (offset ``o``) of ``rank``'s piece of ``seg``."""
     a, z = seg.piece(rank, plan.shard_len)
@@ -270,7 +273,7 @@ def _local_graph(q, k, v, setup: _Setup, flats=None):
     """
     plan, rank = setup.plan, setup.ring.rank
     b, _, _, d = q.shape
-    send, recv = routes(plan, rank)
+    send, recv = _cached_routes(plan, rank)  # read only: shared between calls
     grad = setup.grad
     with torch.enable_grad() if grad else torch.no_grad():
         leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
@@ -517,7 +520,7 @@ class DilatedMover(Mover):
         plan, rank = setup.plan, setup.ring.rank
         self.lo, hi = _window(plan, rank)
         self.base, self.c = rank * plan.shard_len, plan.shard_len
-        self.send, self.recv = routes(plan, rank)
+        self.send, self.recv = _cached_routes(plan, rank)  # read only: shared between calls
         b, _, hk, d = k.shape
         own = slice(self.base - self.lo, self.base - self.lo + self.c)
         self.k, self.v = (x.new_zeros(b, hi - self.lo, hk, d) for x in (k, v))
