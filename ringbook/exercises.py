@@ -67,7 +67,11 @@ def _run(name: str, fn: Callable, cases: list, hint: Callable[[dict], str]) -> b
             return None
         except Exception as exc:  # noqa: BLE001 - the learner's code: report, do not crash the notebook
             got = f"{type(exc).__name__}: {exc}"
-        if isinstance(got, str) or not compare(got, want):
+        try:
+            right = not isinstance(got, str) and bool(compare(got, want))
+        except Exception:  # noqa: BLE001 - an answer of the wrong type or shape is a wrong answer
+            right = False
+        if not right:
             shown = ", ".join(_show(a) for a in args)
             print(f"✗ {name}: fails on {label}\n  inputs:   {shown}\n  expected: {_show(want)}\n"
                   f"  got:      {_show(got)}\n  hint: {hint({'label': label, 'got': got, 'want': want})}")

@@ -86,6 +86,9 @@ def test_a_checker_refuses_what_is_not_a_function():
 def test_a_crashing_answer_is_reported_not_raised(capsys):
     assert exercises.check_kept_positions(lambda *a: 1 / 0) is False
     assert "ZeroDivisionError" in capsys.readouterr().out
+    for name, checker in exercises.CHECKERS.items():  # an answer of the wrong type is a wrong answer, not a crash
+        assert checker(lambda *a: None) is False, name
+        assert checker(lambda *a: "text") is False, name
 
 
 def test_teacher_build_fills_every_stub_of_every_notebook():

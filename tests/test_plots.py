@@ -206,3 +206,5 @@ def test_plot_ring_timeline_waits_only_when_the_transfer_is_longer():
     assert titles[0].startswith("hidden: 4 steps in 8 ms") and titles[1].startswith("bound: 4 steps in 10 ms")
     with pytest.raises(ValueError, match="world must be a positive int"):
         plot_ring_timeline(0, {"x": (1.0, 1.0)})
+    with pytest.raises(ValueError, match=r"cases\['x'\] must be \(compute, transfer\), two positive finite times"):
+        plot_ring_timeline(2, {"x": (1.0, -1.0)})

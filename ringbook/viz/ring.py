@@ -287,6 +287,11 @@ def plot_ring_timeline(world: int, cases: Mapping[str, tuple[float, float]], *, 
         raise ValueError(f"world must be a positive int, got {world!r}")
     if not cases:
         raise ValueError("cases must name at least one (compute, transfer) pair")
+    for label, pair in cases.items():
+        ok = isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf") for x in pair)
+        if not ok:
+            raise ValueError(f"cases[{label!r}] must be (compute, transfer), two positive finite times, got {pair!r}")
     fig, axes = new_figure(len(cases), 1, figsize=(9.0, 1.7 * len(cases) + 0.6))
     for ax, (label, (compute, transfer)) in zip(axes[:, 0], cases.items()):
         start = 0.0
