@@ -20,14 +20,17 @@
 # > it takes 10–30 s on 2 CPU cores.
 #
 # A benchmark number means something only if it says what was counted, how
-# it was timed, and that the answer was right. The seed's report claimed
+# it was timed, and that the answer was right. (The report this project
+# started from, `docs/seed-report.md` — "the seed report" below — claimed
 # 131,072 tokens at 41,468 tok/s for a "ring attention" that never moved a
-# key between ranks; the number was real, the function was not. This
-# notebook shows how `ringbook.bench` measures (section 1), lets you measure
-# a row live on this machine (section 2), and reads the committed GPU results
+# key between ranks: the number was real, the function was not.) This
+# notebook is a lesson in measuring: how `ringbook.bench` times and checks a
+# row (section 1), one row measured live on this machine (section 2), and
+# then what the committed GPU results say
 # (`figures/*.json`): throughput and memory on one H100 (section 3), the
-# production path against PyTorch's fastest fused kernel (section 4), and one
-# GPU against two (section 5). Every number below the live section is read
+# production path against PyTorch's fastest fused kernel (section 4), the
+# dilated path against its batched-call peer (section 4b), and one GPU
+# against two (section 5). Every number below the live section is read
 # from a committed file, never typed in.
 #
 # Shapes as in notebook 01: q, k, v are `b n h d`; `w` is the ring size.
@@ -233,7 +236,7 @@ assert len(explorer.result.axes) == 2 and len(explorer.result.axes[0].patches) =
 # b = 1, h = 8, d = 64, 4K to 512K tokens) measured ringbook's one-process
 # rings at ring sizes 1, 4, 8 and 16: the einops `ring`, the dilated
 # `ring_dilated`, and the fused production path, dense (`production`) and
-# with the seed's dilated configuration (`production_dilated`); PyTorch's
+# with the benchmark's dilated configuration (`production_dilated`); PyTorch's
 # fused SDPA backends are the peers. The rows at 4M tokens are separate runs
 # (`bench-h100-long-4m.json`, one timed call each, ring size 16 for the
 # production path), drawn as single points. Colour is the implementation,
@@ -275,7 +278,7 @@ plot_sweep(rows, impls=OURS + PEERS).savefig(SAVE / "05_benchmarks.png", dpi=110
 # style = ring size.)
 
 # %% [markdown]
-# The seed report's summary table, for the same measurements: for each
+# A summary of the same measurements: for each
 # implementation and ring size its longest sequence with an ok row, the
 # memory and throughput there, and **why the series stops**. Ringbook's
 # einops `ring` stops at 128K by the sweep's time limit (a 256K call was
@@ -286,9 +289,9 @@ plot_sweep(rows, impls=OURS + PEERS).savefig(SAVE / "05_benchmarks.png", dpi=110
 # (dilated work) and the others (dense work).
 
 # %%
-LABELS = {"ring": "ring (ringbook, einops)", "ring_dilated": "ring_dilated (ringbook, seed config)",
+LABELS = {"ring": "ring (ringbook, einops)", "ring_dilated": "ring_dilated (ringbook, dilated config)",
           "production": "production (ringbook, fused)",
-          "production_dilated": "production_dilated (ringbook, fused, seed config)", "sdpa_cudnn": "SDPA cuDNN (peer)",
+          "production_dilated": "production_dilated (ringbook, fused, dilated config)", "sdpa_cudnn": "SDPA cuDNN (peer)",
           "sdpa_flash": "SDPA flash (peer)", "sdpa_efficient": "SDPA efficient (peer)", "sdpa": "SDPA default (peer)"}
 for causal in (False, True):
     display(Markdown(f"**{'Causal' if causal else 'Non-causal'}**, {bench[0]['device']}, bf16\n\n"
@@ -304,9 +307,10 @@ assert all(summary[("production", 16, c)]["best"]["seq_len"] == 4194304 for c in
 assert summary[("sdpa_cudnn", 1, True)]["best"]["seq_len"] == 4194304
 
 # %% [markdown]
-# And the seed's own rows beside what ringbook measured for the same
-# implementation and ring size (the longest ok row, causal or not). The
-# seed's numbers are kept only to be replaced: they do not measure ring
+# One small table for the record: the seed report's rows beside what
+# ringbook measured for the same implementation and ring size (the longest
+# ok row, causal or not). The seed's numbers are kept only to be replaced:
+# they do not measure ring
 # attention (`ringbook.bench.published.SEED_FLAWS`).
 
 # %%
@@ -508,10 +512,11 @@ fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": Non
 # 0.85×.
 
 # %% [markdown]
-# ## 4b · The seed's dilated system on the ring engine (one H200)
+# ## 4b · Dilated ring attention on the ring engine (one H200)
 #
-# The seed's heart is dilated ring attention (RingDilatedV2 and Production
-# in its report). `production_ring_attention` with the seed's configuration
+# Dilated ring attention is the system the seed report benchmarked
+# (RingDilatedV2 and Production). `production_ring_attention` with the
+# benchmark's dilated configuration
 # (`production_dilated`) runs it on the ring engine as gathered blocks: per
 # (segment length, rate) head group one gather of the kept rows of every
 # segment of every rank, one fused SDPA call, one scatter into the float32
