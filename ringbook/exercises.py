@@ -189,8 +189,7 @@ def check_online_step(fn: Callable) -> bool | None:
         if "100" in c["label"]:
             return "exponentiate s − m_new, never s itself; rescale l and acc by e^{m_old − m_new}"
         return "m_new = max(m, rowmax(s)); l and acc are rescaled by e^{m − m_new}, then the block's terms are added"
-    return _run("online_step", lambda s, v, blocks: loop(s, v, blocks),
-                [(lab, args, want, _close) for lab, args, want in cases], hint)
+    return _run("online_step", loop, [(lab, args, want, _close) for lab, args, want in cases], hint)
 
 
 # --------------------------------------------------------------------------- notebook 02
