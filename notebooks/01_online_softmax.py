@@ -31,8 +31,9 @@
 #    associative and commutative, so blocks may arrive in any order and be
 #    grouped in any way (sections 4–5).
 #
-# Every section goes: why → the equation → the code, imported from `ringbook`
-# → a cell that checks it numerically → a picture.
+# Every section goes: why → the equation → the code (written here in plain
+# torch where it is short, then imported from `ringbook`) → a cell that
+# checks it numerically → a picture.
 #
 # **Shapes.** One vocabulary, in every module and notebook:
 #
@@ -320,13 +321,51 @@ _ = check_lse_from_m_l(lse_from_m_l)
 #
 # So the key blocks can be visited in any order and grouped in any way: in a
 # loop (blockwise attention), as a tree, or as they travel round a ring, where
-# each device sees the blocks in a different order. `ringbook.merge_partials`
-# implements (M); `ringbook.attend_block` makes one partial per block.
+# each device sees the blocks in a different order.
 #
-# **Exercise 2 · The merge (M).** Write it for one query row per entry:
-# `out_a`, `out_b` of shape (rows, d), `lse_a`, `lse_b` of shape (rows,).
-# The checker includes logits scaled by 100 in float32 (where $e^{100}$
-# overflows), an empty side $(0, -\infty)$ and two empty sides.
+# **Build it first, as the sums it is.** Ten lines of plain torch: turn each
+# summary back into its sums $Z$ and $U$, add, and divide. One query row per
+# entry: `out` is (rows, d), `lse` is (rows,). We check it against
+# `ringbook.merge_partials` on two real partials (`ringbook.attend_block`
+# makes one partial per key block).
+
+# %%
+def merge_by_addition(out_a, lse_a, out_b, lse_b):
+    """(M) read literally: Z = e^lse and U = Z·O are sums over keys, so the union adds them."""
+    z_a, z_b = torch.exp(lse_a), torch.exp(lse_b)  # Σ e^{s_j} over A and over B
+    u = z_a[:, None] * out_a + z_b[:, None] * out_b  # Σ e^{s_j} v_j over A ∪ B
+    z = z_a + z_b
+    return u / z[:, None], torch.log(z)
+
+
+qm, km, vm = (torch.randn(1, 16, 1, 8, dtype=F64) for _ in range(3))  # one batch, one head: rows = queries
+part_a = attend_block(qm, km[:, :6], vm[:, :6], scale=8 ** -0.5)  # keys 0–5
+part_b = attend_block(qm, km[:, 6:], vm[:, 6:], scale=8 ** -0.5)  # keys 6–15
+rows = [(o[0, :, 0], lse[0, 0]) for o, lse in (part_a, part_b)]  # (16, 8) outputs and (16,) lse
+mine = merge_by_addition(*rows[0], *rows[1])
+library = merge_partials(*part_a, *part_b)
+whole = naive_attention(qm, km, vm)
+print("merge_by_addition equals ringbook.merge_partials:",
+      torch.allclose(mine[0], library[0][0, :, 0], atol=TOL) and torch.allclose(mine[1], library[1][0, 0], atol=TOL))
+print("... and attention over all 16 keys:", torch.allclose(mine[0], whole[0][0, :, 0], atol=TOL))
+assert torch.allclose(mine[0], whole[0][0, :, 0], atol=TOL) and torch.allclose(mine[1], whole[1][0, 0], atol=TOL)
+
+# The same two partials with logits 100 times larger, in float32 as a GPU kernel would hold them:
+big = [(o.float(), 100 * lse.float()) for o, lse in rows]
+big_out, big_lse = merge_by_addition(*big[0], *big[1])
+print("float32, logits × 100: finite outputs", int(big_out.isfinite().all(dim=1).sum()), "of", big_out.shape[0],
+      "rows; lse finite:", bool(big_lse.isfinite().all()))
+assert not big_out.isfinite().all()  # e^{lse} overflowed: inf / inf = NaN
+
+# %% [markdown]
+# Correct, and broken exactly where §1 said it would be: $e^{\mathrm{lse}}$
+# overflows once logits are large, and $\infty/\infty$ is NaN. Written in
+# log space, with every exponent $\le 0$, (M) cannot overflow.
+#
+# **Exercise 2 · The merge (M), in log space.** Write it with the same
+# shapes as `merge_by_addition`. The checker includes logits scaled by 100
+# in float32, an empty side $(0, -\infty)$ (a causal block a query cannot
+# see) and two empty sides.
 
 # %%
 def my_merge(out_a, lse_a, out_b, lse_b):
@@ -335,6 +374,12 @@ def my_merge(out_a, lse_a, out_b, lse_b):
 
 
 _ = check_merge_partials(my_merge)
+
+# %% [markdown]
+# `ringbook.merge_partials` is the same merge, made robust (empty sides on
+# either or both hands, autograd) and, in `ringbook.fast.merge`, fast: one
+# `lerp_` pass over the accumulator, since the two weights sum to 1. From
+# here on the notebook uses it.
 
 # %%
 B, H, W, C = 2, 3, 4, 10  # batch, heads, w blocks of c keys each (n = w·c = 40)

@@ -199,11 +199,11 @@ def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label
     return fig
 
 
-def plot_ratios(rows: list[dict], targets: dict[str, float], *, peer: str = "the fastest SDPA",
+def plot_ratios(rows: list[dict], targets: dict[str, float] | None = None, *, peer: str = "the fastest SDPA",
                 ours: str = "production") -> Figure:
     """Horizontal bars of ``ratio_vs_sdpa`` (the peer's time / ours, >1 = ours is faster; the peer is the
     fastest SDPA backend unless ``peer`` names another), one per row of a GPU check, coloured by
-    ``section``; each bar's target (``targets[section]``) is a red tick, 1× a dashed line. -> Figure"""
+    ``section``; 1× is a dashed line, and a bar's target (``targets[section]``, when given) a red tick. -> Figure"""
     rows = [r for r in rows if r.get("ratio_vs_sdpa") is not None]
     if not rows:
         raise ValueError("no rows with ratio_vs_sdpa")
@@ -215,10 +215,11 @@ def plot_ratios(rows: list[dict], targets: dict[str, float], *, peer: str = "the
     ax = axes[0, 0]
     bars = ax.barh(y, ratio, height=0.62, color=[palette[sections.index(r["section"]) % 4] for r in rows])
     ax.bar_label(bars, fmt="%.3f×", fontsize=8, padding=3)
-    tgt = [targets.get(r["section"]) for r in rows]
+    tgt = [(targets or {}).get(r["section"]) for r in rows]
     ty = [yi for yi, t in zip(y, tgt) if t is not None]
-    ax.vlines([t for t in tgt if t is not None], np.array(ty) - 0.42, np.array(ty) + 0.42, color=COLORS["max"],
-              lw=2.2, label="target")
+    if ty:
+        ax.vlines([t for t in tgt if t is not None], np.array(ty) - 0.42, np.array(ty) + 0.42, color=COLORS["max"],
+                  lw=2.2, label="target")
     ax.axvline(1.0, color=COLORS["exact"], ls="--", lw=1, label=f"as fast as {peer}")
     ax.set_yticks(y, [f"{r['section']}: {r['name']}" for r in rows], fontsize=8)
     ax.invert_yaxis()
