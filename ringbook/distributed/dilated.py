@@ -515,6 +515,8 @@ class DilatedMover(Mover):
     dense ring runs its ring again), so only q, k, v, out and lse are kept.
     """
 
+    step_reads_gradients = False  # the window's gradients are read only by gradients()
+
     def __init__(self, setup: _Setup, k: torch.Tensor, v: torch.Tensor, kv_group: int, backward: bool):
         self.setup, self.kv_group = setup, kv_group
         plan, rank = setup.plan, setup.ring.rank

@@ -51,7 +51,7 @@ from einops import rearrange
 
 from .._utils import check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
 from ..dilated import check_dilated_config, pair_heads
-from .engine import Block, Job, Plan, Settings, StackedMover, run
+from .engine import Block, Job, Plan, Settings, StackedMover, check_graph, run
 from .kernels import block_attention, check_backend
 from .merge import merge_into_torch_, merge_many_into_
 
@@ -228,8 +228,8 @@ def check_dilated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seg
 
 def production_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                                  dilation_rates: Sequence[int], ring_size: int = 1, causal: bool = False,
-                                 heads: str = "all", scale: float | None = None,
-                                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                                 heads: str = "all", scale: float | None = None, backend: str = "auto",
+                                 graph: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated ring attention (equation (D)) on the ring engine, every rank in one process. Returns ``(out, lse)``.
 
     What :func:`ringbook.production_ring_attention` runs when given
@@ -239,17 +239,21 @@ def production_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     fewer heads than q (grouped-query attention, module docstring). Output in
     the input dtype, lse float32 for half precision; rows no pattern keeps:
     0 / -inf. Once differentiable (the engine's fused backward;
-    ``create_graph=True`` raises).
+    ``create_graph=True`` raises). ``graph``: as for
+    :func:`ringbook.production_ring_attention` (CUDA-graph replay of
+    forward-only calls whose shape repeats).
     """
     causal = check_bool(causal, "causal")
     check_backend(backend)
+    graph = check_graph(graph)
     pairs, patterns = check_dilated_call(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
                                          heads=heads, ring_size=ring_size)
     b, n, h, d = q.shape
     plan = stacked_dilated_plan(n, h, k.shape[2], pairs, patterns, causal=causal, device=str(q.device))
-    job = Job(settings=Settings(resolve_scale(scale, d), backend, who="production_ring_attention (dilated)",
-                                  twice="ringbook.dilated_attention or ringbook.ring_dilated_attention"),
-              start=lambda k_st, v_st, backward: (StackedMover(k_st, v_st, backward=backward), plan))
+    settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention (dilated)",
+                        twice="ringbook.dilated_attention or ringbook.ring_dilated_attention", graph=graph)
+    job = Job(settings=settings, start=lambda k_st, v_st, backward: (StackedMover(k_st, v_st, backward=backward), plan),
+              key=("production_dilated", plan, settings))
     return run(q, k, v, job)
 
 

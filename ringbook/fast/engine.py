@@ -92,10 +92,19 @@ class Settings:
     backend: str  # "auto", a fused backend, or "einops"
     who: str = "the ring"  # the public function, for messages
     twice: str = "ringbook.ring_attention"  # its twice-differentiable twin, for the double-backward refusal
+    overlap: bool = True  # on CUDA, merges and gradient sums run on a second stream, under the next block's kernel
+    graph: bool | str = "auto"  # replay forward-only CUDA calls from a CUDA graph once their shape repeats (run)
 
 
 class Mover:
-    """How the K/V of each step reach the blocks, and how their gradients get home (see the module docstring)."""
+    """How the K/V of each step reach the blocks, and how their gradients get home (see the module docstring).
+
+    ``step_reads_gradients``: :meth:`backward_done` reads the step's dK/dV
+    (a P2P mover sends them on), so the step's gradient sums must be done
+    before it is called.
+    """
+
+    step_reads_gradients = True
 
     def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V the blocks of step ``t`` read (waiting for them to arrive); the next transfer may start."""
@@ -136,6 +145,44 @@ def _block_forward(q, k, v, blk: Block, s: Settings):
     return forward_block(qb, kb, vb, scale=s.scale, causal=blk.causal, backend=s.backend)
 
 
+_SIDE_STREAMS: dict = {}  # device index -> the engine's second stream
+OVERLAP = True  # False: every fold runs in line (an ablation switch for the GPU tools)
+
+
+class _Side:
+    """Where the engine's memory-bound folds run: merges into the accumulators and the sums of block gradients.
+
+    On CUDA (with ``Settings.overlap``) they go to a second stream, so a
+    fold runs under the next block's kernel, which is bound by compute, not
+    memory; the block results a fold reads are marked as used by that stream
+    (``record_stream``), so their memory is not reused before the fold is
+    done. Elsewhere they run in line. :meth:`join` makes the current stream
+    wait for every fold issued so far.
+    """
+
+    def __init__(self, x: torch.Tensor, enabled: bool):
+        self.stream = None
+        if enabled and OVERLAP and x.is_cuda:
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+            if index not in _SIDE_STREAMS:
+                _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+            self.stream = _SIDE_STREAMS[index]
+
+    def run(self, fold: Callable[[], None], *held: torch.Tensor) -> None:
+        if self.stream is None:
+            fold()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            fold()
+        for x in held:
+            x.record_stream(self.stream)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+
 def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` against every step's K/V, in the accumulator dtype (float32 for half precision).
 
@@ -158,11 +205,14 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
     pending: list = []
     rows = None
     initialise = whole
+    side = _Side(q, s.overlap)
 
     def flush():
         nonlocal pending, initialise
         if pending:
-            merge_many_into_(_rows(acc_out, *rows), _rows(acc_lse, *rows, dim=2), pending, initialise=initialise)
+            blocks, box, init = pending, rows, initialise
+            side.run(lambda: merge_many_into_(_rows(acc_out, *box), _rows(acc_lse, *box, dim=2), blocks,
+                                              initialise=init), *(x for pair in blocks for x in pair))
             pending, initialise = [], False
 
     for t, blocks in enumerate(plan.steps):
@@ -170,7 +220,8 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
         for blk in blocks:
             if blk.gather is not None:  # a gathered block writes or merges its own rows
                 flush()
-                blk.gather.put(acc_out, acc_lse, *_block_forward(q, k, v, blk, s))
+                result = _block_forward(q, k, v, blk, s)
+                side.run(functools.partial(blk.gather.put, acc_out, acc_lse, *result), *result)
                 continue
             here = (blk.q_batch, blk.q)
             if pending and (here != rows or len(pending) == plan.merge_group):
@@ -181,6 +232,7 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
             flush()  # a grouped plan holds results across steps (they are kernel outputs, not views of K/V)
         mover.forward_done(t)
     flush()
+    side.join()
     return acc_out, acc_lse
 
 
@@ -203,11 +255,12 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
     backend = s.backend if fast else "einops"
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     h = q.shape[2]
+    side = _Side(q, s.overlap)
     for t, blocks in enumerate(plan.steps):
         k, v, dk, dv = mover.backward_kv(t)
         for blk in blocks:
             if blk.gather is not None:
-                _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s)
+                _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s, side)
                 continue
             sl = (blk.q_batch, blk.q)
             args = (_rows(q, *sl), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv), _rows(out, *sl),
@@ -221,23 +274,35 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
             else:
                 gq, gk, gv = block_attention_backward(*args, scale=s.scale, causal=blk.causal,
                                                       delta=None if fast else blk_delta, backend=backend)
-            _rows(dq, *sl).add_(gq)
-            _rows(dk, blk.kv_batch, blk.kv).add_(gk)
-            _rows(dv, blk.kv_batch, blk.kv).add_(gv)
+            side.run(functools.partial(_add_block_gradients, _rows(dq, *sl), _rows(dk, blk.kv_batch, blk.kv),
+                                       _rows(dv, blk.kv_batch, blk.kv), gq, gk, gv), gq, gk, gv)
+        if mover.step_reads_gradients:
+            side.join()
         mover.backward_done(t)
+    side.join()
     return dq
 
 
-def _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s: Settings):
+def _add_block_gradients(dq, dk, dv, gq, gk, gv) -> None:
+    dq.add_(gq)
+    dk.add_(gk)
+    dv.add_(gv)
+
+
+def _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s: Settings, side: _Side):
     """One gathered block's backward: its rows taken from the global tensors, its gradients added back."""
     g = blk.gather
     blk_delta = None if (fast or full_delta is None) else g.take_lse(full_delta)
     gq, gk, gv = block_attention_backward(g.take_q(q), g.take_kv(k), g.take_kv(v), g.take_q(out), g.take_lse(lse),
                                           g.take_q(dout), scale=s.scale, causal=blk.causal, delta=blk_delta,
                                           backend=backend)
-    g.add_q(dq, gq)
-    g.add_kv(dk, gk)
-    g.add_kv(dv, gv)
+
+    def add():
+        g.add_q(dq, gq)
+        g.add_kv(dk, gk)
+        g.add_kv(dv, gv)
+
+    side.run(add, gq, gk, gv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,13 +314,35 @@ class Job:
     one-process runner doubles K/V where it can). ``enter(x, dim)`` maps a
     caller's tensor to the engine's layout (the one-process runner stacks the
     ranks in the batch; a process group's rank uses its shard as it is),
-    ``leave(x, dim, dtype)`` maps back.
+    ``leave(x, dim, dtype)`` maps back. ``key``: everything besides the
+    tensors that decides the call's kernels (None: the call is never
+    replayed from a CUDA graph, see :func:`run`). ``parts(q, k, v)``: None
+    when the forward runs whole, else the :class:`Part` s it runs one after
+    the other (query rows in turn, each with the K/V it needs brought per
+    step), so that no full-size copy or float32 accumulator is held.
     """
 
     settings: Settings
     start: Callable[[torch.Tensor, torch.Tensor, bool], tuple[Mover, Plan]]
     enter: Callable[..., torch.Tensor] = lambda x, dim=1: x
     leave: Callable[..., torch.Tensor] = lambda x, dim=1, dtype=None: x.to(dtype or x.dtype)
+    key: tuple | None = None
+    parts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A share of a forward's query rows, run as a ring of its own (when the whole call would hold too much memory).
+
+    ``q``: the share's queries in the engine layout; ``plan`` and ``mover``
+    as for a whole call; ``put(out, lse, acc_out, acc_lse)`` writes the
+    share's result into the caller's output tensors.
+    """
+
+    q: torch.Tensor
+    plan: Plan
+    mover: Mover
+    put: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class RingFunction(torch.autograd.Function):
@@ -268,12 +355,21 @@ class RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, job: Job):
         ctx.set_materialize_grads(False)
-        mover, plan = job.start(job.enter(k), job.enter(v), False)
-        acc_out, acc_lse = ring_forward(job.enter(q), plan, mover, job.settings)
-        del mover
-        out = job.leave(acc_out, dtype=q.dtype)
-        del acc_out
-        lse = job.leave(acc_lse, dim=2, dtype=compute_dtype(q.dtype))
+        parts = job.parts(q, k, v) if job.parts is not None else None
+        if parts is None:
+            mover, plan = job.start(job.enter(k), job.enter(v), False)
+            acc_out, acc_lse = ring_forward(job.enter(q), plan, mover, job.settings)
+            del mover
+            out = job.leave(acc_out, dtype=q.dtype)
+            del acc_out
+            lse = job.leave(acc_lse, dim=2, dtype=compute_dtype(q.dtype))
+        else:
+            b, n, h, _ = q.shape
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse = torch.empty(b, h, n, dtype=compute_dtype(q.dtype), device=q.device)
+            for part in parts:  # one share of the rows at a time: only its buffers are alive
+                part.put(out, lse, *ring_forward(part.q, part.plan, part.mover, job.settings))
+                del part
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.job = job
         return out, lse
@@ -293,8 +389,109 @@ class RingFunction(torch.autograd.Function):
         return (job.leave(dq, dtype=q.dtype), job.leave(dk, dtype=k.dtype), job.leave(dv, dtype=v.dtype), None)
 
 
+# --------------------------------------------------------------------------- CUDA graphs
+
+GRAPH_MAX_BYTES = 64 << 20  # with graph="auto", calls whose q is at most this big (launch-bound sizes) are graphed
+GRAPH_CACHE_SIZE = 8  # captured graphs kept (each holds its working memory)
+GRAPHS: dict = {}  # (job key, tensor layout) -> _SEEN, a _Graph, or why capture was refused (a string)
+_SEEN = "seen once"
+
+
+@dataclasses.dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # the static q, k, v the graph reads
+    outputs: tuple[torch.Tensor, torch.Tensor]  # the static out, lse it writes
+
+
+def check_graph(graph: object) -> bool | str:
+    """``graph`` must be ``"auto"``, ``True`` or ``False`` (what :func:`run` does with each)."""
+    if graph is True or graph is False or (isinstance(graph, str) and graph == "auto"):
+        return graph
+    raise ValueError(f'graph must be "auto", True or False, got {graph!r}')
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, str(x.device))
+
+
+def _wants_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> bool:
+    mode = job.settings.graph
+    if mode is False or job.key is None or not q.is_cuda:
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return False  # training calls run eagerly: the backward needs the forward's autograd graph
+    if torch.cuda.is_current_stream_capturing():
+        return False  # the caller is capturing a graph of its own: take part in it
+    return mode is True or q.nbytes <= GRAPH_MAX_BYTES
+
+
+def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Graph | str:
+    """Capture the call on static copies of its inputs; refuse (say why) unless a replay reproduces ``want``."""
+    eager_job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, overlap=False))
+    inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
+                   for x in (q, k, v))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.no_grad():
+            side = torch.cuda.Stream(q.device)  # warm up on a side stream, as torch.cuda.graphs asks
+            side.wait_stream(torch.cuda.current_stream(q.device))
+            with torch.cuda.stream(side):
+                RingFunction.apply(*inputs, eager_job)
+            torch.cuda.current_stream(q.device).wait_stream(side)
+            with torch.cuda.graph(graph):
+                outputs = RingFunction.apply(*inputs, eager_job)
+            graph.replay()
+    except Exception as exc:  # noqa: BLE001 - any capture failure: this call shape runs eagerly
+        return f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    from ..bench.rules import TOLERANCE
+
+    tol = TOLERANCE.get(q.dtype, 0.0)
+    for got, ref in zip(outputs, want):
+        if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), rtol=0, atol=tol, equal_nan=True):
+            return "the graph's replay disagrees with the eager call"
+    return _Graph(graph, inputs, outputs)
+
+
+def _graphed(q, k, v, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """The call replayed from a CUDA graph once its shape repeats; the first sighting and any refusal run eagerly."""
+    key = (job.key, _layout(q), _layout(k), _layout(v))
+    entry = GRAPHS.get(key)
+    if entry is None or isinstance(entry, str):
+        out = RingFunction.apply(q, k, v, job)
+        if entry is None:
+            GRAPHS[key] = _SEEN
+        return out
+    if entry is _SEEN:
+        out = RingFunction.apply(q, k, v, job)
+        GRAPHS[key] = _capture(q, k, v, job, out)
+        if isinstance(GRAPHS[key], str):
+            warn_once(f"{job.settings.who}: CUDA graph not used for shape {tuple(q.shape)} ({GRAPHS[key]}); "
+                      "running eagerly")
+        while sum(isinstance(e, _Graph) for e in GRAPHS.values()) > GRAPH_CACHE_SIZE:
+            del GRAPHS[next(k_ for k_, e in GRAPHS.items() if isinstance(e, _Graph))]  # the oldest
+        return out
+    GRAPHS[key] = GRAPHS.pop(key)  # most recently used last
+    for static, x in zip(entry.inputs, (q, k, v)):
+        static.copy_(x)
+    entry.graph.replay()
+    return entry.outputs[0].clone(), entry.outputs[1].clone()
+
+
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of one fused ring call (differentiable through :class:`RingFunction`)."""
+    """``(out, lse)`` of one fused ring call (differentiable through :class:`RingFunction`).
+
+    A forward-only CUDA call whose job has a ``key`` may be replayed from a
+    CUDA graph (``Settings.graph``: ``"auto"`` for calls with q of at most
+    :data:`GRAPH_MAX_BYTES`, ``True`` for any size, ``False`` never): the
+    first call of a shape runs eagerly, the second captures it on static
+    copies of its inputs and keeps the graph only if its replay agrees with
+    that call's eager result, later calls copy their inputs in and replay
+    (one launch of the whole ring instead of dozens). A shape whose capture
+    fails runs eagerly, with one warning (:data:`GRAPHS` holds why).
+    """
+    if _wants_graph(q, k, v, job):
+        return _graphed(q, k, v, job)
     return RingFunction.apply(q, k, v, job)
 
 
@@ -306,6 +503,8 @@ class StackedMover(Mover):
     buffers; with the doubled K/V shard s's gradient is the sum of rows s and
     w + s.
     """
+
+    step_reads_gradients = False
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, *, backward: bool, doubled: bool = False):
         self.doubled = doubled

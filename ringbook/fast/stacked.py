@@ -61,7 +61,7 @@ from .._utils import available_bytes, check_bool, check_positive_int, check_qkv,
 from ..online_softmax import merge_partials
 from ..schedule import check_layout, layout_positions
 from .dilated import production_dilated_attention
-from .engine import Block, Job, Plan, Settings, StackedMover, run
+from .engine import Block, Job, Mover, Part, Plan, Settings, StackedMover, check_graph, run
 from .kernels import block_attention, check_backend
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
@@ -248,10 +248,114 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
 
+# --------------------------------------------------------------------------- a forward in parts (long sequences)
+
+# A whole call holds, besides its inputs and output, the stacked (zigzag) copies of q, k and v and a float32
+# accumulator of the whole output: about 2.25× cuDNN's peak at every length. Where that extra would pass
+# max(PARTS_MIN_EXTRA_BYTES, PARTS_EXTRA_FRACTION × (inputs + output)), the forward runs its query ranks in parts
+# instead, each with its own small accumulator and the K/V shards it holds at each step gathered per step
+# (at such lengths one gather per step costs well under 1% of the step's attention).
+PARTS_MIN_EXTRA_BYTES = 2 << 30
+PARTS_EXTRA_FRACTION = 0.25
+
+
+class GatherMover(Mover):
+    """The K/V of a part's ranks, gathered at each step from the caller's tensors (forward only).
+
+    At step t rank r holds shard ``(r − t) mod w``; the part's ranks
+    ``[g0, g1)`` get their shards' token positions (``positions[s]``, the
+    layout's) gathered in rank order, so the blocks address them with the
+    same batch rows as their queries.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, ranks: tuple[int, int]):
+        self.k, self.v, self.positions, self.ranks = k, v, positions, ranks
+
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.positions.shape[0]
+        shards = [(r - t) % w for r in range(*self.ranks)]
+        return tuple(_gather_ranks(x, self.positions, shards) for x in (self.k, self.v))
+
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("GatherMover serves a forward in parts; the backward runs whole")
+
+
+def _gather_ranks(x: torch.Tensor, positions: torch.Tensor, ranks: list[int], dim: int = 1) -> torch.Tensor:
+    """The rows of ``ranks`` (their token positions) in the engine layout: ``(r b) c h d``, or ``(r b) h c`` (lse)."""
+    rows = x.index_select(dim, positions[ranks].reshape(-1))
+    if dim == 1:
+        return rearrange(rows, "b (r c) h d -> (r b) c h d", r=len(ranks)).contiguous()
+    return rearrange(rows, "b h (r c) -> (r b) h c", r=len(ranks)).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout: str, causal: bool,
+              merge_group: int = 1) -> Plan:
+    """:func:`production_plan` for the query ranks ``[g0, g1)`` alone, on K/V gathered for them (:class:`GatherMover`)."""
+    g0, g1 = ranks
+    steps = []
+    for step in production_plan(n, world, layout=layout, causal=causal):
+        blocks = []
+        for launch in step:
+            r0, r1 = max(launch.ranks[0], g0), min(launch.ranks[1], g1)
+            if r0 < r1:
+                rows = ((r0 - g0) * batch, (r1 - g0) * batch)
+                blocks.append(Block(rows, launch.q, rows, launch.kv, launch.kind == "causal"))
+        steps.append(tuple(blocks))
+    return Plan(tuple(steps), merge_group=merge_group)
+
+
+def _part_ranks(world: int, whole_extra: int, part_extra_per_rank: int, budget: float) -> int:
+    """Ranks per part: ``world`` (run whole) if the whole call's extra memory fits the budget, else the largest
+    divisor of the ring whose parts fit (1 at least)."""
+    if whole_extra <= budget:
+        return world
+    fitting = [r for r in range(1, world) if world % r == 0 and r * part_extra_per_rank <= budget]
+    return max(fitting, default=1)
+
+
+def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_bytes: int, q, k, v):
+    """None (run whole), or the parts of a long forward (see :data:`PARTS_EXTRA_FRACTION`)."""
+    out_bytes = q.nbytes
+    acc_bytes = 4 * q.numel() + 4 * q.numel() // q.shape[3]  # float32 out and lse
+    copies = 0 if layout == "contiguous" else q.nbytes + k.nbytes + v.nbytes
+    whole_extra = copies + acc_bytes + result_bytes
+    budget = max(PARTS_MIN_EXTRA_BYTES, PARTS_EXTRA_FRACTION * (q.nbytes + k.nbytes + v.nbytes + out_bytes))
+    # a part of one rank: its q, the K/V of a step (and the next one's), its accumulator and a held result
+    per_rank = (q.nbytes + 2 * (k.nbytes + v.nbytes) + acc_bytes + result_bytes) // world
+    size = _part_ranks(world, whole_extra, per_rank, budget)
+    if size == world:
+        return None
+    positions = _positions_on(n, world, layout, str(q.device))
+    return _part_iter(n, world, batch, layout, causal, size, positions, q, k, v)
+
+
+def _part_iter(n, world, batch, layout, causal, size, positions, q, k, v):
+    group = MERGE_GROUP if not causal else 1
+    for g0 in range(0, world, size):
+        ranks = list(range(g0, g0 + size))
+        plan = part_plan(n, world, batch, (g0, g0 + size), layout=layout, causal=causal, merge_group=group)
+        yield Part(_gather_ranks(q, positions, ranks), plan, GatherMover(k, v, positions, (g0, g0 + size)),
+                   functools.partial(_put_ranks, positions[ranks].reshape(-1), len(ranks)))
+
+
+def _put_ranks(index: torch.Tensor, count: int, out, lse, acc_out, acc_lse) -> None:
+    """Write a part's accumulators into the caller's ``out`` (its dtype) and ``lse`` at the part's positions."""
+    out.index_copy_(1, index, rearrange(acc_out, "(r b) c h d -> b (r c) h d", r=count).to(out.dtype))
+    lse.index_copy_(2, index, rearrange(acc_lse, "(r b) h c -> b h (r c)", r=count).to(lse.dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _positions_on(n: int, world: int, layout: str, device: str) -> torch.Tensor:
+    """:func:`~ringbook.schedule.layout_positions` on ``device`` (cached per call shape)."""
+    return layout_positions(n, world, layout).to(device)
+
+
 def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int = 1, causal: bool = False,
                               layout: str | None = None, segment_lengths: Sequence[int] | None = None,
                               dilation_rates: Sequence[int] | None = None, heads: str = "all",
-                              scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                              scale: float | None = None, backend: str = "auto",
+                              graph: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
 
     Args:
@@ -270,6 +374,11 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         backend: block kernel, ``"auto"`` or one of
             :data:`ringbook.kernels.BACKENDS` (``"einops"``: the reference
             path everywhere).
+        graph: ``"auto"`` (default): a forward-only CUDA call of a shape
+            seen before, with q of at most 64 MiB, is replayed from a CUDA
+            graph (one launch for the whole ring; checked against the eager
+            call when captured, eager if capture fails); ``True``: at any
+            size; ``False``: never (:func:`ringbook.fast.engine.run`).
 
     Returns:
         out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
@@ -285,9 +394,10 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     causal = check_bool(causal, "causal")
     check_backend(backend)
+    graph = check_graph(graph)
     if segment_lengths is not None or dilation_rates is not None:
         return _dilated(q, k, v, ring_size=ring_size, causal=causal, layout=layout, segment_lengths=segment_lengths,
-                        dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend)
+                        dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend, graph=graph)
     if heads != "all":
         raise ValueError(f"heads={heads!r} applies to dilated attention only (give segment_lengths and "
                          "dilation_rates); dense attention uses every head")
@@ -306,9 +416,11 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     order, runs = _layout_order(n, ring_size, layout, str(q.device))
     stacking = _Stacking(ring_size, order, runs)
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
-    job = Job(settings=Settings(resolve_scale(scale, d), backend, who="production_ring_attention"),
-              start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes),
-              enter=stacking.enter, leave=stacking.leave)
+    settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph)
+    job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes),
+              enter=stacking.enter, leave=stacking.leave,
+              key=("production", n, ring_size, b, layout, causal, result_bytes, settings),
+              parts=functools.partial(_parts, n, ring_size, b, layout, causal, result_bytes))
     return run(q, k, v, job)
 
 
@@ -339,8 +451,9 @@ def segment_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     return o.to(work), l.to(work)
 
 
-def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend):
+def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend, graph):
     if layout not in (None, "contiguous"):
         raise ValueError(f"dilated ring attention shards contiguously (segments are contiguous); got layout={layout!r}")
     return production_dilated_attention(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
-                                        ring_size=ring_size, causal=causal, heads=heads, scale=scale, backend=backend)
+                                        ring_size=ring_size, causal=causal, heads=heads, scale=scale, backend=backend,
+                                        graph=graph)
