@@ -288,44 +288,47 @@ def test_merge_many_into_is_the_merge_repeated(initialise):
 
 
 def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
-    """The Triton kernel (1–4 blocks at once, initialising or not) run by Triton's CPU interpreter."""
+    """The Triton kernel (boxes, 1–8 blocks at once, initialising or not) run by Triton's CPU interpreter."""
     import subprocess
     import sys
 
     pytest.importorskip("triton", reason="triton is not installed (the CPU wheel of torch does not bring it); "
                                          "on CUDA the kernel self-checks before first use")
-    code = ("import torch\nfrom ringbook.fast.triton_merge import merge_many_into_triton_\n"
+    code = ("import torch\nfrom ringbook.fast.triton_merge import merge_boxes_into_triton_\n"
             "from ringbook.fast.merge import _self_check_triton\n"
-            "print(_self_check_triton(merge_many_into_triton_, torch.device('cpu')))")
+            "print(_self_check_triton(merge_boxes_into_triton_, torch.device('cpu')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "True"
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
-def test_merge_group_does_not_change_the_function(monkeypatch, group):
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merge_group_does_not_change_the_function(monkeypatch, group, causal):
+    """Block results are folded ``group`` at a time whatever rows they cover (a causal step's half-blocks too)."""
     monkeypatch.setattr(stacked, "MERGE_GROUP", group)
     monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", float("inf"))
     folds = []
-    real = engine.merge_many_into_
+    real = engine.merge_boxes_into_
 
-    def counting(acc_out, acc_lse, blocks, **kwargs):
-        folds.append(len(blocks))
-        return real(acc_out, acc_lse, blocks, **kwargs)
+    def counting(acc_out, acc_lse, items, **kwargs):
+        folds.append(len(items))
+        return real(acc_out, acc_lse, items, **kwargs)
 
-    monkeypatch.setattr(engine, "merge_many_into_", counting)
+    monkeypatch.setattr(engine, "merge_boxes_into_", counting)
     q, k, v = _inputs(40, seed=23)
-    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5)
-    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v))
+    layout = "zigzag" if causal else "contiguous"
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal, layout=layout)
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=causal)
     assert_matches_reference(out, lse, ref_out, ref_lse)
-    g = min(group, 5)
-    assert folds == [g] * (5 // g) + ([5 % g] if 5 % g else [])  # the 5 steps' results, g per pass
-    k_st, v_st = (stacked._Stacking(5, None, ()).enter(x) for x in (k, v))
-    _, plan = stacked._start(40, 5, B, "contiguous", False, 1, k_st, v_st, False)
-    assert plan.merge_group == g
-    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", 0.0)  # split steps: their rows differ, no grouping
-    _, plan = stacked._start(40, 5, B, "contiguous", False, 1, k_st, v_st, False)
+    blocks = 1 + 2 * 4 if causal else 5  # zigzag: step 0 one causal call, then two half-blocks per step
+    assert folds == [group] * (blocks // group) + ([blocks % group] if blocks % group else [])
+    k_st, v_st = (stacked._Stacking(5, None).enter(x) for x in (k, v))
+    _, plan = stacked._start(40, 5, B, layout, causal, 1, k_st, v_st, False)
+    assert plan.merge_group == group
+    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", 0.0)  # no room for held results: one per pass
+    _, plan = stacked._start(40, 5, B, layout, causal, 10 ** 12, k_st, v_st, False)
     assert plan.merge_group == 1
 
 

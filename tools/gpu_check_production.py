@@ -182,20 +182,20 @@ def time_forward(w, causal, n=131072, merge="auto", backend="auto"):
     """merge: "auto"; "torch" (Triton merge off); "group1" (fold each step's result at once, no grouping);
     "none" (merge skipped: wrong result, measures its cost)."""
     q, k, v = qkv(n, H, seed=2)
-    saved, saved_merge, saved_group = dict(fast_merge.TRITON), engine.merge_many_into_, stacked.MERGE_GROUP
+    saved, saved_merge, saved_group = dict(fast_merge.TRITON), engine.merge_boxes_into_, stacked.MERGE_GROUP
     if merge == "torch":
         fast_merge.TRITON[q.device] = "forced off for this timing"
     elif merge == "group1":
         stacked.MERGE_GROUP = 1
     elif merge == "none":
-        engine.merge_many_into_ = lambda *args, **kwargs: None
+        engine.merge_boxes_into_ = lambda *args, **kwargs: None
     try:
         ms = statistics.median(cuda_time(lambda: ringbook.production_ring_attention(
             q, k, v, ring_size=w, causal=causal, backend=backend)))
     finally:
         fast_merge.TRITON.clear()
         fast_merge.TRITON.update(saved)
-        engine.merge_many_into_, stacked.MERGE_GROUP = saved_merge, saved_group
+        engine.merge_boxes_into_, stacked.MERGE_GROUP = saved_merge, saved_group
     best, best_ms, allt = best_sdpa(n, causal)
     flops = attention_flops(B, H, n, n, D, causal)
     return {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "sdpa_best": best, "sdpa_ms": round(best_ms, 3),

@@ -161,9 +161,18 @@ def forward_calls(q, k, v, w, causal):
                                                           graph="auto" if graph else False)
         return call
 
+    def no_merge():  # the merge left out (a wrong result, timed only for the merge's cost)
+        real = engine.merge_boxes_into_
+        engine.merge_boxes_into_ = lambda *args, **kwargs: None
+        try:
+            return ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout, graph=False)
+        finally:
+            engine.merge_boxes_into_ = real
+
     return {"cudnn": lambda: cudnn(q, k, v, causal), "production": prod(),
             "production graph=False": prod(graph=False), "production overlap=False": prod(overlap=False),
-            "production graph=False overlap=False": prod(graph=False, overlap=False)}
+            "production graph=False overlap=False": prod(graph=False, overlap=False),
+            "production merge skipped (cost)": no_merge}
 
 
 def section_timing(seq_lens, rings, rounds_for) -> list:
@@ -177,7 +186,7 @@ def section_timing(seq_lens, rings, rounds_for) -> list:
                     with torch.no_grad():
                         checks = {}
                         for name, fn in calls.items():
-                            if name == "cudnn":
+                            if name == "cudnn" or "skipped" in name:
                                 continue
                             for _ in range(3):  # the graphed call: eager, capture, replay
                                 out = fn()
@@ -264,8 +273,11 @@ def section_launches(n=16384, w=16) -> list:
                         fn()
                         torch.cuda.synchronize()
                 kernels_, union, total = busy_ms(prof)
+                top = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                             key=lambda e: e.self_device_time_total, reverse=True)[:8]
                 return {"seq_len": n, "ring_size": w, "causal": causal, "wall_ms": wall, "gpu_activities": kernels_,
-                        "gpu_busy_ms": union, "gpu_kernel_sum_ms": total, "gpu_idle_ms": wall - union}
+                        "gpu_busy_ms": union, "gpu_kernel_sum_ms": total, "gpu_idle_ms": wall - union,
+                        "top": [(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 4)) for e in top]}
             attempt(rows, f"launches n={n} w={w} causal={causal} {name}", case)
     return rows
 

@@ -35,7 +35,7 @@ import torch
 from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
 from .kernels import block_attention_backward, delta, expand_kv, forward_block, reduce_kv, warn_once
-from .merge import merge_many_into_
+from .merge import merge_boxes_into_
 
 Rows = tuple[int, int]  # [start, stop)
 
@@ -70,13 +70,19 @@ class Block:
 class Plan:
     """The schedule as data: ``steps[t]`` are the block calls of step ``t``.
 
-    ``merge_group``: up to this many consecutive results over the same rows
-    are held and folded into the accumulators in one pass (one read and write
-    of the float32 accumulator per group instead of per block).
+    ``merge_group``: up to this many consecutive block results (over any
+    rows, across steps) are held and folded into the accumulators in one pass
+    (one read and write of the float32 accumulator per group instead of per
+    block).
     """
 
     steps: tuple[tuple[Block, ...], ...]
     merge_group: int = 1
+
+    @functools.cached_property
+    def has_gather(self) -> bool:
+        """Whether some block is a gathered one (dilated attention: it writes or merges its own rows)."""
+        return any(blk.gather is not None for blocks in self.steps for blk in blocks)
 
     @functools.cached_property
     def has_positions(self) -> bool:
@@ -186,8 +192,11 @@ class _Side:
 def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` against every step's K/V, in the accumulator dtype (float32 for half precision).
 
-    The first result over every row sets the accumulators; until then they
-    start as the empty partial ``(0, -inf)``.
+    Block results are held and folded into the accumulators ``plan.merge_group``
+    at a time, whatever rows each covers (:func:`~ringbook.fast.merge.merge_boxes_into_`);
+    the first fold sets the accumulators (rows it does not cover become the
+    empty partial ``(0, -inf)``). A plan with gathered blocks starts them at
+    ``(0, -inf)`` instead, as its blocks write or merge their own rows.
     """
     b, c, h, d = q.shape
     work = compute_dtype(q.dtype)
@@ -198,21 +207,21 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
         out, lse = _block_forward(q, k, v, first, s)
         mover.forward_done(0)
         return out, lse
-    acc_out = (torch.empty if whole else torch.zeros)(b, c, h, d, dtype=work, device=q.device)
+    acc_out = torch.empty(b, c, h, d, dtype=work, device=q.device)
     acc_lse = torch.empty(b, h, c, dtype=work, device=q.device)
-    if not whole:
+    initialise = not plan.has_gather
+    if plan.has_gather:
+        acc_out.zero_()
         acc_lse.fill_(float("-inf"))
     pending: list = []
-    rows = None
-    initialise = whole
     side = _Side(q, s.overlap)
 
     def flush():
         nonlocal pending, initialise
-        if pending:
-            blocks, box, init = pending, rows, initialise
-            side.run(lambda: merge_many_into_(_rows(acc_out, *box), _rows(acc_lse, *box, dim=2), blocks,
-                                              initialise=init), *(x for pair in blocks for x in pair))
+        if pending or initialise:
+            items, init = pending, initialise
+            side.run(lambda: merge_boxes_into_(acc_out, acc_lse, items, initialise=init),
+                     *(x for _, o, lse in items for x in (o, lse)))
             pending, initialise = [], False
 
     for t, blocks in enumerate(plan.steps):
@@ -223,13 +232,9 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
                 result = _block_forward(q, k, v, blk, s)
                 side.run(functools.partial(blk.gather.put, acc_out, acc_lse, *result), *result)
                 continue
-            here = (blk.q_batch, blk.q)
-            if pending and (here != rows or len(pending) == plan.merge_group):
+            pending.append(((*blk.q_batch, *blk.q), *_block_forward(q, k, v, blk, s)))
+            if len(pending) == plan.merge_group:
                 flush()
-            pending.append(_block_forward(q, k, v, blk, s))
-            rows = here
-        if plan.merge_group == 1:
-            flush()  # a grouped plan holds results across steps (they are kernel outputs, not views of K/V)
         mover.forward_done(t)
     flush()
     side.join()
@@ -394,7 +399,14 @@ class RingFunction(torch.autograd.Function):
 GRAPH_MAX_BYTES = 64 << 20  # with graph="auto", calls whose q is at most this big (launch-bound sizes) are graphed
 GRAPH_CACHE_SIZE = 8  # captured graphs kept (each holds its working memory)
 GRAPHS: dict = {}  # (job key, tensor layout) -> _SEEN, a _Graph, or why capture was refused (a string)
-_SEEN = "seen once"
+
+
+class _Seen:
+    def __repr__(self) -> str:
+        return "seen once"
+
+
+_SEEN = _Seen()  # a shape met once: the next call of it is captured
 
 
 @dataclasses.dataclass
@@ -427,8 +439,12 @@ def _wants_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) ->
 
 
 def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Graph | str:
-    """Capture the call on static copies of its inputs; refuse (say why) unless a replay reproduces ``want``."""
-    eager_job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, overlap=False))
+    """Capture the call on static copies of its inputs; refuse (say why) unless a replay reproduces ``want``.
+
+    The capture keeps the job's second stream: its folds become a parallel
+    branch of the graph.
+    """
+    eager_job = job
     inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
                    for x in (q, k, v))
     graph = torch.cuda.CUDAGraph()
@@ -457,7 +473,7 @@ def _graphed(q, k, v, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
     """The call replayed from a CUDA graph once its shape repeats; the first sighting and any refusal run eagerly."""
     key = (job.key, _layout(q), _layout(k), _layout(v))
     entry = GRAPHS.get(key)
-    if entry is None or isinstance(entry, str):
+    if entry is None or isinstance(entry, str):  # a new shape, or one whose capture was refused
         out = RingFunction.apply(q, k, v, job)
         if entry is None:
             GRAPHS[key] = _SEEN

@@ -4,11 +4,14 @@
 merge; this module is the fast one the ring engine uses, without autograd:
 
 * :func:`merge_into_torch_` — one block, with torch ops (one ``lerp_`` pass);
-* :func:`merge_many_into_` — several blocks of the same rows. On CUDA a
-  Triton kernel (:mod:`ringbook.fast.triton_merge`) folds up to four per
-  pass, reading each block once and the float32 accumulator once; it is used
-  only after it agrees with the torch merge on a small check
-  (:data:`TRITON` records the outcome, ``kernels.STATUS`` says it).
+* :func:`merge_boxes_into_` — several blocks, each over its own box of the
+  accumulator's rows (a causal step's half-blocks, several steps at once).
+  On CUDA a Triton kernel (:mod:`ringbook.fast.triton_merge`) folds up to
+  eight per pass, reading each block once and the float32 accumulator once;
+  it is used only after it agrees with the torch merge on a small check
+  (:data:`TRITON` records the outcome, ``kernels.STATUS`` says it);
+* :func:`merge_many_into_` — several blocks of the same rows (every box the
+  whole accumulator).
 """
 
 from __future__ import annotations
@@ -42,44 +45,49 @@ def merge_into_torch_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_blk: tor
     acc_lse.copy_(lse)
 
 
+Box = tuple[int, int, int, int]  # batch rows [b0, b1) × sequence rows [n0, n1) of the accumulator
+
+
 def _triton_ready(device) -> bool:
     """Whether the Triton merge runs on ``device``: triton imports and agrees with the torch merge once."""
     if device not in TRITON:
         try:
-            from .triton_merge import merge_many_into_triton_
+            from .triton_merge import merge_boxes_into_triton_
         except Exception as exc:  # noqa: BLE001 - absent or broken triton: the torch merge is used
             TRITON[device] = f"triton not importable ({type(exc).__name__}: {exc})"[:200]
         else:
-            TRITON[device] = _self_check_triton(merge_many_into_triton_, device)
+            TRITON[device] = _self_check_triton(merge_boxes_into_triton_, device)
         STATUS[f"merge {device}"] = "triton" if TRITON[device] is True else f"torch ({TRITON[device]})"
     return TRITON[device] is True
 
 
 def _self_check_triton(fn, device):
-    """True if the Triton merge (one block, several, and initialising) agrees with the torch merge, else why not."""
+    """True if the Triton merge (whole rows and boxes, several at once, initialising or not) agrees with the
+    torch merge, else why not."""
     gen = torch.Generator(device=device).manual_seed(0)
-    acc = torch.randn(2, 40, 3, 64, generator=gen, device=device)
-    lse = torch.randn(2, 3, 40, generator=gen, device=device)
+    acc = torch.randn(3, 40, 3, 64, generator=gen, device=device)
+    lse = torch.randn(3, 3, 40, generator=gen, device=device)
     lse[0, 1, :5] = float("-inf")
     acc[0, :5, 1] = 0
-    blocks = []
-    for j in range(4):  # strided views (rows 10…50 of larger buffers), with some empty rows
-        blk = torch.randn(2, 60, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:50]
-        lse_b = torch.randn(2, 3, 60, generator=gen, device=device)[:, :, 10:50]
-        lse_b[0, 1, :3 + j] = float("-inf")
-        blk[0, :3 + j, 1] = 0  # a kernel's output for a row that saw no key
-        blocks.append((blk, lse_b))
+    boxes = [(0, 3, 0, 40), (0, 3, 0, 40), (1, 3, 0, 40), (0, 2, 20, 40), (0, 3, 10, 30), (2, 3, 0, 40),
+             (0, 3, 0, 40), (0, 1, 0, 40), (1, 2, 5, 35)]
+    items = []
+    for j, (b0, b1, n0, n1) in enumerate(boxes):  # strided views (a window of a larger buffer), some rows empty
+        m = n1 - n0
+        blk = torch.randn(b1 - b0, m + 20, 3, 64, generator=gen, device=device).to(torch.bfloat16)[:, 10:10 + m]
+        lse_b = torch.randn(b1 - b0, 3, m + 20, generator=gen, device=device)[:, :, 10:10 + m]
+        lse_b[0, 1, :3 + j % 4] = float("-inf")
+        blk[0, :3 + j % 4, 1] = 0  # a kernel's output for a row that saw no key
+        items.append(((b0, b1, n0, n1), blk, lse_b))
     want_o, want_l = acc.clone(), lse.clone()
-    for o, l in blocks:
-        merge_into_torch_(want_o, want_l, o, l)
-    want_init_o, want_init_l = blocks[0][0].float(), blocks[0][1].clone()
-    for o, l in blocks[1:]:
-        merge_into_torch_(want_init_o, want_init_l, o, l)
-    init_o, init_l = torch.empty_like(acc), torch.empty_like(lse)
+    _torch_boxes(want_o, want_l, items)
+    want_init_o, want_init_l = torch.empty_like(acc), torch.empty_like(lse)
+    _torch_boxes(want_init_o, want_init_l, items[2:], initialise=True)  # some rows covered by no box
+    init_o, init_l = torch.full_like(acc, float("nan")), torch.full_like(lse, float("nan"))
     try:
-        fn(acc, lse, blocks[:1])
-        fn(acc, lse, blocks[1:])
-        fn(init_o, init_l, blocks, initialise=True)
+        fn(acc, lse, items[:1])
+        fn(acc, lse, items[1:])
+        fn(init_o, init_l, items[2:], initialise=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as exc:  # noqa: BLE001
@@ -92,29 +100,44 @@ def _self_check_triton(fn, device):
     return True
 
 
-def merge_many_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-                     initialise: bool = False) -> None:
-    """Fold several blocks ``[(out, lse), …]`` of the same rows into the accumulators, equation (M) repeated.
+def _torch_boxes(acc_out, acc_lse, items, *, initialise: bool = False) -> None:
+    if initialise:
+        acc_out.zero_()
+        acc_lse.fill_(float("-inf"))
+    for (b0, b1, n0, n1), out_blk, lse_blk in items:
+        merge_into_torch_(acc_out[b0:b1, n0:n1], acc_lse[b0:b1, :, n0:n1], out_blk, lse_blk)
 
-    On CUDA with the Triton merge, up to ``MAX_BLOCKS`` (4) blocks per pass:
-    each block output is read once and the float32 accumulator is read and
-    written once per pass, instead of once per block. ``initialise``: the
-    accumulators hold nothing yet, the blocks set them (no read). Elsewhere
-    the torch merge, block by block. The result does not depend on the
-    grouping (the merge is associative; up to rounding).
+
+def merge_boxes_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
+                      items: Sequence[tuple[Box, torch.Tensor, torch.Tensor]], *, initialise: bool = False) -> None:
+    """Fold blocks ``[(box, out, lse), …]`` into the accumulators, equation (M) repeated.
+
+    ``box = (b0, b1, n0, n1)``: the block's rows are the accumulator's batch
+    rows ``[b0, b1)`` × sequence rows ``[n0, n1)`` (``out`` is
+    ``(b1−b0, n1−n0, h, d)``, ``lse`` ``(b1−b0, h, n1−n0)``). On CUDA with the
+    Triton merge, up to ``MAX_BLOCKS`` (8) blocks per pass over the
+    accumulator: each block is read once and the float32 accumulator read and
+    written once per pass. ``initialise``: the accumulators hold nothing yet
+    (not read; rows no block covers become the empty partial 0 / -inf).
+    Elsewhere the torch merge, block by block. The result does not depend on
+    the grouping (the merge is associative; up to rounding).
     """
-    if not blocks:
+    if not items:
+        if initialise:
+            _torch_boxes(acc_out, acc_lse, (), initialise=True)
         return
     if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 \
-            and all(o.stride() == blocks[0][0].stride() and l.stride() == blocks[0][1].stride() for o, l in blocks) \
-            and blocks[0][0].stride(-1) == 1 and _triton_ready(acc_out.device):
-        from .triton_merge import MAX_BLOCKS, merge_many_into_triton_
-        for i in range(0, len(blocks), MAX_BLOCKS):
-            merge_many_into_triton_(acc_out, acc_lse, blocks[i:i + MAX_BLOCKS], initialise=initialise and i == 0)
+            and all(o.stride(-1) == 1 for _, o, _ in items) and _triton_ready(acc_out.device):
+        from .triton_merge import MAX_BLOCKS, merge_boxes_into_triton_
+        for i in range(0, len(items), MAX_BLOCKS):
+            merge_boxes_into_triton_(acc_out, acc_lse, items[i:i + MAX_BLOCKS], initialise=initialise and i == 0)
         return
-    if initialise:
-        acc_out.copy_(blocks[0][0])
-        acc_lse.copy_(blocks[0][1])
-        blocks = blocks[1:]
-    for out_blk, lse_blk in blocks:
-        merge_into_torch_(acc_out, acc_lse, out_blk, lse_blk)
+    _torch_boxes(acc_out, acc_lse, items, initialise=initialise)
+
+
+def merge_many_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
+                     initialise: bool = False) -> None:
+    """Fold several blocks ``[(out, lse), …]`` of the accumulator's own rows: :func:`merge_boxes_into_` with
+    every box the whole accumulator."""
+    b, n = acc_out.shape[:2]
+    merge_boxes_into_(acc_out, acc_lse, [((0, b, 0, n), o, lse) for o, lse in blocks], initialise=initialise)

@@ -30,10 +30,10 @@ changes is how one process plays the ranks:
   is a :class:`~ringbook.fast.engine.StackedMover`.
 * **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
   SDPA kernels (:func:`ringbook.fast.kernels.block_attention`); each result is
-  folded into float32 accumulators by :func:`ringbook.fast.merge.merge_many_into_`
-  (one pass per step; where every step covers every row — non-causal — up
-  to :data:`MERGE_GROUP` steps' results are folded in one pass, so the
-  float32 accumulator is read and written once per group, not per step).
+  folded into float32 accumulators by :func:`ringbook.fast.merge.merge_boxes_into_`
+  (up to :data:`MERGE_GROUP` block results per pass, whatever rows each
+  covers, so the float32 accumulator is read and written once per group,
+  not per block), on a second CUDA stream under the next block's kernel.
   The backward runs the ring again with a fused backward op fed the global
   out and lse of the rows (as ring-flash-attention and PyTorch's context
   parallel do): cuDNN's where it agrees with the einops path, else flash's.
@@ -120,26 +120,18 @@ def _striped_message(layout):
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_order(n: int, world: int, layout: str, device: str):
-    """The stacked token order on ``device`` (None when contiguous) and its runs; cached per call shape."""
+def _layout_order(n: int, world: int, layout: str, device: str) -> torch.Tensor | None:
+    """The stacked token order on ``device`` (None when contiguous); cached per call shape."""
     if layout == "contiguous":
-        return None, ()
-    order = layout_positions(n, world, layout).reshape(-1)
-    return order.to(device), _runs(order)
-
-
-def _runs(order: torch.Tensor) -> tuple:
-    """Maximal runs of consecutive positions in a (CPU) token order: ``((row, position, length), …)``."""
-    breaks = (torch.nonzero(order[1:] != order[:-1] + 1).flatten() + 1).tolist()
-    starts, ends = [0] + breaks, breaks + [order.numel()]
-    return tuple((s, int(order[s]), e - s) for s, e in zip(starts, ends))
+        return None
+    return layout_positions(n, world, layout).reshape(-1).to(device)
 
 
 # The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
 # extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two
 # (at such sizes a second launch per step costs next to nothing). Held results of a merge group likewise.
 DOUBLED_KV_MAX_FRACTION = 0.1
-MERGE_GROUP = 4  # block results folded into the accumulator per pass, where every step covers every row
+MERGE_GROUP = 8  # block results folded into the accumulator per pass (the Triton merge's MAX_BLOCKS)
 
 
 def _wraps(launch: Launch, t: int, world: int) -> bool:
@@ -180,19 +172,12 @@ def stacked_plan(n: int, world: int, batch: int, *, layout: str, causal: bool, d
     return Plan(steps, merge_group=merge_group)
 
 
-def _whole_steps(launches, world: int, c: int, doubled: bool) -> bool:
-    """Every step is one launch over every row of every rank (and, without doubled K/V, none wraps)."""
-    return all(len(step) == 1 and step[0].ranks == (0, world) and step[0].q == (0, c)
-               and (doubled or not _wraps(step[0], t, world)) for t, step in enumerate(launches))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Stacking:
     """How the caller's ``b n …`` tensors enter and leave the engine's ``(w b) c …`` layout."""
 
     world: int
     order: torch.Tensor | None  # token order of the stacked shards (None: contiguous, a view)
-    runs: tuple  # (stacked row, token position, length) of each run of consecutive positions in order
 
     def enter(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """``b (w c) h d`` → ``(w b) c h d`` (lse: ``b h (w c)`` → ``(w b) h c``): a view, or one gather."""
@@ -203,37 +188,36 @@ class _Stacking:
         return rearrange(x, "b h (w c) -> (w b) h c", w=self.world)
 
     def leave(self, x: torch.Tensor, dim: int = 1, dtype=None) -> torch.Tensor:
-        """Inverse of :meth:`enter`, converting to ``dtype`` on the way (no extra full-size temporary)."""
+        """Inverse of :meth:`enter`, converting to ``dtype`` on the way: a view and a conversion, or one scatter.
+
+        (A whole call is at most a couple of GiB of working memory, see
+        :data:`PARTS_MIN_EXTRA_BYTES`; a longer one writes its parts straight
+        into the output.)
+        """
         pattern = "(w b) c h d -> b (w c) h d" if dim == 1 else "(w b) h c -> b h (w c)"
         x = rearrange(x, pattern, w=self.world)
         dtype = dtype or x.dtype
         if self.order is None:
             return x.to(dtype)
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        # The layout deals runs of consecutive positions (zigzag: two chunks per rank): copy run by run.
-        for row, position, length in self.runs:
-            out.narrow(dim, position, length).copy_(x.narrow(dim, row, length))
-        return out
+        return torch.empty(x.shape, dtype=dtype, device=x.device).index_copy_(dim, self.order, x.to(dtype))
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_shape(n: int, world: int, layout: str, causal: bool) -> tuple[bool, bool, bool]:
-    """``(some launch wraps, every step whole with doubled K/V, every step whole without)``; cached per shape."""
+def _launch_shape(n: int, world: int, layout: str, causal: bool) -> bool:
+    """Whether some launch's held shards wrap past the last one (doubled K/V make it one call); cached per shape."""
     launches = production_plan(n, world, layout=layout, causal=causal)
-    wraps = world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
-    whole = [world > 1 and _whole_steps(launches, world, n // world, d) for d in (True, False)]
-    return wraps, whole[0], whole[1]
+    return world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
 
 
 def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: bool):
     """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
 
-    The forward folds up to :data:`MERGE_GROUP` steps' results per pass where
-    every step is one launch over every row (non-causal), while the held
-    results (``result_bytes`` each) fit in :data:`DOUBLED_KV_MAX_FRACTION` of
-    the free memory. The free memory is read only where a choice depends on it.
+    The forward folds up to :data:`MERGE_GROUP` block results per pass (any
+    rows: a causal step's half-blocks too), while the held results
+    (``result_bytes`` each at most) fit in :data:`DOUBLED_KV_MAX_FRACTION` of
+    the free memory.
     """
-    wraps, whole_doubled, whole_single = _launch_shape(n, world, layout, causal)
+    wraps = _launch_shape(n, world, layout, causal)
     doubled = False
     if wraps:
         extra = 2 * (k_st.nbytes + v_st.nbytes)
@@ -241,9 +225,9 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
             extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
         doubled = extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
     group = 1
-    if not backward and (whole_doubled if doubled else whole_single):
+    if not backward and world > 1:
         spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
-        group = int(max(1, min(MERGE_GROUP, world, 1 + spare // max(result_bytes, 1))))
+        group = int(max(1, min(MERGE_GROUP, 1 + spare // max(result_bytes, 1))))
     plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled, merge_group=group)
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
@@ -331,7 +315,7 @@ def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_byt
 
 
 def _part_iter(n, world, batch, layout, causal, size, positions, q, k, v):
-    group = MERGE_GROUP if not causal else 1
+    group = min(MERGE_GROUP, 2 * world)
     for g0 in range(0, world, size):
         ranks = list(range(g0, g0 + size))
         plan = part_plan(n, world, batch, (g0, g0 + size), layout=layout, causal=causal, merge_group=group)
@@ -413,8 +397,7 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
-    order, runs = _layout_order(n, ring_size, layout, str(q.device))
-    stacking = _Stacking(ring_size, order, runs)
+    stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device)))
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
     settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph)
     job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes),

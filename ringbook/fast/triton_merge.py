@@ -1,13 +1,17 @@
 """The fused merge (equation (M)) as a Triton kernel; imported only on CUDA by :mod:`ringbook.fast.merge`.
 
 One program handles ``BLOCK_R`` rows ``(b, i, h)`` of the accumulator and
-folds up to :data:`MAX_BLOCKS` block results into it at once: it reads the
-lse of every part of each row, forms the weights ``w_j = e^{lse_j − lse}``
-with ``lse = log Σ_j e^{lse_j}`` (rows empty everywhere stay (0, -inf)),
-then reads each block's output row once and writes the float32
-accumulator row once. Folding G blocks in one pass costs ``G`` block reads
-and one accumulator read-modify-write instead of G of each; with
-``INIT`` the accumulator is not read at all (its first blocks set it).
+folds up to :data:`MAX_BLOCKS` block results into it at once. Each block
+covers a *box* of the accumulator's rows (batch rows ``[b0, b1)`` × sequence
+rows ``[n0, n1)``, with its own strides): a ring step's blocks cover
+different rows (a causal step's two half-blocks, say), and one pass can fold
+several steps. For each row the program reads the lse of every block whose
+box holds it, forms the weights ``w_j = e^{lse_j − lse}`` with
+``lse = log Σ_j e^{lse_j}`` (rows empty everywhere stay (0, -inf)), then reads
+each such block's output row once and writes the float32 accumulator row
+once. Folding G blocks in one pass costs G block reads and one accumulator
+read-modify-write instead of G of each; with ``INIT`` the accumulator is not
+read at all (rows no block covers become the empty partial (0, -inf)).
 Importing this module needs triton.
 """
 
@@ -19,19 +23,38 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCKS = 4  # block results one call folds in
+MAX_BLOCKS = 8  # block results one call folds in
+
+Box = tuple[int, int, int, int]  # batch rows [b0, b1) × sequence rows [n0, n1) of the accumulator
+# the boxes change from step to step: Triton must not compile a variant per value class of them
+_BOX_ARGS = [f"{name}{j}" for j in range(MAX_BLOCKS) for name in ("b0", "b1", "n0", "n1")]
 
 
 @triton.jit
-def _part(ptr, lse_ptr, lse_off, o_off, mask2, rmask, m_safe):
-    """One block's weight numerator e^{lse − m} (per row) and its output rows (float32)."""
-    lb = tl.load(lse_ptr + lse_off, mask=rmask, other=float("-inf")).to(tl.float32)
-    return tl.exp(lb - m_safe), tl.load(ptr + o_off, mask=mask2, other=0.0).to(tl.float32)
+def _lse_j(l_ptr, sl_b, sl_h, sl_n, b0, b1, n0, n1, bb, ii, hh, rmask):
+    """One block's lse for the program's rows (-inf outside its box), and which rows its box holds."""
+    inside = rmask & (bb >= b0) & (bb < b1) & (ii >= n0) & (ii < n1)
+    off = (bb - b0) * sl_b + hh * sl_h + (ii - n0) * sl_n
+    return tl.load(l_ptr + off, mask=inside, other=float("-inf")).to(tl.float32), inside
 
 
 @triton.jit
-def _merge_kernel(acc_ptr, acc_lse_ptr, b0, l0, b1, l1, b2, l2, b3, l3, n_rows, N, H,
-                  sa_b, sa_n, sa_h, sl_b, sl_h, sl_n, so_b, so_n, so_h, sk_b, sk_h, sk_n,
+def _out_j(o_ptr, so_b, so_n, so_h, b0, n0, inside, bb, ii, hh, cols, dmask):
+    """One block's output rows (float32; 0 outside its box)."""
+    off = ((bb - b0) * so_b + (ii - n0) * so_n + hh * so_h)[:, None] + cols[None, :]
+    return tl.load(o_ptr + off, mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=_BOX_ARGS)
+def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n_rows, N, H,
+                  o0, l0, so_b0, so_n0, so_h0, sl_b0, sl_h0, sl_n0, b00, b10, n00, n10,
+                  o1, l1, so_b1, so_n1, so_h1, sl_b1, sl_h1, sl_n1, b01, b11, n01, n11,
+                  o2, l2, so_b2, so_n2, so_h2, sl_b2, sl_h2, sl_n2, b02, b12, n02, n12,
+                  o3, l3, so_b3, so_n3, so_h3, sl_b3, sl_h3, sl_n3, b03, b13, n03, n13,
+                  o4, l4, so_b4, so_n4, so_h4, sl_b4, sl_h4, sl_n4, b04, b14, n04, n14,
+                  o5, l5, so_b5, so_n5, so_h5, sl_b5, sl_h5, sl_n5, b05, b15, n05, n15,
+                  o6, l6, so_b6, so_n6, so_h6, sl_b6, sl_h6, sl_n6, b06, b16, n06, n16,
+                  o7, l7, so_b7, so_n7, so_h7, sl_b7, sl_h7, sl_n7, b07, b17, n07, n17,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr,
                   INIT: tl.constexpr):
     pid = tl.program_id(0)
@@ -40,43 +63,99 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, b0, l0, b1, l1, b2, l2, b3, l3, n_rows, 
     hh = rows % H
     ii = (rows // H) % N
     bb = rows // (H * N)
-    acc_lse_off = bb * sl_b + hh * sl_h + ii * sl_n
-    lse_off = bb * sk_b + hh * sk_h + ii * sk_n
-    # the row maximum over the parts
+    acc_lse_off = bb * sal_b + hh * sal_h + ii * sal_n
+    # the row maximum over the accumulator and the blocks that hold the row
     if INIT:
         la = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     else:
         la = tl.load(acc_lse_ptr + acc_lse_off, mask=rmask, other=float("-inf"))
-    m = tl.maximum(la, tl.load(l0 + lse_off, mask=rmask, other=float("-inf")).to(tl.float32))
+    m = la
+    la0, in0 = _lse_j(l0, sl_b0, sl_h0, sl_n0, b00, b10, n00, n10, bb, ii, hh, rmask)
+    m = tl.maximum(m, la0)
     if G > 1:
-        m = tl.maximum(m, tl.load(l1 + lse_off, mask=rmask, other=float("-inf")).to(tl.float32))
+        la1, in1 = _lse_j(l1, sl_b1, sl_h1, sl_n1, b01, b11, n01, n11, bb, ii, hh, rmask)
+    if G > 1:
+        m = tl.maximum(m, la1)
     if G > 2:
-        m = tl.maximum(m, tl.load(l2 + lse_off, mask=rmask, other=float("-inf")).to(tl.float32))
+        la2, in2 = _lse_j(l2, sl_b2, sl_h2, sl_n2, b02, b12, n02, n12, bb, ii, hh, rmask)
+    if G > 2:
+        m = tl.maximum(m, la2)
     if G > 3:
-        m = tl.maximum(m, tl.load(l3 + lse_off, mask=rmask, other=float("-inf")).to(tl.float32))
+        la3, in3 = _lse_j(l3, sl_b3, sl_h3, sl_n3, b03, b13, n03, n13, bb, ii, hh, rmask)
+    if G > 3:
+        m = tl.maximum(m, la3)
+    if G > 4:
+        la4, in4 = _lse_j(l4, sl_b4, sl_h4, sl_n4, b04, b14, n04, n14, bb, ii, hh, rmask)
+    if G > 4:
+        m = tl.maximum(m, la4)
+    if G > 5:
+        la5, in5 = _lse_j(l5, sl_b5, sl_h5, sl_n5, b05, b15, n05, n15, bb, ii, hh, rmask)
+    if G > 5:
+        m = tl.maximum(m, la5)
+    if G > 6:
+        la6, in6 = _lse_j(l6, sl_b6, sl_h6, sl_n6, b06, b16, n06, n16, bb, ii, hh, rmask)
+    if G > 6:
+        m = tl.maximum(m, la6)
+    if G > 7:
+        la7, in7 = _lse_j(l7, sl_b7, sl_h7, sl_n7, b07, b17, n07, n17, bb, ii, hh, rmask)
+    if G > 7:
+        m = tl.maximum(m, la7)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     cols = tl.arange(0, BLOCK_D)
-    mask2 = rmask[:, None] & (cols < D)[None, :]
+    dmask = cols < D
     a_off = (bb * sa_b + ii * sa_n + hh * sa_h)[:, None] + cols[None, :]
-    o_off = (bb * so_b + ii * so_n + hh * so_h)[:, None] + cols[None, :]
+    mask2 = rmask[:, None] & dmask[None, :]
     # Σ_j e^{lse_j − m} O_j and Σ_j e^{lse_j − m}
-    s, num = _part(b0, l0, lse_off, o_off, mask2, rmask, m_safe)
-    num = num * s[:, None]
+    num = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    s = tl.zeros((BLOCK_R,), tl.float32)
     if not INIT:
         ea = tl.exp(la - m_safe)
         num += tl.load(acc_ptr + a_off, mask=mask2, other=0.0) * ea[:, None]
         s += ea
+    e = tl.exp(la0 - m_safe)
+    num += _out_j(o0, so_b0, so_n0, so_h0, b00, n00, in0, bb, ii, hh, cols, dmask) * e[:, None]
+    s += e
     if G > 1:
-        e, o = _part(b1, l1, lse_off, o_off, mask2, rmask, m_safe)
-        num += o * e[:, None]
+        e = tl.exp(la1 - m_safe)
+    if G > 1:
+        num += _out_j(o1, so_b1, so_n1, so_h1, b01, n01, in1, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 1:
         s += e
     if G > 2:
-        e, o = _part(b2, l2, lse_off, o_off, mask2, rmask, m_safe)
-        num += o * e[:, None]
+        e = tl.exp(la2 - m_safe)
+    if G > 2:
+        num += _out_j(o2, so_b2, so_n2, so_h2, b02, n02, in2, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 2:
         s += e
     if G > 3:
-        e, o = _part(b3, l3, lse_off, o_off, mask2, rmask, m_safe)
-        num += o * e[:, None]
+        e = tl.exp(la3 - m_safe)
+    if G > 3:
+        num += _out_j(o3, so_b3, so_n3, so_h3, b03, n03, in3, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 3:
+        s += e
+    if G > 4:
+        e = tl.exp(la4 - m_safe)
+    if G > 4:
+        num += _out_j(o4, so_b4, so_n4, so_h4, b04, n04, in4, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 4:
+        s += e
+    if G > 5:
+        e = tl.exp(la5 - m_safe)
+    if G > 5:
+        num += _out_j(o5, so_b5, so_n5, so_h5, b05, n05, in5, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 5:
+        s += e
+    if G > 6:
+        e = tl.exp(la6 - m_safe)
+    if G > 6:
+        num += _out_j(o6, so_b6, so_n6, so_h6, b06, n06, in6, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 6:
+        s += e
+    if G > 7:
+        e = tl.exp(la7 - m_safe)
+    if G > 7:
+        num += _out_j(o7, so_b7, so_n7, so_h7, b07, n07, in7, bb, ii, hh, cols, dmask) * e[:, None]
+    if G > 7:
         s += e
     # s == 0 only for a row empty on every side; a NaN s (a NaN lse came in) stays NaN in out and lse
     s_safe = tl.where(s != 0, s, 1.0)
@@ -85,39 +164,40 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, b0, l0, b1, l1, b2, l2, b3, l3, n_rows, 
     tl.store(acc_lse_ptr + acc_lse_off, lse, mask=rmask)
 
 
-def merge_many_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-                            initialise: bool = False) -> None:
-    """Fold up to :data:`MAX_BLOCKS` ``(out, lse)`` of the same rows into the accumulators in one pass.
+def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
+                             items: Sequence[tuple[Box, torch.Tensor, torch.Tensor]], *,
+                             initialise: bool = False) -> None:
+    """Fold up to :data:`MAX_BLOCKS` ``(box, out, lse)`` into the accumulators in one pass.
 
-    The blocks share one shape and one set of strides; ``initialise``: the
-    accumulators hold nothing yet (they are written, not read).
+    ``out`` is ``(b1 − b0, n1 − n0, h, d)`` and ``lse`` ``(b1 − b0, h, n1 − n0)``
+    (any strides, unit stride along head_dim); ``initialise``: the
+    accumulators hold nothing yet (they are written, not read; rows no box
+    covers become 0 / -inf).
     """
     b, n, h, d = acc_out.shape
-    if not 1 <= len(blocks) <= MAX_BLOCKS:
-        raise ValueError(f"merge_many_into_triton_ folds 1 to {MAX_BLOCKS} blocks, got {len(blocks)}")
-    out_blk, lse_blk = blocks[0]
-    for o, lse in blocks:
-        if tuple(o.shape) != (b, n, h, d) or tuple(lse.shape) != (b, h, n) or o.stride() != out_blk.stride() \
-                or lse.stride() != lse_blk.stride():
-            raise ValueError(f"merge_into_: blocks do not fit: acc {tuple(acc_out.shape)}, block {tuple(o.shape)} "
-                             f"{o.stride()}, block lse {tuple(lse.shape)} {lse.stride()} (all blocks need the "
-                             f"accumulator's shape and the first block's strides)")
+    if not 1 <= len(items) <= MAX_BLOCKS:
+        raise ValueError(f"merge_boxes_into_triton_ folds 1 to {MAX_BLOCKS} blocks, got {len(items)}")
     if tuple(acc_lse.shape) != (b, h, n):
-        raise ValueError(f"merge_into_: lse {tuple(acc_lse.shape)} does not fit the accumulator {tuple(acc_out.shape)}")
-    if acc_out.dtype != torch.float32 or acc_lse.dtype != torch.float32 or acc_out.stride(-1) != 1 \
-            or out_blk.stride(-1) != 1:
-        raise ValueError("merge_into_triton_ needs float32 accumulators and unit stride along head_dim")
+        raise ValueError(f"merge_boxes_into_triton_: lse {tuple(acc_lse.shape)} does not fit the accumulator "
+                         f"{tuple(acc_out.shape)}")
+    if acc_out.dtype != torch.float32 or acc_lse.dtype != torch.float32 or acc_out.stride(-1) != 1:
+        raise ValueError("merge_boxes_into_triton_ needs float32 accumulators with unit stride along head_dim")
+    args = []
+    for (b0, b1, n0, n1), o, lse in items:
+        if not (0 <= b0 < b1 <= b and 0 <= n0 < n1 <= n) or tuple(o.shape) != (b1 - b0, n1 - n0, h, d) \
+                or tuple(lse.shape) != (b1 - b0, h, n1 - n0) or o.stride(-1) != 1:
+            raise ValueError(f"merge_boxes_into_triton_: block {tuple(o.shape)} / lse {tuple(lse.shape)} does not "
+                             f"fit box {(b0, b1, n0, n1)} of the accumulator {tuple(acc_out.shape)} (unit stride "
+                             "along head_dim needed)")
+        args += [o, lse, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+                 b0, b1, n0, n1]
+    args += args[:12] * (MAX_BLOCKS - len(items))  # unused slots: never read (G)
     n_rows = b * n * h
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(64, 8192 // block_d))
     grid = (triton.cdiv(n_rows, block_r),)
-    padded = list(blocks) + [blocks[0]] * (MAX_BLOCKS - len(blocks))  # unused slots: never read (G)
-    ptrs = [x for pair in padded for x in pair]
-    _merge_kernel[grid](acc_out, acc_lse, *ptrs, n_rows, n, h,
-                        acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
-                        acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2),
-                        out_blk.stride(0), out_blk.stride(1), out_blk.stride(2),
-                        lse_blk.stride(0), lse_blk.stride(1), lse_blk.stride(2),
-                        D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(blocks), INIT=initialise, num_warps=4)
+    _merge_kernel[grid](acc_out, acc_lse, acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
+                        acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2), n_rows, n, h, *args,
+                        D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items), INIT=initialise, num_warps=4)
