@@ -273,8 +273,11 @@ def section_launches(n=16384, w=16) -> list:
                         fn()
                         torch.cuda.synchronize()
                 kernels_, union, total = busy_ms(prof)
-                top = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
-                             key=lambda e: e.self_device_time_total, reverse=True)[:8]
+                try:
+                    top = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                                 key=lambda e: e.self_device_time_total, reverse=True)[:8]
+                except Exception:  # noqa: BLE001 - the table is a diagnostic; the counts above are the result
+                    top = []
                 return {"seq_len": n, "ring_size": w, "causal": causal, "wall_ms": wall, "gpu_activities": kernels_,
                         "gpu_busy_ms": union, "gpu_kernel_sum_ms": total, "gpu_idle_ms": wall - union,
                         "top": [(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 4)) for e in top]}
