@@ -392,3 +392,119 @@ def test_production_plan_refuses_zero_length_and_non_bool_causal(kwargs, error, 
     n, w = kwargs.pop("n"), kwargs.pop("ring_size")
     with pytest.raises(error, match=message):
         production_plan(n, w, **kwargs)
+
+
+# --------------------------------------------------------------------------- a long forward in parts
+
+@pytest.fixture
+def parts_forced(monkeypatch):
+    """Make every call's whole extra memory exceed the budget: the forward runs in parts of one rank."""
+    monkeypatch.setattr(stacked, "PARTS_MIN_EXTRA_BYTES", 0)
+    monkeypatch.setattr(stacked, "PARTS_EXTRA_FRACTION", 1e-12)
+    used = []
+    real = stacked._part_iter
+
+    def spy(*args):
+        used.append(args[5])  # ranks per part
+        return real(*args)
+
+    monkeypatch.setattr(stacked, "_part_iter", spy)
+    return used
+
+
+@pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True),
+                                           ("zigzag", False)])
+def test_forward_in_parts_is_the_same_function(parts_forced, layout, causal):
+    q, k, v = _inputs(48, seed=31)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=causal, layout=layout)
+    assert parts_forced == [1]  # four parts of one rank, K/V gathered per step
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=causal)
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+
+
+def test_forward_in_parts_keeps_the_backward_exact(parts_forced):
+    q, k, v = (x.requires_grad_() for x in _inputs(48, seed=32))
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=True)
+    assert parts_forced == [1]
+    g = randn(out.shape, seed=33)
+    grads = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v))
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = ringbook.naive_attention(qr, _expand(kr), _expand(vr), causal=True)
+    ref = torch.autograd.grad((ref_out * g).sum() + ref_lse.sum(), (qr, kr, vr))
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_gather_mover_serves_the_forward_only():
+    k = torch.zeros(1, 8, 1, 2)
+    mover = stacked.GatherMover(k, k, layout_positions(8, 2, "contiguous"), (0, 1))
+    assert torch.equal(mover.forward_kv(1)[0], k[:, 4:])  # rank 0 holds shard 1 at step 1
+    with pytest.raises(NotImplementedError, match="backward runs whole"):
+        mover.backward_kv(0)
+
+
+@pytest.mark.parametrize("whole,per_rank,budget,want", [(10, 1, 10, 16), (11, 1, 10, 8), (11, 3, 10, 2),
+                                                        (11, 20, 10, 1)])
+def test_part_size_is_the_largest_ring_divisor_that_fits(whole, per_rank, budget, want):
+    assert stacked._part_ranks(16, whole, per_rank, budget) == want
+
+
+def test_whole_calls_stay_whole_below_the_floor():
+    q, k, v = _inputs(48, seed=34)
+    assert stacked._parts(48, 4, B, "zigzag", True, 1, q, k, v) is None  # far below PARTS_MIN_EXTRA_BYTES
+
+
+# --------------------------------------------------------------------------- CUDA graphs and the second stream
+
+@pytest.mark.parametrize("graph", ["yes", 1, None, "on"])
+def test_graph_argument_is_checked(graph):
+    q, k, v = _inputs(16)
+    with pytest.raises(ValueError, match="graph must be"):
+        ringbook.production_ring_attention(q, k, v, ring_size=2, graph=graph)
+
+
+def test_graph_true_on_the_cpu_is_refused():
+    q, k, v = _inputs(16)
+    with pytest.raises(ValueError, match="graph=True needs CUDA tensors"):
+        ringbook.production_ring_attention(q, k, v, ring_size=2, graph=True)
+
+
+def test_graph_auto_on_the_cpu_runs_eagerly_and_caches_nothing():
+    q, k, v = _inputs(16)
+    before = dict(engine.GRAPHS)
+    for _ in range(3):
+        out, lse = ringbook.production_ring_attention(q, k, v, ring_size=2)
+    assert engine.GRAPHS == before
+    ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v))
+    assert_matches_reference(out, lse, ref_out, ref_lse)
+
+
+def test_side_stream_is_only_for_cuda():
+    assert engine._Side(torch.zeros(1), True).stream is None
+    calls = []
+    engine._Side(torch.zeros(1), True).run(lambda: calls.append(1))
+    assert calls == [1]  # in line
+
+
+# --------------------------------------------------------------------------- the box merge
+
+@pytest.mark.parametrize("initialise", [False, True])
+def test_box_merge_is_the_merge_of_each_box(initialise):
+    acc_out, acc_lse = randn((3, 10, 2, 4), seed=40), randn((3, 2, 10), seed=41)
+    boxes = [(0, 3, 0, 10), (1, 3, 2, 7), (0, 1, 5, 10), (2, 3, 0, 4)]
+    items = [(bx, randn((bx[1] - bx[0], bx[3] - bx[2], 2, 4), seed=50 + i),
+              randn((bx[1] - bx[0], 2, bx[3] - bx[2]), seed=60 + i)) for i, bx in enumerate(boxes[1:] if initialise
+                                                                                      else boxes)]
+    if initialise:  # row (0, 0..4) of batch 0 is covered by no box: it must become (0, -inf)
+        want_o, want_l = torch.zeros_like(acc_out), torch.full_like(acc_lse, float("-inf"))
+    else:
+        want_o, want_l = acc_out.clone(), acc_lse.clone()
+    for (b0, b1, n0, n1), o, lse in items:
+        mo, ml = ringbook.merge_partials(want_o[b0:b1, n0:n1], want_l[b0:b1, :, n0:n1], o, lse)
+        want_o[b0:b1, n0:n1], want_l[b0:b1, :, n0:n1] = mo, ml
+    got_o, got_l = (torch.full_like(acc_out, float("nan")), torch.full_like(acc_lse, float("nan"))) if initialise \
+        else (acc_out.clone(), acc_lse.clone())
+    merge.merge_boxes_into_(got_o, got_l, items, initialise=initialise)
+    assert_matches_reference(got_o, got_l, want_o, want_l, atol=1e-12, rtol=1e-12)
+    if initialise:
+        assert (got_o[0, :5] == 0).all() and torch.isneginf(got_l[0, :, :5]).all()

@@ -506,6 +506,9 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> tuple[to
     (one launch of the whole ring instead of dozens). A shape whose capture
     fails runs eagerly, with one warning (:data:`GRAPHS` holds why).
     """
+    if job.settings.graph is True and not q.is_cuda:
+        raise ValueError(f"{job.settings.who}: graph=True needs CUDA tensors (CUDA graphs), got q on {q.device}; "
+                         'use graph="auto" or False')
     if _wants_graph(q, k, v, job):
         return _graphed(q, k, v, job)
     return RingFunction.apply(q, k, v, job)
