@@ -12,11 +12,11 @@ Sections (each writes its part of ``gpu_dense.json`` as soon as it is done):
   third call of a shape is a replay).
 * ``timing``: forward at 16K and 131K, non-causal (contiguous) and causal
   (zigzag), ring sizes 4/8/16: cuDNN SDPA, the production path as it runs by
-  default, and its ablations (no CUDA graph; folds in line; both), in
+  default, and its ablations (no CUDA graph; the merge left out, for its cost), in
   interleaved rounds (``ringbook.bench.measure.time_interleaved``: CUDA
   events, warm-up, median); every output checked on sampled rows.
 * ``fwd_bwd``: forward+backward at 64K with 8 ranks against cuDNN's, with
-  and without the second stream.
+  and without the backward's second stream.
 * ``launches``: one call under torch.profiler at 16K, ring 16: kernels
   launched, GPU busy time (the union of kernel intervals), and the wall time.
 * ``long``: causal, ring 16, one timed call each at the long lengths, with
@@ -170,9 +170,7 @@ def forward_calls(q, k, v, w, causal):
             engine.merge_boxes_into_ = real
 
     return {"cudnn": lambda: cudnn(q, k, v, causal), "production": prod(),
-            "production graph=False": prod(graph=False), "production overlap=False": prod(overlap=False),
-            "production graph=False overlap=False": prod(graph=False, overlap=False),
-            "production merge skipped (cost)": no_merge}
+            "production graph=False": prod(graph=False), "production merge skipped (cost)": no_merge}
 
 
 def section_timing(seq_lens, rings, rounds_for) -> list:
@@ -261,7 +259,7 @@ def section_launches(n=16384, w=16) -> list:
     q, k, v = qkv(n, seed=1)
     for causal in (False, True):
         calls = forward_calls(q, k, v, w, causal)
-        for name in ("cudnn", "production", "production graph=False", "production graph=False overlap=False"):
+        for name in ("cudnn", "production", "production graph=False"):
             def case(name=name, causal=causal):
                 fn = calls[name]
                 with torch.no_grad():

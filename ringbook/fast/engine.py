@@ -98,7 +98,7 @@ class Settings:
     backend: str  # "auto", a fused backend, or "einops"
     who: str = "the ring"  # the public function, for messages
     twice: str = "ringbook.ring_attention"  # its twice-differentiable twin, for the double-backward refusal
-    overlap: bool = True  # on CUDA, merges and gradient sums run on a second stream, under the next block's kernel
+    overlap: bool = True  # on CUDA the backward's gradient sums run on a second stream, under the next block's kernel
     graph: bool | str = "auto"  # replay forward-only CUDA calls from a CUDA graph once their shape repeats (run)
 
 
@@ -156,14 +156,17 @@ OVERLAP = True  # False: every fold runs in line (an ablation switch for the GPU
 
 
 class _Side:
-    """Where the engine's memory-bound folds run: merges into the accumulators and the sums of block gradients.
+    """Where the backward's memory-bound folds run: the sums of block gradients into dq, dK and dV.
 
     On CUDA (with ``Settings.overlap``) they go to a second stream, so a
-    fold runs under the next block's kernel, which is bound by compute, not
-    memory; the block results a fold reads are marked as used by that stream
-    (``record_stream``), so their memory is not reused before the fold is
-    done. Elsewhere they run in line. :meth:`join` makes the current stream
-    wait for every fold issued so far.
+    fold runs under the next block's backward kernel, which is bound by
+    compute, not memory; the gradients a fold reads are marked as used by
+    that stream (``record_stream``), so their memory is not reused before the
+    fold is done. Elsewhere they run in line. :meth:`join` makes the current
+    stream wait for every fold issued so far. (The forward's merges run in
+    line: measured on an H200, a second stream did not make the forward
+    faster, as cuDNN's forward kernel leaves no room beside it, and it costs
+    host time per block; ``tools/gpu_dense.py``.)
     """
 
     def __init__(self, x: torch.Tensor, enabled: bool):
@@ -214,14 +217,11 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
         acc_out.zero_()
         acc_lse.fill_(float("-inf"))
     pending: list = []
-    side = _Side(q, s.overlap)
 
     def flush():
         nonlocal pending, initialise
         if pending or initialise:
-            items, init = pending, initialise
-            side.run(lambda: merge_boxes_into_(acc_out, acc_lse, items, initialise=init),
-                     *(x for _, o, lse in items for x in (o, lse)))
+            merge_boxes_into_(acc_out, acc_lse, pending, initialise=initialise)
             pending, initialise = [], False
 
     for t, blocks in enumerate(plan.steps):
@@ -229,15 +229,13 @@ def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tupl
         for blk in blocks:
             if blk.gather is not None:  # a gathered block writes or merges its own rows
                 flush()
-                result = _block_forward(q, k, v, blk, s)
-                side.run(functools.partial(blk.gather.put, acc_out, acc_lse, *result), *result)
+                blk.gather.put(acc_out, acc_lse, *_block_forward(q, k, v, blk, s))
                 continue
             pending.append(((*blk.q_batch, *blk.q), *_block_forward(q, k, v, blk, s)))
             if len(pending) == plan.merge_group:
                 flush()
         mover.forward_done(t)
     flush()
-    side.join()
     return acc_out, acc_lse
 
 
@@ -439,12 +437,7 @@ def _wants_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) ->
 
 
 def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Graph | str:
-    """Capture the call on static copies of its inputs; refuse (say why) unless a replay reproduces ``want``.
-
-    The capture keeps the job's second stream: its folds become a parallel
-    branch of the graph.
-    """
-    eager_job = job
+    """Capture the call on static copies of its inputs; refuse (say why) unless a replay reproduces ``want``."""
     inputs = tuple(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x)
                    for x in (q, k, v))
     graph = torch.cuda.CUDAGraph()
@@ -453,10 +446,10 @@ def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Gra
             side = torch.cuda.Stream(q.device)  # warm up on a side stream, as torch.cuda.graphs asks
             side.wait_stream(torch.cuda.current_stream(q.device))
             with torch.cuda.stream(side):
-                RingFunction.apply(*inputs, eager_job)
+                RingFunction.apply(*inputs, job)
             torch.cuda.current_stream(q.device).wait_stream(side)
             with torch.cuda.graph(graph):
-                outputs = RingFunction.apply(*inputs, eager_job)
+                outputs = RingFunction.apply(*inputs, job)
             graph.replay()
     except Exception as exc:  # noqa: BLE001 - any capture failure: this call shape runs eagerly
         return f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"

@@ -1,6 +1,6 @@
 """The fused merge (equation (M)) as a Triton kernel; imported only on CUDA by :mod:`ringbook.fast.merge`.
 
-One program handles ``BLOCK_R`` rows ``(b, i, h)`` of the accumulator and
+One program handles ``BLOCK_R`` rows ``(b, h, i)`` of the accumulator and
 folds up to :data:`MAX_BLOCKS` block results into it at once. Each block
 covers a *box* of the accumulator's rows (batch rows ``[b0, b1)`` × sequence
 rows ``[n0, n1)``, with its own strides): a ring step's blocks cover
@@ -60,8 +60,8 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = rows < n_rows
-    hh = rows % H
-    ii = (rows // H) % N
+    ii = rows % N  # rows run along the sequence, so the lse reads (b h n) are contiguous
+    hh = (rows // N) % H
     bb = rows // (H * N)
     acc_lse_off = bb * sal_b + hh * sal_h + ii * sal_n
     # the row maximum over the accumulator and the blocks that hold the row
@@ -196,7 +196,7 @@ def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(64, 8192 // block_d))
+    block_r = max(1, min(32, 2048 // block_d))  # few registers per thread: many programs resident, many loads in flight
     grid = (triton.cdiv(n_rows, block_r),)
     _merge_kernel[grid](acc_out, acc_lse, acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
                         acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2), n_rows, n, h, *args,
