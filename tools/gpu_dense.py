@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from profile_production import busy_ms  # noqa: E402 - tools/ is this script's folder
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import ringbook  # noqa: E402
@@ -242,18 +243,6 @@ def section_fwd_bwd(n=65536, w=8, rounds=6) -> list:
 
 # --------------------------------------------------------------------------- launches
 
-def busy_ms(prof) -> tuple[int, float, float]:
-    """(kernels, the union of their intervals in ms, their sum in ms) from the profiler's GPU activity."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    union, end = 0.0, -math.inf
-    for a, b in spans:
-        if b > end:
-            union += b - max(a, end)
-            end = b
-    return len(spans), union / 1e3, sum(b - a for a, b in spans) / 1e3
-
-
 def section_launches(n=16384, w=16) -> list:
     rows = []
     q, k, v = qkv(n, seed=1)
@@ -294,7 +283,7 @@ def section_long(seq_lens, peers, out_dir) -> list:
         if n in peers:
             cases["cudnn"] = lambda: cudnn(q, k, v, True)
         for name, fn in cases.items():
-            def case(fn=fn):
+            def case(fn=fn, ours=name == "production"):
                 with torch.no_grad():
                     torch.cuda.synchronize()
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -310,8 +299,9 @@ def section_long(seq_lens, peers, out_dir) -> list:
                     err, checked = check_against_reference(q, k, v, out, causal=True, budget_bytes=1e9)
                     del res, out
                 ok = math.isfinite(err) and err <= TOLERANCE[DTYPE]
-                return {"status": "ok" if ok else "fail", "seq_len": n, "ring_size": 16, "causal": True,
-                        "layout": "zigzag", "time_ms": ms, "peak_mem_gb": peak, "inputs_gb": inputs_gb,
+                return {"status": "ok" if ok else "fail", "seq_len": n, "ring_size": 16 if ours else None,
+                        "causal": True, "layout": "zigzag" if ours else None, "time_ms": ms, "peak_mem_gb": peak,
+                        "inputs_gb": inputs_gb,
                         "tflops": attention_flops(B, H, n, n, D, True) / ms / 1e9, "rel_err": err,
                         "rows_checked": checked}
             attempt(rows, f"long n={n} causal ring 16 {name}", case)
