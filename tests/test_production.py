@@ -294,9 +294,9 @@ def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
 
     pytest.importorskip("triton", reason="triton is not installed (the CPU wheel of torch does not bring it); "
                                          "on CUDA the kernel self-checks before first use")
-    code = ("import torch\nfrom ringbook.fast.triton_merge import merge_boxes_into_triton_\n"
+    code = ("import torch\nfrom ringbook.fast.triton_merge import add_boxes_into_triton_, merge_boxes_into_triton_\n"
             "from ringbook.fast.merge import _self_check_triton\n"
-            "print(_self_check_triton(merge_boxes_into_triton_, torch.device('cpu')))")
+            "print(_self_check_triton(merge_boxes_into_triton_, torch.device('cpu'), add_boxes_into_triton_))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
@@ -508,3 +508,29 @@ def test_box_merge_is_the_merge_of_each_box(initialise):
     assert_matches_reference(got_o, got_l, want_o, want_l, atol=1e-12, rtol=1e-12)
     if initialise:
         assert (got_o[0, :5] == 0).all() and torch.isneginf(got_l[0, :, :5]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_gradient_sums_keep_the_backward_exact(monkeypatch, causal):
+    """The backward sums ``grad_group`` blocks' gradients per pass into dq, dK and dV (held across steps)."""
+    monkeypatch.setattr(stacked, "MERGE_GROUP", 4)
+    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    passes = []
+    real = engine.add_boxes_into_
+
+    def counting(acc, items):
+        passes.append(len(items))
+        return real(acc, items)
+
+    monkeypatch.setattr(engine, "add_boxes_into_", counting)
+    q, k, v = (x.requires_grad_() for x in _inputs(40, seed=44))
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal)
+    g = randn(out.shape, seed=45)
+    grads = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v))
+    blocks = 9 if causal else 5
+    assert passes == [n for n in [4] * (blocks // 4) + [blocks % 4] for _ in range(3)]  # dq, dK, dV per group
+    qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = ringbook.naive_attention(qr, _expand(kr), _expand(vr), causal=causal)
+    ref = torch.autograd.grad((ref_out * g).sum() + ref_lse.sum(), (qr, kr, vr))
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

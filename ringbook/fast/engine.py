@@ -35,7 +35,7 @@ import torch
 from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
 from .kernels import block_attention_backward, delta, expand_kv, forward_block, reduce_kv, warn_once
-from .merge import merge_boxes_into_
+from .merge import add_boxes_into_, merge_boxes_into_
 
 Rows = tuple[int, int]  # [start, stop)
 
@@ -73,11 +73,13 @@ class Plan:
     ``merge_group``: up to this many consecutive block results (over any
     rows, across steps) are held and folded into the accumulators in one pass
     (one read and write of the float32 accumulator per group instead of per
-    block).
+    block). ``grad_group``: likewise for the backward's block gradients,
+    summed into dq, dK and dV one group at a time.
     """
 
     steps: tuple[tuple[Block, ...], ...]
     merge_group: int = 1
+    grad_group: int = 1
 
     @functools.cached_property
     def has_gather(self) -> bool:
@@ -259,8 +261,18 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
     dq = torch.zeros(q.shape, dtype=work, device=q.device)
     h = q.shape[2]
     side = _Side(q, s.overlap)
+    held: list = []  # block gradients not yet summed: (q box, gq, kv box, gk, gv, (dk, dv))
+
+    def flush():
+        if held:
+            items = list(held)
+            held.clear()
+            side.run(functools.partial(_sum_gradients, dq, items), *(x for it in items for x in (it[1], it[3], it[4])))
+
     for t, blocks in enumerate(plan.steps):
         k, v, dk, dv = mover.backward_kv(t)
+        if held and held[-1][5][0] is not dk:
+            flush()  # the mover hands out new gradient buffers: the held sums go to the old ones first
         for blk in blocks:
             if blk.gather is not None:
                 _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s, side)
@@ -277,19 +289,24 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
             else:
                 gq, gk, gv = block_attention_backward(*args, scale=s.scale, causal=blk.causal,
                                                       delta=None if fast else blk_delta, backend=backend)
-            side.run(functools.partial(_add_block_gradients, _rows(dq, *sl), _rows(dk, blk.kv_batch, blk.kv),
-                                       _rows(dv, blk.kv_batch, blk.kv), gq, gk, gv), gq, gk, gv)
+            held.append(((*blk.q_batch, *blk.q), gq, (*blk.kv_batch, *blk.kv), gk, gv, (dk, dv)))
+            if len(held) == plan.grad_group:
+                flush()
         if mover.step_reads_gradients:
+            flush()
             side.join()
         mover.backward_done(t)
+    flush()
     side.join()
     return dq
 
 
-def _add_block_gradients(dq, dk, dv, gq, gk, gv) -> None:
-    dq.add_(gq)
-    dk.add_(gk)
-    dv.add_(gv)
+def _sum_gradients(dq: torch.Tensor, items: list) -> None:
+    """Add held block gradients into dq and their dK/dV buffers, one pass over each per group."""
+    dk, dv = items[0][5]
+    add_boxes_into_(dq, [(box, gq) for box, gq, *_ in items])
+    add_boxes_into_(dk, [(box, gk) for _, _, box, gk, _, _ in items])
+    add_boxes_into_(dv, [(box, gv) for _, _, box, _, gv, _ in items])
 
 
 def _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s: Settings, side: _Side):

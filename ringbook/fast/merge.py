@@ -52,18 +52,18 @@ def _triton_ready(device) -> bool:
     """Whether the Triton merge runs on ``device``: triton imports and agrees with the torch merge once."""
     if device not in TRITON:
         try:
-            from .triton_merge import merge_boxes_into_triton_
+            from .triton_merge import add_boxes_into_triton_, merge_boxes_into_triton_
         except Exception as exc:  # noqa: BLE001 - absent or broken triton: the torch merge is used
             TRITON[device] = f"triton not importable ({type(exc).__name__}: {exc})"[:200]
         else:
-            TRITON[device] = _self_check_triton(merge_boxes_into_triton_, device)
+            TRITON[device] = _self_check_triton(merge_boxes_into_triton_, device, add_boxes_into_triton_)
         STATUS[f"merge {device}"] = "triton" if TRITON[device] is True else f"torch ({TRITON[device]})"
     return TRITON[device] is True
 
 
-def _self_check_triton(fn, device):
+def _self_check_triton(fn, device, add_fn=None):
     """True if the Triton merge (whole rows and boxes, several at once, initialising or not) agrees with the
-    torch merge, else why not."""
+    torch merge, and the Triton gradient sum (``add_fn``, when given) with torch's, else why not."""
     gen = torch.Generator(device=device).manual_seed(0)
     acc = torch.randn(3, 40, 3, 64, generator=gen, device=device)
     lse = torch.randn(3, 3, 40, generator=gen, device=device)
@@ -97,7 +97,44 @@ def _self_check_triton(fn, device):
                 and torch.equal(torch.isneginf(got_l), torch.isneginf(ref_l))
                 and torch.allclose(got_l, ref_l, atol=1e-5, rtol=1e-5)):
             return "triton merge disagrees with the torch merge"
+    if add_fn is not None:
+        grads = [(box, o.transpose(1, 2).contiguous().transpose(1, 2) if j % 2 else o) for j, (box, o, _) in
+                 enumerate(items)]  # half of them in the (b h n d) layout a backward op may return
+        want = acc.clone()
+        _torch_add_boxes(want, grads)
+        try:
+            add_fn(acc, grads[:3])
+            add_fn(acc, grads[3:])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as exc:  # noqa: BLE001
+            return f"triton gradient sum failed: {type(exc).__name__}: {str(exc)[:150]}"
+        if not torch.allclose(acc, want, atol=1e-5, rtol=1e-5):
+            return "triton gradient sum disagrees with torch's"
     return True
+
+
+def _torch_add_boxes(acc, items) -> None:
+    for (b0, b1, n0, n1), g in items:
+        acc[b0:b1, n0:n1].add_(g)
+
+
+def add_boxes_into_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]]) -> None:
+    """``acc[b0:b1, n0:n1] += g`` for every ``((b0, b1, n0, n1), g)``: the backward's gradient sums.
+
+    On CUDA with the Triton kernels, up to ``MAX_BLOCKS`` (8) per pass: each
+    gradient is read once and the float32 accumulator read and written once
+    per pass, instead of once per block. Elsewhere torch's ``add_``.
+    """
+    if not items:
+        return
+    if acc.is_cuda and acc.dtype == torch.float32 and acc.stride(-1) == 1 \
+            and all(g.stride(-1) == 1 for _, g in items) and _triton_ready(acc.device):
+        from .triton_merge import MAX_BLOCKS, add_boxes_into_triton_
+        for i in range(0, len(items), MAX_BLOCKS):
+            add_boxes_into_triton_(acc, items[i:i + MAX_BLOCKS])
+        return
+    _torch_add_boxes(acc, items)
 
 
 def _torch_boxes(acc_out, acc_lse, items, *, initialise: bool = False) -> None:

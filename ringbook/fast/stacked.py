@@ -164,12 +164,12 @@ def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> li
 
 @functools.lru_cache(maxsize=256)
 def stacked_plan(n: int, world: int, batch: int, *, layout: str, causal: bool, doubled: bool,
-                 merge_group: int = 1) -> Plan:
+                 merge_group: int = 1, grad_group: int = 1) -> Plan:
     """:func:`production_plan` as the engine's :class:`~ringbook.fast.engine.Plan` of stacked block calls."""
     launches = production_plan(n, world, layout=layout, causal=causal)
     steps = tuple(tuple(blk for launch in step for blk in _pieces(launch, t, world, batch, doubled))
                   for t, step in enumerate(launches))
-    return Plan(steps, merge_group=merge_group)
+    return Plan(steps, merge_group=merge_group, grad_group=grad_group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +213,10 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
     """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
 
     The forward folds up to :data:`MERGE_GROUP` block results per pass (any
-    rows: a causal step's half-blocks too), while the held results
-    (``result_bytes`` each at most) fit in :data:`DOUBLED_KV_MAX_FRACTION` of
-    the free memory.
+    rows: a causal step's half-blocks too), the backward sums as many blocks'
+    gradients per pass, while what is held (``result_bytes`` each at most per
+    result, three per block's gradients) fits in
+    :data:`DOUBLED_KV_MAX_FRACTION` of the free memory.
     """
     wraps = _launch_shape(n, world, layout, causal)
     doubled = False
@@ -225,10 +226,11 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
             extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
         doubled = extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
     group = 1
-    if not backward and world > 1:
+    if world > 1:  # forward: held (out, lse) results; backward: held (dq, dk, dv) of a block, about 3 results
         spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
-        group = int(max(1, min(MERGE_GROUP, 1 + spare // max(result_bytes, 1))))
-    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled, merge_group=group)
+        group = int(max(1, min(MERGE_GROUP, 1 + spare // max((3 if backward else 1) * result_bytes, 1))))
+    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled,
+                        merge_group=1 if backward else group, grad_group=group if backward else 1)
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
 

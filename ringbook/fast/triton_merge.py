@@ -201,3 +201,82 @@ def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
     _merge_kernel[grid](acc_out, acc_lse, acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
                         acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2), n_rows, n, h, *args,
                         D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items), INIT=initialise, num_warps=4)
+
+
+# --------------------------------------------------------------------------- gradient sums (the backward)
+
+@triton.jit
+def _grad_j(g_ptr, sg_b, sg_n, sg_h, b0, b1, n0, n1, bb, ii, hh, cols, rmask, dmask):
+    """One block gradient's rows (float32; 0 outside its box)."""
+    inside = rmask & (bb >= b0) & (bb < b1) & (ii >= n0) & (ii < n1)
+    off = ((bb - b0) * sg_b + (ii - n0) * sg_n + hh * sg_h)[:, None] + cols[None, :]
+    return tl.load(g_ptr + off, mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=_BOX_ARGS)
+def _add_kernel(acc_ptr, sa_b, sa_n, sa_h, n_rows, N, H,
+                g0, sg_b0, sg_n0, sg_h0, b00, b10, n00, n10,
+                g1, sg_b1, sg_n1, sg_h1, b01, b11, n01, n11,
+                g2, sg_b2, sg_n2, sg_h2, b02, b12, n02, n12,
+                g3, sg_b3, sg_n3, sg_h3, b03, b13, n03, n13,
+                g4, sg_b4, sg_n4, sg_h4, b04, b14, n04, n14,
+                g5, sg_b5, sg_n5, sg_h5, b05, b15, n05, n15,
+                g6, sg_b6, sg_n6, sg_h6, b06, b16, n06, n16,
+                g7, sg_b7, sg_n7, sg_h7, b07, b17, n07, n17,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = rows < n_rows
+    hh = rows % H  # rows in memory order (b, i, h): the accumulator is read and written contiguously
+    ii = (rows // H) % N
+    bb = rows // (H * N)
+    cols = tl.arange(0, BLOCK_D)
+    dmask = cols < D
+    a_off = (bb * sa_b + ii * sa_n + hh * sa_h)[:, None] + cols[None, :]
+    mask2 = rmask[:, None] & dmask[None, :]
+    total = _grad_j(g0, sg_b0, sg_n0, sg_h0, b00, b10, n00, n10, bb, ii, hh, cols, rmask, dmask)
+    if G > 1:
+        total += _grad_j(g1, sg_b1, sg_n1, sg_h1, b01, b11, n01, n11, bb, ii, hh, cols, rmask, dmask)
+    if G > 2:
+        total += _grad_j(g2, sg_b2, sg_n2, sg_h2, b02, b12, n02, n12, bb, ii, hh, cols, rmask, dmask)
+    if G > 3:
+        total += _grad_j(g3, sg_b3, sg_n3, sg_h3, b03, b13, n03, n13, bb, ii, hh, cols, rmask, dmask)
+    if G > 4:
+        total += _grad_j(g4, sg_b4, sg_n4, sg_h4, b04, b14, n04, n14, bb, ii, hh, cols, rmask, dmask)
+    if G > 5:
+        total += _grad_j(g5, sg_b5, sg_n5, sg_h5, b05, b15, n05, n15, bb, ii, hh, cols, rmask, dmask)
+    if G > 6:
+        total += _grad_j(g6, sg_b6, sg_n6, sg_h6, b06, b16, n06, n16, bb, ii, hh, cols, rmask, dmask)
+    if G > 7:
+        total += _grad_j(g7, sg_b7, sg_n7, sg_h7, b07, b17, n07, n17, bb, ii, hh, cols, rmask, dmask)
+    acc = tl.load(acc_ptr + a_off, mask=mask2, other=0.0)
+    tl.store(acc_ptr + a_off, acc + total, mask=mask2)
+
+
+def add_boxes_into_triton_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]]) -> None:
+    """``acc[box] += g`` for up to :data:`MAX_BLOCKS` ``(box, g)`` in one pass over the float32 ``acc``.
+
+    ``g`` is ``(b1 − b0, n1 − n0, h, d)`` of any float dtype and strides (unit
+    stride along head_dim); boxes may overlap (their sums add up).
+    """
+    b, n, h, d = acc.shape
+    if not 1 <= len(items) <= MAX_BLOCKS:
+        raise ValueError(f"add_boxes_into_triton_ adds 1 to {MAX_BLOCKS} blocks, got {len(items)}")
+    if acc.dtype != torch.float32 or acc.stride(-1) != 1:
+        raise ValueError("add_boxes_into_triton_ needs a float32 accumulator with unit stride along head_dim")
+    args = []
+    for (b0, b1, n0, n1), g in items:
+        if not (0 <= b0 < b1 <= b and 0 <= n0 < n1 <= n) or tuple(g.shape) != (b1 - b0, n1 - n0, h, d) \
+                or g.stride(-1) != 1:
+            raise ValueError(f"add_boxes_into_triton_: block {tuple(g.shape)} does not fit box {(b0, b1, n0, n1)} "
+                             f"of the accumulator {tuple(acc.shape)} (unit stride along head_dim needed)")
+        args += [g, g.stride(0), g.stride(1), g.stride(2), b0, b1, n0, n1]
+    args += args[:8] * (MAX_BLOCKS - len(items))  # unused slots: never read (G)
+    n_rows = b * n * h
+    if n_rows == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(32, 2048 // block_d))
+    _add_kernel[(triton.cdiv(n_rows, block_r),)](acc, acc.stride(0), acc.stride(1), acc.stride(2), n_rows, n, h,
+                                                 *args, D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items),
+                                                 num_warps=4)
