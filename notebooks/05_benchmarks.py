@@ -494,6 +494,96 @@ fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": Non
 # the ring grows and with a mask; the merge is most of it.
 
 # %% [markdown]
+# ## 4a · Two more costs of a ring in one process: the host, and memory (one H200)
+#
+# Away from 131K tokens a ring loses to one call in two more ways, and both
+# have a remedy that the measurements below take apart
+# (`tools/gpu_dense.py`, `figures/production/gpu-dense-h200.json`, interleaved
+# rounds in one process as above):
+#
+# * **The host.** At 16K tokens sixteen block calls are about a millisecond
+#   of GPU work, and Python plus the CUDA launches between them take longer
+#   than that: the GPU waits. A **CUDA graph** records the whole call once and
+#   replays it as one launch. `production_ring_attention(..., graph="auto")`
+#   does so for forward-only calls whose shape repeats (the first call runs
+#   eagerly, the second is captured and checked against it, later ones
+#   replay). The rows `graph=False` are the same calls run eagerly.
+# * **Memory.** Playing 16 ranks in one process means stacking q, k and v in
+#   the ring's token order and holding a float32 accumulator of the whole
+#   output: more than twice cuDNN's memory. For long sequences the forward
+#   runs its query ranks **in parts** instead, each with its own accumulator
+#   and the K/V shards it holds gathered per step (at 4M tokens a gather
+#   costs well under 1% of a step).
+
+# %%
+from ringbook.fast.engine import GRAPH_MAX_BYTES  # noqa: E402 - graph="auto" graphs calls with q up to this size
+
+DENSE = json.loads((FIGURES / "production" / "gpu-dense-h200.json").read_text())
+DENSE_LONG = json.loads((FIGURES / "production" / "gpu-dense-long-h200.json").read_text())
+env = DENSE["environment"]
+print(f"{env['device']}, torch {env['torch_version']}, cuDNN {env['cudnn_version']}, {DENSE['dtype']}, {DENSE['shape']}")
+assert all(r["status"] == "ok" for r in DENSE["checks"] + DENSE["timing"] + DENSE_LONG["long"])
+print(f"{len(DENSE['checks'])} checks ok (the 2x rule on out, lse, dq, dk, dv; graph replay against eager)\n")
+print(f"{'':8}{'':18}{'cuDNN ms':>9}{'graphed ms':>11}{'eager ms':>9}   cuDNN / ours: graphed, eager")
+dense_rows = []
+for r in DENSE["timing"]:
+    ms, ratio = r["ms"], r["ratio_vs_cudnn"]
+    print(f"{r['seq_len']:>8,} w={r['ring_size']:<2} causal={r['causal']!s:<5} {ms['cudnn']:9.2f}{ms['production']:11.2f}"
+          f"{ms['production graph=False']:9.2f}   {ratio['production']:.3f}×, {ratio['production graph=False']:.3f}×")
+    small = r["seq_len"] * 8 * 64 * 2 <= GRAPH_MAX_BYTES  # q's bytes (h=8, d=64, bf16): graphed by default?
+    for name in ("production", "production graph=False"):
+        how = "graph=False (eager)" if "False" in name else ("default (CUDA graph)" if small else "default (too large "
+                                                                                                    "to graph)")
+        dense_rows.append({"section": f"{round(r['seq_len'] / 1000)}K, {how}",
+                           "name": f"w={r['ring_size']} causal={r['causal']}", "ratio_vs_sdpa": ratio[name]})
+    if r["seq_len"] == 16384:  # at 16K the graph is what makes the ring usable
+        assert ms["production"] < ms["production graph=False"]
+launches = {(r["causal"], r["name"].split("causal=")[1].split(" ", 1)[1]): r for r in DENSE["launches"]}
+print("\none call at 16K, 16 ranks (torch.profiler): GPU busy / wall time, ms")
+for causal in (False, True):
+    print(f"  causal={causal!s:5}: " + ", ".join(f"{name} {launches[(causal, name)]['gpu_busy_ms']:.2f} / "
+                                                f"{launches[(causal, name)]['wall_ms']:.2f}"
+                                                for name in ("cudnn", "production", "production graph=False")))
+
+# %%
+fig_dense = plot_ratios(dense_rows, peer="cuDNN SDPA", ours="production")
+fig_dense
+
+# %% jupyter={"source_hidden": true}
+# Saved for the README and the docs (hidden in JupyterLab).
+fig_dense.savefig(SAVE / "05_dense_h200.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# **Takeaway:** at 16K a CUDA graph makes the ring up to about four times
+# faster (ring 16, causal: the host's gaps go), yet it stays below cuDNN's one
+# call: sixteen calls each have their own ramp-up and tail. At 131K, where the
+# GPU is the bottleneck, the graph changes nothing (and is not used: q is
+# larger than `GRAPH_MAX_BYTES`).
+#
+# And the memory. One timed call each at 4M and 8M tokens, causal, 16
+# ranks, against cuDNN on the whole sequence in the same process:
+
+# %%
+print(f"{'tokens':>10}  {'':34}{'time s':>8}{'TFLOP/s':>9}{'peak GB':>9}{'inputs GB':>10}")
+long_by = {}
+for r in DENSE_LONG["long"]:
+    who = r["name"].split()[-1]
+    long_by[(r["seq_len"], who)] = r
+    print(f"{r['seq_len']:>10,}  {who + (' (16 ranks, in parts)' if who == 'production' else ''):34}"
+          f"{r['time_ms'] / 1e3:8.1f}{r['tflops']:9.0f}{r['peak_mem_gb']:9.1f}{r['inputs_gb']:10.1f}")
+for n in sorted({n for n, _ in long_by}):
+    ours, peer = long_by[(n, "production")], long_by[(n, "cudnn")]
+    print(f"{n:,}: peak memory production / cuDNN = {ours['peak_mem_gb'] / peer['peak_mem_gb']:.2f}×, "
+          f"time = {ours['time_ms'] / peer['time_ms']:.2f}×")
+    assert ours["peak_mem_gb"] <= 1.3 * peer["peak_mem_gb"] and ours["time_ms"] < peer["time_ms"]
+
+# %% [markdown]
+# **Takeaway:** in parts, the one-process ring holds only about a quarter
+# more memory than cuDNN at 4M and 8M tokens (its inputs and output are
+# most of both), and is faster: cuDNN's causal kernel at these lengths runs
+# at about 370 TFLOP/s, the ring's blocks at over 400.
+
+# %% [markdown]
 # ## 4b · Dilated ring attention on the ring engine (one H200)
 #
 # Dilated ring attention is the system the seed report benchmarked

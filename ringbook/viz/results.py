@@ -227,6 +227,7 @@ def plot_ratios(rows: list[dict], targets: dict[str, float] | None = None, *, pe
     ax.set_xlabel(f"{peer} time / {ours} time (> 1: {ours} is faster)")
     handles, _ = ax.get_legend_handles_labels()
     handles += [Patch(color=color, label=s) for s, color in zip(sections, palette)]
-    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    # above the bars, outside the axes (constrained layout makes room): it never covers a bar or its label
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="x")
     return fig
