@@ -143,6 +143,9 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool) -> Plan:
     return Plan(tuple(steps))
 
 
+DIST_MERGE_GROUP = 4  # block results a rank holds before folding them into its accumulators (4 shard outputs)
+
+
 def _on(plan: Plan, batch: int, device) -> Plan:
     """``plan`` with its batch rows set to ``batch`` and its positions on ``device`` (cached per call shape)."""
     return _on_cached(plan, batch, str(device))
@@ -154,7 +157,9 @@ def _on_cached(plan: Plan, batch: int, device: str) -> Plan:
         blk, q_batch=(0, batch), kv_batch=(0, batch),
         q_pos=None if blk.q_pos is None else blk.q_pos.to(device),
         k_pos=None if blk.k_pos is None else blk.k_pos.to(device)) for blk in step) for step in plan.steps)
-    return Plan(steps, plan.merge_group)
+    # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
+    # one-process ring's box merge); a step's block gradients are summed together before they travel on.
+    return Plan(steps, merge_group=DIST_MERGE_GROUP, grad_group=2)
 
 
 class P2PMover(Mover):
