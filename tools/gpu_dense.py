@@ -1,9 +1,13 @@
 """The dense production ring on one GPU, issue 14: exact, and timed against cuDNN in the same run, short to 8M tokens.
 
-    python tools/gpu_dense.py [--out DIR] [--sections checks timing fwd_bwd launches long]
+    python tools/gpu_dense.py [--out DIR] [--sections tune checks timing fwd_bwd launches long]
                               [--long-seq-lens 4194304 8388608] [--long-peers 4194304]
 
 Sections (each writes its part of ``gpu_dense.json`` as soon as it is done):
+
+* ``tune``: the Triton merge and gradient-sum kernels at each launch shape
+  (elements per program, warps) on 131K-sized blocks; the fastest is kept
+  for the sections after it (and recorded, to become the default).
 
 * ``checks``: out, lse and gradients against the float64 reference (flash
   attention's 2× rule against naive bf16, as ``tools/gpu_check_production.py``)
@@ -148,6 +152,44 @@ def _graph_check(n, w, causal):
     ok = any(captured) and max(diffs + [diff2]) <= TOLERANCE[DTYPE] and err <= TOLERANCE[DTYPE]
     return {"status": "ok" if ok else "fail", "captured": any(captured), "max_abs_diff_calls_1_2_3": diffs,
             "max_abs_diff_replay_new_inputs": diff2, "rel_err_replay": err, "rows_checked": rows}
+
+
+# --------------------------------------------------------------------------- tune
+
+def section_tune(c=8192, w=16, rounds=10) -> dict:
+    """Time the Triton merge and gradient-sum kernels at each launch shape on 131K-sized blocks; keep the fastest."""
+    from ringbook.fast import triton_merge as tm
+    from ringbook.fast.kernels import forward_block
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(w, c, H, D, generator=g, device="cuda", dtype=DTYPE) for _ in range(3))
+    with torch.no_grad():
+        blocks = [forward_block(q, k.roll(i, 0), v.roll(i, 0), scale=D ** -0.5) for i in range(tm.MAX_BLOCKS)]
+    box = (0, w, 0, c)
+    items = [(box, o, lse) for o, lse in blocks]
+    acc, acc_lse = torch.empty(w, c, H, D, device="cuda"), torch.empty(w, H, c, device="cuda")
+    tm.merge_boxes_into_triton_(acc, acc_lse, items, initialise=True)
+    gbytes = {"merge": (2 * acc.nbytes + sum(o.nbytes for o, _ in blocks)) / 1e9,
+              "add": (2 * acc.nbytes + sum(o.nbytes for o, _ in blocks)) / 1e9}
+    calls = {"merge": lambda: tm.merge_boxes_into_triton_(acc, acc_lse, items),
+             "add": lambda: tm.add_boxes_into_triton_(acc, [(box, o) for o, _ in blocks])}
+    out = {"default": dict(tm.LAUNCH), "gb_per_pass": gbytes, "configs": {}}
+    for kernel, fn in calls.items():
+        best = None
+        for elements in (1024, 2048, 4096, 8192):
+            for warps in (2, 4, 8):
+                tm.LAUNCH[kernel] = (elements, warps)
+                for _ in range(2):
+                    fn()
+                torch.cuda.synchronize()
+                ms = sorted(time_once(fn, CUDA) for _ in range(rounds))[rounds // 2]
+                out["configs"][f"{kernel} {elements}x{warps}"] = {"ms": ms, "tb_per_s": gbytes[kernel] / ms}
+                if best is None or ms < best[0]:
+                    best = (ms, (elements, warps))
+        tm.LAUNCH[kernel] = best[1]
+        print(f"{kernel}: best {best[1]} at {best[0]:.3f} ms ({gbytes[kernel] / best[0]:.2f} TB/s)", flush=True)
+    out["chosen"] = dict(tm.LAUNCH)
+    return out
 
 
 # --------------------------------------------------------------------------- timing
@@ -327,7 +369,9 @@ def main(argv=None) -> int:
                   command="python tools/gpu_dense.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     for section in args.sections:
         t0 = time.perf_counter()
-        if section == "checks":
+        if section == "tune":
+            RESULT["tune"] = section_tune()
+        elif section == "checks":
             RESULT["checks"] = section_checks()
         elif section == "timing":
             RESULT["timing"] = section_timing(args.seq_lens, args.rings, lambda n: 40 if n <= 32768 else 8)

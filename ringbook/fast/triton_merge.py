@@ -26,6 +26,9 @@ import triton.language as tl
 MAX_BLOCKS = 8  # block results one call folds in
 
 Box = tuple[int, int, int, int]  # batch rows [b0, b1) × sequence rows [n0, n1) of the accumulator
+# Launch shape of the two kernels: (elements per program along (rows × head_dim), warps). Few registers per thread
+# leave many programs resident and many loads in flight; tools/gpu_dense.py --sections tune measures the choices.
+LAUNCH = {"merge": (2048, 4), "add": (2048, 4)}
 # the boxes change from step to step: Triton must not compile a variant per value class of them
 _BOX_ARGS = [f"{name}{j}" for j in range(MAX_BLOCKS) for name in ("b0", "b1", "n0", "n1")]
 
@@ -196,11 +199,12 @@ def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(32, 2048 // block_d))  # few registers per thread: many programs resident, many loads in flight
+    elements, warps = LAUNCH["merge"]
+    block_r = max(1, elements // block_d)
     grid = (triton.cdiv(n_rows, block_r),)
     _merge_kernel[grid](acc_out, acc_lse, acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
                         acc_lse.stride(0), acc_lse.stride(1), acc_lse.stride(2), n_rows, n, h, *args,
-                        D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items), INIT=initialise, num_warps=4)
+                        D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items), INIT=initialise, num_warps=warps)
 
 
 # --------------------------------------------------------------------------- gradient sums (the backward)
@@ -276,7 +280,8 @@ def add_boxes_into_triton_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.T
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(32, 2048 // block_d))
+    elements, warps = LAUNCH["add"]
+    block_r = max(1, elements // block_d)
     _add_kernel[(triton.cdiv(n_rows, block_r),)](acc, acc.stride(0), acc.stride(1), acc.stride(2), n_rows, n, h,
                                                  *args, D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items),
-                                                 num_warps=4)
+                                                 num_warps=warps)
