@@ -28,7 +28,7 @@ MAX_BLOCKS = 8  # block results one call folds in
 Box = tuple[int, int, int, int]  # batch rows [b0, b1) × sequence rows [n0, n1) of the accumulator
 # Launch shape of the two kernels: (elements per program along (rows × head_dim), warps). Few registers per thread
 # leave many programs resident and many loads in flight; tools/gpu_dense.py --sections tune measures the choices.
-LAUNCH = {"merge": (2048, 4), "add": (2048, 4)}
+LAUNCH = {"merge": (1024, 2), "add": (2048, 8)}  # measured on an H200: figures/production/gpu-dense-tune-h200.json
 # the boxes change from step to step: Triton must not compile a variant per value class of them
 _BOX_ARGS = [f"{name}{j}" for j in range(MAX_BLOCKS) for name in ("b0", "b1", "n0", "n1")]
 
