@@ -554,11 +554,12 @@ fig_dense
 fig_dense.savefig(SAVE / "05_dense_h200.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
-# **Takeaway:** at 16K a CUDA graph makes the ring up to about four times
-# faster (ring 16, causal: the host's gaps go), yet it stays below cuDNN's one
-# call: sixteen calls each have their own ramp-up and tail. At 131K, where the
-# GPU is the bottleneck, the graph changes nothing (and is not used: q is
-# larger than `GRAPH_MAX_BYTES`).
+# **Takeaway:** at 16K a CUDA graph removes the host's gaps (how long an
+# eager call waits on Python and launches depends on the host: compare the
+# busy and wall times above), yet the ring stays below cuDNN's one call:
+# sixteen calls each have their own ramp-up and tail. At 131K, where the GPU
+# is the bottleneck, there is nothing to remove (and `graph="auto"` does not
+# capture: q is larger than `GRAPH_MAX_BYTES`).
 #
 # And the memory. One timed call each at 4M and 8M tokens, causal, 16
 # ranks, against cuDNN on the whole sequence in the same process:

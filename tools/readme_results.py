@@ -241,7 +241,9 @@ def dense_table() -> str:
               f"(`tools/profile_production.py`): {env['device']}, PyTorch {env['torch_version']}, cuDNN "
               f"{env['cudnn_version']}. Forward rows: the calls timed in interleaved rounds (CUDA events, median of 40 "
               "rounds at 16K, 8 at 131K, 6 forward+backward); every output checked against float64 attention on sampled "
-              "rows. Long rows: one timed call each, peak memory from the CUDA allocator."]
+              "rows. Long rows: one timed call each, peak memory from the CUDA allocator; they ran before the Triton "
+              "kernels' launch shapes were tuned (`gpu-dense-tune-h200.json`), which changes only the merges, well "
+              "under 1% of a call at these lengths."]
     return "\n".join(lines + ["", limits()])
 
 
