@@ -616,3 +616,60 @@ def test_dist_bench_scaling_summary_and_cp_rows_check():
         assert err / scale < 1e-12 and checked == 32
         err, scale, _ = measure.reference_error(q, k, v, out[:, pos.flip(0)], positions=pos, causal=True)
         assert err / scale > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["dense", "dilated"])
+def test_dist_bench_forward_backward_with_the_stacked_peer(tmp_path, pattern):
+    """--mode fwd+bwd, --peers one_gpu stacked (and --pattern dilated): the rows issue 15's multi-GPU runs need."""
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    n = "256" if pattern == "dilated" else "128"
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+           "--seq-lens", n, "--dtype", "fp32", "--causal", "both", "--heads", "8" if pattern == "dilated" else "2",
+           "--head-dim", "16", "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path),
+           "--stem", "rows", "--kernel", "auto", "--mode", "fwd+bwd", "--pattern", pattern,
+           "--peers", "one_gpu", "stacked", "--formats", "json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "rows.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    assert meta["mode"] == "fwd+bwd" and meta["pattern"] == pattern
+    ring = "production_dist" if pattern == "dense" else "production_dilated_dist"
+    stacked = "production" if pattern == "dense" else "production_dilated"
+    for causal in (False, True):
+        same = [r for r in rows if r["causal"] == causal]
+        assert all(r["status"] == "ok" and r["mode"] == "forward+backward" for r in same), same
+        ours = next(r for r in same if r["impl"] == ring)
+        assert ours["max_rel_err"] < 1e-4 and ours["gpus"] == 2
+        # the benchmark's longest segment is n/2, one shard of two: the dilated ring sends nothing at 2 ranks
+        assert (ours["bytes_sent_per_gpu"] > 0) == (pattern == "dense")
+        assert ours["layout"] == ("contiguous" if pattern == "dilated" or not causal else "zigzag")
+        peer = next(r for r in same if r.get("peer_of") == "stacked")
+        assert peer["impl"] == stacked and peer["ring_size"] == 2 and peer["gpus"] == 1
+        s = next(x for x in meta["scaling"] if x["causal"] == causal)
+        assert s["impl"] == ring and s["stacked_time_ms"] == peer["time_ms"]
+        assert s["parallel_efficiency"] == pytest.approx(s["speedup_vs_one_gpu"] / 2)
+        assert s["one_gpu_impl"] != stacked or s["one_gpu_time_ms"] != peer["time_ms"]  # not the stacked row
+
+
+def test_bytes_sent_follow_the_schedule():
+    from ringbook.bench import dist_sweep
+    from ringbook.distributed import dilated as dd
+
+    kw = {"batch": 1, "heads": 8, "head_dim": 16, "dtype": torch.float32}
+    # dense: K and V of a shard (2 × 64 rows × 8 heads × 16) travel w − 1 = 3 hops
+    assert dist_sweep.bytes_sent_per_gpu(256, 4, 0, pattern="dense", causal=False, backward=False, **kw) == \
+        3 * 2 * 64 * 8 * 16 * 4
+    # with the backward: once more, plus float32 dK/dV for w hops
+    assert dist_sweep.bytes_sent_per_gpu(256, 4, 0, pattern="dense", causal=False, backward=True, **kw) == \
+        2 * 3 * 2 * 64 * 8 * 16 * 4 + 4 * 2 * 64 * 8 * 16 * 4
+    cfg = dist_sweep.bench_dilated_config(256)
+    plan = dd._ring_plan(256, 4, cfg["segment_lengths"], cfg["dilation_rates"], 8, "grouped", False)
+    for rank in range(4):
+        send, _ = dd.routes(plan, rank)
+        want = sum(dd._numel(p, plan, rank, 1, 16) for p in send.values()) * 4
+        assert dist_sweep.bytes_sent_per_gpu(256, 4, rank, pattern="dilated", causal=False, backward=False,
+                                             **kw) == want

@@ -87,19 +87,23 @@ import torch
 import torch.distributed as dist
 
 from .._utils import attention_flops
-from ..distributed import production_ring_attention, ring_attention, unshard
+from ..distributed import production_ring_attention, ring_attention, ring_dilated_attention, unshard
 from ..schedule import check_layout, layout_positions
 from . import measure
 from .cli import bool_list, positive, print_table, seq_len
 from .measure import WrongResult, environment, peak_memory_gb, reference_error, relative_error, sync, time_once
-from .registry import IMPLS
+from .registry import IMPLS, _ring_dilated_check, _ring_dilated_flops, bench_dilated_config
 from .report import FORMATS, scaling_summary, write_outputs
 from .results import slug
 from .rules import DTYPES, verdict
-from .sweep import new_row, run_row
+from .sweep import BACKWARD_FLOPS_FACTOR, new_row, run_row
 
 KERNELS = ("einops", "auto", "cudnn", "flash", "efficient")
-PEERS = ("one_gpu", "context_parallel")
+PEERS = ("one_gpu", "stacked", "context_parallel")
+MODES = {"forward": "forward", "fwd+bwd": "forward+backward"}
+PATTERNS = ("dense", "dilated")
+RING_IMPLS = {("dense", True): "ring_dist", ("dense", False): "production_dist",
+              ("dilated", True): "ring_dilated_dist", ("dilated", False): "production_dilated_dist"}
 CP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 CP_PEAK_MEM_INCLUDES = (
     "this rank's q, k, v shards, the output and what one context-parallel SDPA call allocates (its gathered or "
@@ -128,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDPA backends of the context_parallel peer, one row each (default cudnn flash)")
     p.add_argument("--cp-rotate", choices=["allgather", "alltoall"], default=None,
                    help="context_parallel's K/V rotation (default: PyTorch's default)")
+    p.add_argument("--mode", choices=list(MODES), default="forward",
+                   help="time the forward, or forward and backward (out.backward(dout); q, k, v require grad)")
+    p.add_argument("--pattern", choices=PATTERNS, default="dense",
+                   help="dense attention, or the benchmark's dilated configuration (contiguous shards, "
+                        "ringbook.distributed.ring_dilated_attention; its peers dilated_sdpa and production_dilated)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--heads", type=positive, default=8)
     p.add_argument("--head-dim", type=positive, default=64)
@@ -234,6 +243,8 @@ def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
                per_rank_time_ms=[statistics.median(m["times"]) for m in every],
                per_rank_peak_mem_gb=[m["peak"] for m in every],
                peak_mem_gb=max(m["peak"] for m in every))
+    if all(m.get("sent") is not None for m in every):
+        row["bytes_sent_per_gpu"] = max(m["sent"] for m in every)
     checks = [m["check"] for m in every if m.get("check")]
     if checks:
         row["max_rel_err"] = relative_error(max(c[0] for c in checks), max(c[1] for c in checks))
@@ -246,55 +257,115 @@ def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
 
 # --------------------------------------------------------------------------- the ring
 
-def _attend(q, k, v, *, causal, layout, timeout, kernel):
-    """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``."""
+def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense"):
+    """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``;
+    for the dilated pattern, ring_dilated_attention (einops, or ``backend=kernel``) with the benchmark's config."""
+    if pattern == "dilated":
+        cfg = bench_dilated_config(q.shape[1] * dist.get_world_size())
+        return ring_dilated_attention(q, k, v, causal=causal, heads="grouped", timeout=timeout,
+                                      backend=None if kernel == "einops" else kernel, **cfg)
     if kernel == "einops":
         return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
     return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
 
 
+def bytes_sent_per_gpu(n: int, world: int, rank: int, *, pattern: str, causal: bool, batch: int, heads: int,
+                       head_dim: int, dtype: torch.dtype, backward: bool) -> int:
+    """What this rank's ring sends, by its schedule (not counted on the wire).
+
+    Dense (P2P ring): K and V of its shard travel ``w − 1`` hops forward; a
+    backward sends them round again and the float32 dK/dV ``w`` hops (the
+    last one home). Dilated: the dilated K/V rows its segments' other pieces
+    need (:func:`ringbook.distributed.dilated.routes`), and with a backward the
+    same again plus their float32 gradients the other way.
+    """
+    elem, work = torch.empty((), dtype=dtype).element_size(), 4
+    c = n // world
+    if pattern == "dense":
+        kv = 2 * batch * c * heads * head_dim
+        return (world - 1) * kv * elem + ((world - 1) * kv * elem + world * kv * work if backward else 0)
+    from ..distributed.dilated import _numel, _ring_plan, routes
+
+    cfg = bench_dilated_config(n)
+    plan = _ring_plan(n, world, cfg["segment_lengths"], cfg["dilation_rates"], heads, "grouped", causal)
+    send, recv = routes(plan, rank)
+    sent = sum(_numel(pieces, plan, rank, batch, head_dim) for pieces in send.values())
+    returned = sum(_numel(pieces, plan, peer, batch, head_dim) for peer, pieces in recv.items())
+    return sent * elem + ((sent * elem + returned * work) if backward else 0)
+
+
 def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch: int, heads: int, head_dim: int,
                  warmup: int, repeats: int, check_max_seq: int, timeout: float, seed: int, device: torch.device,
-                 env: dict, kernel: str = "einops") -> dict | None:
+                 env: dict, kernel: str = "einops", mode: str = "forward", pattern: str = "dense") -> dict | None:
     """One row of the ring (on rank 0; None elsewhere). Every rank must call it with the same arguments.
 
     ``kernel="einops"``: :func:`ring_attention` (impl ``ring_dist``); any other
-    kernel: :func:`production_ring_attention` with it (impl ``production_dist``).
+    kernel: :func:`production_ring_attention` with it (impl ``production_dist``);
+    ``pattern="dilated"``: :func:`ring_dilated_attention` (``ring_dilated_dist``
+    or ``production_dilated_dist``). ``mode="fwd+bwd"`` times the forward and
+    ``out.backward(dout)``.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    backward = mode == "fwd+bwd"
+    if pattern == "dilated":
+        layout = "contiguous"  # dilated segments are contiguous: so are its shards
     layout = layout if layout != "auto" else ("zigzag" if causal else "contiguous")
-    row = new_row(env, "ring_dist" if kernel == "einops" else "production_dist", seq_len=n, ring_size=world,
-                        causal=causal, dtype=dtype, batch=batch, heads=heads, head_dim=head_dim,
-                        flops=attention_flops(batch, heads, n, n, head_dim, causal))
-    row.update(kernel=kernel, layout=layout, gpus=world, per_rank_time_ms=None, per_rank_peak_mem_gb=None,
-               check=None)
+    flops = (attention_flops(batch, heads, n, n, head_dim, causal) if pattern == "dense"
+             else _ring_dilated_flops(batch, heads, n, n, head_dim, causal))
+    row = new_row(env, RING_IMPLS[(pattern, kernel == "einops")], seq_len=n, ring_size=world, causal=causal,
+                  dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, mode=MODES[mode],
+                  flops=None if flops is None else flops * (BACKWARD_FLOPS_FACTOR if backward else 1))
+    row.update(kernel=kernel, layout=layout, pattern=pattern, gpus=world, per_rank_time_ms=None,
+               per_rank_peak_mem_gb=None, check=None, bytes_sent_per_gpu=None,
+               bytes_sent_kind="by the schedule: what each rank's ring sends (ringbook.bench.dist_sweep."
+                               "bytes_sent_per_gpu), the largest over ranks")
     mine = {"error": None, "oom": False, "times": None, "peak": None}
     q = k = v = out = None
     try:
         try:
             check_layout(n, world, layout)
+            if pattern == "dilated" and flops is None:
+                raise ValueError(f"the benchmark's dilated configuration does not fit n={n}")
         except ValueError as exc:
             raise ValueError(f"not run: {exc}") from None
         q, k, v = _shards(n, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                           device=device, seed=seed)
+        mine["sent"] = bytes_sent_per_gpu(n, world, rank, pattern=pattern, causal=causal, batch=batch, heads=heads,
+                                          head_dim=head_dim, dtype=dtype, backward=backward)
+        dout = torch.randn_like(q) if backward else None
+        if backward:
+            for x in (q, k, v):
+                x.requires_grad_()
+
+        def forward(q, k, v):
+            return _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern)
 
         def call():
-            return _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
+            if not backward:
+                return forward(q, k, v)
+            for x in (q, k, v):
+                x.grad = None
+            out, lse = forward(q, k, v)
+            out.backward(dout)
+            return out, lse
 
         mine["times"] = _time(call, device, warmup=warmup, repeats=repeats)
         mine["peak"], _ = peak_memory_gb(call, device, inputs=(q, k, v))
+        check = _gathered_error if pattern == "dense" else _gathered_dilated_error
         if n <= check_max_seq:
-            out, _ = call()
-            err, rows = _gathered_error(q, k, v, out, layout=layout, causal=causal)
+            with torch.no_grad():
+                out, _ = forward(q, k, v)
+            err, rows = check(q.detach(), k.detach(), v.detach(), out, layout=layout, causal=causal)
             row["check"] = f"full output gathered on rank 0 ({rows} of {n} query rows against float64)"
         else:
             m = check_max_seq - check_max_seq % (2 * world)
-            q = k = v = None  # free the long shards before the check run
+            q = k = v = dout = None  # free the long shards before the check run
             measure.free(device)
             cq, ck, cv = _shards(m, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                                  device=device, seed=seed + 1)
-            cout, _ = _attend(cq, ck, cv, causal=causal, layout=layout, timeout=timeout, kernel=kernel)
-            err, rows = _gathered_error(cq, ck, cv, cout, layout=layout, causal=causal)
+            with torch.no_grad():
+                cout, _ = forward(cq, ck, cv)
+            err, rows = check(cq, ck, cv, cout, layout=layout, causal=causal)
             row["check"] = (f"not gathered at {n} tokens; a separate run of the same configuration at "
                             f"seq_len {m} was gathered on rank 0 and checked ({rows} query rows)")
             del cq, ck, cv, cout
@@ -302,32 +373,51 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
     except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
         _failure(exc, row, mine)
     finally:
-        q = k = v = out = None
+        q = k = v = out = dout = None
         measure.free(device)
     return _collect(row, mine, dtype=dtype)
 
 
+def _gathered_dilated_error(q, k, v, out, *, layout, causal):
+    """:func:`_gathered_error` against equation (D) (the benchmark's dilated configuration)."""
+    world = dist.get_world_size()
+    full = []
+    for x in (q, k, v, out):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        full.append(unshard(parts, layout))
+    if dist.get_rank() != 0:
+        return None, None
+    return _ring_dilated_check(*full, causal=causal)
+
+
 # --------------------------------------------------------------------------- peer: one GPU
 
-def default_one_gpu_impls(device: torch.device) -> list[str]:
-    """The one_gpu peer's implementations: the fastest fused SDPA and ringbook's production path."""
+def default_one_gpu_impls(device: torch.device, pattern: str = "dense") -> list[str]:
+    """The one_gpu peer's implementations: the fastest fused SDPA and ringbook's production path (dense), or
+    the batched-call peer and the production path with the dilated configuration."""
+    if pattern == "dilated":
+        return ["dilated_sdpa", "production_dilated"]
     return ["sdpa_cudnn", "production"] if device.type == "cuda" else ["sdpa", "production"]
 
 
 def measure_one_gpu(impl_name: str, n: int, *, causal: bool, dtype: torch.dtype, batch: int, heads: int,
                     head_dim: int, warmup: int, repeats: int, seed: int, device: torch.device,
-                    env: dict) -> dict | None:
+                    env: dict, mode: str = "forward", ring_size: int = 1, peer_of: str = "dist") -> dict | None:
     """Rank 0 alone runs the whole sequence with a :mod:`ringbook.bench` implementation; the others wait.
 
     Returns the bench row on rank 0 (``ring_size`` 1, ``peer_of="dist"``,
-    ``gpus=1``; its own timing and check), None on the other ranks.
+    ``gpus=1``; its own timing and check), None on the other ranks. The
+    ``stacked`` peer is the same with the one-process ring at the world's ring
+    size (``peer_of="stacked"``: one GPU playing every rank, not a one-GPU
+    baseline).
     """
     row = None
     if dist.get_rank() == 0:
-        row = run_row(IMPLS[impl_name], seq_len=n, ring_size=1, causal=causal, dtype=dtype, batch=batch,
-                            heads=heads, head_dim=head_dim, device=device, warmup=warmup, repeats=repeats,
-                            seed=seed, env=env)
-        row.update(peer_of="dist", gpus=1)
+        row = run_row(IMPLS[impl_name], seq_len=n, ring_size=ring_size, causal=causal, dtype=dtype, batch=batch,
+                      heads=heads, head_dim=head_dim, device=device, warmup=warmup, repeats=repeats,
+                      seed=seed, env=env, backward=mode == "fwd+bwd")
+        row.update(peer_of=peer_of, gpus=1)
     dist.barrier()
     return row
 
@@ -368,7 +458,7 @@ def _everywhere(call, what: str):
 
 
 def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, heads, head_dim, warmup, repeats,
-                      seed, device):
+                      seed, device, backward=False):
     """Time PyTorch's context-parallel SDPA on this rank; fills ``mine`` (times, peak, check, layout).
 
     Sets the row's ``cp_load_balance`` and ``cp_rotate_method``. CP's options
@@ -395,14 +485,21 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
         row.update(cp_load_balance=causal, cp_rotate_method=options.rotate_method.name.lower())
         with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2] * len(buffers),
                               no_restore_buffers=set(buffers)):
-            local = [x.clone() for x in (q, k, v)]  # this rank's shards
+            local = [x.clone().requires_grad_(backward) for x in (q, k, v)]  # this rank's shards
             positions = where.reshape(-1).clone()
             for x in buffers:  # sharding resized them in place, keeping the full-length storage: free it
                 x.set_()
             del q, k, v, where, buffers
+            dout = torch.randn_like(local[0]) if backward else None
 
             def call():
-                return F.scaled_dot_product_attention(*local, is_causal=causal)  # CP's, inside the context
+                if not backward:
+                    return F.scaled_dot_product_attention(*local, is_causal=causal)  # CP's, inside the context
+                for x in local:
+                    x.grad = None
+                out = F.scaled_dot_product_attention(*local, is_causal=causal)
+                out.backward(dout)  # CP's backward: the K/V and their gradients rotate again
+                return out.detach()
 
             with sdpa_kernel(getattr(SDPBackend, CP_BACKENDS[backend])):
                 _everywhere(call, f"context_parallel with the {backend} SDPA backend")
@@ -414,31 +511,39 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
     measure.free(device)
     mine["layout"] = _layout_name(positions, n, world, rank)
     q, k, v = _replicated(n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device, seed=seed)
-    mine["check"] = reference_error(*(x.transpose(1, 2) for x in (q, k, v, out)), positions=positions, causal=causal)
+    mine["check"] = reference_error(*(x.transpose(1, 2) for x in (q, k, v, out.detach())), positions=positions,
+                                    causal=causal)
 
 
 def measure_context_parallel(n: int, *, causal: bool, backend: str, rotate: str | None, dtype: torch.dtype,
                              batch: int, heads: int, head_dim: int, warmup: int, repeats: int, seed: int,
-                             device: torch.device, env: dict) -> dict | None:
+                             device: torch.device, env: dict, mode: str = "forward",
+                             pattern: str = "dense") -> dict | None:
     """One row of PyTorch's context parallel with SDPA ``backend`` (on rank 0; None elsewhere); never raises.
 
     Every rank must call it with the same arguments. CUDA only: elsewhere the
     row is an error "not run: …".
     """
     world = dist.get_world_size()
+    backward = mode == "fwd+bwd"
     row = new_row(env, "context_parallel", seq_len=n, ring_size=world, causal=causal, dtype=dtype,
-                        batch=batch, heads=heads, head_dim=head_dim,
-                        flops=attention_flops(batch, heads, n, n, head_dim, causal))
+                  batch=batch, heads=heads, head_dim=head_dim, mode=MODES[mode],
+                  flops=attention_flops(batch, heads, n, n, head_dim, causal) * (BACKWARD_FLOPS_FACTOR if backward
+                                                                                else 1))
     row.update(sdpa_backend=backend, layout=None, gpus=world, cp_load_balance=None, cp_rotate_method=None,
                per_rank_time_ms=None, per_rank_peak_mem_gb=None, peak_mem_includes=CP_PEAK_MEM_INCLUDES,
                check=("every rank compared evenly spaced rows of its own output with the float64 reference "
                       "of the whole sequence at their global positions"))
     mine = {"error": None, "oom": False, "times": None, "peak": None, "check": None, "layout": None}
     try:
+        if pattern != "dense":
+            raise RuntimeError("not run: context_parallel computes dense attention; the dilated pattern has no "
+                               "context-parallel peer")
         if device.type != "cuda":
             raise RuntimeError("not run: context_parallel needs CUDA (NCCL)")
         _context_parallel(row, mine, n, causal=causal, backend=backend, rotate=rotate, dtype=dtype, batch=batch,
-                          heads=heads, head_dim=head_dim, warmup=warmup, repeats=repeats, seed=seed, device=device)
+                          heads=heads, head_dim=head_dim, warmup=warmup, repeats=repeats, seed=seed, device=device,
+                          backward=backward)
     except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
         _failure(exc, row, mine)
     finally:
@@ -458,14 +563,15 @@ def print_scaling(summary: list[dict], file: TextIO = sys.stdout) -> None:
     print("scaling: ours = the ring row; 1-GPU = fastest ok one_gpu row; CP = fastest ok context_parallel row",
           file=file)
     header = (f"{'causal':<7}{'seq':>9}  {'ours':<24}{'ms':>10}  {'GB/GPU':<12}{'1-GPU':<14}{'ms':>10}"
-              f"{'speedup':>9}  {'CP':<8}{'ms':>10}  {'GB/GPU':<12}{'CP/ours':>8}")
+              f"{'speedup':>9}{'eff':>6}  {'CP':<8}{'ms':>10}  {'GB/GPU':<12}{'CP/ours':>8}")
     print(header, file=file)
     print("-" * len(header), file=file)
     for s in summary:
         ours = f"{s['impl']}[{s['kernel']}]x{s['gpus']}" if s["impl"] else "-"
         print(f"{str(s['causal']):<7}{s['seq_len']:>9}  {ours:<24}{num(s['time_ms'], '{:.2f}'):>10}  "
               f"{gbs(s['per_rank_peak_mem_gb']):<12}{s['one_gpu_impl'] or '-':<14}"
-              f"{num(s['one_gpu_time_ms'], '{:.2f}'):>10}{num(s['speedup_vs_one_gpu'], '{:.2f}x'):>9}  "
+              f"{num(s['one_gpu_time_ms'], '{:.2f}'):>10}{num(s['speedup_vs_one_gpu'], '{:.2f}x'):>9}"
+              f"{num(s.get('parallel_efficiency'), '{:.0%}'):>6}  "
               f"{s['cp_sdpa_backend'] or '-':<8}{num(s['cp_time_ms'], '{:.2f}'):>10}  "
               f"{gbs(s['cp_per_rank_peak_mem_gb']):<12}{num(s['cp_time_over_ours'], '{:.2f}x'):>8}", file=file)
 
@@ -499,20 +605,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     env = environment(device)
     env["backend"] = dist.get_backend()
-    one_gpu_impls = args.one_gpu_impls or default_one_gpu_impls(device)
+    one_gpu_impls = args.one_gpu_impls or default_one_gpu_impls(device, args.pattern)
+    stacked_impl = "production_dilated" if args.pattern == "dilated" else "production"
     common = {"dtype": dtype, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
-             "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "device": device, "env": env}
+              "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "device": device, "env": env,
+              "mode": args.mode}
     rows = []
     try:
         for causal in args.causal:
             for n in sorted(args.seq_lens):
                 here = [measure_ring(n, causal=causal, layout=args.layout, kernel=args.kernel,
-                                check_max_seq=args.check_max_seq, timeout=args.timeout, **common)]
+                                     check_max_seq=args.check_max_seq, timeout=args.timeout, pattern=args.pattern,
+                                     **common)]
                 if "one_gpu" in args.peers:
                     here += [measure_one_gpu(name, n, causal=causal, **common) for name in one_gpu_impls]
+                if "stacked" in args.peers:
+                    here.append(measure_one_gpu(stacked_impl, n, causal=causal, ring_size=world, peer_of="stacked",
+                                                **common))
                 if "context_parallel" in args.peers:
-                    here += [measure_context_parallel(n, causal=causal, backend=b, rotate=args.cp_rotate, **common)
-                             for b in args.cp_backends]
+                    here += [measure_context_parallel(n, causal=causal, backend=b, rotate=args.cp_rotate,
+                                                      pattern=args.pattern, **common) for b in args.cp_backends]
                 if rank == 0:
                     rows += here
                     for row in here:
@@ -521,12 +633,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0 and rows:
             stem = args.stem or (f"dist-bench-{'cpu' if device.type == 'cpu' else slug(env['device'])}-"
                                  f"{str(dtype).replace('torch.', '')}-w{world}"
-                                 + ("" if args.kernel == "einops" else f"-{args.kernel}"))
+                                 + ("" if args.kernel == "einops" else f"-{args.kernel}")
+                                 + ("" if args.pattern == "dense" else f"-{args.pattern}")
+                                 + ("" if args.mode == "forward" else "-fwd-bwd"))
             summary = scaling_summary(rows)
             meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "command": f"torchrun --nproc-per-node={world} -m ringbook.bench.dist_sweep "
                                + " ".join(argv if argv is not None else sys.argv[1:]),
                     "warmup": args.warmup, "repeats": args.repeats, "world_size": world, "kernel": args.kernel,
+                    "mode": args.mode, "pattern": args.pattern,
                     "peers": list(args.peers), "one_gpu_impls": one_gpu_impls if "one_gpu" in args.peers else [],
                     "cp_backends": args.cp_backends if "context_parallel" in args.peers else [],
                     "cp_rotate": args.cp_rotate, "scaling": summary}

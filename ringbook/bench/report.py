@@ -245,10 +245,15 @@ def live_rows_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+RING_DIST_IMPLS = ("ring_dist", "production_dist", "ring_dilated_dist", "production_dilated_dist")
+
+
 def scaling_summary(rows: list[dict]) -> list[dict]:
     """Per (causal, seq_len): the ring row against the fastest ok one-GPU row and the fastest ok CP row.
 
-    ``speedup_vs_one_gpu`` = one-GPU time / ring time; ``cp_time_over_ours`` =
+    ``speedup_vs_one_gpu`` = one-GPU time / ring time (``parallel_efficiency``
+    = that / the number of GPUs); the one-process ring at the same ring size
+    (``peer_of="stacked"``) is reported beside it, not as a baseline; ``cp_time_over_ours`` =
     context_parallel time / ring time (above 1: the ring is faster). A value
     is None where a row is missing or did not succeed.
     """
@@ -259,10 +264,12 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
     summary = []
     for causal, n in sorted({(r["causal"], r["seq_len"]) for r in rows}):
         same = [r for r in rows if r["causal"] == causal and r["seq_len"] == n]
-        ours = next((r for r in same if r["impl"] in ("ring_dist", "production_dist")), None)
+        ours = next((r for r in same if r["impl"] in RING_DIST_IMPLS), None)
         one = fastest(r for r in same if r.get("peer_of") == "dist")
+        stacked = fastest(r for r in same if r.get("peer_of") == "stacked")
         cp = fastest(r for r in same if r["impl"] == "context_parallel")
         t = ours["time_ms"] if ours is not None and ours["status"] == "ok" else None
+        speedup = one["time_ms"] / t if one and t else None
         summary.append({
             "causal": causal, "seq_len": n,
             "impl": ours and ours["impl"], "kernel": ours and ours.get("kernel"), "gpus": ours and ours["ring_size"],
@@ -271,7 +278,10 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
             "per_rank_peak_mem_gb": ours and ours.get("per_rank_peak_mem_gb"),
             "one_gpu_impl": one and one["impl"], "one_gpu_time_ms": one and one["time_ms"],
             "one_gpu_peak_mem_gb": one and one["peak_mem_gb"],
-            "speedup_vs_one_gpu": one["time_ms"] / t if one and t else None,
+            "speedup_vs_one_gpu": speedup,
+            "parallel_efficiency": speedup / ours["ring_size"] if speedup else None,
+            "bytes_sent_per_gpu": ours and ours.get("bytes_sent_per_gpu"),
+            "stacked_time_ms": stacked and stacked["time_ms"],
             "cp_sdpa_backend": cp and cp["sdpa_backend"], "cp_time_ms": cp and cp["time_ms"],
             "cp_per_rank_peak_mem_gb": cp and cp["per_rank_peak_mem_gb"],
             "cp_time_over_ours": cp["time_ms"] / t if cp and t else None,
