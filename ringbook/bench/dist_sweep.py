@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 import statistics
 import sys
@@ -175,8 +176,12 @@ def _shards(n, world, rank, *, batch, heads, head_dim, dtype, device, seed):
             for _ in range(3)]
 
 
-def _gathered_error(q, k, v, out, *, layout, causal):
-    """Gather every rank's shards; rank 0 returns (max_rel_err, rows checked), others (None, None)."""
+def _gathered_error(q, k, v, out, *, layout, causal, reference=None):
+    """Gather every rank's shards; rank 0 returns (max_rel_err, rows checked), others (None, None).
+
+    ``reference(q, k, v, out, causal=…)`` checks the whole tensors (default:
+    :func:`ringbook.bench.check_against_reference`, dense attention).
+    """
     world = dist.get_world_size()
     full = []
     for x in (q, k, v, out):
@@ -185,7 +190,7 @@ def _gathered_error(q, k, v, out, *, layout, causal):
         full.append(unshard(parts, layout))
     if dist.get_rank() != 0:
         return None, None
-    return measure.check_against_reference(*full, causal=causal)
+    return (reference or measure.check_against_reference)(*full, causal=causal)
 
 
 def _time(call, device, *, warmup, repeats):
@@ -351,7 +356,7 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
 
         mine["times"] = _time(call, device, warmup=warmup, repeats=repeats)
         mine["peak"], _ = peak_memory_gb(call, device, inputs=(q, k, v))
-        check = _gathered_error if pattern == "dense" else _gathered_dilated_error
+        check = functools.partial(_gathered_error, reference=None if pattern == "dense" else _ring_dilated_check)
         if n <= check_max_seq:
             with torch.no_grad():
                 out, _ = forward(q, k, v)
@@ -376,19 +381,6 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
         q = k = v = out = dout = None
         measure.free(device)
     return _collect(row, mine, dtype=dtype)
-
-
-def _gathered_dilated_error(q, k, v, out, *, layout, causal):
-    """:func:`_gathered_error` against equation (D) (the benchmark's dilated configuration)."""
-    world = dist.get_world_size()
-    full = []
-    for x in (q, k, v, out):
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        full.append(unshard(parts, layout))
-    if dist.get_rank() != 0:
-        return None, None
-    return _ring_dilated_check(*full, causal=causal)
 
 
 # --------------------------------------------------------------------------- peer: one GPU
