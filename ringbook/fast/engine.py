@@ -514,7 +514,10 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> tuple[to
     copies of its inputs and keeps the graph only if its replay agrees with
     that call's eager result, later calls copy their inputs in and replay
     (one launch of the whole ring instead of dozens). A shape whose capture
-    fails runs eagerly, with one warning (:data:`GRAPHS` holds why).
+    fails runs eagerly, with one warning (:data:`GRAPHS` holds why). Each
+    kept graph holds its call's working memory (at most
+    :data:`GRAPH_CACHE_SIZE` graphs, the least recently used dropped first);
+    :func:`ringbook.fast.kernels.reset_caches` gives it back.
     """
     if job.settings.graph is True and not q.is_cuda:
         raise ValueError(f"{job.settings.who}: graph=True needs CUDA tensors (CUDA graphs), got q on {q.device}; "

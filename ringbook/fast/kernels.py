@@ -385,10 +385,11 @@ def block_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def reset_caches() -> None:
-    """Forget the kernel choices, probes and the merge's self-check (tests, or after changing torch's settings)."""
-    from . import merge
+    """Forget the kernel choices, probes, the merge's self-check and the captured CUDA graphs (and the memory
+    they hold): for tests, after changing torch's settings, or to give a graph's working memory back."""
+    from . import engine, merge
 
-    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, merge.TRITON):
+    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, merge.TRITON, engine.GRAPHS):
         cache.clear()
 
 
