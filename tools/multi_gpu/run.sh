@@ -29,6 +29,10 @@ else
   COMMON=(--dtype bf16 --warmup 1 --repeats 3 --timeout 240)
   ONE_DENSE=sdpa_cudnn; STEP=(300 120 150)
 fi
+# Overrides, e.g. for a shorter rehearsal: LENS_OVERRIDE="128K 512K" BWD_LENS_OVERRIDE=128K STEP_SECONDS="150 60 60"
+[ -n "${LENS_OVERRIDE:-}" ] && read -r -a LENS <<< "$LENS_OVERRIDE"
+[ -n "${BWD_LENS_OVERRIDE:-}" ] && read -r -a BWD_LENS <<< "$BWD_LENS_OVERRIDE"
+[ -n "${STEP_SECONDS:-}" ] && read -r -a STEP <<< "$STEP_SECONDS"
 stem=h200-x$N
 status=0
 step() {  # step NAME SECONDS ARGS...: one torchrun sweep with its own deadline
