@@ -218,16 +218,15 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
     result, three per block's gradients) fits in
     :data:`DOUBLED_KV_MAX_FRACTION` of the free memory.
     """
-    wraps = _launch_shape(n, world, layout, causal)
+    spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device) if world > 1 else 0.0  # read once per phase
     doubled = False
-    if wraps:
+    if _launch_shape(n, world, layout, causal):  # some launch wraps
         extra = 2 * (k_st.nbytes + v_st.nbytes)
         if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
             extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
-        doubled = extra <= DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
+        doubled = extra <= spare
     group = 1
     if world > 1:  # forward: held (out, lse) results; backward: held (dq, dk, dv) of a block, about 3 results
-        spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device)
         group = int(max(1, min(MERGE_GROUP, 1 + spare // max((3 if backward else 1) * result_bytes, 1))))
     plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled,
                         merge_group=1 if backward else group, grad_group=group if backward else 1)
