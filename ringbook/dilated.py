@@ -28,7 +28,7 @@ tokens of a segment, ``r`` rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from einops import einsum, rearrange
@@ -238,9 +238,7 @@ def _index(values, device):
 
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                       dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
-                      scale: float | None = None,
-                      segment_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention, equation (D), without ever scoring a dropped position. Returns ``(out, lse)``.
 
     Args:
@@ -250,12 +248,6 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segm
         causal: a query sees only kept keys at or before it.
         heads: ``"all"`` or ``"grouped"`` (see the module docstring).
         scale: softmax scale, default ``1/sqrt(d)``.
-        segment_kernel: what attends the batched segments, called as
-            :func:`attend_segments` is (default); the benchmark's
-            ``dilated_sdpa`` peer passes the fused kernel
-            (:func:`ringbook.fast.stacked.segment_kernel`), one SDPA call per
-            (pair, head group). Only the einops default keeps the function
-            twice differentiable.
 
     For each pair the kept tokens are gathered per segment
     (:func:`gather_dilated`), attended with segments batched
@@ -272,14 +264,11 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segm
         raise ValueError(f"dilated attention is self-attention: q has length {n} but k and v have {k.shape[1]}")
     pairs = check_dilated_config(n, segment_lengths, dilation_rates, heads=heads, num_heads=h)
     scale = resolve_scale(scale, d)
-    if segment_kernel is not None and not callable(segment_kernel):
-        raise TypeError(f"segment_kernel must be a function like attend_segments, or None, got "
-                        f"{type(segment_kernel).__name__}")
-    attend = segment_kernel or attend_segments
     out = lse = None
     for (seg, r), (hs, offs) in zip(pairs, pair_heads(h, dilation_rates, heads)):
         hs_t, offs_t = _index(hs, q.device), _index(offs, q.device)
-        o, l = attend(*(gather_dilated(x, seg, r, hs_t, offs_t) for x in (q, k, v)), scale=scale, causal=causal)
+        o, l = attend_segments(*(gather_dilated(x, seg, r, hs_t, offs_t) for x in (q, k, v)), scale=scale,
+                               causal=causal)
         o, l = scatter_dilated(o, l, batch=b, num_heads=h, seg=seg, r=r, hs=hs_t, offs=offs_t)
         out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
     return out.to(q.dtype), lse.to(compute_dtype(q.dtype))

@@ -29,7 +29,7 @@ what it received). Shapes: ``b n h d``; a shard is ``b c h d``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -134,9 +134,7 @@ def _dilated_rows(x, seg: SegmentPlan, rank: int, plan: DilatedRingPlan, o: int,
 
 def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                            dilation_rates: Sequence[int], ring_size: int, causal: bool = False, heads: str = "all",
-                           scale: float | None = None, comm: dict | None = None,
-                           segment_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: float | None = None, comm: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Equation (D) computed by ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Args as :func:`ringbook.dilated_attention`, plus ``ring_size`` (must
@@ -145,25 +143,16 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     The result equals :func:`ringbook.dilated_attention` for every ring size:
     no head group is skipped and no segment is cut to a shard.
 
-    ``segment_kernel`` (default :func:`~ringbook.dilated.attend_segments`) is
-    the kernel hook: the function that attends batched dilated segments,
-    ``(q, k, v, *, scale, causal, q_start) -> (out B m h d, lse B h m)`` in
-    the accumulator dtype. :func:`ringbook.production_ring_attention` passes
-    its fused-kernel version; the plan and the communication do not change.
-
-    Twice differentiable with the default ``segment_kernel`` (plain torch
-    autograd; ``create_graph=True`` gives exact second derivatives); as
-    differentiable as the kernel passed, otherwise (production's refuses
-    ``create_graph``).
+    Segments are attended batched by :func:`~ringbook.dilated.attend_segments`.
+    Twice differentiable (plain torch autograd; ``create_graph=True`` gives
+    exact second derivatives). The fused form of the same plan is
+    :func:`ringbook.production_ring_attention` with ``segment_lengths``.
     """
     check_qkv(q, k, v)
     causal = check_bool(causal, "causal")
     if comm is not None and not isinstance(comm, dict):
         raise TypeError(f"comm must be a dict (filled with sent_elements and messages) or None, got "
                         f"{type(comm).__name__}")
-    if segment_kernel is not None and not callable(segment_kernel):
-        raise TypeError(f"segment_kernel must be a function (q, k, v, *, scale, causal, q_start) -> (out, lse) or "
-                        f"None, got {type(segment_kernel).__name__}")
     b, n, h, d = q.shape
     if k.shape[1] != n:
         raise ValueError(f"dilated attention is self-attention: q has length {n} but k and v have {k.shape[1]}")
@@ -199,19 +188,16 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     for rank, (q_r, k_r, v_r) in enumerate(shards):
         out = lse = None
         for p in range(len(plan.pairs)):
-            o_p, l_p = _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal,
-                                  segment_kernel=segment_kernel or attend_segments)
+            o_p, l_p = _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal)
             out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=2).to(compute_dtype(q.dtype))
 
 
-def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kernel=attend_segments):
-    """One rank's ``(out b c h d, lse b h c)`` for pair ``p``: its local run, then its exchanged pieces.
-
-    ``segment_kernel`` attends batched segments (see :func:`ring_dilated_attention`).
-    """
+def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal):
+    """One rank's ``(out b c h d, lse b h c)`` for pair ``p``: its local run, then its exchanged pieces
+    (segments attended batched, :func:`~ringbook.dilated.attend_segments`)."""
     (seg_len, r), (hs, offs) = plan.pairs[p], plan.patterns[p]
     b, c, h, _ = q_r.shape
     base = rank * c
@@ -221,8 +207,8 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kerne
     def flush():  # all local segments of this rank, batched
         if run:
             a, z = run[0].start - base, run[-1].stop - base
-            o, l = segment_kernel(*(gather_dilated(x[:, a:z], seg_len, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
-                                  scale=scale, causal=causal)
+            o, l = attend_segments(*(gather_dilated(x[:, a:z], seg_len, r, hs_t, offs_t) for x in (q_r, k_r, v_r)),
+                                   scale=scale, causal=causal)
             regions.append(scatter_dilated(o, l, batch=b, num_heads=h, seg=seg_len, r=r, hs=hs_t, offs=offs_t))
             run.clear()
 
@@ -241,7 +227,7 @@ def _rank_pair(rank, p, q_r, k_r, v_r, inbox, plan, scale, causal, segment_kerne
                 continue
             k_o, v_o = inbox[(rank, p, seg.index, o)]
             m0 = (a - seg.start + first) // r  # dilated index of this rank's first query in the segment
-            og, lg = segment_kernel(q_o, k_o, v_o, scale=scale, causal=causal, q_start=m0)
+            og, lg = attend_segments(q_o, k_o, v_o, scale=scale, causal=causal, q_start=m0)
             rows = rearrange(torch.arange(first, length, r, device=q_r.device), "i -> i 1")
             heads = rearrange(torch.tensor(hs_o, device=q_r.device), "h -> 1 h")
             out = out.index_put((rows, heads), rearrange(og, "b i h d -> i h b d").to(out.dtype))

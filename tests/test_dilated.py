@@ -265,22 +265,20 @@ def test_dilated_flops_sizes_must_be_positive_ints(name, value):
         ringbook.dilated_flops(**kwargs, segment_lengths=[4], dilation_rates=[1])
 
 
-def test_dilated_attention_segment_kernel_hook_is_checked_and_used():
-    from ringbook.fast.stacked import segment_kernel
-
+def test_dilated_attention_makes_one_batched_call_per_pair(monkeypatch):
     q, k, v = (torch.randn(1, 32, 4, 8, dtype=torch.float64) for _ in range(3))
     cfg = dict(segment_lengths=[8, 16], dilation_rates=[1, 2], heads="grouped", causal=True)
+    ref_out, ref_lse = dilated.dilated_attention_dense(q, k, v, **cfg)
     calls = []
+    real = dilated.attend_segments
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
-        return segment_kernel(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    ref_out, ref_lse = dilated.dilated_attention(q, k, v, **cfg)
-    out, lse = dilated.dilated_attention(q, k, v, segment_kernel=counting, **cfg)
+    monkeypatch.setattr(dilated, "attend_segments", counting)
+    out, lse = dilated.dilated_attention(q, k, v, **cfg)
     assert len(calls) == 2  # one batched call per pair: every segment and every head of the pair at once
     assert torch.allclose(out, ref_out, atol=1e-12)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     assert torch.allclose(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=1e-12)
-    with pytest.raises(TypeError, match="^segment_kernel must be a function"):
-        dilated.dilated_attention(q, k, v, segment_kernel=3, **cfg)

@@ -15,8 +15,8 @@ from helpers import make_qkv, randn
 
 import ringbook
 from ringbook.dilated import dilated_attention_dense
+from ringbook.fast import blocks
 from ringbook.fast import dilated as fd
-from ringbook.fast import engine
 
 N, H = 48, 4
 CONFIGS = {
@@ -80,8 +80,8 @@ def test_dilated_sdpa_peer_matches_equation_d_and_refuses_gqa(mode, causal):
 @pytest.mark.parametrize("mode", list(CONFIGS))
 def test_one_kernel_call_per_pair_whatever_the_ring_size_and_segments(mode, monkeypatch):
     calls = []
-    real = engine.forward_block
-    monkeypatch.setattr(engine, "forward_block", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    real = blocks.forward_block
+    monkeypatch.setattr(blocks, "forward_block", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     counts = {}
     for n in (N, 4 * N):
         q, k, v = make_qkv(1, n, H, 8, seed=7)

@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ringbook
-from ringbook.fast import engine, kernels, merge, stacked
-from ringbook.fast.stacked import production_plan
+from ringbook.fast import engine, kernels, merge, plans, stacked
+from ringbook.fast.plans import production_plan
+from ringbook.fast.tuning import Tuning
 from ringbook.schedule import layout_positions, ring_schedule
 
 B, H, HKV, D = 2, 4, 2, 8
@@ -130,27 +131,28 @@ def test_wrapping_launches_read_the_held_shards_doubled_or_split(w, doubled):
         plan = production_plan(w * c, w, layout=layout, causal=causal)
         for t, launches in enumerate(plan):
             for launch in launches:
-                blocks = stacked._pieces(launch, t, w, b, doubled)
-                assert len(blocks) == (2 if stacked._wraps(launch, t, w) and not doubled else 1)
-                assert not (causal and stacked._wraps(launch, t, w)), "causal plans never wrap"
+                blocks = plans._pieces(launch, t, w, b, doubled)
+                assert len(blocks) == (2 if plans._wraps(launch, t, w) and not doubled else 1)
+                assert not (causal and plans._wraps(launch, t, w)), "causal plans never wrap"
                 for blk in blocks:
-                    ranks = range(blk.q_batch[0] // b, blk.q_batch[1] // b)
-                    held = range(blk.kv_batch[0] // b, blk.kv_batch[1] // b)
+                    ranks = range(blk.at.q_batch[0] // b, blk.at.q_batch[1] // b)
+                    held = range(blk.at.kv_batch[0] // b, blk.at.kv_batch[1] // b)
                     assert [s % w for s in held] == [(r - t) % w for r in ranks]
-                    assert blk.causal == (launch.kind == "causal") and (blk.q, blk.kv) == (launch.q, launch.kv)
+                    assert blk.kernel.causal == (launch.kind == "causal")
+                    assert (blk.at.q, blk.at.kv) == (launch.q, launch.kv)
 
 
 @pytest.mark.parametrize("fraction", [0.0, float("inf")])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_doubled_and_split_kv_give_the_same_function_and_gradients(monkeypatch, fraction, layout):
-    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", fraction)
+def test_doubled_and_split_kv_give_the_same_function_and_gradients(fraction, layout):
+    tuning = Tuning(doubled_kv_fraction=fraction)
     q, k, v = _inputs(24, seed=21)
     dout = randn(B, 24, H, D, seed=22)
     grads = []
     for fn in ("production", "naive"):
         xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         if fn == "production":
-            o, _ = ringbook.production_ring_attention(*xs, ring_size=4, layout=layout)
+            o, _ = ringbook.production_ring_attention(*xs, ring_size=4, layout=layout, tuning=tuning)
         else:
             o, _ = ringbook.naive_attention(xs[0], _expand(xs[1]), _expand(xs[2]))
         (o * dout).sum().backward()
@@ -214,18 +216,6 @@ def test_dilated_grouped_query_and_backward():
         grads.append([x.grad for x in xs])
     for got, want in zip(*grads):
         assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
-
-
-def test_segment_kernel_causal_decomposition_matches_attend_segments():
-    """The fast hook splits causal queries after q_start into (earlier keys, full) + (diagonal, top-left)."""
-    from ringbook.dilated import attend_segments
-    from ringbook.fast.stacked import segment_kernel
-
-    q, k, v = make_qkv(3, 5, 2, D, n_k=9, seed=8)
-    for q_start in (0, 4):
-        got = segment_kernel(q, k[:, :q_start + 5], v[:, :q_start + 5], scale=0.4, causal=True, q_start=q_start)
-        want = attend_segments(q, k, v, scale=0.4, causal=True, q_start=q_start)
-        assert_matches_reference(*got, *want)
 
 
 # --------------------------------------------------------------------------- kernels and the fused merge
@@ -307,8 +297,7 @@ def test_triton_merge_agrees_with_torch_merge_in_the_interpreter():
 @pytest.mark.parametrize("causal", [False, True])
 def test_merge_group_does_not_change_the_function(monkeypatch, group, causal):
     """Block results are folded ``group`` at a time whatever rows they cover (a causal step's half-blocks too)."""
-    monkeypatch.setattr(stacked, "MERGE_GROUP", group)
-    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    tuning = Tuning(merge_group=group, doubled_kv_fraction=float("inf"))
     folds = []
     real = engine.merge_boxes_into_
 
@@ -319,16 +308,16 @@ def test_merge_group_does_not_change_the_function(monkeypatch, group, causal):
     monkeypatch.setattr(engine, "merge_boxes_into_", counting)
     q, k, v = _inputs(40, seed=23)
     layout = "zigzag" if causal else "contiguous"
-    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal, layout=layout)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal, layout=layout, tuning=tuning)
     ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=causal)
     assert_matches_reference(out, lse, ref_out, ref_lse)
     blocks = 1 + 2 * 4 if causal else 5  # zigzag: step 0 one causal call, then two half-blocks per step
     assert folds == [group] * (blocks // group) + ([blocks % group] if blocks % group else [])
     k_st, v_st = (stacked._Stacking(5, None).enter(x) for x in (k, v))
-    _, plan = stacked._start(40, 5, B, layout, causal, 1, k_st, v_st, False)
+    _, plan = stacked._start(40, 5, B, layout, causal, 1, tuning, k_st, v_st, False)
     assert plan.merge_group == group
-    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", 0.0)  # no room for held results: one per pass
-    _, plan = stacked._start(40, 5, B, layout, causal, 10 ** 12, k_st, v_st, False)
+    no_room = Tuning(merge_group=group, doubled_kv_fraction=0.0)  # no room for held results: one per pass
+    _, plan = stacked._start(40, 5, B, layout, causal, 10 ** 12, no_room, k_st, v_st, False)
     assert plan.merge_group == 1
 
 
@@ -396,11 +385,12 @@ def test_production_plan_refuses_zero_length_and_non_bool_causal(kwargs, error, 
 
 # --------------------------------------------------------------------------- a long forward in parts
 
+PARTS = Tuning(parts_min_extra_bytes=0, parts_extra_fraction=1e-12)  # every call's extra memory over the budget
+
+
 @pytest.fixture
 def parts_forced(monkeypatch):
-    """Make every call's whole extra memory exceed the budget: the forward runs in parts of one rank."""
-    monkeypatch.setattr(stacked, "PARTS_MIN_EXTRA_BYTES", 0)
-    monkeypatch.setattr(stacked, "PARTS_EXTRA_FRACTION", 1e-12)
+    """Record the parts' sizes of calls run with :data:`PARTS` (the forward runs in parts of one rank)."""
     used = []
     real = stacked._part_iter
 
@@ -416,7 +406,7 @@ def parts_forced(monkeypatch):
                                            ("zigzag", False)])
 def test_forward_in_parts_is_the_same_function(parts_forced, layout, causal):
     q, k, v = _inputs(48, seed=31)
-    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=causal, layout=layout)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=causal, layout=layout, tuning=PARTS)
     assert parts_forced == [1]  # four parts of one rank, K/V gathered per step
     ref_out, ref_lse = ringbook.naive_attention(q, _expand(k), _expand(v), causal=causal)
     assert_matches_reference(out, lse, ref_out, ref_lse)
@@ -424,7 +414,7 @@ def test_forward_in_parts_is_the_same_function(parts_forced, layout, causal):
 
 def test_forward_in_parts_keeps_the_backward_exact(parts_forced):
     q, k, v = (x.requires_grad_() for x in _inputs(48, seed=32))
-    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=True)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=4, causal=True, tuning=PARTS)
     assert parts_forced == [1]
     g = randn(out.shape, seed=33)
     grads = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v))
@@ -451,7 +441,7 @@ def test_part_size_is_the_largest_ring_divisor_that_fits(whole, per_rank, budget
 
 def test_whole_calls_stay_whole_below_the_floor():
     q, k, v = _inputs(48, seed=34)
-    assert stacked._parts(48, 4, B, "zigzag", True, 1, q, k, v) is None  # far below PARTS_MIN_EXTRA_BYTES
+    assert stacked._parts(48, 4, B, "zigzag", True, 1, Tuning(), q, k, v) is None  # far below the 2 GiB floor
 
 
 # --------------------------------------------------------------------------- CUDA graphs and the second stream
@@ -513,18 +503,17 @@ def test_box_merge_is_the_merge_of_each_box(initialise):
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_gradient_sums_keep_the_backward_exact(monkeypatch, causal):
     """The backward sums ``grad_group`` blocks' gradients per pass into dq, dK and dV (held across steps)."""
-    monkeypatch.setattr(stacked, "MERGE_GROUP", 4)
-    monkeypatch.setattr(stacked, "DOUBLED_KV_MAX_FRACTION", float("inf"))
+    tuning = Tuning(merge_group=4, doubled_kv_fraction=float("inf"))
     passes = []
     real = engine.add_boxes_into_
 
-    def counting(acc, items):
+    def counting(acc, items, **kwargs):
         passes.append(len(items))
-        return real(acc, items)
+        return real(acc, items, **kwargs)
 
     monkeypatch.setattr(engine, "add_boxes_into_", counting)
     q, k, v = (x.requires_grad_() for x in _inputs(40, seed=44))
-    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=5, causal=causal, tuning=tuning)
     g = randn(out.shape, seed=45)
     grads = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v))
     blocks = 9 if causal else 5

@@ -39,8 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 import ringbook  # noqa: E402
 from ringbook._utils import attention_flops  # noqa: E402
 from ringbook.bench import check_against_reference, time_call, within_2x_rule  # noqa: E402
-from ringbook.fast import engine, kernels, stacked  # noqa: E402
-from ringbook.fast import merge as fast_merge  # noqa: E402
+from ringbook.fast import engine, kernels  # noqa: E402
+from ringbook.fast.tuning import Tuning  # noqa: E402
 
 DTYPE = torch.bfloat16
 B, H, HKV, D = 1, 8, 2, 64
@@ -98,13 +98,14 @@ def run_attention(fn, q, k, v, dout, dlse=None):
     return {"out": out.detach(), "lse": lse.detach(), "dq": xs[0].grad, "dk": xs[1].grad, "dv": xs[2].grad}
 
 
-def check_dense(w, layout, causal, hkv=H, with_dlse=False, n=2048):
+def check_dense(w, layout, causal, hkv=H, with_dlse=False, n=2048, tuning=None):
     q, k, v = qkv(n, hkv, seed=w + 7 * causal)
     g = torch.Generator(device="cuda").manual_seed(99)
     dout = torch.randn(B, n, H, D, generator=g, device="cuda", dtype=DTYPE)
     dlse = torch.randn(B, H, n, generator=g, device="cuda") if with_dlse else None
     got = run_attention(lambda a, b, c: ringbook.production_ring_attention(a, b, c, ring_size=w, causal=causal,
-                                                                          layout=layout), q, k, v, dout, dlse)
+                                                                          layout=layout, tuning=tuning),
+                       q, k, v, dout, dlse)
     ref = run_attention(lambda a, b, c: ringbook.naive_attention(a.double(), expand(b).double(), expand(c).double(),
                                                                  causal=causal), q, k, v, dout, dlse)
     base = run_attention(lambda a, b, c: ringbook.naive_attention(a, expand(b), expand(c), causal=causal,
@@ -182,20 +183,15 @@ def time_forward(w, causal, n=131072, merge="auto", backend="auto"):
     """merge: "auto"; "torch" (Triton merge off); "group1" (fold each step's result at once, no grouping);
     "none" (merge skipped: wrong result, measures its cost)."""
     q, k, v = qkv(n, H, seed=2)
-    saved, saved_merge, saved_group = dict(fast_merge.TRITON), engine.merge_boxes_into_, stacked.MERGE_GROUP
-    if merge == "torch":
-        fast_merge.TRITON[q.device] = "forced off for this timing"
-    elif merge == "group1":
-        stacked.MERGE_GROUP = 1
-    elif merge == "none":
+    tuning = {"torch": Tuning(triton=False), "group1": Tuning(merge_group=1)}.get(merge, Tuning())
+    saved_merge = engine.merge_boxes_into_
+    if merge == "none":  # an ablation of the tool's own: the merge replaced by nothing (a wrong result, timed only)
         engine.merge_boxes_into_ = lambda *args, **kwargs: None
     try:
         ms = statistics.median(cuda_time(lambda: ringbook.production_ring_attention(
-            q, k, v, ring_size=w, causal=causal, backend=backend)))
+            q, k, v, ring_size=w, causal=causal, backend=backend, tuning=tuning)))
     finally:
-        fast_merge.TRITON.clear()
-        fast_merge.TRITON.update(saved)
-        engine.merge_boxes_into_, stacked.MERGE_GROUP = saved_merge, saved_group
+        engine.merge_boxes_into_ = saved_merge
     best, best_ms, allt = best_sdpa(n, causal)
     flops = attention_flops(B, H, n, n, D, causal)
     return {"ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "sdpa_best": best, "sdpa_ms": round(best_ms, 3),

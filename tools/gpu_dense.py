@@ -50,7 +50,8 @@ from ringbook._utils import attention_flops  # noqa: E402
 from ringbook.bench import check_against_reference, environment  # noqa: E402
 from ringbook.bench.measure import peak_memory_gb, time_interleaved, time_once  # noqa: E402
 from ringbook.bench.rules import TOLERANCE  # noqa: E402
-from ringbook.fast import engine, kernels, stacked  # noqa: E402
+from ringbook.fast import engine, kernels  # noqa: E402
+from ringbook.fast.tuning import Tuning  # noqa: E402
 
 DTYPE = torch.bfloat16
 B, H, D = 1, 8, 64
@@ -79,20 +80,9 @@ def cudnn(q, k, v, causal):
     return out.transpose(1, 2)
 
 
-class Switch:
-    """Set the engine's ablation switches (second stream; the forward in parts) for a block of code."""
-
-    def __init__(self, overlap=True, parts=False):
-        self.overlap, self.parts = overlap, parts
-
-    def __enter__(self):
-        self.saved = engine.OVERLAP, stacked.PARTS_MIN_EXTRA_BYTES, stacked.PARTS_EXTRA_FRACTION
-        engine.OVERLAP = self.overlap
-        if self.parts:
-            stacked.PARTS_MIN_EXTRA_BYTES, stacked.PARTS_EXTRA_FRACTION = 0, 1e-9
-
-    def __exit__(self, *exc):
-        engine.OVERLAP, stacked.PARTS_MIN_EXTRA_BYTES, stacked.PARTS_EXTRA_FRACTION = self.saved
+def switch(overlap=True, parts=False) -> Tuning:
+    """The engine's ablation switches as tuning data: the second stream off, or the forward forced into parts."""
+    return Tuning(overlap=overlap, **({"parts_min_extra_bytes": 0, "parts_extra_fraction": 1e-9} if parts else {}))
 
 
 def attempt(rows: list, name: str, fn) -> dict:
@@ -117,11 +107,10 @@ def section_checks() -> list:
     rows: list = []
     for w, layout, causal in ((4, "contiguous", False), (16, "contiguous", False), (4, "zigzag", True),
                               (16, "zigzag", True), (8, "contiguous", True)):
-        for label, switch in (("eager", Switch()), ("folds in line", Switch(overlap=False)),
-                              ("forward in parts", Switch(parts=True))):
-            def case(w=w, layout=layout, causal=causal, switch=switch):
-                with switch:
-                    return check_dense(w, layout, causal, n=4096)
+        for label, tuning in (("eager", switch()), ("folds in line", switch(overlap=False)),
+                              ("forward in parts", switch(parts=True))):
+            def case(w=w, layout=layout, causal=causal, tuning=tuning):
+                return check_dense(w, layout, causal, n=4096, tuning=tuning)
             attempt(rows, f"2x rule w={w} {layout} causal={causal} {label}", case)
     attempt(rows, "2x rule GQA 8/2 w=8 zigzag causal, in parts", lambda: _gqa_parts())
     for n, w, causal in ((16384, 16, False), (16384, 16, True), (4096, 4, True)):
@@ -133,8 +122,7 @@ def section_checks() -> list:
 def _gqa_parts():
     from gpu_check_production import check_dense
 
-    with Switch(parts=True):
-        return check_dense(8, "zigzag", True, hkv=2, n=4096)
+    return check_dense(8, "zigzag", True, hkv=2, n=4096, tuning=switch(parts=True))
 
 
 def _graph_check(n, w, causal):
@@ -171,14 +159,16 @@ def section_tune(c=8192, w=16, rounds=10) -> dict:
     tm.merge_boxes_into_triton_(acc, acc_lse, items, initialise=True)
     gbytes = {"merge": (2 * acc.nbytes + sum(o.nbytes for o, _ in blocks)) / 1e9,
               "add": (2 * acc.nbytes + sum(o.nbytes for o, _ in blocks)) / 1e9}
-    calls = {"merge": lambda: tm.merge_boxes_into_triton_(acc, acc_lse, items),
-             "add": lambda: tm.add_boxes_into_triton_(acc, [(box, o) for o, _ in blocks])}
-    out = {"default": dict(tm.LAUNCH), "gb_per_pass": gbytes, "configs": {}}
+    calls = {"merge": lambda: tm.merge_boxes_into_triton_(acc, acc_lse, items, launch=launch["merge"]),
+             "add": lambda: tm.add_boxes_into_triton_(acc, [(box, o) for o, _ in blocks], launch=launch["add"])}
+    default = Tuning()
+    launch = {"merge": default.merge_launch, "add": default.add_launch}
+    out = {"default": dict(launch), "gb_per_pass": gbytes, "configs": {}}
     for kernel, fn in calls.items():
         best = None
         for elements in (1024, 2048, 4096, 8192):
             for warps in (2, 4, 8):
-                tm.LAUNCH[kernel] = (elements, warps)
+                launch[kernel] = (elements, warps)
                 for _ in range(2):
                     fn()
                 torch.cuda.synchronize()
@@ -186,9 +176,9 @@ def section_tune(c=8192, w=16, rounds=10) -> dict:
                 out["configs"][f"{kernel} {elements}x{warps}"] = {"ms": ms, "tb_per_s": gbytes[kernel] / ms}
                 if best is None or ms < best[0]:
                     best = (ms, (elements, warps))
-        tm.LAUNCH[kernel] = best[1]
+        launch[kernel] = best[1]
         print(f"{kernel}: best {best[1]} at {best[0]:.3f} ms ({gbytes[kernel] / best[0]:.2f} TB/s)", flush=True)
-    out["chosen"] = dict(tm.LAUNCH)
+    out["chosen"] = dict(launch)  # set them as Tuning(merge_launch=..., add_launch=...) defaults
     return out
 
 
@@ -199,9 +189,8 @@ def forward_calls(q, k, v, w, causal):
 
     def prod(graph=True, overlap=True):
         def call():
-            with Switch(overlap=overlap):
-                return ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
-                                                          graph="auto" if graph else False)
+            return ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
+                                                      graph="auto" if graph else False, tuning=switch(overlap=overlap))
         return call
 
     def no_merge():  # the merge left out (a wrong result, timed only for the merge's cost)
@@ -255,20 +244,21 @@ def section_fwd_bwd(n=65536, w=8, rounds=6) -> list:
     g = torch.Generator(device="cuda").manual_seed(6)
     dout = torch.randn(B, n, H, D, generator=g, device="cuda", dtype=DTYPE)
     for causal in (False, True):
-        def step(fn, overlap=True):
+        def step(fn):
             def call():
-                with Switch(overlap=overlap):
-                    for x in (q, k, v):
-                        x.grad = None
-                    out = fn()
-                    out = out[0] if isinstance(out, tuple) else out
-                    out.backward(dout)
+                for x in (q, k, v):
+                    x.grad = None
+                out = fn()
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(dout)
             return call
 
         def case(causal=causal):
-            prod = lambda: ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal)  # noqa: E731
-            calls = {"cudnn": step(lambda: cudnn(q, k, v, causal)), "production": step(prod),
-                     "production overlap=False": step(prod, overlap=False)}
+            def prod(overlap=True):
+                return lambda: ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal,
+                                                                  tuning=switch(overlap=overlap))
+            calls = {"cudnn": step(lambda: cudnn(q, k, v, causal)), "production": step(prod()),
+                     "production overlap=False": step(prod(overlap=False))}
             t = time_interleaved(calls, CUDA, rounds=rounds)
             grads = {}
             for name in ("cudnn", "production"):

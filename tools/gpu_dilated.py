@@ -7,9 +7,7 @@ heads grouped 2:3:3, bf16, b=1 h=8 d=64) and each sequence length and causal
 setting, it runs
 
 * the batched-call peer ``dilated_sdpa`` (one fused SDPA call per head group
-  on gathered rows, scattered back), the previous peer (``dilated_attention``
-  with the fused segment kernel, for the record) and
-  ``production_ring_attention`` with the dilated configuration at each ring
+  on gathered rows, scattered back) and ``production_ring_attention`` with the dilated configuration at each ring
   size, timed in interleaved rounds (``ringbook.bench.measure.time_interleaved``:
   CUDA events, warm-up, median);
 * the check of every output against equation (D) in float64 on sampled rows
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from ringbook import dilated_attention, production_ring_attention
+from ringbook import production_ring_attention
 from ringbook.bench import environment
 from ringbook.bench.measure import time_interleaved
 from ringbook.bench.registry import _ring_dilated_check, _ring_dilated_flops, bench_dilated_config
@@ -43,7 +41,6 @@ from ringbook.bench.rules import TOLERANCE, within_2x_rule
 from ringbook.dilated import dilated_attention_dense
 from ringbook.fast import kernels
 from ringbook.fast.dilated import dilated_sdpa
-from ringbook.fast.stacked import segment_kernel
 
 DTYPE = torch.bfloat16
 
@@ -53,11 +50,9 @@ def qkv(n, h=8, d=64, seed=0, grad=False):
     return [torch.randn(1, n, h, d, generator=gen, device="cuda", dtype=DTYPE).requires_grad_(grad) for _ in range(3)]
 
 
-def calls_for(n, causal, rings, heads="grouped", old_peer=True):
+def calls_for(n, causal, rings, heads="grouped"):
     cfg = dict(bench_dilated_config(n), causal=causal, heads=heads)
     calls = {"dilated_sdpa": lambda q, k, v: dilated_sdpa(q, k, v, **cfg)}
-    if old_peer:
-        calls["previous_peer"] = lambda q, k, v: dilated_attention(q, k, v, segment_kernel=segment_kernel, **cfg)
     for w in rings:
         calls[f"production_dilated r{w}"] = (lambda w: lambda q, k, v: production_ring_attention(
             q, k, v, ring_size=w, **cfg))(w)
@@ -75,7 +70,7 @@ def agreement(got, ref):
 
 def forward_section(n, causal, rings, rounds, heads="grouped"):
     q, k, v = qkv(n, seed=n + causal)
-    cfg, calls = calls_for(n, causal, rings, heads=heads, old_peer=heads == "grouped")
+    cfg, calls = calls_for(n, causal, rings, heads=heads)
     rows = {}
     with torch.no_grad():
         peer = calls["dilated_sdpa"](q, k, v)
@@ -103,7 +98,7 @@ def forward_section(n, causal, rings, rounds, heads="grouped"):
 
 def fwd_bwd_section(n, causal, rings, rounds):
     q, k, v = qkv(n, seed=7 + causal, grad=True)
-    cfg, calls = calls_for(n, causal, rings, old_peer=False)
+    cfg, calls = calls_for(n, causal, rings)
     dout = torch.randn_like(q)
 
     def step(fn):
@@ -155,7 +150,7 @@ def gradient_check(n=4096, rings=(1, 4, 8)):
 
 
 def rank_plans_on_gpu(n=32768, worlds=(2, 4, 8), kv_heads=(8, 2)):
-    """The multi-process form's per-rank plans (:func:`ringbook.distributed.dilated.rank_dilated_plan`) on the GPU.
+    """The multi-process form's per-rank plans (:func:`ringbook.fast.plans.rank_dilated_plan`) on the GPU.
 
     One GPU cannot hold a two-rank NCCL group, so the exchange is played
     here: each rank's K/V window is cut from the whole K/V (a superset of
@@ -164,8 +159,9 @@ def rank_plans_on_gpu(n=32768, worlds=(2, 4, 8), kv_heads=(8, 2)):
     one-process production path (fused kernels, the same blocks merged in one
     plan) to rounding.
     """
-    from ringbook.distributed.dilated import _window, rank_dilated_plan
     from ringbook.fast.engine import Job, Settings, StackedMover, run
+    from ringbook.fast.plans import dilated_window as _window
+    from ringbook.fast.plans import rank_dilated_plan
     from ringbook.ring_dilated import dilated_ring_plan
 
     out = []

@@ -1,7 +1,7 @@
 """The rules a result is judged by: the tolerance table, flash-attention's 2× rule and the row verdict.
 
-One table for the whole project: the benchmark, the kernel probes, the tests,
-the notebooks and ``tools/`` import it from here.
+One table for the whole project (:mod:`ringbook.tolerance`, below the fast path
+and the benchmark; re-exported here).
 
 * :data:`TOLERANCE`: the largest ``max_rel_err`` (against the float64
   reference) a benchmark row may have in each input dtype;
@@ -19,14 +19,14 @@ import math
 
 import torch
 
+from ..tolerance import TOLERANCE  # a row whose max_rel_err exceeds it is a wrong answer (status "error")
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
     "fp32": torch.float32, "float32": torch.float32,
     "fp64": torch.float64, "float64": torch.float64,
 }
-# A row whose max_rel_err exceeds this is a wrong answer: status "error".
-TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-9}
 
 
 def verdict(row: dict, dtype: torch.dtype) -> dict:

@@ -30,10 +30,15 @@ class _Ring:
     timeout_s: float
     op: str = "ring_attention"  # the caller's name, for error messages
 
-    def describe(self, phase: str, step: int, what: str) -> str:
-        """Words for an error: which step, which peer, what was in flight."""
-        return (f"{phase} step {step}: receiving {what} from rank {(self.rank - 1) % self.world} "
-                f"(and sending to rank {(self.rank + 1) % self.world})")
+    def describe(self, phase: str, step: int, what: str, *, hops: int = 1) -> str:
+        """Words for an error: which step, which peer, what was in flight (``hops`` ranks round the ring)."""
+        return (f"{phase} step {step}: receiving {what} from rank {(self.rank - hops) % self.world} "
+                f"(and sending to rank {(self.rank + hops) % self.world})")
+
+    def global_rank(self, rank: int) -> int:
+        """The global rank of group rank ``rank`` (mod the group's size)."""
+        rank %= self.world
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
     @classmethod
     def of(cls, group, timeout_s: float, op: str = "ring_attention") -> _Ring:
@@ -99,10 +104,14 @@ def _wait(works, ring: _Ring, what: str) -> None:
             raise _peer_error(ring, what, exc) from exc
 
 
-def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, tag: int, what: str):
-    """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one."""
-    ops = [dist.P2POp(dist.isend, t, ring.next_global, ring.group, tag + i) for i, t in enumerate(send)]
-    ops += [dist.P2POp(dist.irecv, t, ring.prev_global, ring.group, tag + i) for i, t in enumerate(recv)]
+def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], ring: _Ring, tag: int, what: str, *,
+              hops: int = 1):
+    """Post sends of ``send`` to the rank ``hops`` ahead (the next one) and receives into ``recv`` from the rank
+    ``hops`` behind."""
+    to, frm = (ring.next_global, ring.prev_global) if hops == 1 else (
+        ring.global_rank(ring.rank + hops), ring.global_rank(ring.rank - hops))
+    ops = [dist.P2POp(dist.isend, t, to, ring.group, tag + i) for i, t in enumerate(send)]
+    ops += [dist.P2POp(dist.irecv, t, frm, ring.group, tag + i) for i, t in enumerate(recv)]
     try:
         return dist.batch_isend_irecv(ops)
     except Exception as exc:  # noqa: BLE001 - a closed connection fails already here

@@ -63,8 +63,10 @@ import torch
 import torch.distributed as dist
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, refuse_double_backward, resolve_scale
-from ..fast.engine import Job, Mover, Plan, Settings, run
+from ..fast.engine import Job, Mover, Settings, run
 from ..fast.kernels import BACKENDS
+from ..fast.plans import dilated_window as _window
+from ..fast.plans import rank_dilated_plan
 from ..online_softmax import merge_partials
 from ..ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
 from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
@@ -421,18 +423,6 @@ def _kv_heads(hs, kv_group: int) -> list[int]:
     return sorted({h // kv_group for h in hs})
 
 
-def _window(plan: DilatedRingPlan, rank: int) -> tuple[int, int]:
-    """Token range ``[lo, hi)`` of the K/V rows this rank's blocks read: its shard and its segments' other pieces.
-
-    Causal: no key after the shard's end is ever seen, so the window ends there.
-    """
-    c = plan.shard_len
-    base = rank * c
-    lo = min(base // seg * seg for seg, _ in plan.pairs)
-    hi = base + c if plan.causal else max(-(-(base + c) // seg) * seg for seg, _ in plan.pairs)
-    return lo, hi
-
-
 def _ring_plan(n, world, segment_lengths, dilation_rates, num_heads, heads, causal) -> DilatedRingPlan:
     """:func:`~ringbook.ring_dilated.dilated_ring_plan`, cached per call shape (it walks every segment).
 
@@ -453,52 +443,6 @@ def _ring_plan(n, world, segment_lengths, dilation_rates, num_heads, heads, caus
 def _cached_ring_plan(n, world, segment_lengths, dilation_rates, num_heads, heads, causal) -> DilatedRingPlan:
     return dilated_ring_plan(n, world, list(segment_lengths), list(dilation_rates), num_heads=num_heads,
                              heads=heads, causal=causal)
-
-
-@functools.lru_cache(maxsize=256)
-def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device: torch.device | str) -> Plan:
-    """This rank's gathered blocks (:mod:`ringbook.fast.dilated`): one plan step, blocks per pair.
-
-    Per pair: one block over the run of segments inside the shard, and one
-    per spanning segment over the rank's piece of it — queries from the
-    shard, keys from the window (:func:`_window`): the whole segment, or with
-    ``causal`` the pieces up to this rank's (its diagonal square, masked,
-    plus the earlier pieces unmasked). At most three blocks per pair (five
-    causal), whatever the number of segments. Cached per call shape: the
-    walk over the segments runs once, not per call.
-    """
-    from ..fast.dilated import gather_spec, gathered_block, head_slots
-
-    c, base = plan.shard_len, rank * plan.shard_len
-    lo, _ = _window(plan, rank)
-    blocks, seen = [], set()
-    for p, ((seg_len, r), (hs, offs)) in enumerate(zip(plan.pairs, plan.patterns)):
-        slots = head_slots(hs, offs, kv_group)
-        first = not (seen & set(hs))
-        seen |= set(hs)
-        m = seg_len // r
-        segs = plan.segments_on(rank, p)
-        local = [s for s in segs if s.kind == "local"]
-        if local:
-            spec = gather_spec(seg_len, r, slots, q_at=local[0].start - base, kv_at=local[0].start - lo,
-                               count=len(local), q_rows=(0, m), kv_rows=(0, m), first=first, device=device)
-            blocks.append(gathered_block(spec, causal=plan.causal))
-        for s in segs:
-            if s.kind == "local":
-                continue
-            a, z = s.piece(rank, c)
-            rows = ((a - s.start) // r, (z - s.start) // r)
-            common = dict(q_at=s.start - base, kv_at=s.start - lo, count=1, q_rows=rows, device=device)
-            if not plan.causal:
-                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, m), first=first, **common),
-                                             causal=False))
-                continue
-            blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=rows, first=first, **common),
-                                         causal=True))
-            if rows[0] > 0:  # the earlier pieces, all before this rank's queries
-                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, rows[0]), first=False,
-                                                         **common), causal=False))
-    return Plan((tuple(blocks),))
 
 
 class DilatedMover(Mover):
@@ -598,6 +542,19 @@ class DilatedMover(Mover):
         return dk, dv
 
 
+@functools.lru_cache(maxsize=256)
+def _traffic(plan: DilatedRingPlan, rank: int, kv_group: int) -> tuple:
+    """``(sent, received, grad_sent)`` of a rank's one exchange, in K vectors per batch row (from :func:`routes`)."""
+    send, recv = _cached_routes(plan, rank)
+
+    def vectors(pieces, sender):
+        return sum(_piece_rows(plan, seg, sender, o) * len(_kv_heads(hs, kv_group)) for seg, o, hs in pieces)
+
+    sent = sum(vectors(pieces, rank) for pieces in send.values())
+    received = sum(vectors(pieces, peer) for peer, pieces in recv.items())
+    return (sent,), (received,), (received,)  # the backward sends the received rows' dK/dV home
+
+
 def _fused(q, k, v, setup: _Setup, backend: str):
     """The engine form: :func:`rank_dilated_plan` with a :class:`DilatedMover`."""
     plan = setup.plan
@@ -607,7 +564,7 @@ def _fused(q, k, v, setup: _Setup, backend: str):
                          f"length {plan.shard_len} (so a rank's piece of a segment holds whole dilated rows), got "
                          f"dilation rates {bad}; use backend=None (the einops form takes any configuration)")
     kv_group = q.shape[2] // k.shape[2]
-    blocks = rank_dilated_plan(plan, setup.ring.rank, kv_group, str(q.device))
+    blocks = rank_dilated_plan(plan, setup.ring.rank, kv_group, str(q.device), _traffic(plan, setup.ring.rank, kv_group))
     job = Job(settings=Settings(setup.scale, backend, who="ringbook.distributed.ring_dilated_attention",
                                 twice="ringbook.ring_dilated_attention in one process"),
               start=lambda k_, v_, backward: (DilatedMover(setup, k_, v_, kv_group, backward), blocks))

@@ -31,17 +31,16 @@ Importing this module starts nothing.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import struct
-import warnings
 
 import torch
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
-from ..fast.engine import Block, Job, Mover, Plan, Settings, run
+from ..fast.engine import Job, Mover, Settings, run
 from ..fast.kernels import BACKENDS
-from ..schedule import LAYOUTS, check_layout, layout_positions, ring_schedule
+from ..fast.plans import rank_plan
+from ..fast.tuning import Tuning, check_tuning
+from ..schedule import LAYOUTS, check_layout
 from .comm import _exchange, _Ring, _wait, agree_on_shards, resolve_timeout
 
 
@@ -112,74 +111,28 @@ def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einop
 
 # --------------------------------------------------------------------------- the ring on the engine
 
-@functools.lru_cache(maxsize=64)
-def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool) -> Plan:
-    """This rank's row of :func:`~ringbook.schedule.ring_schedule` as the engine's :class:`~ringbook.fast.engine.Plan`.
-
-    Step t attends the shard held then (the one that started on rank
-    ``(rank − t) mod w``). A causal block whose position mask is the
-    kernels' top-left one (square, key i the last one query i sees: every
-    diagonal block, and striped blocks from an earlier rank) is a causal
-    block call; any other causal block carries its token positions and runs
-    on the einops path with them. Built once per call shape (on the CPU).
-    """
-    positions = layout_positions(n, world, layout)
-    schedule = ring_schedule(n, world, layout=layout, causal=causal)
-    steps = []
-    for t in range(world):
-        step = schedule[t][rank]
-        blocks = []
-        for block in step.blocks:
-            (q0, q1), (k0, k1) = block.q, block.kv
-            if block.kind != "causal":
-                blocks.append(Block((0, 1 << 62), (q0, q1), (0, 1 << 62), (k0, k1)))
-                continue
-            qp, kp = positions[step.rank, q0:q1], positions[step.kv_rank, k0:k1]
-            top_left = qp.numel() == kp.numel() and bool((kp[1:] > kp[:-1]).all()) and torch.equal(
-                torch.searchsorted(kp, qp, right=True), torch.arange(1, qp.numel() + 1))
-            blocks.append(Block((0, 1 << 62), (q0, q1), (0, 1 << 62), (k0, k1), causal=True,
-                                q_pos=None if top_left else qp, k_pos=None if top_left else kp))
-        steps.append(tuple(blocks))
-    return Plan(tuple(steps))
-
-
-DIST_MERGE_GROUP = 4  # block results a rank holds before folding them into its accumulators (4 shard outputs)
-
-
-def _on(plan: Plan, batch: int, device) -> Plan:
-    """``plan`` with its batch rows set to ``batch`` and its positions on ``device`` (cached per call shape)."""
-    return _on_cached(plan, batch, str(device))
-
-
-@functools.lru_cache(maxsize=64)
-def _on_cached(plan: Plan, batch: int, device: str) -> Plan:
-    steps = tuple(tuple(dataclasses.replace(
-        blk, q_batch=(0, batch), kv_batch=(0, batch),
-        q_pos=None if blk.q_pos is None else blk.q_pos.to(device),
-        k_pos=None if blk.k_pos is None else blk.k_pos.to(device)) for blk in step) for step in plan.steps)
-    # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
-    # one-process ring's box merge); a step's block gradients are summed together before they travel on.
-    return Plan(steps, merge_group=DIST_MERGE_GROUP, grad_group=2)
-
-
 class P2PMover(Mover):
-    """K/V travel round the ring r → r+1 by batched P2P messages; dK/dV travel with them and one hop home.
+    """K/V travel round the ring r → r+1 by batched P2P messages; dK/dV travel with them and then home.
 
-    Forward: K and V are sent as they are at step 0 and received into two
-    buffer pairs in turn, so the pair being attended is never the one being
-    received into; the next shard is in flight while this one is attended.
-    Backward: the shard travels again (K and V stacked in one message) and
-    each step's gradients of the held shard travel with it, adding what the
-    ranks before contributed; after the last step one more hop brings them to
-    the shard's owner. Every wait has the ring's deadline.
+    Made for a plan of ``steps`` steps (at most the ring's size: a window
+    needs fewer). Forward: K and V are sent as they are at step 0 and received
+    into two buffer pairs in turn, so the pair being attended is never the
+    one being received into; the next shard is in flight while this one is
+    attended. Backward: the shard travels again (K and V stacked in one
+    message) and each step's gradients of the held shard travel with it,
+    adding what the ranks before contributed; after the last step one more
+    message brings them to the shard's owner (one hop on when the plan walks
+    the whole ring, ``steps − 1`` hops back otherwise). Every wait has the
+    ring's deadline.
     """
 
-    def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool):
-        self.ring, self.backward = ring, backward
-        w = ring.world
+    def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool, steps: int):
+        if not 1 <= steps <= ring.world:
+            raise ValueError(f"P2PMover: a plan of {steps} steps does not fit a ring of {ring.world} ranks")
+        self.ring, self.backward, self.steps = ring, backward, steps
         if not backward:
             self.held = [k.contiguous(), v.contiguous()]
-            self.buffers = [[torch.empty_like(x) for x in self.held] for _ in range(2)] if w > 1 else []
+            self.buffers = [[torch.empty_like(x) for x in self.held] for _ in range(2)] if steps > 1 else []
         else:
             self.held = torch.stack([k, v]).contiguous()
             self.spare = torch.empty_like(self.held)
@@ -191,7 +144,7 @@ class P2PMover(Mover):
     def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         ring = self.ring
         self.what = ring.describe("forward", t, "the K/V shard")
-        self.next = self.buffers[t % 2] if t < ring.world - 1 else None
+        self.next = self.buffers[t % 2] if t < self.steps - 1 else None
         self.works = _exchange(self.held, self.next, ring, 0, self.what) if self.next is not None else []
         return self.held[0], self.held[1]
 
@@ -204,7 +157,7 @@ class P2PMover(Mover):
     def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ring = self.ring
         self.what = ring.describe("backward", t, "the K/V shard")
-        self.works = _exchange([self.held], [self.spare], ring, 0, self.what) if t < ring.world - 1 else []
+        self.works = _exchange([self.held], [self.spare], ring, 0, self.what) if t < self.steps - 1 else []
         self.grad = torch.zeros((2, *self.held.shape[1:]), dtype=self.work, device=self.held.device)
         return self.held[0], self.held[1], self.grad[0], self.grad[1]
 
@@ -213,27 +166,29 @@ class P2PMover(Mover):
         if t > 0:  # add what the ranks before me accumulated for this shard
             _wait(self.grad_works, ring, self.grad_what)
             self.grad += self.grad_in
-        # send the shard's gradients on with it; after the last step this hop brings them home
+        # send the shard's gradients on with it; after the last step, to the shard's owner
         self.grad_out, self.grad_in = self.grad, torch.empty_like(self.grad)
-        if ring.world > 1:
-            self.grad_what = ring.describe("backward", t, "dK/dV" if t < ring.world - 1 else "dK/dV (the hop home)")
-            self.grad_works = _exchange([self.grad_out], [self.grad_in], ring, 2, self.grad_what)
+        last = t == self.steps - 1
+        hops = 1 if not last else -t % ring.world  # the held shard started on rank (rank − t)
+        if hops:
+            self.grad_what = ring.describe("backward", t, "dK/dV" if not last else "dK/dV (the way home)", hops=hops)
+            self.grad_works = _exchange([self.grad_out], [self.grad_in], ring, 2, self.grad_what, hops=hops)
+        else:  # the held shard is this rank's own: nothing travels
+            self.grad_works, self.grad_in = [], self.grad_out
         if self.works:
             _wait(self.works, ring, self.what)
             self.held, self.spare = self.spare, self.held
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.ring.world > 1:
+        if self.grad_works:
             _wait(self.grad_works, self.ring, self.grad_what)
-        else:
-            self.grad_in = self.grad_out
         return self.grad_in[0], self.grad_in[1]
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    layout: str = "contiguous", group: torch.distributed.ProcessGroup | None = None,
-                   scale: float | None = None, timeout: float | None = None, backend: str | None = None,
-                   kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float | None = None, timeout: float | None = None, backend: str = "einops",
+                   tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
 
     Args:
@@ -272,36 +227,28 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         TimeoutError or RuntimeError naming the peer and step if a peer does
         not answer within ``timeout``.
     """
-    backend = _backend(backend, kernel, "ring_attention", "einops")
     return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
-                           backend=backend, op="ring_attention")
+                           backend=backend, op="ring_attention", tuning=tuning)
 
 
-def _backend(backend, kernel, op: str, default: str) -> str:
-    """``backend=``, or the older ``kernel=`` (deprecated) when only it is given."""
-    if kernel is not None:
-        warnings.warn(f"{op}(kernel=...) is deprecated; pass backend=... (the same values)", DeprecationWarning,
-                      stacklevel=3)
-        if backend is not None and backend != kernel:
-            raise ValueError(f"{op} got backend={backend!r} and kernel={kernel!r}; pass backend only")
-        return kernel
-    return default if backend is None else backend
-
-
-def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op):
+def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op, tuning):
+    tuning = check_tuning(tuning)
     ring = _Ring.of(group, resolve_timeout(timeout), op=op)
     scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
     causal = bool(causal)  # checked: True/False or numpy.bool_
-    plan = _on(rank_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, causal), q.shape[0], q.device)
-    job = Job(settings=Settings(scale, backend, who=f"ringbook.distributed.{op}"),
-              start=lambda k_, v_, backward: (P2PMover(ring, k_, v_, backward), plan))
+    # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
+    # one-process ring's box merge); a step's block gradients are summed together before they travel on.
+    plan = rank_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, causal, kv_heads=k.shape[2],
+                     device=str(q.device), merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group)
+    job = Job(settings=Settings(scale, backend, who=f"ringbook.distributed.{op}", tuning=tuning),
+              start=lambda k_, v_, backward: (P2PMover(ring, k_, v_, backward, len(plan.steps)), plan))
     return run(q, k, v, job)
 
 
 def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                               layout: str | None = None, group: torch.distributed.ProcessGroup | None = None,
-                              scale: float | None = None, timeout: float | None = None, backend: str | None = None,
-                              kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              scale: float | None = None, timeout: float | None = None, backend: str = "auto",
+                              tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` with the fused kernels (``backend="auto"``) and the production default layout.
 
     The multi-process form of :func:`ringbook.production_ring_attention`:
@@ -312,6 +259,5 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     :func:`ring_attention`.
     """
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
-    backend = _backend(backend, kernel, "production_ring_attention", "auto")
     return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
-                           backend=backend, op="production_ring_attention")
+                           backend=backend, op="production_ring_attention", tuning=tuning)

@@ -3,8 +3,10 @@
 Equation (D) of :mod:`ringbook.dilated` runs here as a :class:`~ringbook.fast.engine.Plan`
 whose blocks are *gathered*: a block names ``count`` consecutive segments of
 one pair ``(s, r)``, and a head group with each head's offset ``o`` (a
-:class:`Gather`). Viewing a ``b n h d`` tensor as ``b (count m r) h d`` (m = s/r)
-makes the kept rows of every segment one index, ``[:, :, :, o_j, h_j]``, so
+:class:`~ringbook.fast.blocks.Gather`, the block kind; the plans are
+:func:`ringbook.fast.plans.stacked_dilated_plan` and ``rank_dilated_plan``).
+Viewing a ``b n h d`` tensor as ``b (count m r) h d`` (m = s/r) makes the
+kept rows of every segment one index, ``[:, :, :, o_j, h_j]``, so
 
 1. one gather takes the dilated rows of q, k and v of every segment of the
    block — ``(b·count, m, G, d)``, heads side by side;
@@ -25,7 +27,7 @@ tokens a segment lies inside one shard (local) or spans several (exchanged:
 queries are consecutive rows of their segment, and the K/V rows they would
 exchange are the segment's own, so one block over every segment of a pair
 *is* every rank's local and exchanged work, batched: the ring size changes
-where the rows live, not what is computed (:func:`stacked_dilated_plan`
+where the rows live, not what is computed (:func:`production_dilated_attention`
 takes ``ring_size`` only to check it). The multi-process form
 (:mod:`ringbook.distributed.dilated`) uses the same blocks on each rank's
 shard, with the exchanged dilated rows delivered by its mover.
@@ -42,8 +44,6 @@ an expansion of the gathered rows only, never of the whole K/V.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -51,160 +51,15 @@ from einops import rearrange
 
 from .._utils import check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
 from ..dilated import check_dilated_config, pair_heads
-from .engine import Block, Job, Plan, Settings, StackedMover, check_graph, run
+from .blocks import Gather, gather_spec, gathered_block, head_slots
+from .engine import Job, Settings, StackedMover, check_graph, run
 from .kernels import block_attention, check_backend
-from .merge import merge_into_torch_, merge_many_into_
+from .merge import merge_many_into_
+from .plans import stacked_dilated_plan
+from .tuning import Tuning, check_tuning
 
-Rows = tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds index tensors
-class Gather:
-    """Which rows a gathered block reads and writes (see the module docstring).
-
-    ``count`` segments of pair ``(seg, r)`` start at row ``q_at`` of the
-    query-side tensors (q, out, lse, dout, dq) and at row ``kv_at`` of the
-    K/V-side tensors (k, v, dk, dv). Inside each segment the block takes
-    dilated rows ``q_rows`` of the queries and ``kv_rows`` of the keys
-    (``(0, seg // r)``: all of them; a part only with ``count == 1``, as a
-    rank's piece of a spanning segment). Head ``j`` of the block is q head
-    ``q_heads[j]`` at offset ``offsets[j]``; K/V slot ``u`` is kv head
-    ``kv_heads[u]`` at offset ``kv_offsets[u]``, serving q heads
-    ``j·G/U … (j+1)·G/U − 1``. ``first``: no earlier block wrote these
-    accumulator rows (a plain write, no merge).
-    """
-
-    seg: int
-    r: int
-    q_heads: torch.Tensor
-    offsets: torch.Tensor
-    kv_heads: torch.Tensor
-    kv_offsets: torch.Tensor
-    q_at: int
-    kv_at: int
-    count: int
-    q_rows: Rows
-    kv_rows: Rows
-    first: bool = True
-    kv_unique: bool = True  # every K/V slot a different (offset, kv head)
-
-    def _view(self, x: torch.Tensor, at: int, rows: Rows) -> torch.Tensor:
-        """``x`` (``b n h …``) at this block's segments as ``b count m r h …`` (only the dilated rows ``rows``)."""
-        m = self.seg // self.r
-        if rows == (0, m):
-            part = x[:, at:at + self.count * self.seg]
-            return part.unflatten(1, (self.count, m, self.r))
-        if self.count != 1:
-            raise ValueError(f"a gathered block over part of its segments' rows must hold one segment, got "
-                             f"count={self.count}")
-        part = x[:, at + rows[0] * self.r:at + rows[1] * self.r]
-        return part.unflatten(1, (1, rows[1] - rows[0], self.r))
-
-    def _q(self, x: torch.Tensor) -> torch.Tensor:
-        return self._view(x, self.q_at, self.q_rows)[:, :, :, self.offsets, self.q_heads]
-
-    def take_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Dilated query rows of ``x`` (q, out or dout, ``b n h d``) as ``(b·count) m_q G d``."""
-        return self._q(x).flatten(0, 1)
-
-    def take_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """Dilated key rows of ``x`` (k or v, ``b n h_kv d``) as ``(b·count) m_k U d``."""
-        return self._view(x, self.kv_at, self.kv_rows)[:, :, :, self.kv_offsets, self.kv_heads].flatten(0, 1)
-
-    def take_lse(self, x: torch.Tensor) -> torch.Tensor:
-        """Dilated query rows of a ``b h n`` row statistic (lse, delta) as ``(b·count) G m_q``."""
-        got = self._q(x.transpose(1, 2))
-        return rearrange(got, "b s m g -> (b s) g m").contiguous()
-
-    def put(self, acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Write (``first``) or merge (equation (M)) a block result into the accumulators' rows."""
-        b = acc_out.shape[0]
-        view_o = self._view(acc_out, self.q_at, self.q_rows)
-        view_l = self._view(acc_lse.transpose(1, 2), self.q_at, self.q_rows)
-        out = rearrange(out, "(b s) m g d -> b s m g d", b=b)
-        lse = rearrange(lse, "(b s) g m -> b s m g", b=b)
-        index = (slice(None),) * 3 + (self.offsets, self.q_heads)
-        if not self.first:
-            cur_o, cur_l = view_o[index], view_l[index]
-            merge_into_torch_(cur_o.flatten(0, 1), rearrange(cur_l, "b s m g -> (b s) g m"), out.flatten(0, 1),
-                              rearrange(lse, "b s m g -> (b s) g m"))
-            out, lse = cur_o, cur_l  # merged in place (the views of cur_* above)
-        view_o[index] = out.to(acc_out.dtype)
-        view_l[index] = lse.to(acc_lse.dtype)
-
-    def add_q(self, acc: torch.Tensor, grad: torch.Tensor) -> None:
-        """``acc`` (dq, ``b n h d``) += a block's query gradient at its rows."""
-        view = self._view(acc, self.q_at, self.q_rows)
-        view[:, :, :, self.offsets, self.q_heads] += rearrange(grad, "(b s) m g d -> b s m g d", b=acc.shape[0])
-
-    def add_kv(self, acc: torch.Tensor, grad: torch.Tensor) -> None:
-        """``acc`` (dk or dv, ``b n h_kv d``) += a block's key/value gradient at its rows.
-
-        Where K/V were gathered per q head (unequal slots) a row appears in
-        several slots, and the adds accumulate.
-        """
-        view = self._view(acc, self.kv_at, self.kv_rows)
-        grad = rearrange(grad, "(b s) m u d -> b s m u d", b=acc.shape[0])
-        if self.kv_unique:
-            view[:, :, :, self.kv_offsets, self.kv_heads] += grad
-        else:
-            view.permute(3, 4, 0, 1, 2, 5).index_put_((self.kv_offsets, self.kv_heads),
-                                                      rearrange(grad, "b s m u d -> u b s m d").to(acc.dtype),
-                                                      accumulate=True)
-
-
-def head_slots(heads: Sequence[int], offsets: Sequence[int], kv_group: int) -> tuple[tuple, tuple, tuple, tuple]:
-    """Order a block's heads by K/V slot: ``(q_heads, offsets, kv_heads, kv_offsets)`` (module docstring).
-
-    ``kv_group = h / h_kv``. Q heads sharing an (offset, kv head) slot come
-    together, slot after slot; when the slots serve unequal numbers of q
-    heads every q head gets its own slot (K/V gathered per q head).
-    """
-    slots: dict[tuple[int, int], list[int]] = {}
-    for h, o in zip(heads, offsets):
-        slots.setdefault((o, h // kv_group), []).append(h)
-    if len({len(hs) for hs in slots.values()}) == 1:
-        q_heads = tuple(h for hs in slots.values() for h in hs)
-        offs = tuple(o for (o, _), hs in slots.items() for _ in hs)
-        return q_heads, offs, tuple(kv for _, kv in slots), tuple(o for o, _ in slots)
-    heads, offsets = tuple(heads), tuple(offsets)
-    return heads, offsets, tuple(h // kv_group for h in heads), offsets
-
-
-def gather_spec(seg: int, r: int, slots: tuple, *, q_at: int, kv_at: int, count: int, q_rows: Rows, kv_rows: Rows,
-                first: bool, device: torch.device | str) -> Gather:
-    """A :class:`Gather` with its head indices on ``device``."""
-    q_heads, offs, kv_heads, kv_offs = (torch.tensor(x, dtype=torch.long, device=device) for x in slots)
-    unique = len(set(zip(slots[2], slots[3]))) == len(slots[2])
-    return Gather(seg, r, q_heads, offs, kv_heads, kv_offs, q_at, kv_at, count, q_rows, kv_rows, first, unique)
-
-
-def gathered_block(spec: Gather, *, causal: bool) -> Block:
-    """The engine block of a gather (its row fields name the rows it covers, for reading)."""
-    q0 = spec.q_at + spec.q_rows[0] * spec.r if spec.count == 1 else spec.q_at
-    k0 = spec.kv_at + spec.kv_rows[0] * spec.r if spec.count == 1 else spec.kv_at
-    span = lambda a, rows: a + (spec.count * spec.seg if rows == (0, spec.seg // spec.r)  # noqa: E731
-                                else (rows[1] - rows[0]) * spec.r)
-    return Block((0, 0), (q0, span(q0, spec.q_rows)), (0, 0), (k0, span(k0, spec.kv_rows)), causal, gather=spec)
-
-
-@functools.lru_cache(maxsize=128)
-def stacked_dilated_plan(n: int, num_heads: int, kv_heads: int, pairs: tuple, patterns: tuple, *, causal: bool,
-                         device: str) -> Plan:
-    """The one-process plan: one step, one gathered block per pair over every segment (module docstring).
-
-    ``pairs`` ``((s, r), …)`` and ``patterns`` (:func:`ringbook.dilated.pair_heads`,
-    as tuples). A pair's block writes its heads' rows if no earlier pair used
-    those heads (grouped heads), else merges into them.
-    """
-    blocks, seen = [], set()
-    for (seg, r), (hs, offs) in zip(pairs, patterns):
-        slots = head_slots(hs, offs, num_heads // kv_heads)
-        spec = gather_spec(seg, r, slots, q_at=0, kv_at=0, count=n // seg, q_rows=(0, seg // r),
-                           kv_rows=(0, seg // r), first=not (seen & set(hs)), device=device)
-        seen |= set(hs)
-        blocks.append(gathered_block(spec, causal=causal))
-    return Plan((tuple(blocks),))
+__all__ = ["Gather", "check_dilated_call", "dilated_sdpa", "gather_spec", "gathered_block", "head_slots",
+           "production_dilated_attention"]
 
 
 def check_dilated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int] | None,
@@ -229,7 +84,8 @@ def check_dilated_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seg
 def production_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                                  dilation_rates: Sequence[int], ring_size: int = 1, causal: bool = False,
                                  heads: str = "all", scale: float | None = None, backend: str = "auto",
-                                 graph: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                                 graph: bool | str = "auto", tuning: Tuning | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated ring attention (equation (D)) on the ring engine, every rank in one process. Returns ``(out, lse)``.
 
     What :func:`ringbook.production_ring_attention` runs when given
@@ -241,17 +97,19 @@ def production_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     0 / -inf. Once differentiable (the engine's fused backward;
     ``create_graph=True`` raises). ``graph``: as for
     :func:`ringbook.production_ring_attention` (CUDA-graph replay of
-    forward-only calls whose shape repeats).
+    forward-only calls whose shape repeats); ``tuning``: :class:`ringbook.fast.tuning.Tuning`.
     """
     causal = check_bool(causal, "causal")
     check_backend(backend)
     graph = check_graph(graph)
+    tuning = check_tuning(tuning)
     pairs, patterns = check_dilated_call(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
                                          heads=heads, ring_size=ring_size)
     b, n, h, d = q.shape
     plan = stacked_dilated_plan(n, h, k.shape[2], pairs, patterns, causal=causal, device=str(q.device))
     settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention (dilated)",
-                        twice="ringbook.dilated_attention or ringbook.ring_dilated_attention", graph=graph)
+                        twice="ringbook.dilated_attention or ringbook.ring_dilated_attention", graph=graph,
+                        tuning=tuning)
     job = Job(settings=settings, start=lambda k_st, v_st, backward: (StackedMover(k_st, v_st, backward=backward), plan),
               key=("production_dilated", plan, settings))
     return run(q, k, v, job)

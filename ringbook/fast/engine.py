@@ -33,83 +33,84 @@ from typing import Any
 import torch
 
 from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
-from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
-from .kernels import block_attention_backward, delta, expand_kv, forward_block, reduce_kv, warn_once
+from ..tolerance import TOLERANCE
+from .blocks import ALL, CAUSAL, FULL, Block, Box, Kernel, Place, Positions, box
+from .kernels import delta, warn_once
 from .merge import add_boxes_into_, merge_boxes_into_
+from .state import GRAPHS, SIDE_STREAMS
+from .tuning import DEFAULT, Tuning
 
-Rows = tuple[int, int]  # [start, stop)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: identity, as its positions are tensors
-class Block:
-    """One kernel call of a ring step: query rows × key rows of the K/V held at that step.
-
-    ``q_batch``/``kv_batch`` are rows of the batch dimension (ranks stacked
-    in the batch, or all of it), ``q``/``kv`` rows of the sequence dimension.
-    ``causal`` is the kernels' top-left mask (a diagonal block). A causal
-    block that mask cannot express carries the token positions of its rows
-    (``q_pos``, ``k_pos``) and runs on the einops path with them. A
-    *gathered* block (dilated attention) carries a ``gather``
-    (:class:`ringbook.fast.dilated.Gather`): it reads its rows with
-    ``take_q``/``take_kv``/``take_lse`` instead of the row ranges, writes or
-    merges its result with ``put`` and adds its gradients with
-    ``add_q``/``add_kv``.
-    """
-
-    q_batch: Rows
-    q: Rows
-    kv_batch: Rows
-    kv: Rows
-    causal: bool = False
-    q_pos: torch.Tensor | None = None
-    k_pos: torch.Tensor | None = None
-    gather: Any = None
+__all__ = ["ALL", "CAUSAL", "FULL", "Accumulator", "Block", "Box", "Gradients", "Job", "Kernel", "Mover", "Part",
+           "Place", "Plan", "Positions", "RingFunction", "Settings", "StackedMover", "box", "check_graph",
+           "ring_backward", "ring_forward", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The schedule as data: ``steps[t]`` are the block calls of step ``t``.
+    """The schedule as data: ``steps[t]`` are the block calls of step ``t`` (:mod:`ringbook.fast.plans` builds them).
 
     ``merge_group``: up to this many consecutive block results (over any
     rows, across steps) are held and folded into the accumulators in one pass
     (one read and write of the float32 accumulator per group instead of per
     block). ``grad_group``: likewise for the backward's block gradients,
     summed into dq, dK and dV one group at a time.
+
+    What a rank moves, as data (per batch row, in K vectors — one token of one
+    kv head; V moves as many): ``sent[t]`` / ``received[t]`` after step ``t``
+    of the forward, ``grad_sent[t]`` the dK/dV vectors it sends on in step
+    ``t`` of the backward (which also moves K/V as the forward does). Empty:
+    nothing moves (one process). :meth:`work` and :meth:`bytes_sent` read them.
     """
 
     steps: tuple[tuple[Block, ...], ...]
     merge_group: int = 1
     grad_group: int = 1
+    sent: tuple[int, ...] = ()
+    received: tuple[int, ...] = ()
+    grad_sent: tuple[int, ...] = ()
 
     @functools.cached_property
-    def has_gather(self) -> bool:
-        """Whether some block is a gathered one (dilated attention: it writes or merges its own rows)."""
-        return any(blk.gather is not None for blocks in self.steps for blk in blocks)
+    def in_groups(self) -> bool:
+        """Whether every block's result is folded in groups (the first fold may then set the accumulators)."""
+        return all(blk.at.in_groups for blocks in self.steps for blk in blocks)
 
     @functools.cached_property
-    def has_positions(self) -> bool:
-        """Whether some block carries token positions (it then needs ``D − dlse`` in the backward)."""
-        return any(blk.q_pos is not None for blocks in self.steps for blk in blocks)
+    def needs_delta(self) -> bool:
+        """Whether some block's backward always takes ``D − dlse`` (positions: the einops path)."""
+        return any(blk.kernel.needs_delta for blocks in self.steps for blk in blocks)
+
+    def work(self, batch: int, heads: int) -> tuple[int, ...]:
+        """Scores computed at each step, over the plan's batch rows and heads (4·head_dim FLOPs each forward)."""
+        return tuple(sum(blk.scores(batch, heads) for blk in blocks) for blocks in self.steps)
+
+    def bytes_sent(self, batch: int, head_dim: int, dtype: torch.dtype, *, backward: bool = False) -> int:
+        """Bytes this rank sends in one call: K and V in ``dtype``; with ``backward`` again, plus float32 dK/dV."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        work = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+        kv = 2 * batch * head_dim * sum(self.sent) * elem
+        return kv + ((kv + 2 * batch * head_dim * sum(self.grad_sent) * work) if backward else 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The one settings record of the fused rings."""
+    """The one settings record of the fused rings: what a call computes with, and how it is tuned."""
 
     scale: float
-    backend: str  # "auto", a fused backend, or "einops"
+    backend: str  # the block kernel: "auto", a fused backend, or "einops"
     who: str = "the ring"  # the public function, for messages
     twice: str = "ringbook.ring_attention"  # its twice-differentiable twin, for the double-backward refusal
-    overlap: bool = True  # on CUDA the backward's gradient sums run on a second stream, under the next block's kernel
     graph: bool | str = "auto"  # replay forward-only CUDA calls from a CUDA graph once their shape repeats (run)
+    tuning: Tuning = DEFAULT  # the measured knobs (ringbook.fast.tuning)
 
 
 class Mover:
     """How the K/V of each step reach the blocks, and how their gradients get home (see the module docstring).
 
-    ``step_reads_gradients``: :meth:`backward_done` reads the step's dK/dV
-    (a P2P mover sends them on), so the step's gradient sums must be done
-    before it is called.
+    A mover is made for a plan of ``steps`` steps (any number: a window's
+    plan has fewer than the ring has ranks) and brings dK/dV to their owner
+    whatever that number is. ``step_reads_gradients``: :meth:`backward_done`
+    reads the step's dK/dV (a P2P mover sends them on), so the step's
+    gradient sums must be done before it is called.
     """
 
     step_reads_gradients = True
@@ -133,34 +134,10 @@ class Mover:
         raise NotImplementedError
 
 
-def _rows(x: torch.Tensor, batch: Rows, rows: Rows, dim: int = 1) -> torch.Tensor:
-    """The view of ``x`` at batch rows ``batch`` and rows ``rows`` of dimension ``dim`` (1, or 2 for an lse)."""
-    if dim == 1:
-        return x[batch[0]:batch[1], rows[0]:rows[1]]
-    return x[batch[0]:batch[1], :, rows[0]:rows[1]]
-
-
-def _block_forward(q, k, v, blk: Block, s: Settings):
-    if blk.gather is not None:
-        g = blk.gather
-        return forward_block(g.take_q(q), g.take_kv(k), g.take_kv(v), scale=s.scale, causal=blk.causal,
-                             backend=s.backend)
-    qb, kb, vb = _rows(q, blk.q_batch, blk.q), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv)
-    if blk.q_pos is not None:
-        h = q.shape[2]
-        return attend_block(qb, expand_kv(kb, h), expand_kv(vb, h), scale=s.scale, causal=True, q_pos=blk.q_pos,
-                            k_pos=blk.k_pos, chunk=KEY_CHUNK)
-    return forward_block(qb, kb, vb, scale=s.scale, causal=blk.causal, backend=s.backend)
-
-
-_SIDE_STREAMS: dict = {}  # device index -> the engine's second stream
-OVERLAP = True  # False: every fold runs in line (an ablation switch for the GPU tools)
-
-
 class _Side:
     """Where the backward's memory-bound folds run: the sums of block gradients into dq, dK and dV.
 
-    On CUDA (with ``Settings.overlap``) they go to a second stream, so a
+    On CUDA (with ``Tuning.overlap``) they go to a second stream, so a
     fold runs under the next block's backward kernel, which is bound by
     compute, not memory; the gradients a fold reads are marked as used by
     that stream (``record_stream``), so their memory is not reused before the
@@ -173,11 +150,11 @@ class _Side:
 
     def __init__(self, x: torch.Tensor, enabled: bool):
         self.stream = None
-        if enabled and OVERLAP and x.is_cuda:
+        if enabled and x.is_cuda:
             index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-            if index not in _SIDE_STREAMS:
-                _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-            self.stream = _SIDE_STREAMS[index]
+            if index not in SIDE_STREAMS:
+                SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+            self.stream = SIDE_STREAMS[index]
 
     def run(self, fold: Callable[[], None], *held: torch.Tensor) -> None:
         if self.stream is None:
@@ -194,51 +171,107 @@ class _Side:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
+class Accumulator:
+    """The forward's float32 ``(out, lse)`` accumulators, and the block results held to be folded in groups.
+
+    A place folds its result by :meth:`hold` (a box of rows: merged
+    ``group`` results at a time, :func:`~ringbook.fast.merge.merge_boxes_into_`)
+    or :meth:`write` (a place that writes or merges its own rows: the held
+    results are folded first). With ``initialise`` the first fold sets the
+    accumulators (rows it does not cover become the empty partial ``(0, -inf)``);
+    without, they start at ``(0, -inf)``.
+    """
+
+    def __init__(self, q: torch.Tensor, group: int, initialise: bool, tuning: Tuning):
+        b, c, h, d = q.shape
+        work = compute_dtype(q.dtype)
+        self.out = torch.empty(b, c, h, d, dtype=work, device=q.device)
+        self.lse = torch.empty(b, h, c, dtype=work, device=q.device)
+        if not initialise:
+            self.out.zero_()
+            self.lse.fill_(float("-inf"))
+        self.group, self.initialise, self.tuning, self.pending = group, initialise, tuning, []
+
+    def hold(self, box: tuple[int, int, int, int], out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.pending.append((box, out, lse))
+        if len(self.pending) == self.group:
+            self.flush()
+
+    def write(self, put: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        self.flush()
+        put(self.out, self.lse)
+
+    def flush(self) -> None:
+        if self.pending or self.initialise:
+            merge_boxes_into_(self.out, self.lse, self.pending, initialise=self.initialise, tuning=self.tuning)
+            self.pending, self.initialise = [], False
+
+
+class Gradients:
+    """The backward's dq and the current step's dK/dV, with the block gradients held to be summed in groups.
+
+    A place adds its gradients by :meth:`hold` (boxes of rows: ``group``
+    blocks summed per pass, :func:`~ringbook.fast.merge.add_boxes_into_`) or
+    :meth:`run` (a place that adds its own rows). Sums run on the side
+    stream (:class:`_Side`).
+    """
+
+    def __init__(self, dq: torch.Tensor, group: int, side: _Side, tuning: Tuning):
+        self.dq, self.dk, self.dv = dq, None, None
+        self.group, self.side, self.tuning, self.held = group, side, tuning, []
+
+    def target(self, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        """The step's dK/dV buffers; held sums for other buffers go there first."""
+        if self.held and self.dk is not dk:
+            self.flush()
+        self.dk, self.dv = dk, dv
+
+    def hold(self, q_box, dq: torch.Tensor, kv_box, dk: torch.Tensor, dv: torch.Tensor) -> None:
+        self.held.append((q_box, dq, kv_box, dk, dv))
+        if len(self.held) == self.group:
+            self.flush()
+
+    def run(self, add: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], *grads: torch.Tensor) -> None:
+        self.side.run(functools.partial(add, self.dq, self.dk, self.dv), *grads)
+
+    def flush(self) -> None:
+        if self.held:
+            items, self.held = self.held, []
+            self.side.run(functools.partial(_sum_gradients, self.dq, self.dk, self.dv, items, self.tuning),
+                          *(x for it in items for x in (it[1], it[3], it[4])))
+
+
+def _sum_gradients(dq, dk, dv, items: list, tuning: Tuning) -> None:
+    """Add held block gradients into dq and the dK/dV buffers, one pass over each per group."""
+    add_boxes_into_(dq, [(q_box, gq) for q_box, gq, *_ in items], tuning=tuning)
+    add_boxes_into_(dk, [(kv_box, gk) for _, _, kv_box, gk, _ in items], tuning=tuning)
+    add_boxes_into_(dv, [(kv_box, gv) for _, _, kv_box, _, gv in items], tuning=tuning)
+
+
 def ring_forward(q: torch.Tensor, plan: Plan, mover: Mover, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of ``q`` against every step's K/V, in the accumulator dtype (float32 for half precision).
 
-    Block results are held and folded into the accumulators ``plan.merge_group``
-    at a time, whatever rows each covers (:func:`~ringbook.fast.merge.merge_boxes_into_`);
-    the first fold sets the accumulators (rows it does not cover become the
-    empty partial ``(0, -inf)``). A plan with gathered blocks starts them at
-    ``(0, -inf)`` instead, as its blocks write or merge their own rows.
+    Each block takes its rows, runs its kernel and folds its result where
+    its place says (:class:`Accumulator`); ``plan.merge_group`` boxed results
+    are folded per pass.
     """
-    b, c, h, d = q.shape
-    work = compute_dtype(q.dtype)
-    first = plan.steps[0][0] if plan.steps and plan.steps[0] else None
-    whole = first is not None and first.gather is None and first.q_batch == (0, b) and first.q == (0, c)
-    if whole and len(plan.steps) == 1 and len(plan.steps[0]) == 1:  # one block: its result is the answer
+    if len(plan.steps) == 1 and len(plan.steps[0]) == 1 and plan.steps[0][0].at.whole(q):
+        blk = plan.steps[0][0]  # one block over every row: its result is the answer
         k, v = mover.forward_kv(0)
-        out, lse = _block_forward(q, k, v, first, s)
+        out = blk.kernel.forward(blk.at.take_q(q), blk.at.take_kv(k), blk.at.take_kv(v), scale=s.scale,
+                                 backend=s.backend)
         mover.forward_done(0)
-        return out, lse
-    acc_out = torch.empty(b, c, h, d, dtype=work, device=q.device)
-    acc_lse = torch.empty(b, h, c, dtype=work, device=q.device)
-    initialise = not plan.has_gather
-    if plan.has_gather:
-        acc_out.zero_()
-        acc_lse.fill_(float("-inf"))
-    pending: list = []
-
-    def flush():
-        nonlocal pending, initialise
-        if pending or initialise:
-            merge_boxes_into_(acc_out, acc_lse, pending, initialise=initialise)
-            pending, initialise = [], False
-
+        return out
+    acc = Accumulator(q, plan.merge_group, plan.in_groups, s.tuning)
     for t, blocks in enumerate(plan.steps):
         k, v = mover.forward_kv(t)
         for blk in blocks:
-            if blk.gather is not None:  # a gathered block writes or merges its own rows
-                flush()
-                blk.gather.put(acc_out, acc_lse, *_block_forward(q, k, v, blk, s))
-                continue
-            pending.append(((*blk.q_batch, *blk.q), *_block_forward(q, k, v, blk, s)))
-            if len(pending) == plan.merge_group:
-                flush()
+            at = blk.at
+            at.fold(acc, *blk.kernel.forward(at.take_q(q), at.take_kv(k), at.take_kv(v), scale=s.scale,
+                                             backend=s.backend))
         mover.forward_done(t)
-    flush()
-    return acc_out, acc_lse
+    acc.flush()
+    return acc.out, acc.lse
 
 
 def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
@@ -250,79 +283,33 @@ def ring_backward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: t
     a gradient of lse: where one flows, every block uses the einops backward
     with ``delta = D − dlse`` (exact, slower, and said once in a warning).
     """
-    work = compute_dtype(q.dtype)
     fast = q.is_cuda and q.dtype in LOW_PRECISION and s.backend != "einops"
     if dlse is not None and fast and bool((dlse != 0).any()):
         warn_once(f"{s.who}: a gradient flows into lse; the fused backward ops cannot take it, so this backward "
                   "uses the (slower, exact) einops kernels")
         fast = False
-    full_delta = delta(dout, out, dlse) if (plan.has_positions or not fast) else None
+    full_delta = delta(dout, out, dlse) if (plan.needs_delta or not fast) else None
     backend = s.backend if fast else "einops"
-    dq = torch.zeros(q.shape, dtype=work, device=q.device)
-    h = q.shape[2]
-    side = _Side(q, s.overlap)
-    held: list = []  # block gradients not yet summed: (q box, gq, kv box, gk, gv, (dk, dv))
-
-    def flush():
-        if held:
-            items = list(held)
-            held.clear()
-            side.run(functools.partial(_sum_gradients, dq, items), *(x for it in items for x in (it[1], it[3], it[4])))
-
+    side = _Side(q, s.tuning.overlap)
+    grads = Gradients(torch.zeros(q.shape, dtype=compute_dtype(q.dtype), device=q.device), plan.grad_group, side,
+                      s.tuning)
     for t, blocks in enumerate(plan.steps):
         k, v, dk, dv = mover.backward_kv(t)
-        if held and held[-1][5][0] is not dk:
-            flush()  # the mover hands out new gradient buffers: the held sums go to the old ones first
+        grads.target(dk, dv)
         for blk in blocks:
-            if blk.gather is not None:
-                _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s, side)
-                continue
-            sl = (blk.q_batch, blk.q)
-            args = (_rows(q, *sl), _rows(k, blk.kv_batch, blk.kv), _rows(v, blk.kv_batch, blk.kv), _rows(out, *sl),
-                    _rows(lse, *sl, dim=2), _rows(dout, *sl))
-            blk_delta = None if full_delta is None else _rows(full_delta, *sl, dim=2)
-            if blk.q_pos is not None:
-                gq, gk, gv = attend_block_backward(args[0], expand_kv(args[1], h), expand_kv(args[2], h), *args[3:],
-                                                   scale=s.scale, causal=True, q_pos=blk.q_pos, k_pos=blk.k_pos,
-                                                   delta=blk_delta, chunk=KEY_CHUNK)
-                gk, gv = reduce_kv(gk, k.shape[2]), reduce_kv(gv, k.shape[2])
-            else:
-                gq, gk, gv = block_attention_backward(*args, scale=s.scale, causal=blk.causal,
-                                                      delta=None if fast else blk_delta, backend=backend)
-            held.append(((*blk.q_batch, *blk.q), gq, (*blk.kv_batch, *blk.kv), gk, gv, (dk, dv)))
-            if len(held) == plan.grad_group:
-                flush()
+            at = blk.at
+            blk_delta = at.take_lse(full_delta) if full_delta is not None and (
+                blk.kernel.needs_delta or not fast) else None
+            at.add(grads, *blk.kernel.backward(at.take_q(q), at.take_kv(k), at.take_kv(v), at.take_q(out),
+                                               at.take_lse(lse), at.take_q(dout), delta=blk_delta, scale=s.scale,
+                                               backend=backend))
         if mover.step_reads_gradients:
-            flush()
+            grads.flush()
             side.join()
         mover.backward_done(t)
-    flush()
+    grads.flush()
     side.join()
-    return dq
-
-
-def _sum_gradients(dq: torch.Tensor, items: list) -> None:
-    """Add held block gradients into dq and their dK/dV buffers, one pass over each per group."""
-    dk, dv = items[0][5]
-    add_boxes_into_(dq, [(box, gq) for box, gq, *_ in items])
-    add_boxes_into_(dk, [(box, gk) for _, _, box, gk, _, _ in items])
-    add_boxes_into_(dv, [(box, gv) for _, _, box, _, gv, _ in items])
-
-
-def _gathered_backward(blk, q, k, v, out, lse, dout, dq, dk, dv, full_delta, fast, backend, s: Settings, side: _Side):
-    """One gathered block's backward: its rows taken from the global tensors, its gradients added back."""
-    g = blk.gather
-    blk_delta = None if (fast or full_delta is None) else g.take_lse(full_delta)
-    gq, gk, gv = block_attention_backward(g.take_q(q), g.take_kv(k), g.take_kv(v), g.take_q(out), g.take_lse(lse),
-                                          g.take_q(dout), scale=s.scale, causal=blk.causal, delta=blk_delta,
-                                          backend=backend)
-
-    def add():
-        g.add_q(dq, gq)
-        g.add_kv(dk, gk)
-        g.add_kv(dv, gv)
-
-    side.run(add, gq, gk, gv)
+    return grads.dq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +327,8 @@ class Job:
     when the forward runs whole, else the :class:`Part` s it runs one after
     the other (query rows in turn, each with the K/V it needs brought per
     step), so that no full-size copy or float32 accumulator is held.
+    ``enter_copies``: ``enter`` copies (a gather) rather than views, so a
+    call that will be differentiated keeps the entered tensors for its backward.
     """
 
     settings: Settings
@@ -348,6 +337,7 @@ class Job:
     leave: Callable[..., torch.Tensor] = lambda x, dim=1, dtype=None: x.to(dtype or x.dtype)
     key: tuple | None = None
     parts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    enter_copies: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,21 +358,28 @@ class Part:
 class RingFunction(torch.autograd.Function):
     """The autograd Function of every fused ring: :func:`ring_forward` forward, :func:`ring_backward` backward.
 
-    Only q, k, v, out and lse are saved (the backward re-enters them), as
-    FlashAttention does. Once differentiable: ``create_graph=True`` raises.
+    Only q, k, v, out and lse are saved, as FlashAttention does: as the
+    caller passed them when entering the engine's layout is a view (the
+    backward enters them again for free), else (``Job.enter_copies``: a
+    gather, as the zigzag layout's) in the engine's layout, so the backward
+    does not gather them again. Once differentiable: ``create_graph=True`` raises.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, job: Job):
         ctx.set_materialize_grads(False)
         parts = job.parts(q, k, v) if job.parts is not None else None
+        keep_entered = job.enter_copies and parts is None and any(ctx.needs_input_grad[:3])
         if parts is None:
-            mover, plan = job.start(job.enter(k), job.enter(v), False)
-            acc_out, acc_lse = ring_forward(job.enter(q), plan, mover, job.settings)
+            q_e, k_e, v_e = job.enter(q), job.enter(k), job.enter(v)
+            mover, plan = job.start(k_e, v_e, False)
+            acc_out, acc_lse = ring_forward(q_e, plan, mover, job.settings)
             del mover
             out = job.leave(acc_out, dtype=q.dtype)
+            out_e = acc_out.to(q.dtype) if keep_entered else None
             del acc_out
             lse = job.leave(acc_lse, dim=2, dtype=compute_dtype(q.dtype))
+            lse_e = acc_lse.to(lse.dtype) if keep_entered else None
         else:
             b, n, h, _ = q.shape
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -390,8 +387,13 @@ class RingFunction(torch.autograd.Function):
             for part in parts:  # one share of the rows at a time: only its buffers are alive
                 part.put(out, lse, *ring_forward(part.q, part.plan, part.mover, job.settings))
                 del part
-        ctx.save_for_backward(q, k, v, out, lse)
+        if keep_entered:  # entering copies (a gather): keep the engine-layout tensors, do not gather them again
+            ctx.save_for_backward(q_e, k_e, v_e, out_e, lse_e)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse)
+        ctx.entered = keep_entered
         ctx.job = job
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         return out, lse
 
     @staticmethod
@@ -401,19 +403,21 @@ class RingFunction(torch.autograd.Function):
                                "backward kernels", f"For second derivatives use {job.settings.twice} (einops, "
                                "twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype).contiguous()
-        mover, plan = job.start(job.enter(k), job.enter(v), True)
-        dq = ring_backward(job.enter(q), job.enter(out), job.enter(lse, dim=2), job.enter(dout),
-                           None if dlse is None else job.enter(dlse, dim=2), plan, mover, job.settings)
+        if not ctx.entered:
+            q, k, v, out, lse = job.enter(q), job.enter(k), job.enter(v), job.enter(out), job.enter(lse, dim=2)
+        dout = torch.zeros(out.shape, dtype=out.dtype, device=out.device) if dout is None else job.enter(
+            dout.to(out.dtype).contiguous())
+        mover, plan = job.start(k, v, True)
+        dq = ring_backward(q, out, lse, dout, None if dlse is None else job.enter(dlse, dim=2), plan, mover,
+                           job.settings)
         dk, dv = mover.gradients()
-        return (job.leave(dq, dtype=q.dtype), job.leave(dk, dtype=k.dtype), job.leave(dv, dtype=v.dtype), None)
+        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        return job.leave(dq, dtype=q_dtype), job.leave(dk, dtype=k_dtype), job.leave(dv, dtype=v_dtype), None
 
 
 # --------------------------------------------------------------------------- CUDA graphs
 
-GRAPH_MAX_BYTES = 64 << 20  # with graph="auto", calls whose q is at most this big (launch-bound sizes) are graphed
-GRAPH_CACHE_SIZE = 8  # captured graphs kept (each holds its working memory)
-GRAPHS: dict = {}  # (job key, tensor layout) -> _SEEN, a _Graph, or why capture was refused (a string)
+GRAPH_CACHE_SIZE = 8  # captured graphs kept (each holds its working memory); GRAPHS (ringbook.fast.state) holds them
 
 
 class _Seen:
@@ -450,7 +454,7 @@ def _wants_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) ->
         return False  # training calls run eagerly: the backward needs the forward's autograd graph
     if torch.cuda.is_current_stream_capturing():
         return False  # the caller is capturing a graph of its own: take part in it
-    return mode is True or q.nbytes <= GRAPH_MAX_BYTES
+    return mode is True or q.nbytes <= job.settings.tuning.graph_max_bytes
 
 
 def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Graph | str:
@@ -470,8 +474,6 @@ def _capture(q, k, v, job: Job, want: tuple[torch.Tensor, torch.Tensor]) -> _Gra
             graph.replay()
     except Exception as exc:  # noqa: BLE001 - any capture failure: this call shape runs eagerly
         return f"capture failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
-    from ..bench.rules import TOLERANCE
-
     tol = TOLERANCE.get(q.dtype, 0.0)
     for got, ref in zip(outputs, want):
         if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), rtol=0, atol=tol, equal_nan=True):
@@ -509,15 +511,15 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, job: Job) -> tuple[to
 
     A forward-only CUDA call whose job has a ``key`` may be replayed from a
     CUDA graph (``Settings.graph``: ``"auto"`` for calls with q of at most
-    :data:`GRAPH_MAX_BYTES`, ``True`` for any size, ``False`` never): the
+    :attr:`Tuning.graph_max_bytes`, ``True`` for any size, ``False`` never): the
     first call of a shape runs eagerly, the second captures it on static
     copies of its inputs and keeps the graph only if its replay agrees with
     that call's eager result, later calls copy their inputs in and replay
     (one launch of the whole ring instead of dozens). A shape whose capture
-    fails runs eagerly, with one warning (:data:`GRAPHS` holds why). Each
+    fails runs eagerly, with one warning (:data:`ringbook.fast.state.GRAPHS` holds why). Each
     kept graph holds its call's working memory (at most
     :data:`GRAPH_CACHE_SIZE` graphs, the least recently used dropped first);
-    :func:`ringbook.fast.kernels.reset_caches` gives it back.
+    :func:`ringbook.fast.state.reset_caches` gives it back.
     """
     if job.settings.graph is True and not q.is_cuda:
         raise ValueError(f"{job.settings.who}: graph=True needs CUDA tensors (CUDA graphs), got q on {q.device}; "

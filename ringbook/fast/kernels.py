@@ -38,22 +38,21 @@ q ``b n h d``, k/v ``b n h_kv d``, lse ``b h n``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from einops import einsum, reduce
 
 from .._utils import LOW_PRECISION, compute_dtype, refuse_double_backward
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+from ..tolerance import TOLERANCE
 from . import aten
+from .state import AUX as _AUX
+from .state import BACKWARD_OK as _BACKWARD_OK
+from .state import CHOICE as _CHOICE
+from .state import STATUS, reset_caches, warn_once
 
 BACKENDS = ("auto", "cudnn", "flash", "efficient", "einops")
-
-# What was chosen, skipped and why: {key: text}; printed by tools/gpu_check_production.py.
-STATUS: dict = {}
-_CHOICE: dict = {}  # (device, dtype, head_dim, causal, gqa) -> (backend, expand)
-_BACKWARD_OK: dict = {}  # (device, dtype, head_dim, causal, gqa, backend) -> (op, expand), or an error text
-_AUX: dict = {}  # (backward op, device) -> its extra arguments, from a tiny forward (see _aux)
+__all__ = ["BACKENDS", "STATUS", "block_attention", "block_attention_backward", "check_backend", "delta",
+           "expand_kv", "forward_block", "reduce_kv", "reset_caches", "warn_once"]
 
 
 def check_backend(backend: str) -> str:
@@ -125,9 +124,7 @@ def _probe_inputs(device, dtype, shapes, seed=0):
 
 
 def _tolerance(dtype) -> float:
-    """The project's one tolerance table (:data:`ringbook.bench.rules.TOLERANCE`), imported when a probe runs."""
-    from ..bench.rules import TOLERANCE
-
+    """The project's one tolerance table (:data:`ringbook.tolerance.TOLERANCE`)."""
     return TOLERANCE[dtype]
 
 
@@ -382,18 +379,3 @@ def block_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if isinstance(ok, str):
         raise RuntimeError(ok)
     return _run_backward(*ok, q, k, v, out, lse, dout, scale, causal)
-
-
-def reset_caches() -> None:
-    """Forget the kernel choices, probes, the merge's self-check and the captured CUDA graphs (and the memory
-    they hold): for tests, after changing torch's settings, or to give a graph's working memory back."""
-    from . import engine, merge
-
-    for cache in (STATUS, _CHOICE, _BACKWARD_OK, _AUX, merge.TRITON, engine.GRAPHS):
-        cache.clear()
-
-
-def warn_once(message: str) -> None:
-    if message not in STATUS:
-        STATUS[message] = "warned"
-        warnings.warn(message, stacklevel=3)

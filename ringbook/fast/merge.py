@@ -9,7 +9,7 @@ merge; this module is the fast one the ring engine uses, without autograd:
   On CUDA a Triton kernel (:mod:`ringbook.fast.triton_merge`) folds up to
   eight per pass, reading each block once and the float32 accumulator once;
   it is used only after it agrees with the torch merge on a small check
-  (:data:`TRITON` records the outcome, ``kernels.STATUS`` says it);
+  (:data:`ringbook.fast.state.TRITON` records the outcome, ``state.STATUS`` says it);
 * :func:`merge_many_into_` — several blocks of the same rows (every box the
   whole accumulator).
 """
@@ -21,9 +21,8 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
-from .kernels import STATUS
-
-TRITON: dict = {}  # device -> True or the reason the Triton merge is not used
+from .state import STATUS, TRITON
+from .tuning import DEFAULT, Tuning
 
 
 def merge_into_torch_(acc_out: torch.Tensor, acc_lse: torch.Tensor, out_blk: torch.Tensor,
@@ -119,20 +118,21 @@ def _torch_add_boxes(acc, items) -> None:
         acc[b0:b1, n0:n1].add_(g)
 
 
-def add_boxes_into_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]]) -> None:
+def add_boxes_into_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]], *, tuning: Tuning = DEFAULT) -> None:
     """``acc[b0:b1, n0:n1] += g`` for every ``((b0, b1, n0, n1), g)``: the backward's gradient sums.
 
     On CUDA with the Triton kernels, up to ``MAX_BLOCKS`` (8) per pass: each
     gradient is read once and the float32 accumulator read and written once
-    per pass, instead of once per block. Elsewhere torch's ``add_``.
+    per pass, instead of once per block (``tuning.triton``; launch shape
+    ``tuning.add_launch``). Elsewhere torch's ``add_``.
     """
     if not items:
         return
-    if acc.is_cuda and acc.dtype == torch.float32 and acc.stride(-1) == 1 \
+    if tuning.triton and acc.is_cuda and acc.dtype == torch.float32 and acc.stride(-1) == 1 \
             and all(g.stride(-1) == 1 for _, g in items) and _triton_ready(acc.device):
         from .triton_merge import MAX_BLOCKS, add_boxes_into_triton_
         for i in range(0, len(items), MAX_BLOCKS):
-            add_boxes_into_triton_(acc, items[i:i + MAX_BLOCKS])
+            add_boxes_into_triton_(acc, items[i:i + MAX_BLOCKS], launch=tuning.add_launch)
         return
     _torch_add_boxes(acc, items)
 
@@ -146,7 +146,8 @@ def _torch_boxes(acc_out, acc_lse, items, *, initialise: bool = False) -> None:
 
 
 def merge_boxes_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
-                      items: Sequence[tuple[Box, torch.Tensor, torch.Tensor]], *, initialise: bool = False) -> None:
+                      items: Sequence[tuple[Box, torch.Tensor, torch.Tensor]], *, initialise: bool = False,
+                      tuning: Tuning = DEFAULT) -> None:
     """Fold blocks ``[(box, out, lse), …]`` into the accumulators, equation (M) repeated.
 
     ``box = (b0, b1, n0, n1)``: the block's rows are the accumulator's batch
@@ -156,18 +157,19 @@ def merge_boxes_into_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
     accumulator: each block is read once and the float32 accumulator read and
     written once per pass. ``initialise``: the accumulators hold nothing yet
     (not read; rows no block covers become the empty partial 0 / -inf).
-    Elsewhere the torch merge, block by block. The result does not depend on
+    Elsewhere (or with ``tuning.triton`` False) the torch merge, block by block. The result does not depend on
     the grouping (the merge is associative; up to rounding).
     """
     if not items:
         if initialise:
             _torch_boxes(acc_out, acc_lse, (), initialise=True)
         return
-    if acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 \
+    if tuning.triton and acc_out.is_cuda and acc_out.dtype == torch.float32 and acc_out.stride(-1) == 1 \
             and all(o.stride(-1) == 1 for _, o, _ in items) and _triton_ready(acc_out.device):
         from .triton_merge import MAX_BLOCKS, merge_boxes_into_triton_
         for i in range(0, len(items), MAX_BLOCKS):
-            merge_boxes_into_triton_(acc_out, acc_lse, items[i:i + MAX_BLOCKS], initialise=initialise and i == 0)
+            merge_boxes_into_triton_(acc_out, acc_lse, items[i:i + MAX_BLOCKS], initialise=initialise and i == 0,
+                                     launch=tuning.merge_launch)
         return
     _torch_boxes(acc_out, acc_lse, items, initialise=initialise)
 

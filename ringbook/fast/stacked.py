@@ -13,15 +13,15 @@ changes is how one process plays the ranks:
   groups of equal block shapes (zigzag: ranks whose shard came from an
   earlier rank attend all their queries to its first half; the others attend
   their second half of queries to all of it) plus the diagonal step, one
-  causal call. :func:`production_plan` lists those calls — the schedule as
-  data, checked against :func:`ringbook.schedule.ring_schedule` in the tests.
+  causal call. :func:`~ringbook.fast.plans.production_plan` lists those calls,
+  lowered from :func:`ringbook.schedule.ring_schedule`, the one schedule.
 * **The "send" is a view.** On one device the shards do not need to move:
   rank r holds shard ``(r − t) mod w`` at step t, a run of stacked rows
   that wraps past the last shard at most once. Causal plans never wrap
   (their launches start at rank t or end before it); a non-causal step
   does, and reads either the window ``kv2[(w−t)·b : (2w−t)·b]`` of the
   stacked K/V written twice in a row (one launch; used while that extra
-  copy takes at most :data:`DOUBLED_KV_MAX_FRACTION` of the free memory) or
+  copy takes at most ``Tuning.doubled_kv_fraction`` of the free memory) or
   the single copy in two launches. A real ring moves the bytes
   (:mod:`ringbook.distributed`); this is the same schedule and arithmetic
   without the network, and it does not pretend otherwise. In the engine's
@@ -31,7 +31,7 @@ changes is how one process plays the ranks:
 * **Fast kernels, fused merge.** Blocks go to PyTorch's cuDNN/flash/efficient
   SDPA kernels (:func:`ringbook.fast.kernels.block_attention`); each result is
   folded into float32 accumulators by :func:`ringbook.fast.merge.merge_boxes_into_`
-  (up to :data:`MERGE_GROUP` block results per pass, whatever rows each
+  (up to ``Tuning.merge_group`` block results per pass, whatever rows each
   covers, so the float32 accumulator is read and written once per group,
   not per block), on a second CUDA stream under the next block's kernel.
   The backward runs the ring again with a fused backward op fed the global
@@ -57,66 +57,15 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
-from .._utils import available_bytes, check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
-from ..online_softmax import merge_partials
+from .._utils import available_bytes, check_bool, check_qkv, compute_dtype, resolve_scale
 from ..schedule import check_layout, layout_positions
 from .dilated import production_dilated_attention
-from .engine import Block, Job, Mover, Part, Plan, Settings, StackedMover, check_graph, run
-from .kernels import block_attention, check_backend
+from .engine import Job, Mover, Part, Settings, StackedMover, check_graph, run
+from .kernels import check_backend
+from .plans import PRODUCTION_LAYOUTS, _striped_message, part_plan, production_plan, stacked_plan, wraps
+from .tuning import Tuning, check_tuning
 
-PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
-
-
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """One batched kernel call of a ring step: ranks ``[r0, r1)`` at once, rows ``q`` × ``kv`` of their shards."""
-
-    ranks: tuple[int, int]
-    q: tuple[int, int]  # query rows inside each rank's shard
-    kv: tuple[int, int]  # key rows inside the held shard
-    kind: str  # "full" or "causal" (diagonal: the same positions, top-left mask)
-
-
-def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
-    """``plan[t]``: the kernel calls of ring step t (1 to 2 each; step 0 covers every row of every rank).
-
-    Rank r holds at step t the shard that started on rank ``(r − t) mod w``:
-
-    * non-causal (any layout): one call, all ranks, every row × every key;
-    * causal, contiguous: step 0 one diagonal causal call; step t > 0 ranks
-      ``t … w−1`` (shard from an earlier rank) see all of it, ranks before t
-      see nothing (their blocks are skipped, not computed);
-    * causal, zigzag (rank r holds chunks r and 2w−1−r, each ``c/2``):
-      step 0 one causal call over the whole shard (its positions increase
-      along the shard, so the top-left mask is exact, and the skipped
-      early-query × late-key block is masked by it); step t > 0 ranks
-      ``t … w−1`` attend all queries to the first half of the held shard,
-      ranks ``0 … t−1`` attend the second half of their queries to all of it.
-    """
-    check_positive_int(n, "n")
-    causal = check_bool(causal, "causal")
-    check_layout(n, ring_size, layout)
-    if layout not in PRODUCTION_LAYOUTS:
-        raise ValueError(_striped_message(layout))
-    w, c = ring_size, n // ring_size
-    plan = []
-    for t in range(w):
-        if not causal:
-            plan.append((Launch((0, w), (0, c), (0, c), "full"),))
-        elif t == 0:
-            plan.append((Launch((0, w), (0, c), (0, c), "causal"),))
-        elif layout == "contiguous":
-            plan.append((Launch((t, w), (0, c), (0, c), "full"),))
-        else:
-            half = c // 2
-            plan.append((Launch((t, w), (0, c), (0, half), "full"), Launch((0, t), (half, c), (0, c), "full")))
-    return plan
-
-
-def _striped_message(layout):
-    return (f"layout={layout!r} is not supported by production_ring_attention: its causal blocks interleave token "
-            "positions, which the fused kernels' top-left causal mask cannot express. Use layout='zigzag' (it "
-            "balances causal work too) or 'contiguous', or ringbook.ring_attention(layout='striped') to study it")
+__all__ = ["GatherMover", "production_plan", "production_ring_attention"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -125,51 +74,6 @@ def _layout_order(n: int, world: int, layout: str, device: str) -> torch.Tensor 
     if layout == "contiguous":
         return None
     return layout_positions(n, world, layout).reshape(-1).to(device)
-
-
-# The doubled K/V (one launch per step even where the held shards wrap round the ring) is used while its
-# extra copies take at most this fraction of the free memory; beyond, a wrapping launch is split in two
-# (at such sizes a second launch per step costs next to nothing). Held results of a merge group likewise.
-DOUBLED_KV_MAX_FRACTION = 0.1
-MERGE_GROUP = 8  # block results folded into the accumulator per pass (the Triton merge's MAX_BLOCKS)
-
-
-def _wraps(launch: Launch, t: int, world: int) -> bool:
-    """Whether the shards held by the launch's ranks at step t wrap past the last shard (rank r holds r − t)."""
-    r0, r1 = launch.ranks
-    return (r0 - t) % world + (r1 - r0) > world
-
-
-def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> list[Block]:
-    """The launch at step t as stacked block calls.
-
-    Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
-    stacked shards written twice (``[kv, kv]``) and the held shards are the
-    window starting at row ``(w − t) mod w`` of it: one block. Without, a
-    launch whose held shards wrap past the last one becomes two blocks
-    (two kernel calls) over the single copy.
-    """
-    b, w = batch, world
-    (r0, r1), qr, kr, causal = launch.ranks, launch.q, launch.kv, launch.kind == "causal"
-    if doubled:
-        base = (w - t) % w
-        return [Block((r0 * b, r1 * b), qr, ((base + r0) * b, (base + r1) * b), kr, causal)]
-    s0 = (r0 - t) % w
-    split = min(r1, r0 + (w - s0))  # ranks r0 … split−1 hold shards s0 … w−1; the rest hold 0 …
-    blocks = [Block((r0 * b, split * b), qr, (s0 * b, (s0 + split - r0) * b), kr, causal)]
-    if split < r1:
-        blocks.append(Block((split * b, r1 * b), qr, (0, (r1 - split) * b), kr, causal))
-    return blocks
-
-
-@functools.lru_cache(maxsize=256)
-def stacked_plan(n: int, world: int, batch: int, *, layout: str, causal: bool, doubled: bool,
-                 merge_group: int = 1, grad_group: int = 1) -> Plan:
-    """:func:`production_plan` as the engine's :class:`~ringbook.fast.engine.Plan` of stacked block calls."""
-    launches = production_plan(n, world, layout=layout, causal=causal)
-    steps = tuple(tuple(blk for launch in step for blk in _pieces(launch, t, world, batch, doubled))
-                  for t, step in enumerate(launches))
-    return Plan(steps, merge_group=merge_group, grad_group=grad_group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +95,7 @@ class _Stacking:
         """Inverse of :meth:`enter`, converting to ``dtype`` on the way: a view and a conversion, or one scatter.
 
         (A whole call is at most a couple of GiB of working memory, see
-        :data:`PARTS_MIN_EXTRA_BYTES`; a longer one writes its parts straight
+        ``Tuning.parts_min_extra_bytes``; a longer one writes its parts straight
         into the output.)
         """
         pattern = "(w b) c h d -> b (w c) h d" if dim == 1 else "(w b) h c -> b h (w c)"
@@ -202,33 +106,26 @@ class _Stacking:
         return torch.empty(x.shape, dtype=dtype, device=x.device).index_copy_(dim, self.order, x.to(dtype))
 
 
-@functools.lru_cache(maxsize=256)
-def _launch_shape(n: int, world: int, layout: str, causal: bool) -> bool:
-    """Whether some launch's held shards wrap past the last one (doubled K/V make it one call); cached per shape."""
-    launches = production_plan(n, world, layout=layout, causal=causal)
-    return world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
-
-
-def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: bool):
+def _start(n, world, batch, layout, causal, result_bytes, tuning: Tuning, k_st, v_st, backward: bool):
     """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
 
-    The forward folds up to :data:`MERGE_GROUP` block results per pass (any
-    rows: a causal step's half-blocks too), the backward sums as many blocks'
-    gradients per pass, while what is held (``result_bytes`` each at most per
-    result, three per block's gradients) fits in
-    :data:`DOUBLED_KV_MAX_FRACTION` of the free memory.
+    The forward folds up to ``tuning.merge_group`` block results per pass
+    (any rows: a causal step's half-blocks too), the backward sums as many
+    blocks' gradients per pass, while what is held (``result_bytes`` each at
+    most per result, three per block's gradients) fits in
+    ``tuning.doubled_kv_fraction`` of the free memory.
     """
-    spare = DOUBLED_KV_MAX_FRACTION * available_bytes(k_st.device) if world > 1 else 0.0  # read once per phase
+    spare = tuning.doubled_kv_fraction * available_bytes(k_st.device) if world > 1 else 0.0  # read once per phase
     doubled = False
-    if _launch_shape(n, world, layout, causal):  # some launch wraps
+    if wraps(n, world, layout, causal):  # some launch wraps
         extra = 2 * (k_st.nbytes + v_st.nbytes)
         if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
             extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
         doubled = extra <= spare
     group = 1
     if world > 1:  # forward: held (out, lse) results; backward: held (dq, dk, dv) of a block, about 3 results
-        group = int(max(1, min(MERGE_GROUP, 1 + spare // max((3 if backward else 1) * result_bytes, 1))))
-    plan = stacked_plan(n, world, batch, layout=layout, causal=causal, doubled=doubled,
+        group = int(max(1, min(tuning.merge_group, 1 + spare // max((3 if backward else 1) * result_bytes, 1))))
+    plan = stacked_plan(n, world, batch, k_st.shape[2], layout=layout, causal=causal, doubled=doubled,
                         merge_group=1 if backward else group, grad_group=group if backward else 1)
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
@@ -237,11 +134,9 @@ def _start(n, world, batch, layout, causal, result_bytes, k_st, v_st, backward: 
 
 # A whole call holds, besides its inputs and output, the stacked (zigzag) copies of q, k and v and a float32
 # accumulator of the whole output: about 2.25× cuDNN's peak at every length. Where that extra would pass
-# max(PARTS_MIN_EXTRA_BYTES, PARTS_EXTRA_FRACTION × (inputs + output)), the forward runs its query ranks in parts
-# instead, each with its own small accumulator and the K/V shards it holds at each step gathered per step
-# (at such lengths one gather per step costs well under 1% of the step's attention).
-PARTS_MIN_EXTRA_BYTES = 2 << 30
-PARTS_EXTRA_FRACTION = 0.25
+# max(tuning.parts_min_extra_bytes, tuning.parts_extra_fraction × (inputs + output)), the forward runs its query
+# ranks in parts instead, each with its own small accumulator and the K/V shards it holds at each step gathered per
+# step (at such lengths one gather per step costs well under 1% of the step's attention).
 
 
 class GatherMover(Mover):
@@ -273,23 +168,6 @@ def _gather_ranks(x: torch.Tensor, positions: torch.Tensor, ranks: list[int], di
     return rearrange(rows, "b h (r c) -> (r b) h c", r=len(ranks)).contiguous()
 
 
-@functools.lru_cache(maxsize=256)
-def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout: str, causal: bool,
-              merge_group: int = 1) -> Plan:
-    """:func:`production_plan` for the query ranks ``[g0, g1)`` alone, on K/V gathered for them (:class:`GatherMover`)."""
-    g0, g1 = ranks
-    steps = []
-    for step in production_plan(n, world, layout=layout, causal=causal):
-        blocks = []
-        for launch in step:
-            r0, r1 = max(launch.ranks[0], g0), min(launch.ranks[1], g1)
-            if r0 < r1:
-                rows = ((r0 - g0) * batch, (r1 - g0) * batch)
-                blocks.append(Block(rows, launch.q, rows, launch.kv, launch.kind == "causal"))
-        steps.append(tuple(blocks))
-    return Plan(tuple(steps), merge_group=merge_group)
-
-
 def _part_ranks(world: int, whole_extra: int, part_extra_per_rank: int, budget: float) -> int:
     """Ranks per part: ``world`` (run whole) if the whole call's extra memory fits the budget, else the largest
     divisor of the ring whose parts fit (1 at least)."""
@@ -299,24 +177,25 @@ def _part_ranks(world: int, whole_extra: int, part_extra_per_rank: int, budget: 
     return max(fitting, default=1)
 
 
-def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_bytes: int, q, k, v):
-    """None (run whole), or the parts of a long forward (see :data:`PARTS_EXTRA_FRACTION`)."""
+def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_bytes: int, tuning: Tuning, q, k, v):
+    """None (run whole), or the parts of a long forward (``tuning.parts_*``, above)."""
     out_bytes = q.nbytes
     acc_bytes = 4 * q.numel() + 4 * q.numel() // q.shape[3]  # float32 out and lse
     copies = 0 if layout == "contiguous" else q.nbytes + k.nbytes + v.nbytes
     whole_extra = copies + acc_bytes + result_bytes
-    budget = max(PARTS_MIN_EXTRA_BYTES, PARTS_EXTRA_FRACTION * (q.nbytes + k.nbytes + v.nbytes + out_bytes))
+    budget = max(tuning.parts_min_extra_bytes,
+                 tuning.parts_extra_fraction * (q.nbytes + k.nbytes + v.nbytes + out_bytes))
     # a part of one rank: its q, the K/V of a step (and the next one's), its accumulator and a held result
     per_rank = (q.nbytes + 2 * (k.nbytes + v.nbytes) + acc_bytes + result_bytes) // world
     size = _part_ranks(world, whole_extra, per_rank, budget)
     if size == world:
         return None
     positions = _positions_on(n, world, layout, str(q.device))
-    return _part_iter(n, world, batch, layout, causal, size, positions, q, k, v)
+    return _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v)
 
 
-def _part_iter(n, world, batch, layout, causal, size, positions, q, k, v):
-    group = min(MERGE_GROUP, 2 * world)
+def _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v):
+    group = min(tuning.merge_group, 2 * world)
     for g0 in range(0, world, size):
         ranks = list(range(g0, g0 + size))
         plan = part_plan(n, world, batch, (g0, g0 + size), layout=layout, causal=causal, merge_group=group)
@@ -340,7 +219,8 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               layout: str | None = None, segment_lengths: Sequence[int] | None = None,
                               dilation_rates: Sequence[int] | None = None, heads: str = "all",
                               scale: float | None = None, backend: str = "auto",
-                              graph: bool | str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                              graph: bool | str = "auto", tuning: Tuning | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
 
     Args:
@@ -364,6 +244,10 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             graph (one launch for the whole ring; checked against the eager
             call when captured, eager if capture fails); ``True``: at any
             size; ``False``: never (:func:`ringbook.fast.engine.run`).
+        tuning: the measured knobs (merge groups, overlap, the memory
+            budgets; :class:`ringbook.fast.tuning.Tuning`), None for the
+            defaults. They change how it runs, never what it computes
+            (beyond rounding).
 
     Returns:
         out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
@@ -380,9 +264,11 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     causal = check_bool(causal, "causal")
     check_backend(backend)
     graph = check_graph(graph)
+    tuning = check_tuning(tuning)
     if segment_lengths is not None or dilation_rates is not None:
         return _dilated(q, k, v, ring_size=ring_size, causal=causal, layout=layout, segment_lengths=segment_lengths,
-                        dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend, graph=graph)
+                        dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend, graph=graph,
+                        tuning=tuning)
     if heads != "all":
         raise ValueError(f"heads={heads!r} applies to dilated attention only (give segment_lengths and "
                          "dilation_rates); dense attention uses every head")
@@ -400,44 +286,20 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_layout(n, ring_size, layout)
     stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device)))
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
-    settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph)
-    job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes),
-              enter=stacking.enter, leave=stacking.leave,
+    settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph, tuning=tuning)
+    job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes, tuning),
+              enter=stacking.enter, leave=stacking.leave, enter_copies=stacking.order is not None,
               key=("production", n, ring_size, b, layout, causal, result_bytes, settings),
-              parts=functools.partial(_parts, n, ring_size, b, layout, causal, result_bytes))
+              parts=functools.partial(_parts, n, ring_size, b, layout, causal, result_bytes, tuning))
     return run(q, k, v, job)
 
 
 # --------------------------------------------------------------------------- dilated attention
 
-def segment_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False, q_start: int = 0,
-                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast kernel hook of :func:`ringbook.ring_dilated_attention`: batched segments ``(B m h d)``.
-
-    Dilated query ``i`` has index ``q_start + i`` in its segment; keys start
-    at 0. Non-causal: one call. Causal: the queries' own diagonal square
-    (keys ``q_start … q_start+m``, top-left mask) plus, when ``q_start > 0``,
-    every earlier key unmasked, merged by lse. Returns ``(out, lse)`` in the
-    accumulator dtype, as :func:`~ringbook.dilated.attend_segments` does.
-    """
-    m = q.shape[1]
-    work = compute_dtype(q.dtype)
-    if m == 0:
-        return q.new_zeros(q.shape, dtype=work), q.new_zeros((q.shape[0], q.shape[2], 0), dtype=work)
-    if not causal:
-        o, l = block_attention(q, k, v, scale=scale, causal=False, backend=backend)
-    else:
-        o, l = block_attention(q, k[:, q_start:q_start + m], v[:, q_start:q_start + m], scale=scale, causal=True,
-                               backend=backend)
-        if q_start > 0:
-            o2, l2 = block_attention(q, k[:, :q_start], v[:, :q_start], scale=scale, causal=False, backend=backend)
-            o, l = merge_partials(o.to(work), l.to(work), o2.to(work), l2.to(work))
-    return o.to(work), l.to(work)
-
-
-def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend, graph):
+def _dilated(q, k, v, *, ring_size, causal, layout, segment_lengths, dilation_rates, heads, scale, backend, graph,
+             tuning):
     if layout not in (None, "contiguous"):
         raise ValueError(f"dilated ring attention shards contiguously (segments are contiguous); got layout={layout!r}")
     return production_dilated_attention(q, k, v, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
                                         ring_size=ring_size, causal=causal, heads=heads, scale=scale, backend=backend,
-                                        graph=graph)
+                                        graph=graph, tuning=tuning)

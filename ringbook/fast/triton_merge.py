@@ -26,10 +26,10 @@ import triton.language as tl
 MAX_BLOCKS = 8  # block results one call folds in
 
 Box = tuple[int, int, int, int]  # batch rows [b0, b1) × sequence rows [n0, n1) of the accumulator
-# Launch shape of the two kernels: (elements per program along (rows × head_dim), warps). Few registers per thread
-# leave many programs resident and many loads in flight; tools/gpu_dense.py --sections tune measures the choices.
-LAUNCH = {"merge": (1024, 2), "add": (2048, 8)}  # measured on an H200: figures/production/gpu-dense-tune-h200.json
-# the boxes change from step to step: Triton must not compile a variant per value class of them
+# Launch shapes of the two kernels, (elements per program along (rows × head_dim), warps), are Tuning.merge_launch
+# and Tuning.add_launch: few registers per thread leave many programs resident and many loads in flight;
+# tools/gpu_dense.py --sections tune measures the choices.
+# The boxes change from step to step: Triton must not compile a variant per value class of them
 _BOX_ARGS = [f"{name}{j}" for j in range(MAX_BLOCKS) for name in ("b0", "b1", "n0", "n1")]
 
 
@@ -169,13 +169,13 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n
 
 def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
                              items: Sequence[tuple[Box, torch.Tensor, torch.Tensor]], *,
-                             initialise: bool = False) -> None:
+                             initialise: bool = False, launch: tuple[int, int] = (1024, 2)) -> None:
     """Fold up to :data:`MAX_BLOCKS` ``(box, out, lse)`` into the accumulators in one pass.
 
     ``out`` is ``(b1 − b0, n1 − n0, h, d)`` and ``lse`` ``(b1 − b0, h, n1 − n0)``
     (any strides, unit stride along head_dim); ``initialise``: the
     accumulators hold nothing yet (they are written, not read; rows no box
-    covers become 0 / -inf).
+    covers become 0 / -inf). ``launch``: (elements per program, warps), :attr:`ringbook.fast.tuning.Tuning.merge_launch`.
     """
     b, n, h, d = acc_out.shape
     if not 1 <= len(items) <= MAX_BLOCKS:
@@ -199,7 +199,7 @@ def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
-    elements, warps = LAUNCH["merge"]
+    elements, warps = launch
     block_r = max(1, elements // block_d)
     grid = (triton.cdiv(n_rows, block_r),)
     _merge_kernel[grid](acc_out, acc_lse, acc_out.stride(0), acc_out.stride(1), acc_out.stride(2),
@@ -257,11 +257,13 @@ def _add_kernel(acc_ptr, sa_b, sa_n, sa_h, n_rows, N, H,
     tl.store(acc_ptr + a_off, acc + total, mask=mask2)
 
 
-def add_boxes_into_triton_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]]) -> None:
+def add_boxes_into_triton_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.Tensor]], *,
+                           launch: tuple[int, int] = (2048, 8)) -> None:
     """``acc[box] += g`` for up to :data:`MAX_BLOCKS` ``(box, g)`` in one pass over the float32 ``acc``.
 
     ``g`` is ``(b1 − b0, n1 − n0, h, d)`` of any float dtype and strides (unit
-    stride along head_dim); boxes may overlap (their sums add up).
+    stride along head_dim); boxes may overlap (their sums add up). ``launch``:
+    :attr:`ringbook.fast.tuning.Tuning.add_launch`.
     """
     b, n, h, d = acc.shape
     if not 1 <= len(items) <= MAX_BLOCKS:
@@ -280,7 +282,7 @@ def add_boxes_into_triton_(acc: torch.Tensor, items: Sequence[tuple[Box, torch.T
     if n_rows == 0:
         return
     block_d = triton.next_power_of_2(d)
-    elements, warps = LAUNCH["add"]
+    elements, warps = launch
     block_r = max(1, elements // block_d)
     _add_kernel[(triton.cdiv(n_rows, block_r),)](acc, acc.stride(0), acc.stride(1), acc.stride(2), n_rows, n, h,
                                                  *args, D=d, BLOCK_D=block_d, BLOCK_R=block_r, G=len(items),

@@ -1,0 +1,357 @@
+"""Every plan of the ring engine, in one place, lowered from the one schedule.
+
+:func:`ringbook.schedule.ring_schedule` says, for each step t and rank r,
+which (query piece, key piece) blocks are computed and which are skipped. The
+engine runs a :class:`~ringbook.fast.engine.Plan` of block calls. Lowering the
+one into the other is :func:`rank_calls`: per (step, rank), the fewest kernel
+calls that compute exactly the schedule's blocks —
+
+* a rank's own shard (step 0) with ``causal``: one top-left causal call over
+  the whole shard (every layout's positions increase along its shard, so the
+  kernels' mask is exact, and it masks the skipped blocks);
+* any other causal block: a top-left causal call where its position mask is
+  the kernels' (striped, from an earlier rank), else a call with the token
+  positions (:class:`~ringbook.fast.blocks.Positions`, the einops path);
+* full blocks merged while their union is a rectangle (a zigzag step's two
+  half-blocks become one call).
+
+The plans built from those calls:
+
+* :func:`production_plan` — the one-process ring as launches: ranks whose
+  calls are the same at a step run as one batched call (:class:`Launch`);
+* :func:`stacked_plan` — those launches on the ranks stacked in the batch
+  (:class:`~ringbook.fast.engine.StackedMover`); :func:`part_plan` — the
+  same for a share of the query ranks (a long forward run in parts);
+* :func:`rank_plan` — one rank's row, for a rank of a process group;
+* :func:`stacked_dilated_plan` / :func:`rank_dilated_plan` — dilated attention
+  as gathered blocks (:mod:`ringbook.fast.dilated`), from
+  :func:`ringbook.ring_dilated.dilated_ring_plan`.
+
+Each plan carries its traffic as data (``Plan.sent``, ``received``,
+``grad_sent``: K vectors per batch row), and its work per step is
+``Plan.work(batch, heads)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from .._utils import check_bool, check_positive_int
+from ..schedule import check_layout, layout_positions, ring_schedule
+from .blocks import CAUSAL, FULL, Block, Positions, box
+from .engine import Plan
+
+PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
+Rows = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One kernel call of a rank at a step: query rows × key rows of the held shard, and its mask."""
+
+    q: Rows
+    kv: Rows
+    kind: str  # "full", "causal" (top-left: a diagonal block) or "positions" (the mask by token positions)
+
+
+def _top_left(qp: torch.Tensor, kp: torch.Tensor) -> bool:
+    """Whether ``k_pos ≤ q_pos`` is the top-left causal mask: square, key i the last one query i sees."""
+    return qp.numel() == kp.numel() and bool((kp[1:] > kp[:-1]).all()) and torch.equal(
+        torch.searchsorted(kp, qp, right=True), torch.arange(1, qp.numel() + 1))
+
+
+def _merge_full(calls: list[Call]) -> list[Call]:
+    """Full calls merged while two of them share their key rows and abut in query rows, or the other way round."""
+    calls = list(calls)
+    merged = True
+    while merged:
+        merged = False
+        for i, a in enumerate(calls):
+            for j, b in enumerate(calls):
+                if i == j or a.kind != "full" or b.kind != "full":
+                    continue
+                if a.kv == b.kv and a.q[1] == b.q[0]:
+                    new = Call((a.q[0], b.q[1]), a.kv, "full")
+                elif a.q == b.q and a.kv[1] == b.kv[0]:
+                    new = Call(a.q, (a.kv[0], b.kv[1]), "full")
+                else:
+                    continue
+                calls = [x for x_i, x in enumerate(calls) if x_i not in (i, j)]
+                calls.insert(min(i, j), new)
+                merged = True
+                break
+            if merged:
+                break
+    return calls
+
+
+@functools.lru_cache(maxsize=128)
+def rank_calls(n: int, world: int, layout: str, causal: bool) -> tuple[tuple[tuple[Call, ...], ...], ...]:
+    """``calls[t][r]``: rank r's kernel calls at step t, lowered from :func:`~ringbook.schedule.ring_schedule`.
+
+    (Module docstring.) Positions of a ``"positions"`` call are
+    ``layout_positions(n, world, layout)[r][q]`` and ``[(r − t) mod w][kv]``.
+    """
+    positions = layout_positions(n, world, layout)
+    c = n // world
+    out = []
+    for row in ring_schedule(n, world, layout=layout, causal=causal):
+        steps = []
+        for step in row:
+            if causal and step.blocks and step.kv_rank == step.rank:
+                steps.append((Call((0, c), (0, c), "causal"),))  # the own shard: positions increase along it
+                continue
+            calls = []
+            for blk in step.blocks:
+                if blk.kind != "causal":
+                    calls.append(Call(blk.q, blk.kv, "full"))
+                    continue
+                qp = positions[step.rank, blk.q[0]:blk.q[1]]
+                kp = positions[step.kv_rank, blk.kv[0]:blk.kv[1]]
+                calls.append(Call(blk.q, blk.kv, "causal" if _top_left(qp, kp) else "positions"))
+            steps.append(tuple(_merge_full(calls)))
+        out.append(tuple(steps))
+    return tuple(out)
+
+
+def _ring_traffic(n: int, world: int, kv_heads: int) -> dict:
+    """A ring's traffic per rank (K vectors per batch row): its shard w − 1 hops on; dK/dV w hops (the last home)."""
+    shard = n // world * kv_heads
+    return {"sent": (shard,) * (world - 1) + (0,), "received": (shard,) * (world - 1) + (0,),
+            "grad_sent": (shard,) * world if world > 1 else (0,)}
+
+
+# --------------------------------------------------------------------------- one process: ranks stacked in the batch
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One batched kernel call of a ring step: ranks ``[r0, r1)`` at once, rows ``q`` × ``kv`` of their shards."""
+
+    ranks: tuple[int, int]
+    q: Rows  # query rows inside each rank's shard
+    kv: Rows  # key rows inside the held shard
+    kind: str  # "full" or "causal" (diagonal: the same positions, top-left mask)
+
+
+def _striped_message(layout: str) -> str:
+    return (f"layout={layout!r} is not supported by production_ring_attention: its causal blocks interleave token "
+            "positions, which the fused kernels' top-left causal mask cannot express. Use layout='zigzag' (it "
+            "balances causal work too) or 'contiguous', or ringbook.ring_attention(layout='striped') to study it")
+
+
+def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
+    """``plan[t]``: the batched kernel calls (:class:`Launch`) of ring step t of the one-process ring.
+
+    Lowered from the schedule (:func:`rank_calls`): at step t, consecutive
+    ranks whose calls are the same run as one launch. So rank r, holding the
+    shard that started on rank ``(r − t) mod w``, does:
+
+    * non-causal (any layout): one call, all ranks, every row × every key;
+    * causal, step 0: one diagonal causal call over the whole shard;
+    * causal, contiguous, step t > 0: ranks ``t … w−1`` (shard from an
+      earlier rank) see all of it; ranks before t skip it (never computed);
+    * causal, zigzag (rank r holds chunks r and 2w−1−r, each ``c/2``), step
+      t > 0: ranks ``0 … t−1`` attend the second half of their queries to
+      all of it, ranks ``t … w−1`` all their queries to its first half.
+    """
+    check_positive_int(n, "n")
+    causal = check_bool(causal, "causal")
+    check_layout(n, ring_size, layout)
+    if layout not in PRODUCTION_LAYOUTS:
+        raise ValueError(_striped_message(layout))
+    plan = []
+    for row in rank_calls(n, ring_size, layout, causal):
+        launches, r0 = [], 0
+        for r in range(1, ring_size + 1):
+            if r == ring_size or row[r] != row[r0]:
+                launches += [Launch((r0, r), call.q, call.kv, call.kind) for call in row[r0]]
+                r0 = r
+        plan.append(tuple(launches))
+    return plan
+
+
+def _wraps(launch: Launch, t: int, world: int) -> bool:
+    """Whether the shards held by the launch's ranks at step t wrap past the last shard (rank r holds r − t)."""
+    r0, r1 = launch.ranks
+    return (r0 - t) % world + (r1 - r0) > world
+
+
+def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> list[Block]:
+    """The launch at step t as stacked block calls.
+
+    Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
+    stacked shards written twice (``[kv, kv]``) and the held shards are the
+    window starting at row ``(w − t) mod w`` of it: one block. Without, a
+    launch whose held shards wrap past the last one becomes two blocks
+    (two kernel calls) over the single copy.
+    """
+    b, w = batch, world
+    (r0, r1), qr, kr = launch.ranks, launch.q, launch.kv
+    kernel = CAUSAL if launch.kind == "causal" else FULL
+    if doubled:
+        base = (w - t) % w
+        return [box(qr, kr, q_batch=(r0 * b, r1 * b), kv_batch=((base + r0) * b, (base + r1) * b), kernel=kernel)]
+    s0 = (r0 - t) % w
+    split = min(r1, r0 + (w - s0))  # ranks r0 … split−1 hold shards s0 … w−1; the rest hold 0 …
+    blocks = [box(qr, kr, q_batch=(r0 * b, split * b), kv_batch=(s0 * b, (s0 + split - r0) * b), kernel=kernel)]
+    if split < r1:
+        blocks.append(box(qr, kr, q_batch=(split * b, r1 * b), kv_batch=(0, (r1 - split) * b), kernel=kernel))
+    return blocks
+
+
+@functools.lru_cache(maxsize=256)
+def wraps(n: int, world: int, layout: str, causal: bool) -> bool:
+    """Whether some launch's held shards wrap past the last one (doubled K/V make it one call); cached per shape."""
+    launches = production_plan(n, world, layout=layout, causal=causal)
+    return world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
+
+
+@functools.lru_cache(maxsize=256)
+def stacked_plan(n: int, world: int, batch: int, kv_heads: int, *, layout: str, causal: bool, doubled: bool,
+                 merge_group: int = 1, grad_group: int = 1) -> Plan:
+    """:func:`production_plan` as the engine's :class:`~ringbook.fast.engine.Plan` of stacked block calls.
+
+    Its traffic is what each rank of a real ring would send (one process moves nothing).
+    """
+    launches = production_plan(n, world, layout=layout, causal=causal)
+    steps = tuple(tuple(blk for launch in step for blk in _pieces(launch, t, world, batch, doubled))
+                  for t, step in enumerate(launches))
+    return Plan(steps, merge_group=merge_group, grad_group=grad_group, **_ring_traffic(n, world, kv_heads))
+
+
+@functools.lru_cache(maxsize=256)
+def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout: str, causal: bool,
+              merge_group: int = 1) -> Plan:
+    """:func:`production_plan` for the query ranks ``[g0, g1)`` alone, on K/V gathered for them
+    (:class:`ringbook.fast.stacked.GatherMover`)."""
+    g0, g1 = ranks
+    steps = []
+    for step in production_plan(n, world, layout=layout, causal=causal):
+        blocks = []
+        for launch in step:
+            r0, r1 = max(launch.ranks[0], g0), min(launch.ranks[1], g1)
+            if r0 < r1:
+                rows = ((r0 - g0) * batch, (r1 - g0) * batch)
+                blocks.append(box(launch.q, launch.kv, q_batch=rows, kv_batch=rows,
+                                  kernel=CAUSAL if launch.kind == "causal" else FULL))
+        steps.append(tuple(blocks))
+    return Plan(tuple(steps), merge_group=merge_group)
+
+
+# --------------------------------------------------------------------------- one rank of a process group
+
+@functools.lru_cache(maxsize=64)
+def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
+              device: str = "cpu", merge_group: int = 1, grad_group: int = 1) -> Plan:
+    """This rank's row of :func:`rank_calls` as the engine's :class:`~ringbook.fast.engine.Plan` (all batch rows).
+
+    Step t attends the shard held then (the one that started on rank
+    ``(rank − t) mod w``). A causal call the kernels' top-left mask cannot
+    express carries its token positions (on ``device``) and runs on the
+    einops path. ``kv_heads`` only scales the traffic the plan reports.
+    Built once per call shape (on the CPU).
+    """
+    positions = layout_positions(n, world, layout)
+    steps = []
+    for t, row in enumerate(rank_calls(n, world, layout, causal)):
+        src = (rank - t) % world
+        blocks = []
+        for call in row[rank]:
+            kernel = {"full": FULL, "causal": CAUSAL}.get(call.kind)
+            if kernel is None:
+                kernel = Positions(positions[rank, call.q[0]:call.q[1]].to(device),
+                                   positions[src, call.kv[0]:call.kv[1]].to(device))
+            blocks.append(box(call.q, call.kv, kernel=kernel))
+        steps.append(tuple(blocks))
+    return Plan(tuple(steps), merge_group=merge_group, grad_group=grad_group, **_ring_traffic(n, world, kv_heads))
+
+
+# --------------------------------------------------------------------------- dilated attention: gathered blocks
+
+@functools.lru_cache(maxsize=128)
+def stacked_dilated_plan(n: int, num_heads: int, kv_heads: int, pairs: tuple, patterns: tuple, *, causal: bool,
+                         device: str) -> Plan:
+    """The one-process dilated plan: one step, one gathered block per pair over every segment.
+
+    ``pairs`` ``((s, r), …)`` and ``patterns`` (:func:`ringbook.dilated.pair_heads`,
+    as tuples). A pair's block writes its heads' rows if no earlier pair used
+    those heads (grouped heads), else merges into them. The ring size changes
+    where the rows live, not what is computed (:mod:`ringbook.fast.dilated`),
+    so this plan has no ring size and moves nothing.
+    """
+    from .dilated import gather_spec, gathered_block, head_slots
+
+    blocks, seen = [], set()
+    for (seg, r), (hs, offs) in zip(pairs, patterns):
+        slots = head_slots(hs, offs, num_heads // kv_heads)
+        spec = gather_spec(seg, r, slots, q_at=0, kv_at=0, count=n // seg, q_rows=(0, seg // r),
+                           kv_rows=(0, seg // r), first=not (seen & set(hs)), device=device)
+        seen |= set(hs)
+        blocks.append(gathered_block(spec, causal=causal))
+    return Plan((tuple(blocks),))
+
+
+def dilated_window(plan, rank: int) -> tuple[int, int]:
+    """Token range ``[lo, hi)`` of the K/V rows a rank's dilated blocks read: its shard and its segments' other pieces.
+
+    ``plan``: a :class:`ringbook.ring_dilated.DilatedRingPlan`. Causal: no key
+    after the shard's end is ever seen, so the window ends there.
+    """
+    c = plan.shard_len
+    base = rank * c
+    lo = min(base // seg * seg for seg, _ in plan.pairs)
+    hi = base + c if plan.causal else max(-(-(base + c) // seg) * seg for seg, _ in plan.pairs)
+    return lo, hi
+
+
+@functools.lru_cache(maxsize=256)
+def rank_dilated_plan(plan, rank: int, kv_group: int, device: torch.device | str, traffic: tuple = ((), (), ())
+                      ) -> Plan:
+    """One rank's gathered blocks of a :class:`~ringbook.ring_dilated.DilatedRingPlan`: one step, blocks per pair.
+
+    Per pair: one block over the run of segments inside the shard, and one
+    per spanning segment over the rank's piece of it — queries from the
+    shard, keys from the window (:func:`dilated_window`): the whole segment,
+    or with ``causal`` the pieces up to this rank's (its diagonal square,
+    masked, plus the earlier pieces unmasked). At most three blocks per pair
+    (five causal), whatever the number of segments. ``traffic``:
+    ``(sent, received, grad_sent)`` of its one step, from the exchange's routes
+    (:func:`ringbook.distributed.dilated.routes`). Cached per call shape: the
+    walk over the segments runs once, not per call.
+    """
+    from .dilated import gather_spec, gathered_block, head_slots
+
+    c, base = plan.shard_len, rank * plan.shard_len
+    lo, _ = dilated_window(plan, rank)
+    blocks, seen = [], set()
+    for p, ((seg_len, r), (hs, offs)) in enumerate(zip(plan.pairs, plan.patterns)):
+        slots = head_slots(hs, offs, kv_group)
+        first = not (seen & set(hs))
+        seen |= set(hs)
+        m = seg_len // r
+        segs = plan.segments_on(rank, p)
+        local = [s for s in segs if s.kind == "local"]
+        if local:
+            spec = gather_spec(seg_len, r, slots, q_at=local[0].start - base, kv_at=local[0].start - lo,
+                               count=len(local), q_rows=(0, m), kv_rows=(0, m), first=first, device=device)
+            blocks.append(gathered_block(spec, causal=plan.causal))
+        for s in segs:
+            if s.kind == "local":
+                continue
+            a, z = s.piece(rank, c)
+            rows = ((a - s.start) // r, (z - s.start) // r)
+            common = dict(q_at=s.start - base, kv_at=s.start - lo, count=1, q_rows=rows, device=device)
+            if not plan.causal:
+                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, m), first=first, **common),
+                                             causal=False))
+                continue
+            blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=rows, first=first, **common),
+                                         causal=True))
+            if rows[0] > 0:  # the earlier pieces, all before this rank's queries
+                blocks.append(gathered_block(gather_spec(seg_len, r, slots, kv_rows=(0, rows[0]), first=False,
+                                                         **common), causal=False))
+    sent, received, grad_sent = traffic
+    return Plan((tuple(blocks),), sent=sent, received=received, grad_sent=grad_sent)
