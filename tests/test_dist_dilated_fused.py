@@ -58,6 +58,9 @@ def _reference(config, causal, hk):
     return out.detach(), lse.detach(), [x.grad for x in xs]
 
 
+RATE = {2: 8, 3: 3, 4: 4}  # per world: divides the segment (24), not the shard length
+
+
 def _rank(rank, world):
     results = {}
     sent = []
@@ -85,11 +88,18 @@ def _rank(rank, world):
     torch.distributed.batch_isend_irecv = original
     q, k, v, _ = _inputs(H)
     qs, ks, vs = (rd.shard(x, rank, world) for x in (q, k, v))
-    rate = {2: 8, 3: 3, 4: 4}[world]  # divides the segment (24), not the shard
-    results["rate"] = refusal(lambda: dd.ring_dilated_attention(qs, ks, vs, segment_lengths=[24], dilation_rates=[rate],
-                                                                backend="auto", timeout=30))
+    rate = RATE[world]  # divides the segment (24), not the shard: strided blocks
+    for causal in (False, True):
+        q, k, v, dout = _inputs(2)
+        xs = [rd.shard(x, rank, world).requires_grad_() for x in (q, k, v)]
+        out, lse = dd.ring_dilated_attention(*xs, segment_lengths=[24], dilation_rates=[rate], causal=causal,
+                                             timeout=30)
+        _loss(out, lse, rd.shard(dout, rank, world)).backward()
+        results[("rate", causal)] = {"out": out.detach(), "lse": lse.detach(), "grads": [x.grad for x in xs]}
+    q, k, v, _ = _inputs(H)
+    qs, ks, vs = (rd.shard(x, rank, world) for x in (q, k, v))
     results["disagree"] = refusal(lambda: dd.ring_dilated_attention(qs, ks, vs, segment_lengths=[6], dilation_rates=[2],
-                                                                    backend="auto" if rank else None, timeout=30))
+                                                                    backend="auto" if rank else "einops", timeout=30))
     results["unknown"] = refusal(lambda: dd.ring_dilated_attention(qs, ks, vs, segment_lengths=[6], dilation_rates=[2],
                                                                    backend="fast", timeout=30))
     return results
@@ -131,9 +141,26 @@ def test_fused_matches_one_process_dilated_attention_float64(fused_world):
 
 
 @pytest.mark.slow
+def test_a_rate_that_does_not_divide_the_shard_is_exact(fused_world):
+    """Pieces of a spanning segment that start between kept rows run as strided blocks, one per offset."""
+    world, results = fused_world
+    c = N // world
+    for causal in (False, True):
+        out, lse, grads = _reference(([24], [RATE[world]], "all"), causal, 2)
+        for rank, res in enumerate(results):
+            got, rows = res[("rate", causal)], slice(rank * c, (rank + 1) * c)
+            assert torch.equal(torch.isneginf(got["lse"]), torch.isneginf(lse[:, :, rows]))
+            fin = torch.isfinite(lse[:, :, rows])
+            assert torch.allclose(got["lse"][fin], lse[:, :, rows][fin], atol=1e-10, rtol=1e-10)
+            assert torch.allclose(got["out"], out[:, rows], atol=1e-10, rtol=1e-10)
+            for g, r in zip(got["grads"], grads):
+                assert torch.allclose(g, r[:, rows], atol=1e-10, rtol=1e-10), (rank, causal, (g - r[:, rows]).abs().max())
+
+
+@pytest.mark.slow
 def test_fused_refusals_on_every_rank(fused_world):
     world, results = fused_world
     for rank, res in enumerate(results):
-        assert res["rate"]["type"] == "ValueError" and "divide the shard length" in res["rate"]["msg"], res["rate"]
         assert res["disagree"]["type"] == "ValueError" and "same backend" in res["disagree"]["msg"], res["disagree"]
-        assert res["unknown"]["type"] == "ValueError" and "backend must be None" in res["unknown"]["msg"], res["unknown"]
+        assert res["unknown"]["type"] == "ValueError" and "backend must be one of" in res["unknown"]["msg"], \
+            res["unknown"]

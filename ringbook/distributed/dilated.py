@@ -26,20 +26,21 @@ so a call posts at most one send and one receive per peer, in a single
 could deadlock). Both ends compute the buffer's layout from the plan, so no
 sizes travel.
 
-Backward: a custom autograd Function. The forward keeps the local graph —
-leaves for q, k, v and for the received pieces — so the backward is that
-graph's backward plus the reverse exchange: each rank sends the dK/dV of
-the pieces it received back to their owners and adds what comes back for
-the pieces it sent (gradient of the rows they were gathered from). The
-reverse exchange moves exactly the bytes of the forward, the other way.
-A rank whose outputs depend on nothing (no query of its shard is kept by
-any pattern) still takes part in the reverse exchange and gets zero
-gradients. The forward's graph serves the first backward and is then
-freed; a later backward of a retained graph (``retain_graph=True``,
-``torch.autograd.gradcheck``) rebuilds it from the saved shards and
-received pieces, with no forward messages, and gives the same gradients.
-Once differentiable: ``create_graph=True`` (double backward) is refused
-with a RuntimeError on every rank that asks for it, before any message.
+It runs on the ring engine (:mod:`ringbook.fast.engine`), as the dense
+ring does: the plan is this rank's gathered blocks
+(:func:`ringbook.fast.plans.rank_dilated_plan`: one step, at most a few
+blocks per pair), and the mover (:class:`DilatedMover`) builds a K/V window
+of the rank's shard and the dilated rows it receives, in one batched
+exchange. Backward (the engine's one autograd Function): the exchange again,
+each block's gradients from the global out and lse, then the reverse
+exchange: each rank sends the dK/dV of the rows it received back to their
+owners and adds what comes back for the rows it sent — exactly the bytes of
+the forward, the other way. A rank whose outputs depend on nothing (no query
+of its shard is kept by any pattern) still takes part and gets zero
+gradients. ``retain_graph=True`` and repeated backward work (only q, k, v,
+out and lse are kept). Once differentiable: ``create_graph=True`` (double
+backward) is refused with a RuntimeError on every rank that asks for it,
+before any message.
 
 Guarantees, as :func:`ringbook.distributed.ring_attention`: every wait has a
 deadline (``timeout=``, default ``$RINGBOOK_P2P_TIMEOUT`` or 60 s) after
@@ -62,13 +63,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, refuse_double_backward, resolve_scale
+from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
 from ..fast.engine import Job, Mover, Settings, run
 from ..fast.kernels import BACKENDS
 from ..fast.plans import dilated_window as _window
 from ..fast.plans import rank_dilated_plan
-from ..online_softmax import merge_partials
-from ..ring_dilated import DilatedRingPlan, _count, _dilated_rows, _offset_groups, _rank_pair, dilated_ring_plan
+from ..fast.tuning import Tuning, check_tuning
+from ..ring_dilated import DilatedRingPlan, _count, _offset_groups, dilated_ring_plan
 from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
 
 FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
@@ -104,24 +105,6 @@ def _piece_rows(plan: DilatedRingPlan, seg, rank: int, o: int) -> int:
     """Kept rows (offset ``o``) of ``rank``'s piece of ``seg``."""
     a, z = seg.piece(rank, plan.shard_len)
     return _count(a - seg.start, z - seg.start, o, plan.pairs[seg.pair][1])
-
-
-def _pack(k, v, pieces, plan, rank):
-    """One flat buffer: K then V rows of each piece of ``rank``'s own shard, in ``pieces`` order."""
-    parts = []
-    for seg, o, hs in pieces:
-        r = plan.pairs[seg.pair][1]
-        parts += [_dilated_rows(x, seg, rank, plan, o, r, list(hs))[0].reshape(-1) for x in (k, v)]
-    return torch.cat(parts)
-
-
-def _unpack(flat, pieces, plan, sender, b, d):
-    """Inverse of :func:`_pack` for a buffer from ``sender``: ``{(pair, segment, offset): (k, v)}``, ``b m h d``."""
-    shapes = [(b, _piece_rows(plan, seg, sender, o), len(hs), d) for seg, o, hs in pieces]
-    sizes = [s[0] * s[1] * s[2] * s[3] for s in shapes for _ in (0, 1)]
-    chunks = flat.split(sizes)
-    return {(seg.pair, seg.index, o): (chunks[2 * i].view(shapes[i]), chunks[2 * i + 1].view(shapes[i]))
-            for i, (seg, o, _) in enumerate(pieces)}
 
 
 def _numel(pieces, plan, sender, b, d) -> int:
@@ -182,9 +165,8 @@ def _fingerprint(x) -> int:
 def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring, allow_gqa: bool = False) -> float:
     """All-gather a few ints per rank; refuse on every rank inputs that do not fit together. Returns the scale."""
     try:
-        if options.get("backend") is not None and options["backend"] not in BACKENDS:
-            raise ValueError(f"backend must be None (the einops form) or one of {BACKENDS}, got "
-                             f"{options['backend']!r}")
+        if options.get("backend") not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
         check_qkv(q, k, v, allow_gqa=allow_gqa)
         check_bool(causal, "causal")
         if k.shape[1] != q.shape[1]:
@@ -225,135 +207,19 @@ def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring, allow_g
     return scale
 
 
-# --------------------------------------------------------------------------- math (one rank)
-
-
-def _attend(q, k, v, received: dict, plan: DilatedRingPlan, scale: float, rank: int):
-    """This rank's ``(out, lse)`` from its own shard and the pieces it received (``{peer: {key: (k, v)}}``).
-
-    Builds the inbox of :func:`ringbook.ring_dilated_attention` (each exchanged
-    segment's dilated K/V in sequence order, this rank's own piece cut from
-    its shard) and runs the same per-rank computation.
-    """
-    inbox = {}
-    for seg in plan.segments:
-        if seg.kind == "local" or rank not in seg.ranks:
-            continue
-        me = seg.ranks.index(rank)
-        r = plan.pairs[seg.pair][1]
-        for o, hs in _offset_groups(*plan.patterns[seg.pair]).items():
-            parts = []
-            for i, peer in enumerate(seg.ranks[:me + 1] if plan.causal else seg.ranks):
-                if peer == rank:
-                    parts.append(tuple(_dilated_rows(x, seg, rank, plan, o, r, hs)[0] for x in (k, v)))
-                else:
-                    parts.append(received[peer][(seg.pair, seg.index, o)])
-            inbox[(rank, seg.pair, seg.index, o)] = tuple(torch.cat([p[j] for p in parts], dim=1) for j in (0, 1))
-    out = lse = None
-    for p in range(len(plan.pairs)):
-        o_p, l_p = _rank_pair(rank, p, q, k, v, inbox, plan, scale, plan.causal)
-        out, lse = (o_p, l_p) if out is None else merge_partials(out, lse, o_p, l_p)
-    return out.to(q.dtype), lse.to(compute_dtype(q.dtype))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Setup:
     ring: _Ring
     plan: DilatedRingPlan
     scale: float
-    grad: bool  # whether this rank keeps a graph (autograd on and q, k or v requires grad)
     kv_grad: bool  # the same on every rank (checked): whether backward runs the reverse exchange
-
-
-def _local_graph(q, k, v, setup: _Setup, flats=None):
-    """This rank's local computation, on leaves: ``(leaves, flats, sent, out, lse)``.
-
-    ``flats`` (``{peer: flat}``, what each peer sent) given: no communication,
-    the received buffers become leaves too — the backward's recomputation.
-    Not given: the forward, delivering the pieces this rank sends and
-    receiving its peers' (``flats`` then holds only peers that sent rows).
-    """
-    plan, rank = setup.plan, setup.ring.rank
-    b, _, _, d = q.shape
-    send, recv = _cached_routes(plan, rank)  # read only: shared between calls
-    grad = setup.grad
-    with torch.enable_grad() if grad else torch.no_grad():
-        leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
-        sent = {p: _pack(leaves[1], leaves[2], pieces, plan, rank) for p, pieces in send.items()}
-        if flats is None:
-            flats = _deliver({p: t.detach() for p, t in sent.items()},
-                             {p: _numel(pieces, plan, p, b, d) for p, pieces in recv.items()},
-                             k, setup.ring, FORWARD_TAG, "forward")
-        flats = {p: f.detach().requires_grad_(grad) for p, f in flats.items()}
-        received = {p: _unpack(flats.get(p, k.new_empty(0)), pieces, plan, p, b, d)
-                    for p, pieces in recv.items()}
-        out, lse = _attend(*leaves, received, plan, setup.scale, rank)
-    return leaves, flats, sent, out, lse
-
-
-def _grad(outputs, inputs, grad_outputs):
-    """``torch.autograd.grad`` over the outputs that depend on anything (None for an input nothing reaches).
-
-    A rank none of whose queries a pattern keeps has outputs that are
-    constants — out 0, lse -inf — and no graph: its gradients are zeros (and
-    it still sends zeros home for the pieces it received), not an error.
-    """
-    pairs = [(t, g) for t, g in zip(outputs, grad_outputs) if t.requires_grad]
-    if not pairs:
-        return (None,) * len(inputs)
-    return torch.autograd.grad([t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
-
-
-class _RingDilatedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, setup: _Setup):
-        leaves, flats, sent, out, lse = _local_graph(q, k, v, setup)
-        if setup.grad:
-            # The graph just built serves the first backward; a later one (retain_graph=True, gradcheck)
-            # rebuilds it from the saved shards and received buffers, with no communication. Saved
-            # through save_for_backward, so a backward after the graph was freed gets autograd's own error.
-            ctx.graph = (leaves, flats, sent, out, lse)
-            ctx.peers = tuple(flats)
-            ctx.save_for_backward(q, k, v, *(f.detach() for f in flats.values()))
-            ctx.setup = setup
-        return out.detach(), lse.detach()
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        # Before any message: every rank that asks for create_graph refuses here, none waits on the exchange.
-        refuse_double_backward(
-            "ringbook.distributed.ring_dilated_attention (distributed ring_dilated_attention)",
-            "the reverse exchange: the dK/dV of the pieces other ranks received arrive as messages, which "
-            "autograd cannot differentiate", "For second derivatives use ringbook.ring_dilated_attention in one "
-            "process (einops, twice differentiable).")
-        saved = ctx.saved_tensors  # raises autograd's error if the graph was freed by an earlier backward
-        setup = ctx.setup
-        graph, ctx.graph = ctx.graph, None  # the graph of the forward is used once, then freed
-        if graph is None:
-            graph = _local_graph(*saved[:3], setup, flats=dict(zip(ctx.peers, saved[3:])))
-        (q, k, v), flats, sent, out, lse = graph
-        del graph
-        peers = list(flats)
-        with torch.no_grad():
-            grads = _grad((out, lse), (q, k, v, *flats.values()), (dout, dlse))
-            dq, dk, dv = (torch.zeros_like(x) if g is None else g for x, g in zip((q, k, v), grads[:3]))
-            if setup.kv_grad:
-                # dK/dV of the received pieces go home; those of the pieces this rank sent come back.
-                back = {p: torch.zeros_like(flats[p]) if g is None else g for p, g in zip(peers, grads[3:])}
-                home = _deliver(back, {p: t.numel() for p, t in sent.items()}, k, setup.ring, BACKWARD_TAG,
-                                "backward")
-                sent = {p: t for p, t in sent.items() if t.numel()}
-                if sent:
-                    dk_s, dv_s = _grad(tuple(sent.values()), (k, v), tuple(home[p] for p in sent))
-                    dk = dk if dk_s is None else dk + dk_s
-                    dv = dv if dv_s is None else dv + dv_s
-        return dq, dk, dv, None
 
 
 def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, segment_lengths: Sequence[int],
                            dilation_rates: Sequence[int], causal: bool = False, heads: str = "all",
                            group: dist.ProcessGroup | None = None, scale: float | None = None,
-                           timeout: float | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           timeout: float | None = None, backend: str = "einops",
+                           tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention (equation (D)) over the shards held by the ranks of ``group``. Returns ``(out, lse)``.
 
     Args:
@@ -364,14 +230,16 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             :func:`ringbook.dilated_attention` (each ``w`` must divide ``n``).
         group: the process group (default: the world).
         timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
-        backend: ``None`` (default): the einops form, this rank's part of
-            :func:`ringbook.ring_dilated_attention` with autograd's graph
-            (the reading path; any configuration). ``"auto"`` (or a backend
-            of :data:`ringbook.fast.kernels.BACKENDS`): the ring engine's
-            gathered blocks (:func:`rank_dilated_plan`, :class:`DilatedMover`)
-            with PyTorch's fused kernels on CUDA (einops blocks elsewhere),
-            k/v may then have fewer heads than q (grouped-query attention);
-            it needs each dilation rate to divide the shard length.
+        backend: the block kernel, as for :func:`ringbook.distributed.ring_attention`:
+            ``"einops"`` (default; the reading path's kernels) or ``"auto"``
+            (or a backend of :data:`ringbook.fast.kernels.BACKENDS`:
+            PyTorch's fused kernels on CUDA, einops blocks elsewhere). Either
+            runs on the ring engine: this rank's gathered blocks
+            (:func:`ringbook.fast.plans.rank_dilated_plan`) and the exchange of
+            :class:`DilatedMover`; k/v may have fewer heads than q
+            (grouped-query attention); any configuration (a rate that does
+            not divide the shard length gives strided blocks).
+        tuning: :class:`ringbook.fast.tuning.Tuning` (None: the defaults).
 
     Returns:
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
@@ -403,16 +271,19 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")
     options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads,
                "backend": backend, "kv heads": k.shape[2] if k.dim() == 4 else None}
-    scale = _check_agreement(q, k, v, causal, scale, options, ring, allow_gqa=backend is not None)
+    scale = _check_agreement(q, k, v, causal, scale, options, ring, allow_gqa=True)
+    tuning = check_tuning(tuning)
     # Agreed options and lengths: this raises the one-process ValueError identically on every rank.
     plan = _ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates, q.shape[2], heads,
                       causal)
     on = torch.is_grad_enabled()
-    setup = _Setup(ring, plan, scale, on and any(x.requires_grad for x in (q, k, v)),
-                   on and (k.requires_grad or v.requires_grad))
-    if backend is not None:
-        return _fused(q, k, v, setup, backend)
-    return _RingDilatedAttention.apply(q, k, v, setup)
+    setup = _Setup(ring, plan, scale, on and (k.requires_grad or v.requires_grad))
+    kv_group = q.shape[2] // k.shape[2]
+    blocks = rank_dilated_plan(plan, ring.rank, kv_group, str(q.device), _traffic(plan, ring.rank, kv_group))
+    job = Job(settings=Settings(scale, backend, who="ringbook.distributed.ring_dilated_attention",
+                                twice="ringbook.ring_dilated_attention in one process", tuning=tuning),
+              start=lambda k_, v_, backward: (DilatedMover(setup, k_, v_, kv_group, backward), blocks))
+    return run(q, k, v, job)
 
 
 # --------------------------------------------------------------------------- the fused form, on the ring engine
@@ -553,19 +424,3 @@ def _traffic(plan: DilatedRingPlan, rank: int, kv_group: int) -> tuple:
     sent = sum(vectors(pieces, rank) for pieces in send.values())
     received = sum(vectors(pieces, peer) for peer, pieces in recv.items())
     return (sent,), (received,), (received,)  # the backward sends the received rows' dK/dV home
-
-
-def _fused(q, k, v, setup: _Setup, backend: str):
-    """The engine form: :func:`rank_dilated_plan` with a :class:`DilatedMover`."""
-    plan = setup.plan
-    bad = [r for _, r in plan.pairs if plan.shard_len % r]
-    if bad:
-        raise ValueError(f"ring_dilated_attention(backend={backend!r}) needs every dilation rate to divide the shard "
-                         f"length {plan.shard_len} (so a rank's piece of a segment holds whole dilated rows), got "
-                         f"dilation rates {bad}; use backend=None (the einops form takes any configuration)")
-    kv_group = q.shape[2] // k.shape[2]
-    blocks = rank_dilated_plan(plan, setup.ring.rank, kv_group, str(q.device), _traffic(plan, setup.ring.rank, kv_group))
-    job = Job(settings=Settings(setup.scale, backend, who="ringbook.distributed.ring_dilated_attention",
-                                twice="ringbook.ring_dilated_attention in one process"),
-              start=lambda k_, v_, backward: (DilatedMover(setup, k_, v_, kv_group, backward), blocks))
-    return run(q, k, v, job)

@@ -387,6 +387,72 @@ def gathered_block(spec: Gather, *, causal: bool) -> Block:
     return Block(spec, CAUSAL if causal else FULL)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds index tensors
+class Strided(Place):
+    """The kept rows of one offset in one piece of a segment: every ``r``-th row, of some heads.
+
+    A rank's piece of a spanning segment whose ends do not fall on a
+    multiple of the rate (a rate that does not divide the shard length)
+    keeps different dilated rows for different offsets, so one
+    :class:`Gather` over its heads does not exist; one strided block per
+    offset does. Queries: rows ``q_start, q_start + r, …`` (``n_q`` of them)
+    of the query-side tensors, heads ``q_heads``; keys: rows ``kv_start, …``
+    (``n_k``) of the K/V-side tensors, kv heads ``kv_heads`` (one per q head,
+    or one per group of q heads sharing it: ``kv_heads`` then has
+    ``len(q_heads) / group`` entries). ``first``: no earlier block wrote
+    these accumulator rows.
+    """
+
+    r: int
+    q_start: int
+    n_q: int
+    kv_start: int
+    n_k: int
+    q_heads: torch.Tensor
+    kv_heads: torch.Tensor
+    first: bool = True
+
+    def _q_rows(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        stop = self.q_start + (self.n_q - 1) * self.r + 1
+        return x[:, self.q_start:stop:self.r] if dim == 1 else x[:, :, self.q_start:stop:self.r]
+
+    def _kv_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.kv_start:self.kv_start + (self.n_k - 1) * self.r + 1:self.r]
+
+    def take_q(self, x):
+        return self._q_rows(x).index_select(2, self.q_heads)
+
+    def take_kv(self, x):
+        return self._kv_rows(x).index_select(2, self.kv_heads)
+
+    def take_lse(self, x):
+        return self._q_rows(x, dim=2).index_select(1, self.q_heads).contiguous()
+
+    def fold(self, acc, out, lse):
+        acc.write(functools.partial(self._put, out, lse))
+
+    def _put(self, out, lse, acc_out, acc_lse) -> None:
+        view_o, view_l = self._q_rows(acc_out), self._q_rows(acc_lse, dim=2)
+        out, lse = out.to(acc_out.dtype), lse.to(acc_lse.dtype)
+        if not self.first:
+            cur_o, cur_l = view_o.index_select(2, self.q_heads), view_l.index_select(1, self.q_heads)
+            merge_into_torch_(cur_o, cur_l, out, lse)
+            out, lse = cur_o, cur_l
+        view_o.index_copy_(2, self.q_heads, out)
+        view_l.index_copy_(1, self.q_heads, lse)
+
+    def add(self, grads, dq, dk, dv):
+        grads.run(functools.partial(self._add_all, dq, dk, dv), dq, dk, dv)
+
+    def _add_all(self, gq, gk, gv, dq, dk, dv) -> None:
+        self._q_rows(dq).index_add_(2, self.q_heads, gq.to(dq.dtype))
+        self._kv_rows(dk).index_add_(2, self.kv_heads, gk.to(dk.dtype))  # repeated kv heads accumulate
+        self._kv_rows(dv).index_add_(2, self.kv_heads, gv.to(dv.dtype))
+
+    def shape(self, batch, heads):
+        return batch * self.q_heads.numel(), self.n_q, self.n_k
+
+
 def box(q: Rows, kv: Rows, *, q_batch: Rows | None = ALL, kv_batch: Rows | None = ALL,
         kernel: Kernel = FULL) -> Block:
     """A block over row ranges (:class:`Box`) running ``kernel``."""

@@ -342,6 +342,9 @@ def rank_dilated_plan(plan, rank: int, kv_group: int, device: torch.device | str
             if s.kind == "local":
                 continue
             a, z = s.piece(rank, c)
+            if (a - s.start) % r or (z - s.start) % r:  # the piece ends between kept rows: rows differ by offset
+                blocks += _strided_blocks(s, a, z, r, m, hs, offs, kv_group, base, lo, first, plan.causal, device)
+                continue
             rows = ((a - s.start) // r, (z - s.start) // r)
             common = dict(q_at=s.start - base, kv_at=s.start - lo, count=1, q_rows=rows, device=device)
             if not plan.causal:
@@ -355,3 +358,32 @@ def rank_dilated_plan(plan, rank: int, kv_group: int, device: torch.device | str
                                                          **common), causal=False))
     sent, received, grad_sent = traffic
     return Plan((tuple(blocks),), sent=sent, received=received, grad_sent=grad_sent)
+
+
+def _strided_blocks(s, a: int, z: int, r: int, m: int, hs, offs, kv_group: int, base: int, lo: int, first: bool,
+                    causal: bool, device) -> list[Block]:
+    """A spanning piece ``[a, z)`` not aligned to the rate: one :class:`~ringbook.fast.blocks.Strided` block per
+    offset (its heads' kept query rows in the piece; keys: the segment's kept rows, or with ``causal`` the diagonal
+    square and the earlier rows)."""
+    from .blocks import Strided, head_slots
+
+    blocks = []
+    for o in sorted(set(offs)):
+        heads = [h for h, x in zip(hs, offs) if x == o]
+        q_heads, _, kv_heads, _ = head_slots(heads, [o] * len(heads), kv_group)
+        j0, j1 = -(-(a - s.start - o) // r), -(-(z - s.start - o) // r)  # the piece's kept rows at offset o
+        if j1 <= j0:
+            continue
+        qh, kh = (torch.tensor(x, dtype=torch.long, device=device) for x in (q_heads, kv_heads))
+        q_start = s.start + j0 * r + o - base
+
+        def strided(k0, n_k, is_first, qh=qh, kh=kh, q_start=q_start, n_q=j1 - j0):
+            return Strided(r, q_start, n_q, s.start + k0 * r + o - lo, n_k, qh, kh, is_first)
+
+        if not causal:
+            blocks.append(Block(strided(0, m, first), FULL))
+            continue
+        blocks.append(Block(strided(j0, j1 - j0, first), CAUSAL))
+        if j0 > 0:  # the earlier kept rows, all before this piece's queries
+            blocks.append(Block(strided(0, j0, False), FULL))
+    return blocks
