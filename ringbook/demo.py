@@ -58,6 +58,37 @@ def ring_worker(rank: int, world_size: int, n: int, cases: Iterable[tuple[str, b
     return {"cases": results, "bytes": {"q, k, v shard": held, "whole q, k, v": q.nbytes + k.nbytes + v.nbytes}}
 
 
+def fused_memory_bytes(n: int, world_size: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
+                       dtype: torch.dtype = torch.bfloat16, backward: bool = False) -> dict[str, int]:
+    """Bytes one rank holds at its peak with a fused attention kernel (FlashAttention, cuDNN), term by term.
+
+    With ``c = n / w``, ``S = b·c·h·d`` elements in a shard, ``e`` bytes per
+    input element and ``a`` per accumulator element (float32 for bf16/fp16):
+
+    * its three shards q, k, v: ``3·S·e``;
+    * two K/V buffers in flight (double buffering): the one being attended and
+      sent on, and the one the next shard arrives in: ``2·2·S·e``;
+    * the running O and lse, and one block's partial before the merge:
+      ``2·(S + b·h·c)·a``;
+    * backward, in addition: out and dout (``2·S·e``), dQ (``S·a``) and the
+      dK/dV partial sums, which travel like K/V in two buffers (``2·2·S·a``).
+
+    The fused kernel tiles scores on chip, so no score tile appears: every
+    term is linear in ``c``.
+    """
+    if n % world_size:
+        raise ValueError(f"world_size={world_size} does not divide n={n}")
+    c = n // world_size
+    e = torch.empty((), dtype=dtype).element_size()
+    a = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    s = batch * c * heads * head_dim
+    terms = {"q, k, v shards": 3 * s * e, "K/V buffers in flight": 4 * s * e,
+             "O, lse accumulators": 2 * (s + batch * heads * c) * a}
+    if backward:
+        terms.update({"out, dout": 2 * s * e, "dQ": s * a, "dK/dV in flight": 4 * s * a})
+    return terms
+
+
 def ring_memory_bytes(n: int, world_size: int, *, batch: int = 1, heads: int = 8, head_dim: int = 64,
                       dtype: torch.dtype = torch.bfloat16, causal: bool = True,
                       key_chunk: int = KEY_CHUNK) -> dict[str, int]:
