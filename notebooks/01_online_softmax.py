@@ -16,8 +16,10 @@
 # >
 # > **You need** attention as $\mathrm{softmax}(QK^\top/\sqrt d)V$; basic PyTorch tensors.
 # >
-# > **Exercises** exercises 1–3 (the lse of a block, the merge, one online step). **Time** about 25 minutes in
-# > class; executing it takes 10–30 s on 2 CPU cores.
+# > **Exercises** 01.1–01.3, in increasing difficulty: the lse of a block (§3), the merge (§4), one online step
+# > (§4).
+# >
+# > **Time** 60–75 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
 #
 # Ring attention splits the keys and values of a long sequence over devices
 # and passes them round a ring: each device sees **one block of keys at a
@@ -51,15 +53,13 @@
 # are `b h i j`. Every attention function returns `(out, lse)`.
 
 # %% jupyter={"source_hidden": true}
-# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
-import os
-from pathlib import Path
+# Setup: ROOT is the ringbook clone (None outside one, e.g. on Colab), FIGURES its committed results,
+# SAVE where this notebook's figures go: build/figures/, never the committed figures/ unless asked
+# ($RINGBOOK_FIGURES_OUT, which `make sync-notebooks` sets). See ringbook/_paths.py.
+from ringbook._paths import notebook_paths
 
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-FIGURES.mkdir(exist_ok=True)
+PATHS = notebook_paths()
+ROOT, FIGURES, SAVE = PATHS
 
 # %%
 import math
@@ -70,6 +70,7 @@ from einops import einsum, rearrange
 from IPython.display import display
 
 import ringbook
+import ringbook.exercises
 from ringbook import attend_block, blockwise_attention, merge_partials, naive_attention, online_softmax_trace
 from ringbook.exercises import check_lse_from_m_l, check_merge_partials, check_online_step
 from ringbook.viz import plot_block_weights, plot_error_bars, plot_exp_overflow, plot_online_softmax
@@ -217,6 +218,17 @@ plot_exp_overflow(scores, dtypes=(torch.float16, torch.float32), show_shifted=Tr
 # \ell_k = \ell_{k-1}\, e^{m_{k-1} - m_k} + \sum_{j \in B_k} e^{s_j - m_k}.
 # $$
 #
+# **A row that has seen only masked keys.** With a causal mask a whole
+# block can be $-\infty$ for a row. If every block so far was, then
+# $m_{k-1} = m_k = -\infty$ and the rescale factor is
+# $e^{-\infty - (-\infty)}$, which is NaN in floating point. Such a row has
+# $\ell = 0$ (and nothing accumulated), so any finite factor is right; the
+# convention used everywhere in ringbook is to **measure against 0 instead of
+# $m_k$ while $m_k = -\infty$**: the factor is $e^{-\infty - 0} = 0$, the new
+# terms are $e^{-\infty - 0} = 0$, $\ell$ stays 0, and the row's lse is
+# $m + \log \ell = -\infty$, the lse of an empty key set. Exercises 01.1 and
+# 01.3 test this row.
+#
 # By induction $\ell_k = \sum_{j \in B_1 \cup \dots \cup B_k} e^{s_j - m_k}$:
 # the factor $e^{m_{k-1} - m_k} \le 1$ re-measures the old sum against the
 # new max. After the last block $m_K = \max_j s_j$ and
@@ -270,11 +282,15 @@ plot_online_softmax(s, BLOCK, m, l)
 # m'}$ keeps it consistent, so one pass over the blocks suffices.
 
 # %% [markdown]
-# **Exercise 1 · The lse of a block.** A block's scan leaves its row maxima
-# $m$ and normalisers $\ell = \sum_j e^{s_j - m}$. Write the block's
-# $\mathrm{lse}$ from them (one row per entry; a row whose keys are all
-# masked has $m = -\infty$ and $\ell = 0$). Replace the `raise` and run the
-# cell: the checker tries awkward cases and says which one fails, and why.
+# **Exercise 01.1 · The lse of a block** (easy). A block's scan leaves its
+# row maxima $m$ and normalisers $\ell = \sum_j e^{s_j - m}$. Write the
+# block's $\mathrm{lse} = \log \sum_j e^{s_j}$ from them, one row per entry,
+# in float32 as a GPU kernel holds them. Careful: $\log(\ell\, e^{m})$ is the
+# same number on paper, but the checker includes logits scaled by 100, where
+# $m$ is a few hundred and $e^{m}$ is inf in float32 (§1). A row whose keys
+# are all masked has $m = -\infty$ and $\ell = 0$ (the convention above).
+# Replace the `raise` and run the cell: the checker tries awkward cases and
+# says which one fails, and why.
 
 # %%
 def lse_from_m_l(m, l):
@@ -362,7 +378,7 @@ assert not big_out.isfinite().all()  # e^{lse} overflowed: inf / inf = NaN
 # overflows once logits are large, and $\infty/\infty$ is NaN. Written in
 # log space, with every exponent $\le 0$, (M) cannot overflow.
 #
-# **Exercise 2 · The merge (M), in log space.** Write it with the same
+# **Exercise 01.2 · The merge (M), in log space** (medium). Write it with the same
 # shapes as `merge_by_addition`. The checker includes logits scaled by 100
 # in float32, an empty side $(0, -\infty)$ (a causal block a query cannot
 # see) and two empty sides.
@@ -455,12 +471,17 @@ plot_error_bars(errors, title="Merging the 4 partials in different orders vs nai
 # **Takeaway:** the order of merging changes only the last digits of float64.
 
 # %% [markdown]
-# **Exercise 3 · One online-softmax step with values.** §3's recurrence
-# carries $m$ and $\ell$; carry also the unnormalised output
-# $\mathrm{acc} = \sum_j e^{s_j - m} v_j$. Given the running `(m, l, acc)`
-# and a new block's scores `s` (rows × keys) and values `v` (keys × d),
-# return the updated triple. The checker runs your step over all blocks from
-# $(-\infty, 0, 0)$ and compares `acc / l` with the softmax.
+# **Exercise 01.3 · One online-softmax step with values** (harder). §3's
+# recurrence carries $m$ and $\ell$; carry also the unnormalised output
+# $\mathrm{acc} = \sum_j e^{s_j - m} v_j$, rescaled like $\ell$. Given the
+# running `(m, l, acc)` and a new block's scores `s` (rows × keys) and values
+# `v` (keys × d), float32, return the updated triple. The checker calls your
+# step block by block from $(-\infty, 0, 0)$, with the right state before
+# each call, and checks the state after it as defined: $m$ the running max,
+# $\ell$ and acc relative to it. A step that gets the final `acc / l` right
+# without subtracting the max (say, in float64) still fails. The cases
+# include logits scaled by 100 and a first block fully masked for one row
+# (§3's convention).
 
 # %%
 def online_step(m, l, acc, s, v):
@@ -546,27 +567,19 @@ fig.savefig(SAVE / "01_online_softmax.png", dpi=110, metadata={"Software": None}
 # Move the slider to add one key block at a time and watch $m$, $\ell$ and the
 # output converge.
 
-# %%
-# NBVAL_IGNORE_OUTPUT
+# %% tags=["nbval-ignore-output"]
 explorer = online_softmax_explorer(s, BLOCK, m, l, outs, exact_out, blocks_seen=K)
 _ = display(explorer)
-
-# %% jupyter={"source_hidden": true}
-# Check (hidden in JupyterLab): moving the slider redraws the figure; then the slider goes back.
-# NBVAL_IGNORE_OUTPUT
-assert len(explorer.result.axes) == 4
-explorer.children[0].value = 3
-assert explorer.result.axes[0].get_title() == f"(a) scores and running max, 3/{K} blocks seen"
-explorer.children[0].value = K
 
 # %% [markdown]
 # ## 6 · Two forms of one summary, and the backward pass
 #
-# **FlashAttention's accumulator is the same summary.** FlashAttention (Dao
-# et al., 2022) carries, per query row, the running max $m$, the running
-# normaliser $\ell$ and the *unnormalised* output $\mathrm{acc} =
-# \sum_j e^{s_j - m} v_j$ (exercise 3). The $(O, \mathrm{lse})$ form of
-# section 4 is the same information, normalised:
+# ### 6a · FlashAttention's accumulator is the same summary
+#
+# FlashAttention (Dao et al., 2022) carries, per query row, the running max
+# $m$, the running normaliser $\ell$ and the *unnormalised* output
+# $\mathrm{acc} = \sum_j e^{s_j - m} v_j$ (exercise 01.3). The
+# $(O, \mathrm{lse})$ form of section 4 is the same information, normalised:
 #
 # $$
 # O = \mathrm{acc} / \ell, \qquad \mathrm{lse} = m + \log \ell ,
@@ -574,12 +587,41 @@ explorer.children[0].value = K
 # \ \text{for any } m .
 # $$
 #
-# Inside one kernel the unnormalised form saves a division per block; between
-# devices the normalised form is what travels and merges, because it needs no
-# agreed $m$: each side's exponents in (M) are relative to the merged lse.
+# Both forms merge without an agreed $m$: two $(m, \ell, \mathrm{acc})$
+# triples merge by taking the larger $m$ and rescaling the other side, just
+# as (M) weighs each side relative to the merged lse. Inside one kernel the
+# unnormalised form saves a division per block. Between kernels and devices
+# ringbook (like ring-flash-attention and PyTorch's context parallel) keeps
+# $(O, \mathrm{lse})$, for three reasons:
 #
-# **The backward pass.** With $P = \mathrm{softmax}(S)$, $S = QK^\top \cdot
-# \text{scale}$ and $O = PV$, the gradients given $dO$ are
+# * **kernels return it**: FlashAttention, cuDNN and PyTorch's fused
+#   attention return $O$ and lse (and save them for the backward), so a ring
+#   merges what the kernel hands back, with no conversion;
+# * **one scalar per row**: lse, instead of the pair $(m, \ell)$;
+# * **$O$ is bounded**: a convex combination of value rows, $|O| \le
+#   \max_j |v_j|$, so it can be stored in bfloat16 like the inputs, while
+#   acc grows with $\ell$ (up to the number of keys times $\max_j |v_j|$).
+
+# %%
+q6, k6, v6 = (torch.randn(5, 8, dtype=F64, requires_grad=True) for _ in range(3))
+sc = 1 / math.sqrt(8)
+S6 = q6 @ k6.T * sc
+P6, lse6 = torch.softmax(S6, dim=1), torch.logsumexp(S6, dim=1)
+O6 = P6 @ v6
+m6, l6 = S6.detach().amax(dim=1), torch.exp(S6.detach() - S6.detach().amax(dim=1, keepdim=True)).sum(dim=1)
+acc6 = torch.exp(S6.detach() - m6[:, None]) @ v6.detach()
+same_summary = (torch.allclose(acc6 / l6[:, None], O6.detach(), atol=1e-12)
+                and torch.allclose(m6 + torch.log(l6), lse6.detach(), atol=1e-12))
+print("(acc / l, m + log l) == (O, lse):", same_summary)
+print(f"largest |acc| = {acc6.abs().max().item():.2f}, largest |O| = {O6.abs().max().item():.2f}, "
+      f"largest |v| = {v6.abs().max().item():.2f}")
+assert same_summary
+
+# %% [markdown]
+# ### 6b · The backward pass needs only $O$ and lse
+#
+# With $P = \mathrm{softmax}(S)$, $S = QK^\top \cdot \text{scale}$ and
+# $O = PV$, the gradients given $dO$ are
 #
 # $$
 # dV = P^\top dO, \qquad dP = dO\, V^\top, \qquad
@@ -591,32 +633,45 @@ explorer.children[0].value = K
 # backward needs only $O$ and $\mathrm{lse}$ of the forward: $P_{ij} =
 # e^{s_{ij} - \mathrm{lse}_i}$ is recomputed block by block, and $D$ from $O$
 # and $dO$. A gradient of lse adds $P \circ d\mathrm{lse}$ to $dS$, which is
-# the same as using $D - d\mathrm{lse}$. On a ring each block's $dS$ needs the
-# *global* $O$ and lse of its queries, so the backward runs the ring again:
-# $dQ$ sums over the blocks a rank meets and stays home, while $dK$ and $dV$
-# belong to the K/V shard and travel with it, collecting each rank's
-# contribution, and one last hop brings them to their owner. The check below
-# computes these formulas by hand and compares them with autograd:
+# the same as using $D - d\mathrm{lse}$. The cell computes these formulas by
+# hand and compares them with autograd:
 
 # %%
-q6, k6, v6 = (torch.randn(5, 8, dtype=F64, requires_grad=True) for _ in range(3))
 do6, dlse6 = torch.randn(5, 8, dtype=F64), torch.randn(5, dtype=F64)
-sc = 1 / math.sqrt(8)
-S6 = q6 @ k6.T * sc
-P6, lse6 = torch.softmax(S6, dim=1), torch.logsumexp(S6, dim=1)
-O6 = P6 @ v6
 auto = torch.autograd.grad((O6 * do6).sum() + (lse6 * dlse6).sum(), (q6, k6, v6))
 with torch.no_grad():
+    P_again = torch.exp(S6 - lse6[:, None])  # recomputed from the forward's lse, as a kernel does
     D6 = (do6 * O6).sum(dim=1) - dlse6  # D − dlse
-    dS6 = P6 * (do6 @ v6.T - D6[:, None])
-    by_hand = (dS6 @ k6 * sc, dS6.T @ q6 * sc, P6.T @ do6)
+    dS6 = P_again * (do6 @ v6.T - D6[:, None])
+    by_hand = (dS6 @ k6 * sc, dS6.T @ q6 * sc, P_again.T @ do6)
 print("dq, dk, dv from dS = P∘(dP − (D − dlse)) equal autograd's:",
       all(torch.allclose(a, b, atol=1e-12) for a, b in zip(by_hand, auto)))
-m6, l6 = S6.detach().amax(dim=1), torch.exp(S6.detach() - S6.detach().amax(dim=1, keepdim=True)).sum(dim=1)
-acc6 = torch.exp(S6.detach() - m6[:, None]) @ v6.detach()
-print("(acc / l, m + log l) == (O, lse):", torch.allclose(acc6 / l6[:, None], O6.detach(), atol=1e-12)
-      and torch.allclose(m6 + torch.log(l6), lse6.detach(), atol=1e-12))
 assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(by_hand, auto))
+
+# %% [markdown]
+# ### 6c · The backward over blocks, and on a ring
+#
+# Split the keys into blocks. Each block's $dS$ needs the *global* $O$ and
+# lse of its query rows (so that $P$ is the global softmax), and then its
+# contributions simply add: $dQ$ is the sum over key blocks, $dK$ and $dV$ of
+# a key block are sums over query blocks. On a ring the backward therefore
+# runs the ring a second time: $dQ$ stays on the rank that owns the queries,
+# while $dK$ and $dV$ belong to the K/V shard and travel with it, collecting
+# every rank's contribution, and one last hop brings them to their owner
+# (notebook 02, §5, writes that loop). Two blocks of keys here:
+
+# %%
+O6_again = torch.softmax(q6 @ k6.T * sc, dim=1) @ v6
+auto_no_lse = torch.autograd.grad((O6_again * do6).sum(), (q6, k6))  # this time without a gradient of lse
+with torch.no_grad():
+    split = 3  # keys 0–2 and 3–4
+    grads = [ringbook.exercises.block_backward(q6, k6[a:b], v6[a:b], O6, lse6, do6)
+             for a, b in ((0, split), (split, 5))]
+    dq_blocks = grads[0][0] + grads[1][0]  # dQ: summed over the key blocks
+    dk_blocks = torch.cat([grads[0][1], grads[1][1]])  # dK, dV: each block's own rows
+print("dQ summed over key blocks == autograd:", torch.allclose(dq_blocks, auto_no_lse[0], atol=1e-12))
+print("dK block by block == autograd:", torch.allclose(dk_blocks, auto_no_lse[1], atol=1e-12))
+assert torch.allclose(dq_blocks, auto_no_lse[0], atol=1e-12) and torch.allclose(dk_blocks, auto_no_lse[1], atol=1e-12)
 
 # %% [markdown]
 # **References.** Milakov & Gimelshein (2018), [Online normalizer calculation

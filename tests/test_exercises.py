@@ -62,7 +62,7 @@ WRONG = {  # plausible mistakes, each with the words its hint must contain
                         torch.maximum(m, s.amax(1))), "masked")],
     "zigzag_positions": [(lambda n, w, r: list(range(r * n // w, (r + 1) * n // w)), "2·world chunks"),
                          (lambda n, w, r: list(range(r * n // (2 * w), (r + 1) * n // (2 * w)))
-                          + list(range((2 * w - r) * n // (2 * w), (2 * w - r + 1) * n // (2 * w))), "2·world − 1 − r")],
+                          + list(range((2 * w - r) * n // (2 * w), (2 * w - r + 1) * n // (2 * w))), "one early and one late")],
     "causal_skip": [(lambda r, t, w: t >= r, "diagonal"),  # skips the diagonal step of rank 0
                     (lambda r, t, w: (r - t) % w < r, "later rank")],  # the direction reversed
     "kept_positions": [(lambda n, s, r, o: list(range(o, s, r)), "every segment"),  # the first segment only
@@ -109,3 +109,113 @@ def test_teacher_build_fills_every_stub_of_every_notebook():
             f"def {name}(" in c.source for name in filled))  # the checker call is kept
         stubs += before
     assert stubs == len(exercises.CHECKERS)  # every exercise appears in a notebook, once
+
+
+# Notebooks 01 and 02: the checkers' fixes (issue 22) and the new ring exercises, each shown rejecting wrong answers.
+
+def _online_step_without_max_in_float64(m, l, acc, s, v):
+    """Right in exact arithmetic, never overflows in float64, but l and acc are not relative to m."""
+    s64, v64 = s.double(), v.double()
+    return torch.maximum(m, s.amax(1)), l + torch.exp(s64).sum(1), acc + torch.exp(s64) @ v64
+
+
+def _ring_without_rotation(q, k, v, w):  # every rank attends its own shard w times
+    c = q.shape[0] // w
+    out, lse = [], []
+    for r in range(w):
+        s = q[r * c:(r + 1) * c] @ k[r * c:(r + 1) * c].T * q.shape[1] ** -0.5
+        out.append(torch.softmax(s, 1) @ v[r * c:(r + 1) * c])
+        lse.append(torch.logsumexp(s, 1))
+    return torch.cat(out), torch.cat(lse)
+
+
+def _ring_averaging_blocks(q, k, v, w):  # meets every shard, but averages the blocks' outputs
+    c, outs = q.shape[0] // w, []
+    for r in range(w):
+        qs = q[r * c:(r + 1) * c]
+        blocks = [torch.softmax(qs @ k[s * c:(s + 1) * c].T * q.shape[1] ** -0.5, 1) @ v[s * c:(s + 1) * c]
+                  for s in range(w)]
+        outs.append(sum(blocks) / w)
+    return torch.cat(outs), torch.logsumexp(q @ k.T * q.shape[1] ** -0.5, 1)
+
+
+def _ring_backward_without_final_hop(q, k, v, out, lse, dout, w):
+    dq, dk, dv = _solutions()["toy_ring_backward"](q, k, v, out, lse, dout, w)
+    c = q.shape[0] // w
+    return dq, torch.roll(dk, -c, 0), torch.roll(dv, -c, 0)  # each rank's dK/dV left one rank short of home
+
+
+WRONG_01_02 = {  # plausible mistakes for the checkers of notebooks 01 and 02, with words their hints must contain
+    "lse_from_m_l": [(lambda m, l: torch.log(l * torch.exp(m)), "float32")],  # the unsafe form: e^m overflows
+    "online_step": [(_online_step_without_max_in_float64, "never s itself")],
+    "merge_partials": [(lambda oa, la, ob, lb: [oa, la], "share")],  # a list is fine; keeping one side is not
+    "zigzag_positions": [(lambda n, w, r: [p + 0.5 for p in _solutions()["zigzag_positions"](n, w, r)], "whole")],
+    "toy_ring_attention": [(_ring_without_rotation, "every K/V shard"),
+                           (_ring_averaging_blocks, "not averaged")],
+    "classify_block": [(lambda qp, kp: "skip" if kp[0] > qp[-1] else "full" if kp[-1] <= qp[0] else "causal",
+                        "extremes"),  # ends of the lists, not the extremes
+                       (lambda qp, kp: "full" if kp.max() < qp.min() else "skip" if kp.min() > qp.max() else "causal",
+                        "visible"),  # the diagonal key hidden
+                       (lambda qp, kp: kp.max() <= qp.min(), "one of the strings")],
+    "toy_ring_backward": [(_ring_backward_without_final_hop, "final hop")],
+    "overlap_threshold": [(lambda f, b, e, causal: e * f / (4 * b) * (2 if causal else 1), "K and V"),
+                          (lambda f, b, e, causal: e * f / (2 * b), "causal")],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG_01_02.items() for i in range(len(ws))])
+def test_checkers_01_02_reject_plausible_wrong_answers(name, index, capsys):
+    wrong, words = WRONG_01_02[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and words in out, out
+
+
+def test_checkers_01_02_accept_right_answers_in_another_form(capsys):
+    sol = _solutions()
+    import numpy as np
+
+    assert exercises.check_causal_skip(lambda r, t, w: torch.tensor(sol["causal_skip"](r, t, w))) is True
+    assert exercises.check_causal_skip(lambda r, t, w: np.bool_(sol["causal_skip"](r, t, w))) is True
+    assert exercises.check_merge_partials(lambda *a: list(sol["merge_partials"](*a))) is True
+    assert exercises.check_zigzag_positions(lambda *a: torch.tensor(sol["zigzag_positions"](*a))) is True
+    assert exercises.check_zigzag_positions(lambda *a: np.array(sol["zigzag_positions"](*a))) is True
+    assert exercises.check_toy_ring_attention(lambda *a: list(sol["toy_ring_attention"](*a))) is True
+    capsys.readouterr()
+
+
+def test_checkers_never_print_the_same_expected_and_got(capsys):
+    assert exercises.check_causal_skip(lambda r, t, w: "False" if t else "True") is False
+    out = capsys.readouterr().out
+    expected = out.split("expected: ")[1].splitlines()[0]
+    got = out.split("got:      ")[1].splitlines()[0]
+    assert expected != got, out
+
+
+def test_not_implemented_on_a_later_case_is_a_failure(capsys):
+    def half_done(rank, step, world):
+        if world > 1:
+            raise NotImplementedError
+        return False
+
+    assert exercises.check_causal_skip(half_done) is False
+    out = capsys.readouterr().out
+    assert "NotImplementedError" in out and exercises.NOT_ATTEMPTED not in out, out
+
+
+def test_online_step_failure_shows_the_learners_own_arguments(capsys):
+    assert exercises.check_online_step(_online_step_without_max_in_float64) is False
+    out = capsys.readouterr().out
+    inputs = out.split("inputs:   ")[1].splitlines()[0]
+    assert inputs.count("[") >= 5 and "tensor of shape" not in inputs, out  # m, l, acc, s, v as values
+
+
+def test_hints_01_02_do_not_print_the_solution(capsys):
+    for name, wrongs in {**WRONG, **WRONG_01_02}.items():
+        if name == "kept_positions":
+            continue  # notebook 03's checker
+        for wrong, _ in wrongs:
+            exercises.CHECKERS[name](wrong)
+    out = capsys.readouterr().out
+    for formula in ("m + log", "2·world − 1 − r", "(r − t) mod w > r", "torch.logaddexp", "e·F / (2·B)"):
+        assert formula not in out, formula

@@ -9,7 +9,12 @@ notebooks 01–03, right after the idea it needs is derived. Its checker
   what was expected and what came back — with a hint about the usual mistake,
   and returns False;
 * prints "not attempted yet" and returns None while the stub still raises
-  ``NotImplementedError``, so an unsolved notebook still runs.
+  ``NotImplementedError`` on the first case, so an unsolved notebook still
+  runs (raised on a later case, it is a failure: a branch left unwritten);
+* accepts a right answer in any common form (a list for a tuple, a numpy or
+  torch bool for a bool) and never rounds a wrong one to right (positions
+  2.5 are not 2);
+* gives hints that point the way without printing the solution.
 
 The references are the library's own functions (the merge, the layouts, the
 schedule, the dilated weights), so an exercise checks the learner against the
@@ -28,12 +33,21 @@ from . import dilated, online_softmax, ring
 from ._core import NOT_ATTEMPTED
 from .dilated import check_kept_positions
 from .online_softmax import check_lse_from_m_l, check_merge_partials, check_online_step
-from .ring import check_causal_skip, check_zigzag_positions
+from .ring import (
+    block_backward,
+    check_causal_skip,
+    check_classify_block,
+    check_overlap_threshold,
+    check_toy_ring_attention,
+    check_toy_ring_backward,
+    check_zigzag_positions,
+)
 
 _MODULES = (online_softmax, ring, dilated)  # one module per notebook; a new notebook's checkers: add its module here
 
 CHECKERS: dict[str, Callable] = {name.removeprefix("check_"): getattr(m, name) for m in _MODULES for name in dir(m)
                                  if name.startswith("check_") and getattr(m, name).__module__ == m.__name__}
 
-__all__ = ["CHECKERS", "NOT_ATTEMPTED", "check_causal_skip", "check_kept_positions", "check_lse_from_m_l",
-           "check_merge_partials", "check_online_step", "check_zigzag_positions"]
+__all__ = ["CHECKERS", "NOT_ATTEMPTED", "block_backward", "check_causal_skip", "check_classify_block",
+           "check_kept_positions", "check_lse_from_m_l", "check_merge_partials", "check_online_step",
+           "check_overlap_threshold", "check_toy_ring_attention", "check_toy_ring_backward", "check_zigzag_positions"]

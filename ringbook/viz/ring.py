@@ -314,3 +314,64 @@ def plot_ring_timeline(world: int, cases: Mapping[str, tuple[float, float]], *, 
         ax.set_xlabel(unit)
         ax.grid(alpha=0.3, axis="x")
     return fig
+
+
+OVERLAP_MODES = (("forward", False, False), ("forward, causal zigzag", True, False),
+                 ("backward", False, True), ("backward, causal zigzag", True, True))
+
+
+def plot_ring_overlap(shard_len: int = 4096, tflops: float = 400.0, gb_per_s: float = 450.0, *, batch: int = 1,
+                      heads: int = 8, head_dim: int = 64) -> Figure:
+    """Does the next shard arrive before the block is done? One ring step in four modes, at one FLOP rate and link.
+
+    Left: one step's compute and transfer time at ``shard_len`` tokens a rank
+    (bf16 inputs, float32 dK/dV in the backward), from
+    :func:`ringbook.demo.ring_step_seconds`, for the forward and backward,
+    without a mask and causal (zigzag). Right: both times against the shard
+    length; compute grows as c², transfer as c, and they cross at each mode's
+    threshold (dotted). -> Figure
+    """
+    import torch
+
+    from ..demo import ring_step_seconds
+
+    flops, bw = tflops * 1e12, gb_per_s * 1e9
+    kw = {"flops_per_s": flops, "bytes_per_s": bw, "batch": batch, "heads": heads, "head_dim": head_dim,
+          "dtype": torch.bfloat16}
+    fig, axes = new_figure(1, 2, figsize=(11.0, 3.8))
+    ax, ax_c = axes[0]
+    steps = {label: ring_step_seconds(int(shard_len), causal=causal, backward=bwd, **kw)
+             for label, causal, bwd in OVERLAP_MODES}
+    y = np.arange(len(steps))
+    compute = np.array([t["compute"] for t in steps.values()]) * 1e3
+    transfer = np.array([t["transfer"] for t in steps.values()]) * 1e3
+    ax.barh(y + 0.2, compute, height=0.38, color=rank_color(0), label="compute of one block")
+    ax.barh(y - 0.2, transfer, height=0.38, color=COLORS["partial"], label="transfer of the next shard")
+    for i, t in enumerate(steps.values()):
+        hidden = t["transfer"] <= t["compute"]
+        ax.text(max(compute[i], transfer[i]) * 1.02, y[i], "hidden" if hidden else "waits",
+                va="center", fontsize=8, color="black" if hidden else COLORS["max"])
+    ax.set_yticks(y, list(steps))
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(compute.max(), transfer.max()) * 1.25)
+    ax.set_xlabel("ms per step")
+    n_hidden = sum(t["transfer"] <= t["compute"] for t in steps.values())
+    ax.set_title(f"c = {int(shard_len):,} tokens, {tflops:.0f} TFLOP/s, {gb_per_s:.0f} GB/s: "
+                 f"{n_hidden} of 4 hide the transfer", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+
+    cs = np.geomspace(256, 131072, 60)
+    for i, (label, causal, bwd) in enumerate(OVERLAP_MODES):
+        t1 = ring_step_seconds(1, causal=causal, backward=bwd, **kw)
+        color = rank_color(i)
+        ax_c.loglog(cs, t1["compute"] * cs**2 * 1e3, color=color, lw=1.5, label=f"{label}: compute")
+        ax_c.loglog(cs, t1["transfer"] * cs * 1e3, color=color, lw=1.0, ls="--")
+        ax_c.axvline(t1["threshold"], color=color, lw=0.8, ls=":")
+    ax_c.axvline(shard_len, color="black", lw=1.2)
+    ax_c.set_xlabel("c, tokens a rank (log)")
+    ax_c.set_ylabel("ms per step (log)")
+    ax_c.set_title("compute (solid) against transfer (dashed); they cross at the threshold (dotted)", fontsize=9)
+    ax_c.legend(fontsize=7, loc="upper left")
+    ax_c.grid(alpha=0.3, which="both")
+    return fig
