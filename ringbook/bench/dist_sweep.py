@@ -268,7 +268,7 @@ def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense"):
     if pattern == "dilated":
         cfg = bench_dilated_config(q.shape[1] * dist.get_world_size())
         return ring_dilated_attention(q, k, v, causal=causal, heads="grouped", timeout=timeout,
-                                      backend=None if kernel == "einops" else kernel, **cfg)
+                                      backend=kernel, **cfg)
     if kernel == "einops":
         return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
     return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
