@@ -10,7 +10,9 @@ import datetime as _dt
 import math
 import numbers
 import os
+import struct
 import time
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -149,3 +151,63 @@ def agree_on_shards(ring: _Ring, info: list[int], problem: Exception | None, wha
             f"{ring.op} needs shards of equal length on every rank, got lengths {lengths} on ranks "
             f"0..{ring.world - 1}; {how_to_shard}")
     return table
+
+
+def _encode(value, choices) -> int:
+    """An option as one int64 that is equal across ranks exactly when the option is."""
+    if choices is not None and value in choices:
+        return list(choices).index(value)
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and -(1 << 62) < value < (1 << 62):
+        return value
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]  # exact: its bits
+    return zlib.crc32(repr(list(value) if isinstance(value, tuple) else value).encode()) & 0x7FFFFFFF
+
+
+def _decode(x: int, value, choices):
+    if choices is not None and value in choices:
+        return list(choices)[x]
+    if isinstance(value, bool):
+        return bool(x)
+    if isinstance(value, float):
+        return struct.unpack("<d", struct.pack("<q", x))[0]
+    return x
+
+
+def agree(ring: _Ring, problem: Exception | None, shard_len: int, fields: list[tuple[str, object]], *,
+          how_to_shard: str, choices: dict | None = None, hints: dict | None = None) -> None:
+    """The one agreement check of every distributed function: all ranks go on, or all raise the same error.
+
+    Every rank all-gathers whether its own input passed its checks
+    (``problem`` None), its shard length and one int per field (``fields``:
+    ``[(name, value)]``, the same names on every rank, values None where
+    ``problem`` is set; the options that must be the same on every rank: a
+    bool or int as itself, a float by its bits, an enum by its index in
+    ``choices[name]``, anything else by a digest of its ``repr``). Then a rank
+    with a ``problem`` raises it and the others name that rank; unequal shard
+    lengths are refused with ``how_to_shard``; a field that differs is refused
+    naming it and the values on each rank (or, for a digest, which ranks
+    agree and this rank's value), plus ``hints[name]``. One collective, with
+    the ring's deadline, before any message of the call.
+    """
+    choices, hints = choices or {}, hints or {}
+    if problem is None:
+        info = [1, shard_len] + [_encode(value, choices.get(name)) for name, value in fields]
+    else:
+        info = [0] + [-1] * (1 + len(fields))
+    table = agree_on_shards(ring, info, problem,
+                            "checking the shards and options with all ranks before the first message (all_gather)",
+                            how_to_shard)
+    for col, (name, value) in enumerate(fields, start=2):
+        values = [row[col] for row in table]
+        if len(set(values)) == 1:
+            continue
+        readable = isinstance(value, (bool, int, float)) or value in choices.get(name, ())
+        if readable:
+            got = f"got {[_decode(x, value, choices.get(name)) for x in values]} on ranks 0..{ring.world - 1}"
+        else:
+            groups = [[r for r, x in enumerate(values) if x == y] for y in dict.fromkeys(values)]
+            got = f"ranks agree only in groups {groups}; this rank (rank {ring.rank}) has {value!r}"
+        raise ValueError(f"every rank must call {ring.op} with the same {name}, {got}{hints.get(name, '')}")

@@ -57,7 +57,6 @@ import dataclasses
 import functools
 import math
 import time
-import zlib
 from collections.abc import Sequence
 
 import torch
@@ -70,7 +69,7 @@ from ..fast.plans import dilated_window as _window
 from ..fast.plans import rank_dilated_plan
 from ..fast.tuning import Tuning, check_tuning
 from ..ring_dilated import DilatedRingPlan, _count, _offset_groups, dilated_ring_plan
-from .comm import _peer_error, _Ring, _wait, agree_on_shards, resolve_timeout
+from .comm import _peer_error, _Ring, _wait, agree, resolve_timeout
 
 FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
 
@@ -155,19 +154,12 @@ def _deliver(send: dict, recv_numel: dict, like: torch.Tensor, ring: _Ring, tag:
 # --------------------------------------------------------------------------- input checks
 
 
-def _fingerprint(x) -> int:
-    """A stable (cross-process) 31-bit digest of an option, to compare it across ranks."""
-    if isinstance(x, (list, tuple)):
-        x = list(x)
-    return zlib.crc32(repr(x).encode()) & 0x7FFFFFFF
-
-
-def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring, allow_gqa: bool = False) -> float:
-    """All-gather a few ints per rank; refuse on every rank inputs that do not fit together. Returns the scale."""
+def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring) -> float:
+    """The one agreement check (:func:`~ringbook.distributed.comm.agree`) with the dilated options. Returns the scale."""
     try:
         if options.get("backend") not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
-        check_qkv(q, k, v, allow_gqa=allow_gqa)
+        check_qkv(q, k, v, allow_gqa=True)
         check_bool(causal, "causal")
         if k.shape[1] != q.shape[1]:
             raise ValueError(f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
@@ -177,33 +169,16 @@ def _check_agreement(q, k, v, causal, scale, options: dict, ring: _Ring, allow_g
     except (TypeError, ValueError) as exc:
         problem = exc
     kv_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
-    names = ["shard length", "batch", "num_heads", "head_dim", "causal", "dtype", "k/v requires_grad"] + list(options)
-    if problem is None:
-        info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], int(causal), FLOAT_DTYPES.index(q.dtype),
-                int(kv_grad)] + [_fingerprint(x) for x in options.values()] + [_fingerprint(scale)]
-    else:
-        info = [0] + [-1] * (len(names) + 1)
-    names.append("scale")
-    table = agree_on_shards(
-        ring, info, problem,
-        "checking the shards with all ranks before the exchange (all_gather of shard lengths and options)",
-        "cut the sequence with ringbook.distributed.shard(x, rank, world_size, 'contiguous'), which needs a "
-        "length divisible by world_size")
-    readable = {"dtype": lambda x: str(FLOAT_DTYPES[x]), "causal": bool, "k/v requires_grad": bool}
-    for col, name in enumerate(names[1:], start=2):
-        values = [row[col] for row in table]
-        if len(set(values)) == 1:
-            continue
-        if col <= 7:
-            values = [readable.get(name, int)(x) for x in values]
-            got = f"got {values} on ranks 0..{ring.world - 1}"
-        else:  # an option: say which ranks agree, and this rank's value
-            groups = [[r for r, x in enumerate(values) if x == y] for y in dict.fromkeys(values)]
-            mine_value = scale if name == "scale" else options[name]
-            got = f"ranks agree only in groups {groups}; this rank (rank {ring.rank}) has {mine_value!r}"
-        hint = (" (call backward on every rank or on none: run every rank with the same torch.no_grad() "
-                "state and requires_grad on k and v)") if name == "k/v requires_grad" else ""
-        raise ValueError(f"every rank must call ring_dilated_attention with the same {name}: {got}{hint}")
+    names = ("batch", "num_heads", "head_dim", "causal", "dtype", "k/v requires_grad", *options, "scale")
+    values = [None] * len(names) if problem is not None else [
+        q.shape[0], q.shape[2], q.shape[3], bool(causal), q.dtype, bool(kv_grad), *options.values(), scale]
+    fields = list(zip(names, values))
+    agree(ring, problem, q.shape[1] if problem is None else -1, fields,
+          how_to_shard="cut the sequence with ringbook.distributed.shard(x, rank, world_size, 'contiguous'), which "
+                       "needs a length divisible by world_size",
+          choices={"dtype": FLOAT_DTYPES, "backend": BACKENDS},
+          hints={"k/v requires_grad": " (call backward on every rank or on none: run every rank with the same "
+                                      "torch.no_grad() state and requires_grad on k and v)"})
     return scale
 
 
@@ -271,7 +246,7 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")
     options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads,
                "backend": backend, "kv heads": k.shape[2] if k.dim() == 4 else None}
-    scale = _check_agreement(q, k, v, causal, scale, options, ring, allow_gqa=True)
+    scale = _check_agreement(q, k, v, causal, scale, options, ring)
     tuning = check_tuning(tuning)
     # Agreed options and lengths: this raises the one-process ValueError identically on every rank.
     plan = _ring_plan(q.shape[1] * ring.world, ring.world, segment_lengths, dilation_rates, q.shape[2], heads,

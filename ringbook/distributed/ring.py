@@ -31,8 +31,6 @@ Importing this module starts nothing.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
@@ -41,16 +39,7 @@ from ..fast.kernels import BACKENDS
 from ..fast.plans import rank_plan
 from ..fast.tuning import Tuning, check_tuning
 from ..schedule import LAYOUTS, check_layout
-from .comm import _exchange, _Ring, _wait, agree_on_shards, resolve_timeout
-
-
-def _scale_bits(scale: float) -> int:
-    """The float64 bit pattern of ``scale`` as an int64 (exact: it travels in the agreement's int64 table)."""
-    return struct.unpack("<q", struct.pack("<d", scale))[0]
-
-
-def _bits_scale(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
+from .comm import _exchange, _Ring, _wait, agree, resolve_timeout
 
 
 def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
@@ -74,31 +63,18 @@ def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
 
 
 def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops") -> float:
-    """All-gather a few ints per rank and refuse, on every rank, inputs that do not fit together.
-
-    Returns the resolved scale (the same on every rank: its bits are compared).
-    """
+    """The one agreement check (:func:`~ringbook.distributed.comm.agree`): inputs that do not fit together are
+    refused on every rank. Returns the resolved scale (the same on every rank: its bits are compared)."""
     problem, scale = _local_problem(q, k, v, causal, layout, scale, backend)
-    if problem is None:
-        info = [1, q.shape[1], q.shape[0], q.shape[2], q.shape[3], LAYOUTS.index(layout), int(causal),
-                FLOAT_DTYPES.index(q.dtype), k.shape[2], _scale_bits(scale), BACKENDS.index(backend)]
-    else:
-        info = [0] + [-1] * 10
-    table = agree_on_shards(
-        ring, info, problem, "checking the shards with all ranks before step 0 (all_gather of shard lengths)",
-        "cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a length "
-        "divisible by world_size (2·world_size for zigzag)")
-    names = {2: "batch", 3: "heads", 4: "head_dim", 5: "layout", 6: "causal", 7: "dtype", 8: "k/v heads",
-             9: "scale", 10: "backend"}
-    readable = {"layout": lambda x: LAYOUTS[x], "causal": bool, "dtype": lambda x: str(FLOAT_DTYPES[x]),
-                "scale": _bits_scale, "backend": lambda x: BACKENDS[x]}
-    for col, name in names.items():
-        values = [row[col] for row in table]
-        if len(set(values)) != 1:
-            values = [readable.get(name, int)(x) for x in values]
-            raise ValueError(f"every rank must call {ring.op} with the same {name}, got {values} on "
-                             f"ranks 0..{ring.world - 1}")
-    c = table[0][1]  # the common shard length
+    names = ("batch", "heads", "head_dim", "layout", "causal", "dtype", "k/v heads", "scale", "backend")
+    values = [None] * len(names) if problem is not None else [
+        q.shape[0], q.shape[2], q.shape[3], layout, bool(causal), q.dtype, k.shape[2], scale, backend]
+    fields = list(zip(names, values))
+    agree(ring, problem, q.shape[1] if problem is None else -1, fields,
+          how_to_shard="cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a "
+                       "length divisible by world_size (2·world_size for zigzag)",
+          choices={"layout": LAYOUTS, "dtype": FLOAT_DTYPES, "backend": BACKENDS})
+    c = q.shape[1]  # the common shard length
     if layout == "zigzag" and c % 2:
         raise ValueError(
             f"layout='zigzag' gives each rank two chunks of equal length, so the local length must be "
