@@ -35,7 +35,8 @@ are once differentiable: their backward raises a RuntimeError under
 
 from ._utils import check_finite
 from .dilated import dilated_attention, dilated_attention_dense, dilated_flops, dilated_weights
-from .fast.stacked import production_plan, production_ring_attention
+from .fast.plans import production_plan
+from .fast.stacked import production_ring_attention
 from .naive import causal_mask, naive_attention
 from .online_softmax import attend_block, blockwise_attention, merge_partials, online_softmax_trace
 from .ring import ring_attention

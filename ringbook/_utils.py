@@ -191,7 +191,7 @@ class check_finite:
       stays finite (or, if every score is -inf, is a row that sees no key:
       out 0, lse -inf).
       Known gap: on CUDA, the fused Triton merge of
-      :func:`ringbook.production_ring_attention` (``ringbook/_triton_merge.py``)
+      :func:`ringbook.production_ring_attention` (``ringbook/fast/triton_merge.py``)
       can turn the lse of a NaN row into -inf, and a later merge into a
       finite value; its out stays NaN (seen on an H200; the einops paths and
       the torch merge keep it NaN).

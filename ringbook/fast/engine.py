@@ -6,15 +6,24 @@ every result folds into float32 accumulators by equation (M) of notebook 01.
 What differs between the fast paths is only
 
 * **the plan** (:class:`Plan`): which block calls each step makes — the
-  schedule as data. Dense contiguous and zigzag rings, a rank's own row of
-  the schedule, and dilated segments (gathered blocks,
-  :mod:`ringbook.fast.dilated`) are plans; documents and windows will be;
+  schedule as data, built in one module (:mod:`ringbook.fast.plans`) from the
+  one schedule (:func:`ringbook.schedule.ring_schedule`). A block
+  (:mod:`ringbook.fast.blocks`) is a *place* (row ranges, or gathered dilated
+  rows) and a *kernel* (full, top-left causal, positions; documents and
+  windows will be kernels too), each bringing its own code, so the loops
+  below never branch on a pattern;
 * **the mover** (:class:`Mover`): how the K/V a step reads get there, and how
   their gradients get home. :class:`StackedMover` plays every rank in one
   process (the shards are stacked in the batch, and "sending" is choosing a
   view); :class:`ringbook.distributed.ring.P2PMover` sends them to the next
   rank over a process group; :class:`ringbook.distributed.dilated.DilatedMover`
   delivers the dilated rows a rank's segments need in one batched exchange.
+
+A strategy is a mover, a plan and a :class:`Job` (how the caller's tensors
+enter and leave the engine's layout), run by :func:`run`;
+``tests/test_engine_contract.py`` shows the contract with a toy mover.
+Tuning (merge groups, the second stream, memory budgets) is data:
+:class:`~ringbook.fast.tuning.Tuning` in :class:`Settings`.
 
 :func:`ring_forward` and :func:`ring_backward` are the only loops. The
 backward runs the ring again and feeds each block the *global* out and lse

@@ -33,11 +33,12 @@ changes is how one process plays the ranks:
   folded into float32 accumulators by :func:`ringbook.fast.merge.merge_boxes_into_`
   (up to ``Tuning.merge_group`` block results per pass, whatever rows each
   covers, so the float32 accumulator is read and written once per group,
-  not per block), on a second CUDA stream under the next block's kernel.
-  The backward runs the ring again with a fused backward op fed the global
+  not per block); the backward's gradient sums run on a second CUDA stream
+  under the next block's kernel. The backward runs the ring again with a fused backward op fed the global
   out and lse of the rows (as ring-flash-attention and PyTorch's context
   parallel do): cuDNN's where it agrees with the einops path, else flash's.
-  Only q, k, v, out and lse are kept for it.
+  Only q, k, v, out and lse are kept for it (in the engine's layout when
+  entering it is a gather, as zigzag's is, so the backward gathers nothing again).
 
 Grouped-query attention: k/v may have fewer heads than q (dividing them);
 K/V travel unexpanded and are expanded only at a kernel that needs it.
@@ -237,7 +238,7 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             computes).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         backend: block kernel, ``"auto"`` or one of
-            :data:`ringbook.kernels.BACKENDS` (``"einops"``: the reference
+            :data:`ringbook.fast.kernels.BACKENDS` (``"einops"``: the reference
             path everywhere).
         graph: ``"auto"`` (default): a forward-only CUDA call of a shape
             seen before, with q of at most 64 MiB, is replayed from a CUDA
