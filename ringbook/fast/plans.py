@@ -41,7 +41,7 @@ import torch
 
 from .._utils import check_bool, check_positive_int
 from ..schedule import check_layout, layout_positions, ring_schedule
-from .blocks import CAUSAL, FULL, Block, Positions, box
+from .blocks import CAUSAL, FULL, Block, Positions, Strided, box, gather_spec, gathered_block, head_slots
 from .engine import Plan
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
@@ -282,8 +282,6 @@ def stacked_dilated_plan(n: int, num_heads: int, kv_heads: int, pairs: tuple, pa
     where the rows live, not what is computed (:mod:`ringbook.fast.dilated`),
     so this plan has no ring size and moves nothing.
     """
-    from .dilated import gather_spec, gathered_block, head_slots
-
     blocks, seen = [], set()
     for (seg, r), (hs, offs) in zip(pairs, patterns):
         slots = head_slots(hs, offs, num_heads // kv_heads)
@@ -322,8 +320,6 @@ def rank_dilated_plan(plan, rank: int, kv_group: int, device: torch.device | str
     (:func:`ringbook.distributed.dilated.routes`). Cached per call shape: the
     walk over the segments runs once, not per call.
     """
-    from .dilated import gather_spec, gathered_block, head_slots
-
     c, base = plan.shard_len, rank * plan.shard_len
     lo, _ = dilated_window(plan, rank)
     blocks, seen = [], set()
@@ -365,8 +361,6 @@ def _strided_blocks(s, a: int, z: int, r: int, m: int, hs, offs, kv_group: int, 
     """A spanning piece ``[a, z)`` not aligned to the rate: one :class:`~ringbook.fast.blocks.Strided` block per
     offset (its heads' kept query rows in the piece; keys: the segment's kept rows, or with ``causal`` the diagonal
     square and the earlier rows)."""
-    from .blocks import Strided, head_slots
-
     blocks = []
     for o in sorted(set(offs)):
         heads = [h for h, x in zip(hs, offs) if x == o]
