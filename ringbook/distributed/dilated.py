@@ -63,13 +63,14 @@ import torch
 import torch.distributed as dist
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
-from ..fast.engine import Job, Mover, Settings, run
+from ..fast.engine import Mover, Settings
 from ..fast.kernels import BACKENDS
 from ..fast.plans import dilated_window as _window
 from ..fast.plans import rank_dilated_plan
 from ..fast.tuning import Tuning, check_tuning
 from ..ring_dilated import DilatedRingPlan, _count, _offset_groups, dilated_ring_plan
-from .comm import _peer_error, _Ring, _wait, agree, resolve_timeout
+from .comm import _peer_error, _Ring, _wait, agree
+from .entry import open_group, run_on_group
 
 FORWARD_TAG, BACKWARD_TAG = 16, 17  # apart from ringbook.distributed's tags 0..3
 
@@ -238,12 +239,7 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         TimeoutError or RuntimeError naming the peer if it does not answer
         within ``timeout``.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "ringbook.distributed.ring_dilated_attention needs an initialised process group: start the processes "
-            "with torchrun or ringbook.distributed.spawn and call torch.distributed.init_process_group first "
-            "(ringbook.ring_dilated_attention plays the ring in one process)")
-    ring = _Ring.of(group, resolve_timeout(timeout), op="ring_dilated_attention")
+    ring = open_group(group, timeout, "ring_dilated_attention")
     options = {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "heads": heads,
                "backend": backend, "kv heads": k.shape[2] if k.dim() == 4 else None}
     scale = _check_agreement(q, k, v, causal, scale, options, ring)
@@ -255,10 +251,10 @@ def ring_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     setup = _Setup(ring, plan, scale, on and (k.requires_grad or v.requires_grad))
     kv_group = q.shape[2] // k.shape[2]
     blocks = rank_dilated_plan(plan, ring.rank, kv_group, str(q.device), _traffic(plan, ring.rank, kv_group))
-    job = Job(settings=Settings(scale, backend, who="ringbook.distributed.ring_dilated_attention",
-                                twice="ringbook.ring_dilated_attention in one process", tuning=tuning),
-              start=lambda k_, v_, backward: (DilatedMover(setup, k_, v_, kv_group, backward), blocks))
-    return run(q, k, v, job)
+    return run_on_group(q, k, v, plan=blocks,
+                        mover=lambda k_, v_, backward: DilatedMover(setup, k_, v_, kv_group, backward),
+                        settings=Settings(scale, backend, who="ringbook.distributed.ring_dilated_attention",
+                                          twice="ringbook.ring_dilated_attention in one process", tuning=tuning))
 
 
 # --------------------------------------------------------------------------- the fused form, on the ring engine

@@ -34,12 +34,13 @@ from __future__ import annotations
 import torch
 
 from .._utils import FLOAT_DTYPES, check_bool, check_qkv, compute_dtype, resolve_scale
-from ..fast.engine import Job, Mover, Settings, run
+from ..fast.engine import Mover, Settings
 from ..fast.kernels import BACKENDS
 from ..fast.plans import rank_plan
 from ..fast.tuning import Tuning, check_tuning
 from ..schedule import LAYOUTS, check_layout
-from .comm import _exchange, _Ring, _wait, agree, resolve_timeout
+from .comm import _exchange, _Ring, _wait, agree
+from .entry import open_group, run_on_group
 
 
 def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
@@ -209,16 +210,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op, tuning):
     tuning = check_tuning(tuning)
-    ring = _Ring.of(group, resolve_timeout(timeout), op=op)
+    ring = open_group(group, timeout, op)
     scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
     causal = bool(causal)  # checked: True/False or numpy.bool_
     # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
     # one-process ring's box merge); a step's block gradients are summed together before they travel on.
     plan = rank_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, causal, kv_heads=k.shape[2],
                      device=str(q.device), merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group)
-    job = Job(settings=Settings(scale, backend, who=f"ringbook.distributed.{op}", tuning=tuning),
-              start=lambda k_, v_, backward: (P2PMover(ring, k_, v_, backward, len(plan.steps)), plan))
-    return run(q, k, v, job)
+    return run_on_group(q, k, v, plan=plan, mover=lambda k_, v_, backward: P2PMover(ring, k_, v_, backward,
+                                                                                      len(plan.steps)),
+                        settings=Settings(scale, backend, who=f"ringbook.distributed.{op}", tuning=tuning))
 
 
 def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
