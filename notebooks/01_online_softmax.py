@@ -16,8 +16,9 @@
 # >
 # > **You need** attention as $\mathrm{softmax}(QK^\top/\sqrt d)V$; basic PyTorch tensors.
 # >
-# > **Exercises** exercises 1–3 (the lse of a block, the merge, one online step). **Time** about 25 minutes in
-# > class; executing it takes 10–30 s on 2 CPU cores.
+# > **Exercises** exercises 1–3 (the lse of a block, the merge, one online step).
+# >
+# > **Time** 60–75 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
 #
 # Ring attention splits the keys and values of a long sequence over devices
 # and passes them round a ring: each device sees **one block of keys at a
@@ -51,15 +52,13 @@
 # are `b h i j`. Every attention function returns `(out, lse)`.
 
 # %% jupyter={"source_hidden": true}
-# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
-import os
-from pathlib import Path
+# Setup: ROOT is the ringbook clone (None outside one, e.g. on Colab), FIGURES its committed results,
+# SAVE where this notebook's figures go: build/figures/, never the committed figures/ unless asked
+# ($RINGBOOK_FIGURES_OUT, which `make sync-notebooks` sets). See ringbook/_paths.py.
+from ringbook._paths import notebook_paths
 
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-FIGURES.mkdir(exist_ok=True)
+PATHS = notebook_paths()
+ROOT, FIGURES, SAVE = PATHS
 
 # %%
 import math

@@ -16,8 +16,9 @@
 # >
 # > **You need** notebook 01 (the merge (M)).
 # >
-# > **Exercises** exercises 4–5 (zigzag positions, which causal blocks are skipped). **Time** about 35 minutes in
-# > class; executing it takes 10–30 s on 2 CPU cores.
+# > **Exercises** exercises 4–5 (zigzag positions, which causal blocks are skipped).
+# >
+# > **Time** 75–100 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
 #
 # Attention over $n$ tokens needs every query to meet every key: $n^2$
 # scores. Blockwise attention (notebook 01) stops that from costing $n^2$
@@ -45,15 +46,13 @@
 # is `b c h d`; `w` is the ring size.
 
 # %% jupyter={"source_hidden": true}
-# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
-import os
-from pathlib import Path
+# Setup: ROOT is the ringbook clone (None outside one, e.g. on Colab), FIGURES its committed results,
+# SAVE where this notebook's figures go: build/figures/, never the committed figures/ unless asked
+# ($RINGBOOK_FIGURES_OUT, which `make sync-notebooks` sets). See ringbook/_paths.py.
+from ringbook._paths import notebook_paths
 
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-FIGURES.mkdir(exist_ok=True)
+PATHS = notebook_paths()
+ROOT, FIGURES, SAVE = PATHS
 
 # %%
 

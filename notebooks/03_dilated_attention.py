@@ -16,8 +16,9 @@
 # >
 # > **You need** notebooks 01 and 02.
 # >
-# > **Exercises** exercise 6 (the kept positions of one pattern). **Time** about 20 minutes in class (sections 1–4);
-# > executing it takes 10–30 s on 2 CPU cores.
+# > **Exercises** exercise 6 (the kept positions of one pattern).
+# >
+# > **Time** 50–65 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
 #
 # Ring attention (notebook 02) makes long sequences *fit*: memory per rank is
 # $O(n / w)$. It does not make them *cheap*: every query still meets every
@@ -37,15 +38,13 @@
 # `s` is a segment length and `r` a dilation rate; `w` stays the ring size.
 
 # %% jupyter={"source_hidden": true}
-# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
-import os
-from pathlib import Path
+# Setup: ROOT is the ringbook clone (None outside one, e.g. on Colab), FIGURES its committed results,
+# SAVE where this notebook's figures go: build/figures/, never the committed figures/ unless asked
+# ($RINGBOOK_FIGURES_OUT, which `make sync-notebooks` sets). See ringbook/_paths.py.
+from ringbook._paths import notebook_paths
 
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-FIGURES.mkdir(exist_ok=True)
+PATHS = notebook_paths()
+ROOT, FIGURES, SAVE = PATHS
 
 # %%
 import statistics

@@ -16,8 +16,9 @@
 # >
 # > **You need** notebook 02.
 # >
-# > **Exercises** no exercises (section 2 measures a row live). **Time** about 10 minutes for section 1; executing
-# > it takes 10–30 s on 2 CPU cores.
+# > **Exercises** no exercises (section 2 measures a row live).
+# >
+# > **Time** 45–60 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
 #
 # A benchmark number means something only if it says what was counted, how
 # it was timed, and that the answer was right. (The report this project
@@ -36,19 +37,16 @@
 # Shapes as in notebook 01: q, k, v are `b n h d`; `w` is the ring size.
 
 # %% jupyter={"source_hidden": true}
-# Setup (hidden in JupyterLab): where the committed results are read and the figures saved.
-import os
-from pathlib import Path
+# Setup: ROOT is the ringbook clone (None outside one, e.g. on Colab), FIGURES its committed results,
+# SAVE where this notebook's figures go: build/figures/, never the committed figures/ unless asked
+# ($RINGBOOK_FIGURES_OUT, which `make sync-notebooks` sets). See ringbook/_paths.py.
+from ringbook._paths import notebook_paths
 
-ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "pyproject.toml").exists())
-FIGURES = ROOT / "figures"  # the committed results the notebook reads, and where its figures are saved
-SAVE = Path(os.environ.get("RINGBOOK_FIGURES_OUT") or FIGURES)  # tests save elsewhere: the clone stays clean
-# The notebook runs with cwd = notebooks/; figures go to <repo root>/figures.
-FIGURES.mkdir(exist_ok=True)
+PATHS = notebook_paths()
+ROOT, FIGURES, SAVE = PATHS
 
 # %%
 import json
-import os
 import statistics
 
 import torch

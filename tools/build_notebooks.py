@@ -11,6 +11,11 @@ the command line, this script
 3. makes it diff-friendly: stable cell ids, no execution timing metadata,
    and widget model ids renumbered in order of appearance.
 
+This is the one place that refreshes the committed figures: it sets
+``$RINGBOOK_FIGURES_OUT`` to ``figures/`` (unless the caller set it), and the
+notebooks' setup cell (``ringbook._paths.notebook_paths``) saves there. A
+notebook run any other way saves its figures into ``build/figures/``.
+
 Usage (``make sync-notebooks`` runs the first)::
 
     python tools/build_notebooks.py
@@ -116,16 +121,20 @@ def build(source: Path) -> Path:
     nb.metadata.setdefault("kernelspec", {"display_name": "Python 3 (ipykernel)", "language": "python", "name": KERNEL_NAME})
     stable_ids(nb)
 
-    execute(nb, source.parent)
+    execute(nb, source.parent, figures_out=Path(os.environ.get("RINGBOOK_FIGURES_OUT") or ROOT / "figures"))
     nb = strip_volatile(nb)
     nbformat.validate(nb)
     nbformat.write(nb, target)
     return target
 
 
-def execute(nb, cwd: Path) -> None:
-    """Run every cell of ``nb`` in place on a kernel of this Python, with this checkout's ringbook first."""
+def execute(nb, cwd: Path, figures_out: Path) -> None:
+    """Run every cell of ``nb`` in place on a kernel of this Python, with this checkout's ringbook first.
+
+    The notebook saves its figures into ``figures_out``.
+    """
     kernel_env = {
+        "RINGBOOK_FIGURES_OUT": str(figures_out),
         # the kernel imports this checkout's ringbook, whatever is installed
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         # figures render as PNG even if the caller set MPLBACKEND=Agg

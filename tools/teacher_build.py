@@ -8,8 +8,8 @@ every exercise stub — a code cell defining a function whose body raises
 its place; the checker call below it is kept, so the executed copy shows
 each checker's ✓. The copy is executed like the committed notebooks
 (``tools/build_notebooks.py``) and written to ``build/teacher/<name>.ipynb``.
-The committed notebooks are not touched (the copies' figures are written to
-``figures/`` as a normal build writes them, identically).
+The committed notebooks and figures are not touched (the copies' figures go
+to ``build/teacher/figures/``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         nb = jupytext.read(source, fmt="py:percent")
         names = fill(nb, solved)
-        execute(nb, source.parent)
+        execute(nb, source.parent, figures_out=OUT / "figures")
         nb = strip_volatile(nb)
         nbformat.validate(nb)
         target = OUT / f"{source.stem}.ipynb"
