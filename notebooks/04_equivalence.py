@@ -81,8 +81,14 @@ from ringbook import (
     ring_dilated_attention,
 )
 from ringbook.bench.rules import finite_max_error, rounding_atol
-from ringbook.exercises.equivalence import BUGS, attention_with_bug, rule_ratio
-from ringbook.exercises.equivalence import check_catches_bugs, check_overflow_inputs, check_passes_2x_rule
+from ringbook.exercises.equivalence import (
+    BUGS,
+    attention_with_bug,
+    check_catches_bugs,
+    check_overflow_inputs,
+    check_passes_2x_rule,
+    rule_ratio,
+)
 from ringbook.viz import plot_error_matrix
 from ringbook.viz.equivalence import plot_rule_ratios
 from ringbook.viz.widgets import bug_hunt_explorer
@@ -411,6 +417,8 @@ _ = display(hunt)
 # The answer, every suspect at once:
 
 # %%
+for s, bug in SUSPECTS.items():
+    print(f"suspect {s}: {bug}: {BUGS[bug]}")
 fig_bugs = plot_rule_ratios([*right_rows.values(), *suspect_rows.values()],
                             [*right_rows, *(f"{s}: {bug}" for s, bug in SUSPECTS.items())], HUNT_LABELS,
                             groups=[len(right_rows)], title="the 2× rule on right implementations and on four bugs",
