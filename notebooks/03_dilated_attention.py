@@ -16,7 +16,7 @@
 # >
 # > **You need** notebooks 01 and 02.
 # >
-# > **Exercises** 3.1 the kept positions of one pattern, 3.2 the scores of one pair, 3.3 the dilated rows a rank
+# > **Exercises** 03.1 the kept positions of one pattern, 03.2 the scores of one pair, 03.3 the dilated rows a rank
 # > sends.
 # >
 # > **Time** 50–65 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
@@ -168,7 +168,7 @@ fig.savefig(SAVE / "03_dilated_attention.png", dpi=110, metadata={"Software": No
 # pair keeps gets no output.
 
 # %% [markdown]
-# **Exercise 3.1 · The kept positions of one pattern.** The figure shows
+# **Exercise 03.1 · The kept positions of one pattern.** The figure shows
 # the positions one head keeps. Write them for one pair: the positions
 # $p < n$ whose index within its segment is $\equiv o \pmod r$. The
 # checker compares with the diagonal of `ringbook.dilated_weights` (a query
@@ -310,7 +310,7 @@ plot_error_bars(errors, title="dilated_attention vs equation (D), float64", tole
 # and jumps $2\times$ at each. Its 4K pairs $(512, 1), (1024, 2),
 # (2048, 4)$ kept fixed show the pure linear law.
 #
-# **Exercise 3.2 · The scores of one pair.** Count the scores one head
+# **Exercise 03.2 · The scores of one pair.** Count the scores one head
 # computes for one pair, $\sum_{ij} \kappa_{ij}$, without the mask and with
 # it. With the mask a kept query scores the kept keys up to and including
 # itself (`dilated_flops` halves the unmasked count instead, the convention
@@ -517,7 +517,7 @@ fig_plan.savefig(SAVE / "03_ring_plan.png", dpi=110, metadata={"Software": None}
 # **Takeaway:** only segments that cross a shard boundary cost communication,
 # and only their dilated rows travel.
 #
-# **Exercise 3.3 · The dilated rows a rank sends.** For one pair and one
+# **Exercise 03.3 · The dilated rows a rank sends.** For one pair and one
 # head at `offset`, return for every rank the number of dilated K rows it
 # sends over the whole call, counting each receiver (V sends as many).
 # Contiguous shards of $n / w$ tokens; without the mask a piece goes to

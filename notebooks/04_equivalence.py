@@ -17,7 +17,7 @@
 # >
 # > **You need** notebooks 01–03.
 # >
-# > **Exercises** 4.1 the 2× check, 4.2 inputs that expose a missing max subtraction, 4.3 a check that catches
+# > **Exercises** 04.1 the 2× check, 04.2 inputs that expose a missing max subtraction, 04.3 a check that catches
 # > four plausible bugs.
 # >
 # > **Time** 20–30 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
@@ -223,7 +223,7 @@ assert ratio_naive < 0.5
 # or a wrong mask but not a subtle loss of precision; this notebook asks the
 # sharper one on sizes where the baseline fits.
 #
-# **Exercise 4.1 · The 2× check.** Write the rule for one quantity: given
+# **Exercise 04.1 · The 2× check.** Write the rule for one quantity: given
 # `out` (the implementation's, in low precision), `ref64` (the float64
 # reference), `out_naive` (the naive path in the same dtype) and `atol`,
 # return whether $\mathrm{err}(\text{out}) \le 2\,\mathrm{err}(\text{out\_naive})
@@ -448,7 +448,7 @@ fig_bugs.savefig(SAVE / "04_bugs.png", dpi=110, metadata={"Software": None})
 # path in the same dtype: a kernel may be somewhat less accurate, never
 # more than twice as far off.
 #
-# **Exercise 4.2 · Inputs that expose a missing max subtraction.** Given
+# **Exercise 04.2 · Inputs that expose a missing max subtraction.** Given
 # float16 q, k, v, return inputs (finite float16, same shapes) on which the
 # right kernel still passes the 2× rule and the `no max subtraction` mutant
 # fails it.
@@ -462,7 +462,7 @@ def overflow_inputs(q, k, v):
 _ = check_overflow_inputs(overflow_inputs)
 
 # %% [markdown]
-# **Exercise 4.3 · A check that catches all four.** Write
+# **Exercise 04.3 · A check that catches all four.** Write
 # `catches_bugs(attention) -> bool`: run `attention(q, k, v, causal=...)`
 # on inputs of your choice and return True only if it passes the 2× rule
 # everywhere. The checker hands it right implementations (which must pass)

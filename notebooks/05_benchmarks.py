@@ -16,7 +16,7 @@
 # >
 # > **You need** notebook 02.
 # >
-# > **Exercises** 5.1 recompute a row's TFLOP/s, 5.2 spot a row that is not a result, 5.3 the speed-up a ring's
+# > **Exercises** 05.1 recompute a row's TFLOP/s, 05.2 spot a row that is not a result, 05.3 the speed-up a ring's
 # > work allows; section 2 measures a row live.
 # >
 # > **Time** 45–60 minutes working alone, at a student's pace; executing it takes 10–30 s on 2 CPU cores.
@@ -147,7 +147,7 @@ print("ringbook", ringbook.__version__)
 #
 # The committed one-GPU sweep (`figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json`,
 # one H100) holds to these rules; the cell below checks every row of it the
-# way exercise 5.2 asks you to.
+# way exercise 05.2 asks you to.
 
 # %%
 TOL = {name: TOLERANCE[dtype] for name, dtype in DTYPES.items()}  # by dtype name, e.g. "bfloat16"
@@ -170,7 +170,7 @@ print(f"{len(bench)} rows: {statuses}")
 print("every ok row consistent:", all(consistent(r) for r in bench if r["status"] == "ok"))
 
 # %% [markdown]
-# **Exercise 5.1 · Recompute a row's TFLOP/s.** A row stores its work and
+# **Exercise 05.1 · Recompute a row's TFLOP/s.** A row stores its work and
 # throughput, but a reader should be able to recompute them. Write
 # `row_tflops(row)` from the row's `batch`, `heads`, `seq_len`, `head_dim`,
 # `causal`, `mode` and `time_ms` alone (the checker hides `flops` and
@@ -185,7 +185,7 @@ def row_tflops(row):
 _ = check_row_tflops(row_tflops)
 
 # %% [markdown]
-# **Exercise 5.2 · Spot the row that is not a result.** Write
+# **Exercise 05.2 · Spot the row that is not a result.** Write
 # `counts_as_result(row) -> bool`: True only if the row may be quoted, by
 # the four rules above (status `ok`; error within `TOLERANCE[DTYPES[row["dtype"]]]`;
 # `time_ms` the median of `times_ms`; `tflops` the work of the row's shape,
@@ -560,7 +560,7 @@ fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
 # (`ringbook.work_per_rank`, notebook 02), so the work alone allows
 # $\tfrac34 / \tfrac5{16} = 2.4\times$.
 #
-# **Exercise 5.3 · The speed-up the work allows.** Write
+# **Exercise 05.3 · The speed-up the work allows.** Write
 # `ideal_speedup(n, world, causal)`: the scores one rank computes alone
 # (ring size 1) over the scores of the *busiest* rank of a ring of `world`
 # ranks; contiguous without a mask, zigzag with one.

@@ -182,4 +182,4 @@ def check_catches_bugs(fn: Callable) -> bool | None:
                                      for label, f, want in suspects], lambda c: (
         "a bool" if _bool(c["got"]) is None else
         "run it the way the matrix does: half precision (a rounding bug hides in float32), with and without the mask "
-        "(a diagonal bug needs the mask), and on logits large enough to overflow exp (exercise 4.2's inputs)"))
+        "(a diagonal bug needs the mask), and on logits large enough to overflow exp (exercise 04.2's inputs)"))
