@@ -336,7 +336,7 @@ def _move_control(widget) -> str:
         select = selects.first
         options = select.locator("option").all_text_contents()
         current = select.input_value()
-        choice = next(o for o in options if o != current)
+        choice = next(o for o in options if o.replace("\xa0", " ") != current)  # ipywidgets shows spaces as nbsp
         select.select_option(label=choice)
         return f"dropdown {current} -> {choice}"
     raise AssertionError("the widget has no slider or dropdown to move")

@@ -171,6 +171,42 @@ def test_checkers_01_02_reject_plausible_wrong_answers(name, index, capsys):
     assert out.startswith(f"✗ {name}: fails on") and words in out, out
 
 
+def _solution(name):
+    return _solutions()[name]
+
+
+WRONG_03_TO_05 = {  # notebooks 03-05: plausible mistakes, each with the words its hint must contain
+    "kept_positions": [(lambda n, s, r, o: [p + 0.5 for p in range(n) if p % s % r == o], "integers"),
+                       (lambda n, s, r, o: [p for p in range(n) if p % s == o], "mod rate")],
+    "pair_scores": [(lambda n, s, r, c: n * s // r**2 // (2 if c else 1), "m(m+1)/2"),  # halves instead of counting
+                    (lambda n, s, r, c: n * s // r, "m²")],
+    "rows_sent": [(lambda n, w, s, r, o, c: _solution("rows_sent")(n, w, s, r, o, False), "later"),  # mask ignored
+                  (lambda n, w, s, r, o, c: _solution("rows_sent")(n, w, s, 1, 0, c), "offset mod rate")],
+    "passes_2x_rule": [(lambda o, r, b, a: bool((o.double() - r).abs().nan_to_num(0).max() <= 2 * (
+        b.double() - r).abs().nan_to_num(0).max() + a), "NaN never passes"),
+                       (lambda o, r, b, a: bool((o.double() - r).abs().max() <= 2 * (b.double() - r).abs().max() + a),
+                        "where ref is finite")],
+    "overflow_inputs": [(lambda q, k, v: (q, k, v), "mutant passes"),
+                        (lambda q, k, v: (q * 1e4, k, v), "even the right kernel fails")],
+    "catches_bugs": [(lambda attention: True, "large enough to overflow")],
+    "row_tflops": [(lambda r: 4 * r["batch"] * r["heads"] * r["seq_len"] ** 2 * r["head_dim"] / r["time_ms"] / 1e12,
+                    "milliseconds"),
+                   (lambda r: _solution("row_tflops")(dict(r, causal=False)), "half the work")],
+    "counts_as_result": [(lambda r: r["status"] == "ok", "all four rules"),
+                         (lambda r: int(_solution("counts_as_result")(r)), "a bool")],
+    "ideal_speedup": [(lambda n, w, c: float(w), "slowest rank"),
+                      (lambda n, w, c: float(w) * (1.2 if c else 1), "slowest rank")],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG_03_TO_05.items() for i in range(len(ws))])
+def test_notebooks_03_to_05_checkers_reject_plausible_wrong_answers(name, index, capsys):
+    wrong, words = WRONG_03_TO_05[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and words in out, out
+
+
 def test_checkers_01_02_accept_right_answers_in_another_form(capsys):
     sol = _solutions()
     import numpy as np
@@ -219,3 +255,12 @@ def test_hints_01_02_do_not_print_the_solution(capsys):
     out = capsys.readouterr().out
     for formula in ("m + log", "2·world − 1 − r", "(r − t) mod w > r", "torch.logaddexp", "e·F / (2·B)"):
         assert formula not in out, formula
+
+
+def test_notebooks_03_to_05_bool_answers_may_be_numpy_or_torch(capsys):
+    import numpy as np
+
+    for name in ("counts_as_result", "passes_2x_rule"):
+        right = _solution(name)
+        assert exercises.CHECKERS[name](lambda *a, f=right: np.bool_(f(*a))) is True
+        assert exercises.CHECKERS[name](lambda *a, f=right: torch.tensor(f(*a))) is True

@@ -174,7 +174,11 @@ def plot_dilated_coverage(seq_len: int, num_heads: int, *, segment_lengths: Sequ
     ax_bar.barh(y, dropped, color=colors, height=0.6)
     for yi, v in zip(y, dropped):
         ax_bar.annotate(f"{v:.0%}", xy=(v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-    handles = [Patch(facecolor="#999999", label="dropped by the head")]
+    if groups is not None:  # one legend entry per bar colour: the head's group
+        handles = [Patch(facecolor=pair_color(g), label=f"dropped by a head of {_pair_label(*pairs[g])}")
+                   for g in range(len(groups))]
+    else:
+        handles = [Patch(facecolor=COLORS["score"], label="dropped by the head")]
     if groups is not None:
         for g, hs in enumerate(groups):
             lost = (kept[list(hs)] == 0).all(axis=0).mean()

@@ -39,6 +39,7 @@ def plot_error_matrix(
     title: str = "Error against the float64 reference",
     ratio_title: str = "the 2× rule: err / (2·err_naive + atol)",
     digits: int = 1,
+    note: str | None = None,
 ) -> Figure:
     """Heatmaps of an error matrix: one row per implementation, one column per case.
 
@@ -48,7 +49,7 @@ def plot_error_matrix(
     ``ratio_labels``) is given: each cell's error over the error it is allowed
     (e.g. flash-attention's 2× rule), green up to 1 and red above, cells above
     1 outlined. ``groups`` are the row indices where a new group of rows starts;
-    a line is drawn above each.
+    a line is drawn above each. ``note``: a line of text under the heatmaps.
     """
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
@@ -100,4 +101,53 @@ def plot_error_matrix(
         for g in groups:
             if 0 < g < rows:
                 a.axhline(g - 0.5, color="white", lw=2.5)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="#444444")
+    return fig
+
+
+def plot_rule_ratios(
+    ratios: ArrayLike,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str = "the 2× rule: err / (2·err_naive + atol)",
+    groups: Sequence[int] = (),
+    note: str | None = None,
+) -> Figure:
+    """One heatmap of rule ratios (rows × columns): green up to 1 (passes), red above (fails, outlined).
+
+    A ratio of ``inf`` (a NaN, or ±inf where the reference is finite) is drawn as the reddest cell and
+    written "∞". ``groups``: row indices where a new group starts (a white line above each);
+    ``note``: a line of text under the heatmap.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    rat = _np(ratios).astype(float)
+    rows, cols = rat.shape
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise ValueError(f"ratios is {rows} × {cols} but got {len(row_labels)} row and {len(col_labels)} "
+                         "column labels")
+    top = 4.0
+    shown = np.minimum(rat, top)
+    fig, axes = new_figure(1, 1, figsize=(3.4 + 0.9 * cols, 0.36 * rows + 2.2))
+    ax = axes[0, 0]
+    image = ax.imshow(shown, cmap="RdYlGn_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), aspect="auto",
+                      interpolation="nearest")
+    texts = [["∞" if not np.isfinite(x) else f"{x:.0f}" if x >= 100 else f"{x:.2f}" for x in row] for row in rat]
+    _annotate_cells(ax, rat, texts, image.to_rgba(shown), 8)
+    for i, j in zip(*np.nonzero(rat > 1)):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#b00000", lw=2.0))
+    fig.colorbar(image, ax=ax, label=f"ratio (≤ 1 passes; ≥ {top:g} drawn as {top:g})", fraction=0.05, pad=0.02)
+    ax.set_xticks(range(cols), col_labels, fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(axis="x", length=0)
+    ax.set_yticks(range(rows), row_labels, fontsize=9)
+    for g in groups:
+        if 0 < g < rows:
+            ax.axhline(g - 0.5, color="white", lw=3)
+    ax.set_title(title, fontsize=10)
+    if note:
+        fig.supxlabel(note, fontsize=8, color="#444444")
     return fig

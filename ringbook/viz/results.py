@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -150,10 +150,12 @@ def plot_sweep(rows: list[dict], *, impls: list[str] | None = None, title: str |
 
 def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label: str = "target",
                  one_label: str = "one GPU", multi_label: str = "per GPU of the ring",
-                 axes: Sequence[Axes] | None = None) -> Figure:
-    """From :func:`scaling_rows`: speed-up against sequence length (ideal = world size, dashed; ``target``
-    dotted) and peak memory per GPU, one GPU against each GPU of the ring. ``axes``: two existing axes
-    (speed-up, memory) to draw into instead of a new figure. -> Figure"""
+                 axes: Sequence[Axes] | None = None, ideal: Mapping[bool, float] | None = None) -> Figure:
+    """From :func:`scaling_rows`: speed-up against sequence length and peak memory per GPU, one GPU against
+    each GPU of the ring. ``ideal[causal]``: the speed-up the work allows, drawn dashed over that mask's bars
+    (default: the world size for both; a causal one-GPU baseline that computes masked scores allows more,
+    notebook 05). ``target`` dotted. ``axes``: two existing axes (speed-up, memory) to draw into instead of a
+    new figure. -> Figure"""
     if not pairs:
         raise ValueError("no pairs: the one-GPU and multi-GPU rows share no (seq_len, causal)")
     if axes is None:
@@ -163,6 +165,7 @@ def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label
         ax_s, ax_m = axes
         fig = ax_s.figure
     world = pairs[0]["world"]
+    ideal = {False: world, True: world} if ideal is None else dict(ideal)
     seqs = sorted({p["seq_len"] for p in pairs})
     x = np.arange(len(seqs))
     for k, causal in enumerate((False, True)):
@@ -173,19 +176,21 @@ def plot_scaling(pairs: list[dict], *, target: float | None = None, target_label
         xs = np.array([x[seqs.index(n)] for n in ps]) + (k - 0.5) * 0.38
         bars = ax_s.bar(xs, [p["speedup"] for p in ps.values()], width=0.36, color=color,
                         label="causal" if causal else "non-causal")
-        ax_s.bar_label(bars, fmt="%.2f×", fontsize=8, padding=2,
-                       bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "edgecolor": "none"})
+        ax_s.bar_label(bars, fmt="%.2f×", fontsize=8, padding=2, label_type="center", color="white")
+        for i, xi in enumerate(xs):  # the ideal over each bar of this mask
+            ax_s.plot([xi - 0.18, xi + 0.18], [ideal[causal]] * 2, color=COLORS["max"] if causal else COLORS["exact"],
+                      ls=":" if causal else "--", lw=1.6, label=None if i else
+                      f"ideal, {'causal' if causal else 'non-causal'}: {ideal[causal]:g}× (the work allows)")
         ax_m.plot([seqs.index(n) for n in ps], [p["mem_one_gb"] for p in ps.values()], "o-", color=color,
                   label=f"{one_label}, {'causal' if causal else 'non-causal'}")
         ax_m.plot([seqs.index(n) for n in ps], [p["mem_per_rank_gb"] for p in ps.values()], "s--", color=color,
                   label=f"{multi_label}, {'causal' if causal else 'non-causal'}")
-    ax_s.axhline(world, color=COLORS["exact"], ls="--", lw=1, label=f"ideal: {world}×")
     if target is not None:
         ax_s.axhline(target, color=COLORS["max"], ls=":", lw=1.5, label=f"{target_label}: {target:g}×")
     ax_s.set_xticks(x, [f"{n // 1024}K" for n in seqs])
     ax_s.set_xlabel("sequence length n (tokens)")
     ax_s.set_ylabel("time on one GPU / time on the ring")
-    ax_s.set_ylim(0, max(max(p["speedup"] for p in pairs), world) * 1.25)
+    ax_s.set_ylim(0, max(max(p["speedup"] for p in pairs), *ideal.values()) * 1.3)
     ax_s.set_title(f"speed-up, one GPU → {world} GPUs", fontsize=10)
     ax_s.legend(loc="upper left", fontsize=8)
     ax_s.grid(alpha=0.3, axis="y")
@@ -230,4 +235,83 @@ def plot_ratios(rows: list[dict], targets: dict[str, float] | None = None, *, pe
     # above the bars, outside the axes (constrained layout makes room): it never covers a bar or its label
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def plot_gpu_bars(picks: Mapping[bool, Sequence[tuple[str, dict]]], *, ideal: Mapping[bool, float],
+                  axes: Sequence[Axes] | None = None, title: str = "") -> Figure:
+    """Grouped bars per mask: speed-up over the first pick of that mask (its one-GPU baseline) and the peak memory
+    of the largest GPU. ``picks[causal]``: ``(label, row)`` with ``time_ms``, ``gpus``, ``impl`` and
+    ``per_rank_peak_mem_gb`` or ``peak_mem_gb``; two-GPU bars are hatched. ``ideal[causal]``: the speed-up the
+    work allows, dashed over that mask's bars. -> Figure"""
+    if axes is None:
+        fig, grid = new_figure(1, 2, figsize=(12.0, 4.3))
+        ax_t, ax_m = grid[0]
+    else:
+        ax_t, ax_m = axes
+        fig = ax_t.figure
+    n = max(len(v) for v in picks.values())
+    width = 0.8 / n
+    for k, causal in enumerate(sorted(picks)):
+        base = picks[causal][0][1]["time_ms"]
+        for i, (label, r) in enumerate(picks[causal]):
+            x = k + (i - (n - 1) / 2) * width
+            key = r["impl"] if r["impl"] != "context_parallel" else f"context_parallel {r.get('sdpa_backend')}"
+            color = IMPL_COLORS.get(r["impl"], "#999999") if "flash" not in key else IMPL_COLORS["sdpa_flash"]
+            style = {"color": color, "hatch": "//" if r["gpus"] == 2 else None, "edgecolor": "white"}
+            bar = ax_t.bar([x], [base / r["time_ms"]], width=width * 0.92, label=label if k == 0 else None, **style)
+            ax_t.bar_label(bar, fmt="%.2f×", fontsize=7, padding=2)
+            mem = max(r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]])
+            bar = ax_m.bar([x], [mem], width=width * 0.92, label=label if k == 0 else None, **style)
+            ax_m.bar_label(bar, fmt="%.2f", fontsize=7, padding=2)
+        ax_t.hlines([ideal[causal]], k - 0.42, k + 0.42, color=COLORS["exact"], ls="--", lw=1.2,
+                    label=f"ideal: {ideal[causal]:g}× (the work allows)" if k == 0 else None)
+    labels = ["causal (zigzag)" if c else "non-causal" for c in sorted(picks)]
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(range(len(picks)), labels)
+        ax.grid(alpha=0.3, axis="y")
+    ax_t.set_ylim(0, 1.45 * max(max(ideal.values()), 1.0))
+    ax_t.set_ylabel("one-GPU time / time")
+    ax_t.set_title(f"speed-up over one GPU{title}", fontsize=10)
+    ax_t.legend(fontsize=7, loc="upper right", ncol=2)
+    mems = [max(r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]]) for v in picks.values() for _, r in v]
+    ax_m.set_ylim(0, 1.3 * max(mems))
+    ax_m.set_ylabel("peak memory (GB), the largest of the GPUs")
+    ax_m.set_title(f"peak memory per GPU{title}", fontsize=10)
+    ax_m.legend(fontsize=7, loc="upper left", ncol=2)
+    return fig
+
+
+def plot_dilated_ring_sizes(rows: Sequence[dict], *, title: str = "") -> Figure:
+    """What the ring size changes for dilated ring attention, and what it does not.
+
+    ``rows``: one per (ring size, causal) with ``ring_size``, ``causal``, ``time_ms`` (measured in one process),
+    ``sent_mb`` (the most any rank would send over a real ring, from the plan) and ``imbalance`` (the busiest
+    rank's scores over the mean, from the plan). Three panels against the ring size: the one-process time, the
+    bytes a rank sends, the imbalance. -> Figure"""
+    fig, axes = new_figure(1, 3, figsize=(13.0, 3.9))
+    sizes = sorted({r["ring_size"] for r in rows})
+    x = np.arange(len(sizes))
+    panels = (("time_ms", "time of one call (ms)", "one process: the same calls, timed per ring size"),
+              ("sent_mb", "MB sent by the busiest rank", "a real ring: bytes a rank sends (plan)"),
+              ("imbalance", "busiest rank's scores / mean", "a real ring: work imbalance (plan)"))
+    for ax, (key, ylabel, head) in zip(axes[0], panels):
+        for k, causal in enumerate((False, True)):
+            got = {r["ring_size"]: r[key] for r in rows if r["causal"] == causal}
+            if not got:
+                continue
+            bars = ax.bar(x + (k - 0.5) * 0.38, [got.get(w, np.nan) for w in sizes], width=0.36,
+                          color=COLORS["partial"] if causal else COLORS["score"],
+                          label="causal" if causal else "non-causal")
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        ax.set_xticks(x, [str(w) for w in sizes])
+        ax.set_xlabel("ring size w")
+        ax.set_ylabel(ylabel)
+        ax.set_title(head, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.2)
+    axes[0, 2].axhline(1.0, color=COLORS["exact"], ls="--", lw=1)
+    axes[0, 0].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig

@@ -16,10 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import dilated as dilated_plots
+from . import equivalence as equivalence_plots
 from . import online_softmax as online_softmax_plots
 from . import ring as ring_plots
 
 if TYPE_CHECKING:  # type names only: ipywidgets is imported when a widget is built
+    from collections.abc import Mapping
+
     import ipywidgets
     from numpy.typing import ArrayLike
 
@@ -153,3 +156,22 @@ def bench_row_explorer(run: Callable[..., dict], *, seq_lens: Sequence[int], rin
     widget.rows = rows
     widget.update()
     return widget
+
+
+def bug_hunt_explorer(right: Mapping[str, ArrayLike], suspects: Mapping[str, ArrayLike], col_labels: Sequence[str], *,
+                      suspect: str | None = None, note: str | None = None) -> ipywidgets.interactive:
+    """A dropdown over ``suspects`` (label -> one row of rule ratios), redrawing
+    :func:`ringbook.viz.equivalence.plot_rule_ratios` with the ``right`` rows above the chosen suspect's row."""
+    import numpy as np
+    from ipywidgets import Dropdown
+
+    names = list(suspects)
+    dropdown = Dropdown(options=names, value=suspect or names[0], description="suspect")
+
+    def draw(suspect):
+        rows = [*right.values(), suspects[suspect]]
+        return equivalence_plots.plot_rule_ratios(np.array(rows, dtype=float), [*right, suspect], col_labels,
+                                                  groups=[len(right)], note=note,
+                                                  title=f"{suspect}: which cells does the 2× rule catch?")
+
+    return _interactive(draw, suspect=dropdown)
