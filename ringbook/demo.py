@@ -20,6 +20,7 @@ is linear in the shard length ``c = n / w``: memory per rank is O(n / w).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -161,7 +162,7 @@ def ring_step_seconds(shard_len: int, *, flops_per_s: float, bytes_per_s: float,
             "threshold": (e + g) * flops_per_s / (2.0 * work * bytes_per_s)}
 
 
-def run_source(rank: int, world_size: int, source: str, name: str, *args):
+def run_source(rank: int, world_size: int, source: str, name: str, *args: Any) -> Any:
     """Run function ``name`` defined by ``source`` as ``fn(rank, world_size, *args)``: a notebook cell's loop, spawned.
 
     :func:`ringbook.distributed.spawn` starts fresh processes, which can only

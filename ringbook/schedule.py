@@ -72,6 +72,28 @@ def layout_positions(n: int, ring_size: int, layout: str) -> torch.Tensor:
     ])
 
 
+def usp_positions(n: int, ring_size: int, ulysses_size: int, layout: str) -> torch.Tensor:
+    """``(w, c)`` LongTensor: the tokens each rank holds in the 2-D hybrid (Ulysses inside groups, a ring across).
+
+    Rank ``g·u + i`` (``u = ulysses_size`` consecutive ranks per group) holds
+    the ``i``-th of ``u`` equal contiguous parts of ring shard ``g`` of
+    ``layout`` over ``w/u`` ranks, so a group's all-to-all gathers exactly its
+    ring shard. ``ulysses_size=1`` is :func:`layout_positions`.
+    """
+    check_positive_int(ulysses_size, "ulysses_size")
+    check_positive_int(ring_size, "ring_size")
+    if ring_size % ulysses_size:
+        sizes = [u for u in range(1, ring_size + 1) if ring_size % u == 0]
+        raise ValueError(f"ulysses_size={ulysses_size} must divide the ring size {ring_size}; sizes that work: {sizes}")
+    groups = ring_size // ulysses_size
+    ring = layout_positions(n, groups, layout)
+    if ring.shape[1] % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} does not divide the {ring.shape[1]} tokens of a ring shard "
+                         f"(n={n} over {groups} groups, layout={layout!r}); choose n divisible by "
+                         f"{groups * ulysses_size * (2 if layout == 'zigzag' else 1)}")
+    return ring.reshape(ring_size, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     """One computed block: query rows ``q`` and key rows ``kv`` (ranges inside the shards)."""

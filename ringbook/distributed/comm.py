@@ -211,3 +211,35 @@ def agree(ring: _Ring, problem: Exception | None, shard_len: int, fields: list[t
             groups = [[r for r, x in enumerate(values) if x == y] for y in dict.fromkeys(values)]
             got = f"ranks agree only in groups {groups}; this rank (rank {ring.rank}) has {value!r}"
         raise ValueError(f"every rank must call {ring.op} with the same {name}, {got}{hints.get(name, '')}")
+
+
+# --------------------------------------------------------------------------- collectives, each with the ring's deadline
+
+# torch 2.13 renames the tensor collectives (all_gather_single, reduce_scatter_single); older releases have only
+# the *_into_tensor / *_tensor names. The same operation either way.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _collective(fn, ring: _Ring, what: str, *args, **kwargs):
+    """Start ``fn(*args, group=ring.group, async_op=True)``; a connection that fails at once is named like a wait."""
+    try:
+        return [fn(*args, group=ring.group, async_op=True, **kwargs)]
+    except Exception as exc:  # noqa: BLE001 - re-raised with who and where
+        raise _peer_error(ring, what, exc) from exc
+
+
+def all_gather(out: torch.Tensor, x: torch.Tensor, ring: _Ring, what: str) -> list:
+    """Start gathering every rank's ``x`` into ``out`` (rank r's at rows ``r·len(x)`` of dim 0); wait with :func:`_wait`."""
+    return _collective(_ALL_GATHER, ring, what, out, x.contiguous())
+
+
+def reduce_scatter(out: torch.Tensor, x: torch.Tensor, ring: _Ring, what: str) -> list:
+    """Start summing ``x`` over the ranks and keeping chunk ``rank`` (of dim 0) in ``out``; wait with :func:`_wait`."""
+    return _collective(_REDUCE_SCATTER, ring, what, out, x.contiguous())
+
+
+def all_to_all(out: torch.Tensor, x: torch.Tensor, ring: _Ring, what: str) -> list:
+    """Start sending chunk ``i`` (of dim 0) of ``x`` to rank ``i`` and receiving rank ``i``'s into chunk ``i`` of
+    ``out``; wait with :func:`_wait`."""
+    return _collective(dist.all_to_all_single, ring, what, out, x.contiguous())

@@ -37,17 +37,20 @@ def open_group(group: torch.distributed.ProcessGroup | None, timeout: float | No
 def run_on_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, plan: Plan,
                  mover: Callable[[torch.Tensor, torch.Tensor, bool], Mover], settings: Settings,
                  enter: Callable[..., torch.Tensor] | None = None, leave: Callable[..., torch.Tensor] | None = None,
+                 enter_kv: Callable[..., torch.Tensor] | None = None,
+                 leave_kv: Callable[..., torch.Tensor] | None = None,
                  enter_copies: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of this rank's queries: ``plan`` run by the engine with ``mover(k, v, backward)``.
 
     ``enter``/``leave`` map the caller's tensors to the engine's layout and back
     (default: as they are); ``enter_copies``: ``enter`` copies (a gather or a
     collective), so a call that will be differentiated keeps the entered
-    tensors rather than entering them again in the backward.
+    tensors rather than entering them again in the backward. ``enter_kv`` /
+    ``leave_kv``: where k/v enter (and dK/dV leave) differently from q.
     """
     extra = {} if enter is None else {"enter": enter}
     if leave is not None:
         extra["leave"] = leave
     job = Job(settings=settings, start=lambda k_, v_, backward: (mover(k_, v_, backward), plan),
-              enter_copies=enter_copies, **extra)
+              enter_copies=enter_copies, enter_kv=enter_kv, leave_kv=leave_kv, **extra)
     return run(q, k, v, job)

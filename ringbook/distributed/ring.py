@@ -48,7 +48,7 @@ def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
     try:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        check_qkv(q, k, v, allow_gqa=backend != "einops")
+        check_qkv(q, k, v, allow_gqa=True)
         check_bool(causal, "causal")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -63,14 +63,15 @@ def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
     return None, scale
 
 
-def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops") -> float:
+def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops", extra: tuple = ()) -> float:
     """The one agreement check (:func:`~ringbook.distributed.comm.agree`): inputs that do not fit together are
-    refused on every rank. Returns the resolved scale (the same on every rank: its bits are compared)."""
+    refused on every rank. ``extra``: more ``(name, value)`` options a strategy needs the same on every rank.
+    Returns the resolved scale (the same on every rank: its bits are compared)."""
     problem, scale = _local_problem(q, k, v, causal, layout, scale, backend)
     names = ("batch", "heads", "head_dim", "layout", "causal", "dtype", "k/v heads", "scale", "backend")
     values = [None] * len(names) if problem is not None else [
         q.shape[0], q.shape[2], q.shape[3], layout, bool(causal), q.dtype, k.shape[2], scale, backend]
-    fields = list(zip(names, values))
+    fields = list(zip(names, values)) + list(extra)
     agree(ring, problem, q.shape[1] if problem is None else -1, fields,
           how_to_shard="cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a "
                        "length divisible by world_size (2·world_size for zigzag)",

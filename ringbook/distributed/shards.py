@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from .._utils import check_positive_int
-from ..schedule import LAYOUTS, layout_positions
+from ..schedule import LAYOUTS, usp_positions
 
 
 def _check_dim(dim, ndim: int, what: str) -> int:
@@ -21,8 +21,13 @@ def _check_dim(dim, ndim: int, what: str) -> int:
     return int(dim) % ndim
 
 
-def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1, *,
+          ulysses_size: int = 1) -> torch.Tensor:
     """Rank ``rank``'s shard of ``x`` along ``dim`` (1 for ``b n h d``, 2 for an lse ``b h n``).
+
+    ``ulysses_size``: for :func:`ringbook.distributed.usp_attention`, the shards
+    of :func:`ringbook.schedule.usp_positions` (the same as ``layout``'s for 1,
+    and for ``"contiguous"`` whatever the size).
 
     Raises TypeError/ValueError naming the argument: ``x`` not a tensor,
     ``rank`` not an int in ``0..world_size-1``, ``world_size`` not a positive
@@ -44,12 +49,14 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
         need = f"2·world_size = {parts}" if layout == "zigzag" else f"world_size = {parts}"
         raise ValueError(f"world_size={world_size} does not fit length {n} (dim {dim} of shape {tuple(x.shape)}) with "
                          f"layout={layout!r}: {need} must divide {n}")
-    positions = layout_positions(n, world_size, layout)
+    positions = usp_positions(n, world_size, ulysses_size, layout)
     return x.index_select(dim, positions[int(rank)].to(x.device))
 
 
-def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Put per-rank shards (a list, rank order) back into token order along ``dim``.
+def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int = 1, *,
+            ulysses_size: int = 1) -> torch.Tensor:
+    """Put per-rank shards (a list, rank order) back into token order along ``dim`` (``ulysses_size`` as for
+    :func:`shard`).
 
     Raises TypeError/ValueError naming the argument: ``shards`` not a
     sequence of tensors (``shards[i]`` named), shards of different
@@ -84,6 +91,6 @@ def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int
     if layout == "zigzag" and c % 2:
         raise ValueError(f"layout='zigzag' gives each rank two chunks of equal length, so shards must have an even "
                          f"length along dim {dim}, got {c}; pass the layout the shards were cut with")
-    positions = layout_positions(w * c, w, layout).reshape(-1)  # where each row of the cat goes
+    positions = usp_positions(w * c, w, ulysses_size, layout).reshape(-1)  # where each row of the cat goes
     inverse = torch.argsort(positions).to(first.device)
     return torch.cat(shards, dim=dim).index_select(dim, inverse)

@@ -138,7 +138,8 @@ def check_classify_block(fn: Callable) -> bool | None:
     return _run("classify_block", fn, cases, hint)
 
 
-def block_backward(q, k, v, out, lse, dout):
+def block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block ``(dq, dk, dv)``, one head, no mask: shapes ``(i, d)``, ``(j, d)``, lse ``(i,)``.
 
     ``out`` and ``lse`` are the *final* ones of the query rows (over every key),

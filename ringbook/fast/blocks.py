@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
 from .kernels import block_attention_backward, expand_kv, forward_block, reduce_kv
@@ -59,8 +60,8 @@ class Kernel:
         """``(out, lse)`` of the block's queries against its keys."""
         raise NotImplementedError
 
-    def backward(self, q, k, v, out, lse, dout, *, delta: torch.Tensor | None, scale: float,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                 delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         """``(dq, dk, dv)`` of the block, given the *global* out and lse of its query rows."""
         raise NotImplementedError
 
@@ -75,10 +76,11 @@ class Full(Kernel):
 
     causal = False
 
-    def forward(self, q, k, v, *, scale, backend):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
         return forward_block(q, k, v, scale=scale, causal=self.causal, backend=backend)
 
-    def backward(self, q, k, v, out, lse, dout, *, delta, scale, backend):
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                 delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         return block_attention_backward(q, k, v, out, lse, dout, scale=scale, causal=self.causal, delta=delta,
                                         backend=backend)
 
@@ -118,12 +120,13 @@ class Positions(Kernel):
         """The same kernel with its positions on ``device``."""
         return Positions(self.q_pos.to(device), self.k_pos.to(device))
 
-    def forward(self, q, k, v, *, scale, backend):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
         h = q.shape[2]
         return attend_block(q, expand_kv(k, h), expand_kv(v, h), scale=scale, causal=True, q_pos=self.q_pos,
                             k_pos=self.k_pos, chunk=KEY_CHUNK)
 
-    def backward(self, q, k, v, out, lse, dout, *, delta, scale, backend):
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                 delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         h, hk = q.shape[2], k.shape[2]
         dq, dk, dv = attend_block_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale=scale,
                                            causal=True, q_pos=self.q_pos, k_pos=self.k_pos, delta=delta,
@@ -198,13 +201,13 @@ class Box(Place):
         b0, b1 = _span(batch, x.shape[0])
         return x[b0:b1, rows[0]:rows[1]] if dim == 1 else x[b0:b1, :, rows[0]:rows[1]]
 
-    def take_q(self, x):
+    def take_q(self, x: torch.Tensor) -> torch.Tensor:
         return self._rows(x, self.q_batch, self.q, 1)
 
-    def take_kv(self, x):
+    def take_kv(self, x: torch.Tensor) -> torch.Tensor:
         return self._rows(x, self.kv_batch, self.kv, 1)
 
-    def take_lse(self, x):
+    def take_lse(self, x: torch.Tensor) -> torch.Tensor:
         return self._rows(x, self.q_batch, self.q, 2)
 
     def q_box(self, x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -214,16 +217,16 @@ class Box(Place):
     def kv_box(self, x: torch.Tensor) -> tuple[int, int, int, int]:
         return (*_span(self.kv_batch, x.shape[0]), *self.kv)
 
-    def fold(self, acc, out, lse):
+    def fold(self, acc: Any, out: torch.Tensor, lse: torch.Tensor) -> None:
         acc.hold(self.q_box(acc.out), out, lse)
 
-    def add(self, grads, dq, dk, dv):
+    def add(self, grads: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
         grads.hold(self.q_box(grads.dq), dq, self.kv_box(grads.dk), dk, dv)
 
-    def whole(self, q):
+    def whole(self, q: torch.Tensor) -> bool:
         return _span(self.q_batch, q.shape[0]) == (0, q.shape[0]) and self.q == (0, q.shape[1])
 
-    def shape(self, batch, heads):
+    def shape(self, batch: int, heads: int) -> tuple[int, int, int]:
         b0, b1 = _span(self.q_batch, batch)
         return (b1 - b0) * heads, self.q[1] - self.q[0], self.kv[1] - self.kv[0]
 
@@ -317,13 +320,13 @@ class Gather(Place):
         view_o[index] = out.to(acc_out.dtype)
         view_l[index] = lse.to(acc_lse.dtype)
 
-    def fold(self, acc, out, lse):
+    def fold(self, acc: Any, out: torch.Tensor, lse: torch.Tensor) -> None:
         acc.write(functools.partial(self._put_result, out, lse))
 
     def _put_result(self, out, lse, acc_out, acc_lse) -> None:
         self.put(acc_out, acc_lse, out, lse)
 
-    def add(self, grads, dq, dk, dv):
+    def add(self, grads: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
         grads.run(functools.partial(self._add_all, dq, dk, dv), dq, dk, dv)
 
     def _add_all(self, gq, gk, gv, dq, dk, dv) -> None:
@@ -331,7 +334,7 @@ class Gather(Place):
         self.add_kv(dk, gk)
         self.add_kv(dv, gv)
 
-    def shape(self, batch, heads):
+    def shape(self, batch: int, heads: int) -> tuple[int, int, int]:
         return batch * self.count * self.q_heads.numel(), self.q_rows[1] - self.q_rows[0], \
             self.kv_rows[1] - self.kv_rows[0]
 
@@ -419,16 +422,16 @@ class Strided(Place):
     def _kv_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.kv_start:self.kv_start + (self.n_k - 1) * self.r + 1:self.r]
 
-    def take_q(self, x):
+    def take_q(self, x: torch.Tensor) -> torch.Tensor:
         return self._q_rows(x).index_select(2, self.q_heads)
 
-    def take_kv(self, x):
+    def take_kv(self, x: torch.Tensor) -> torch.Tensor:
         return self._kv_rows(x).index_select(2, self.kv_heads)
 
-    def take_lse(self, x):
+    def take_lse(self, x: torch.Tensor) -> torch.Tensor:
         return self._q_rows(x, dim=2).index_select(1, self.q_heads).contiguous()
 
-    def fold(self, acc, out, lse):
+    def fold(self, acc: Any, out: torch.Tensor, lse: torch.Tensor) -> None:
         acc.write(functools.partial(self._put, out, lse))
 
     def _put(self, out, lse, acc_out, acc_lse) -> None:
@@ -441,7 +444,7 @@ class Strided(Place):
         view_o.index_copy_(2, self.q_heads, out)
         view_l.index_copy_(1, self.q_heads, lse)
 
-    def add(self, grads, dq, dk, dv):
+    def add(self, grads: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
         grads.run(functools.partial(self._add_all, dq, dk, dv), dq, dk, dv)
 
     def _add_all(self, gq, gk, gv, dq, dk, dv) -> None:
@@ -449,7 +452,7 @@ class Strided(Place):
         self._kv_rows(dk).index_add_(2, self.kv_heads, gk.to(dk.dtype))  # repeated kv heads accumulate
         self._kv_rows(dv).index_add_(2, self.kv_heads, gv.to(dv.dtype))
 
-    def shape(self, batch, heads):
+    def shape(self, batch: int, heads: int) -> tuple[int, int, int]:
         return batch * self.q_heads.numel(), self.n_q, self.n_k
 
 

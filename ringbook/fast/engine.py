@@ -235,7 +235,8 @@ class Gradients:
             self.flush()
         self.dk, self.dv = dk, dv
 
-    def hold(self, q_box, dq: torch.Tensor, kv_box, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    def hold(self, q_box: tuple[int, int, int, int], dq: torch.Tensor, kv_box: tuple[int, int, int, int],
+             dk: torch.Tensor, dv: torch.Tensor) -> None:
         self.held.append((q_box, dq, kv_box, dk, dv))
         if len(self.held) == self.group:
             self.flush()
@@ -338,6 +339,9 @@ class Job:
     step), so that no full-size copy or float32 accumulator is held.
     ``enter_copies``: ``enter`` copies (a gather) rather than views, so a
     call that will be differentiated keeps the entered tensors for its backward.
+    ``enter_kv``/``leave_kv``: where K/V enter differently from q (Ulysses
+    replicates kv heads when there are fewer than ranks, and sums their
+    gradients back); None: as ``enter``/``leave``.
     """
 
     settings: Settings
@@ -347,6 +351,16 @@ class Job:
     key: tuple | None = None
     parts: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
     enter_copies: bool = False
+    enter_kv: Callable[..., torch.Tensor] | None = None
+    leave_kv: Callable[..., torch.Tensor] | None = None
+
+    def kv_in(self, x: torch.Tensor) -> torch.Tensor:
+        """k or v in the engine's layout (``enter_kv``, else ``enter``)."""
+        return (self.enter_kv or self.enter)(x)
+
+    def kv_out(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dK or dV back in the caller's layout (``leave_kv``, else ``leave``)."""
+        return (self.leave_kv or self.leave)(x, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +394,7 @@ class RingFunction(torch.autograd.Function):
         parts = job.parts(q, k, v) if job.parts is not None else None
         keep_entered = job.enter_copies and parts is None and any(ctx.needs_input_grad[:3])
         if parts is None:
-            q_e, k_e, v_e = job.enter(q), job.enter(k), job.enter(v)
+            q_e, k_e, v_e = job.enter(q), job.kv_in(k), job.kv_in(v)
             mover, plan = job.start(k_e, v_e, False)
             acc_out, acc_lse = ring_forward(q_e, plan, mover, job.settings)
             del mover
@@ -413,7 +427,7 @@ class RingFunction(torch.autograd.Function):
                                "twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         if not ctx.entered:
-            q, k, v, out, lse = job.enter(q), job.enter(k), job.enter(v), job.enter(out), job.enter(lse, dim=2)
+            q, k, v, out, lse = job.enter(q), job.kv_in(k), job.kv_in(v), job.enter(out), job.enter(lse, dim=2)
         dout = torch.zeros(out.shape, dtype=out.dtype, device=out.device) if dout is None else job.enter(
             dout.to(out.dtype).contiguous())
         mover, plan = job.start(k, v, True)
@@ -421,7 +435,7 @@ class RingFunction(torch.autograd.Function):
                            job.settings)
         dk, dv = mover.gradients()
         q_dtype, k_dtype, v_dtype = ctx.dtypes
-        return job.leave(dq, dtype=q_dtype), job.leave(dk, dtype=k_dtype), job.leave(dv, dtype=v_dtype), None
+        return job.leave(dq, dtype=q_dtype), job.kv_out(dk, dtype=k_dtype), job.kv_out(dv, dtype=v_dtype), None
 
 
 # --------------------------------------------------------------------------- CUDA graphs

@@ -40,6 +40,7 @@ import functools
 import torch
 
 from .._utils import check_bool, check_positive_int
+from ..ring_dilated import DilatedRingPlan
 from ..schedule import check_layout, layout_positions, ring_schedule
 from .blocks import CAUSAL, FULL, Block, Positions, Strided, box, gather_spec, gathered_block, head_slots
 from .engine import Plan
@@ -269,6 +270,53 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_he
     return Plan(tuple(steps), merge_group=merge_group, grad_group=grad_group, **_ring_traffic(n, world, kv_heads))
 
 
+@functools.lru_cache(maxsize=64)
+def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
+                   device: str = "cpu", merge_group: int = 1, grad_group: int = 1) -> Plan:
+    """One rank of all-gather context parallelism (Llama 3): its own shard first, then every other shard at once.
+
+    Step 0 attends the rank's queries to its own K/V (the schedule's step 0,
+    computed while the all-gather is in flight); step 1 to the gathered K/V
+    of every shard, stacked in rank order (shard s at rows ``s·c …``): the
+    schedule's steps 1 … w−1 with their key rows moved there, full calls
+    merged where they abut (contiguous, causal: one call over every earlier
+    shard). Traffic: the all-gather brings ``(w − 1)·c`` K vectors per kv head
+    (and sends as many, on a ring algorithm); the backward reduce-scatters
+    dK/dV, as much again.
+    """
+    positions = layout_positions(n, world, layout)
+    c = n // world
+    calls = rank_calls(n, world, layout, causal)
+
+    def blocks(t_calls, src, shift):
+        out = []
+        for call in t_calls:
+            kernel = {"full": FULL, "causal": CAUSAL}.get(call.kind)
+            if kernel is None:
+                kernel = Positions(positions[rank, call.q[0]:call.q[1]].to(device),
+                                   positions[src, call.kv[0]:call.kv[1]].to(device))
+            out.append(box(call.q, (call.kv[0] + shift, call.kv[1] + shift), kernel=kernel))
+        return out
+
+    own = tuple(blocks(calls[0][rank], rank, 0))
+    others = []
+    for t in range(1, world):
+        src = (rank - t) % world
+        shifted = [Call(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), x.kind) for x in calls[t][rank]]
+        others += [(x, src) for x in shifted]
+    merged = _merge_full([x for x, _ in others])
+    source = {x: src for x, src in others}
+    rest = []
+    for call in merged:  # a merged call is full; a positions call keeps its source shard's positions
+        src = source.get(call, rank)
+        rest += blocks([Call(call.q, (call.kv[0] - src * c, call.kv[1] - src * c), call.kind)], src, src * c) \
+            if call.kind == "positions" else [box(call.q, call.kv, kernel=CAUSAL if call.kind == "causal" else FULL)]
+    steps = (own, tuple(rest)) if world > 1 else (own,)
+    gathered = (world - 1) * c * kv_heads
+    return Plan(steps, merge_group=merge_group, grad_group=grad_group, sent=(gathered, 0)[:len(steps)],
+                received=(gathered, 0)[:len(steps)], grad_sent=(0, gathered)[:len(steps)])
+
+
 # --------------------------------------------------------------------------- dilated attention: gathered blocks
 
 @functools.lru_cache(maxsize=128)
@@ -292,7 +340,7 @@ def stacked_dilated_plan(n: int, num_heads: int, kv_heads: int, pairs: tuple, pa
     return Plan((tuple(blocks),))
 
 
-def dilated_window(plan, rank: int) -> tuple[int, int]:
+def dilated_window(plan: DilatedRingPlan, rank: int) -> tuple[int, int]:
     """Token range ``[lo, hi)`` of the K/V rows a rank's dilated blocks read: its shard and its segments' other pieces.
 
     ``plan``: a :class:`ringbook.ring_dilated.DilatedRingPlan`. Causal: no key
@@ -306,7 +354,7 @@ def dilated_window(plan, rank: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def rank_dilated_plan(plan, rank: int, kv_group: int, device: torch.device | str, traffic: tuple = ((), (), ())
+def rank_dilated_plan(plan: DilatedRingPlan, rank: int, kv_group: int, device: torch.device | str, traffic: tuple = ((), (), ())
                       ) -> Plan:
     """One rank's gathered blocks of a :class:`~ringbook.ring_dilated.DilatedRingPlan`: one step, blocks per pair.
 
