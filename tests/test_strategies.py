@@ -281,3 +281,25 @@ def test_hybrid_groups():
 def test_strategies_listed():
     assert STRATEGIES == ("ring", "allgather", "ulysses", "usp")
     assert lcm_heads(6, 4) == 12 and lcm_heads(1, 8) == 8 and lcm_heads(8, 2) == 8
+
+
+# --------------------------------------------------------------------------- pictures
+
+def test_plots_draw_one_arrow_per_message_and_one_line_per_strategy():
+    pytest.importorskip("matplotlib")
+    from matplotlib.patches import FancyArrowPatch
+
+    from ringbook.viz.strategies import plot_bytes_per_rank, plot_strategy_schedule
+
+    kw = {"heads": 8, "kv_heads": 2, "head_dim": 16, "dtype_bytes": 2, "causal": True, "backward": True}
+    for strategy, u in (("ring", None), ("allgather", None), ("ulysses", None), ("usp", 2)):
+        sched = strategy_schedule(strategy, 64, 4, ulysses_size=u, layout="contiguous", **kw)
+        for phase in ("forward", "backward"):
+            fig = plot_strategy_schedule(sched, 4, phase=phase)
+            arrows = [p for p in fig.axes[0].patches if isinstance(p, FancyArrowPatch)]
+            assert len(arrows) == sum(len(st.messages) for st in sched if st.phase == phase) > 0
+    with pytest.raises(ValueError, match="no 'backward' steps"):
+        plot_strategy_schedule(strategy_schedule("ring", 64, 4, **{**kw, "backward": False}), 4, phase="backward")
+    fig = plot_bytes_per_rank([2, 4], {"ring": [1e6, 2e6], "allgather": [1e6, 2e6], "ulysses": [3e6, 1e6]})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["ring", "allgather (= ring)", "ulysses"]

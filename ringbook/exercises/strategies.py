@@ -44,7 +44,7 @@ def check_step_bytes(fn: Callable) -> bool | None:
         strategy, n, w, h, g, d, e = c["args"]
         try:
             got = [float(x) for x in c["got"]]
-        except TypeError:
+        except (TypeError, ValueError):
             return "return a list with one number of bytes per step that sends"
         want = c["want"].tolist()
         if len(got) != len(want):

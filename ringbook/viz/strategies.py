@@ -32,7 +32,7 @@ def plot_strategy_schedule(schedule: Sequence, ring_size: int, *, title: str = "
     if not steps:
         raise ValueError(f"the schedule has no {phase!r} steps")
     w = ring_size
-    fig, axes = new_figure(2, 1, figsize=(max(6.0, 1.9 * len(steps) + 1.5), 3.0 + 0.45 * w + 2.4),
+    fig, axes = new_figure(2, 1, figsize=(max(8.0, 1.9 * len(steps) + 1.5), 3.0 + 0.45 * w + 2.4),
                            gridspec_kw={"height_ratios": [0.9 + 0.45 * w, 2.4]})
     ax, ax_bytes = axes[0, 0], axes[1, 0]
     biggest = max((m.nbytes for s in steps for m in s.messages), default=1)
