@@ -42,6 +42,7 @@ from .online_softmax import attend_block, blockwise_attention, merge_partials, o
 from .ring import ring_attention
 from .ring_dilated import dilated_ring_plan, ring_dilated_attention
 from .schedule import LAYOUTS, layout_positions, ring_schedule, work_per_rank
+from .strategies import allgather_attention, strategy_schedule, ulysses_attention, usp_attention
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,10 @@ __all__ = [
     "ring_dilated_attention",
     "dilated_ring_plan",
     "ring_schedule",
+    "allgather_attention",
+    "ulysses_attention",
+    "usp_attention",
+    "strategy_schedule",
     "layout_positions",
     "work_per_rank",
     "LAYOUTS",

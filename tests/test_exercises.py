@@ -264,3 +264,38 @@ def test_notebooks_03_to_05_bool_answers_may_be_numpy_or_torch(capsys):
         right = _solution(name)
         assert exercises.CHECKERS[name](lambda *a, f=right: np.bool_(f(*a))) is True
         assert exercises.CHECKERS[name](lambda *a, f=right: torch.tensor(f(*a))) is True
+
+
+# Notebook 06: plausible wrong answers for the strategies' checkers, with words their hints must contain.
+
+def _sol06(name):
+    return _solutions()[name]
+
+
+WRONG_06 = {
+    "step_bytes": [
+        (lambda s, n, w, h, g, d, e: [2 * (n // w) * g * d * e] * w if s == "ring" else _sol06("step_bytes")(
+            s, n, w, h, g, d, e), "every step but the last"),  # a ring hop after the last step too
+        (lambda s, n, w, h, g, d, e: [2 * (n // w) * g * d * e * w] if s == "allgather" else _sol06("step_bytes")(
+            s, n, w, h, g, d, e), "w − 1"),  # all-gather counting the rank's own shard
+        (lambda s, n, w, h, g, d, e: [(w - 1) * (n // w) * (h + 2 * g) // w * d * e, (w - 1) * (n // w) * h // w * d * e]
+         if s == "ulysses" and w > 1 else _sol06("step_bytes")(s, n, w, h, g, d, e), "kv head of its own"),
+    ],
+    "ulysses_heads": [
+        (lambda h, g, w, r: _sol06("ulysses_heads")(h, g, w, r) if h % w == 0 else ([], []), "raise ValueError"),
+        (lambda h, g, w, r: (list(range(r * h // w, (r + 1) * h // w)), list(range(r * g // w, (r + 1) * g // w))),
+         "a copy"),  # kv heads split like q heads: no replication when kv_heads < world
+    ],
+    "usp_groups": [
+        (lambda w, u, r: (list(range(r % u, w, u)), list(range(r // u * u, r // u * u + u))), "consecutive"),
+        (lambda w, u, r: (list(range(r // u * u, r // u * u + u)), list(range(r // u, w, w // u))), "same member"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG_06.items() for i in range(len(ws))])
+def test_checkers_06_reject_plausible_wrong_answers(name, index, capsys):
+    wrong, words = WRONG_06[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and words in out, out

@@ -36,6 +36,10 @@ IMPL_COLORS = {
     "sdpa_flash": "#dd8452", "sdpa_efficient": "#da8bc3", "production_dilated": "#17becf",
     "production_dist": "#c44e52", "context_parallel": "#8172b3",
 }
+# one colour per context-parallel strategy (notebook 06) and per kind of message on the wire
+STRATEGY_COLORS = {"ring": "#4c72b0", "allgather": "#dd8452", "ulysses": "#55a868", "usp": "#8172b3"}
+MESSAGE_COLORS = {"K/V": "#4c72b0", "q": "#dd8452", "out": "#55a868", "lse": "#937860", "dK/dV": "#c44e52",
+                  "dout": "#55a868", "dq": "#dd8452", "dlse": "#937860"}
 # line style and marker per ring size in the results figures
 RING_STYLES = {1: ("-", "o"), 2: ("-", "P"), 4: ("--", "s"), 8: ("-.", "^"), 16: (":", "D")}
 
