@@ -400,25 +400,26 @@ fig_live
 # Non-causal:
 
 # %%
-bench_file = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16.json"
-bench = [r for r in load_rows(bench_file) if r["ring_size"] == 1 and not r["causal"]]
 PEERS = {"ring_dilated": "dilated: ring_dilated (einops)", "sdpa_cudnn": "dense: sdpa_cudnn (fused kernel)",
          "blockwise": "dense: blockwise (einops)", "ring": "dense: ring (einops)"}
-measured = {}
-print(f"{bench[0]['device']}, torch {bench[0]['torch_version']}, {bench[0]['dtype']}")
-print(f"{'impl':13}" + "".join(f"{n // 1024:>8}K" for n in seq_lens) + "   (time ms; - = not ok)")
-for impl, label in PEERS.items():
-    rows = {r["seq_len"]: r for r in bench if r["impl"] == impl}
-    ok = [n for n in seq_lens if n in rows and rows[n]["status"] == "ok"]
-    measured[label] = (ok, [rows[n]["time_ms"] for n in ok])
-    print(f"{impl:13}" + "".join(f"{rows[n]['time_ms']:>9.1f}" if n in ok else f"{'-':>9}" for n in seq_lens))
-dil = dict(zip(*measured[PEERS["ring_dilated"]]))
-cud = dict(zip(*measured[PEERS["sdpa_cudnn"]]))
-blk = dict(zip(*measured[PEERS["blockwise"]]))
-print(f"\nat 512K: ring_dilated {dil[524288]:.0f} ms, sdpa_cudnn {cud[524288]:.0f} ms "
-      f"({cud[524288] / dil[524288]:.1f}× slower, for {dense[-1] / bench_work[-1]:.0f}× the scores)")
-print(f"at 128K: blockwise {blk[131072]:.0f} ms vs ring_dilated {dil[131072]:.0f} ms "
-      f"({blk[131072] / dil[131072]:.0f}×, the same einops arithmetic)")
+bench_file = PATHS.result("bench-nvidia-h100-80gb-hbm3-bfloat16.json")
+if bench_file is not None:
+    bench = [r for r in load_rows(bench_file) if r["ring_size"] == 1 and not r["causal"]]
+    measured = {}
+    print(f"{bench[0]['device']}, torch {bench[0]['torch_version']}, {bench[0]['dtype']}")
+    print(f"{'impl':13}" + "".join(f"{n // 1024:>8}K" for n in seq_lens) + "   (time ms; - = not ok)")
+    for impl, label in PEERS.items():
+        rows = {r["seq_len"]: r for r in bench if r["impl"] == impl}
+        ok = [n for n in seq_lens if n in rows and rows[n]["status"] == "ok"]
+        measured[label] = (ok, [rows[n]["time_ms"] for n in ok])
+        print(f"{impl:13}" + "".join(f"{rows[n]['time_ms']:>9.1f}" if n in ok else f"{'-':>9}" for n in seq_lens))
+    dil = dict(zip(*measured[PEERS["ring_dilated"]]))
+    cud = dict(zip(*measured[PEERS["sdpa_cudnn"]]))
+    blk = dict(zip(*measured[PEERS["blockwise"]]))
+    print(f"\nat 512K: ring_dilated {dil[524288]:.0f} ms, sdpa_cudnn {cud[524288]:.0f} ms "
+          f"({cud[524288] / dil[524288]:.1f}× slower, for {dense[-1] / bench_work[-1]:.0f}× the scores)")
+    print(f"at 128K: blockwise {blk[131072]:.0f} ms vs ring_dilated {dil[131072]:.0f} ms "
+          f"({blk[131072] / dil[131072]:.0f}×, the same einops arithmetic)")
 
 # %% [markdown]
 # Dense attention's time grows $4\times$ per doubling, dilated attention's
@@ -431,12 +432,14 @@ print(f"at 128K: blockwise {blk[131072]:.0f} ms vs ring_dilated {dil[131072]:.0f
 # milliseconds, one GPU and one run.
 
 # %%
-fig_cost = plot_dilated_scaling(seq_lens, scores, measured=measured,
-                                measured_title=f"{bench[0]['device']}, bf16, b 1, h 8, d 64, non-causal")
-fig_cost
+if bench_file is not None:
+    fig_cost = plot_dilated_scaling(seq_lens, scores, measured=measured,
+                                    measured_title=f"{bench[0]['device']}, bf16, b 1, h 8, d 64, non-causal")
+    display(fig_cost)
 
 # %% tags=["remove-cell"] jupyter={"source_hidden": true}
-fig_cost.savefig(SAVE / "03_work.png", dpi=110, metadata={"Software": None})
+if bench_file is not None:
+    fig_cost.savefig(SAVE / "03_work.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Takeaway:** on one H100 the linear work of dilated attention overtakes

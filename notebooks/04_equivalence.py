@@ -89,8 +89,7 @@ from ringbook.exercises.equivalence import (
     check_passes_2x_rule,
     rule_ratio,
 )
-from ringbook.viz import plot_error_matrix
-from ringbook.viz.equivalence import plot_rule_ratios
+from ringbook.viz import plot_error_matrix, plot_rule_ratios
 from ringbook.viz.widgets import bug_hunt_explorer
 
 torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and the result does not depend on the core count

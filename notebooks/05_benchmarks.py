@@ -81,8 +81,7 @@ from ringbook.bench.published import SEED_FLAWS, SEED_ROWS
 from ringbook.bench.report import scaling_rows, summary_markdown
 from ringbook.bench.results import load_rows
 from ringbook.exercises.measuring import check_counts_as_result, check_ideal_speedup, check_row_tflops
-from ringbook.viz import new_figure, plot_ratios, plot_sweep
-from ringbook.viz.results import plot_dilated_ring_sizes, plot_gpu_bars, plot_scaling
+from ringbook.viz import new_figure, plot_dilated_ring_sizes, plot_gpu_bars, plot_ratios, plot_scaling, plot_sweep
 from ringbook.viz.widgets import bench_row_explorer
 
 torch.manual_seed(0)
@@ -152,9 +151,7 @@ print("ringbook", ringbook.__version__)
 # %%
 TOL = {name: TOLERANCE[dtype] for name, dtype in DTYPES.items()}  # by dtype name, e.g. "bfloat16"
 print("tolerance per dtype:", {name: TOL[name] for name in ("float64", "float32", "float16", "bfloat16")})
-BENCH = FIGURES / "bench-nvidia-h100-80gb-hbm3-bfloat16.json"
-bench_meta = json.loads(BENCH.read_text())["meta"]
-bench = load_rows(BENCH)
+BENCH = PATHS.result("bench-nvidia-h100-80gb-hbm3-bfloat16.json")
 
 
 def consistent(r):
@@ -164,10 +161,13 @@ def consistent(r):
             and r["max_rel_err"] <= TOL[r["dtype"]])
 
 
-statuses = {s: sum(r["status"] == s for r in bench) for s in ("ok", "oom", "error", "skipped")}
-print(f"{BENCH.name}: {bench[0]['device']}, torch {bench[0]['torch_version']}, written {bench_meta['generated'][:10]}")
-print(f"{len(bench)} rows: {statuses}")
-print("every ok row consistent:", all(consistent(r) for r in bench if r["status"] == "ok"))
+if BENCH is not None:
+    bench_meta = json.loads(BENCH.read_text())["meta"]
+    bench = load_rows(BENCH)
+    statuses = {s: sum(r["status"] == s for r in bench) for s in ("ok", "oom", "error", "skipped")}
+    print(f"{BENCH.name}: {bench[0]['device']}, torch {bench[0]['torch_version']}, written {bench_meta['generated'][:10]}")
+    print(f"{len(bench)} rows: {statuses}")
+    print("every ok row consistent:", all(consistent(r) for r in bench if r["status"] == "ok"))
 
 # %% [markdown]
 # **Exercise 05.1 · Recompute a row's TFLOP/s.** A row stores its work and
@@ -264,18 +264,19 @@ _ = display(explorer)
 # rank of a real ring: that was measured over NCCL on two GPUs (section 6).
 
 # %%
-LONG = FIGURES / "bench-h100-long-4m.json"
+LONG = PATHS.result("bench-h100-long-4m.json")
 DENSE_IMPLS = ["ring", "production", "sdpa_cudnn", "sdpa_flash"]
-long_rows = load_rows(LONG)
-rows = [r for r in bench + long_rows if r["impl"] in DENSE_IMPLS]
-print(f"{BENCH.name} (written {bench_meta['generated'][:10]}) and {LONG.name}: "
-      f"devices {sorted({r['device'] for r in rows})}, torch {sorted({r['torch_version'] for r in rows})}")
-title = f"{rows[0]['device']}, bf16, b=1 h=8 d=64, dense attention, ringbook as of {bench_meta['generated'][:10]}"
-fig_sweep = plot_sweep([r for r in rows if r["ring_size"] in (1, 16)], impls=DENSE_IMPLS, title=title)
-fig_sweep
+if BENCH is not None and LONG is not None:
+    rows = [r for r in bench + load_rows(LONG) if r["impl"] in DENSE_IMPLS]
+    print(f"{BENCH.name} (written {bench_meta['generated'][:10]}) and {LONG.name}: "
+          f"devices {sorted({r['device'] for r in rows})}, torch {sorted({r['torch_version'] for r in rows})}")
+    title = f"{rows[0]['device']}, bf16, b=1 h=8 d=64, dense attention, ringbook as of {bench_meta['generated'][:10]}"
+    fig_sweep = plot_sweep([r for r in rows if r["ring_size"] in (1, 16)], impls=DENSE_IMPLS, title=title)
+    display(fig_sweep)
 
 # %% tags=["remove-cell"] jupyter={"source_hidden": true}
-fig_sweep.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
+if BENCH is not None and LONG is not None:
+    fig_sweep.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Takeaway:** on one H100, from 64K tokens on, the fused path tracks
@@ -286,10 +287,11 @@ fig_sweep.savefig(SAVE / "05_benchmarks.png", dpi=110, metadata={"Software": Non
 # Pick a ring size: the same figure for ring sizes 4 and 8.
 
 # %% tags=["nbval-ignore-output"]
-sweep_view = interactive(lambda ring_size: plot_sweep([r for r in rows if r["ring_size"] in (1, ring_size)],
-                                                      impls=DENSE_IMPLS, title=title),
-                         ring_size=Dropdown(options=[16, 8, 4], value=16, description="ring size"))
-_ = display(sweep_view)
+if BENCH is not None and LONG is not None:
+    sweep_view = interactive(lambda ring_size: plot_sweep([r for r in rows if r["ring_size"] in (1, ring_size)],
+                                                          impls=DENSE_IMPLS, title=title),
+                             ring_size=Dropdown(options=[16, 8, 4], value=16, description="ring size"))
+    _ = display(sweep_view)
 
 # %% [markdown]
 # Where each series stops, and why: for each implementation and ring size its
@@ -298,9 +300,10 @@ _ = display(sweep_view)
 # predicted to take over 4 s), not by memory.
 
 # %%
-for causal in (False, True):
-    display(Markdown(f"**{'Causal' if causal else 'Non-causal'}**, {rows[0]['device']}, bf16\n\n"
-                     + summary_markdown(rows, impls=DENSE_IMPLS, causal=causal)))
+if BENCH is not None and LONG is not None:
+    for causal in (False, True):
+        display(Markdown(f"**{'Causal' if causal else 'Non-causal'}**, {rows[0]['device']}, bf16\n\n"
+                         + summary_markdown(rows, impls=DENSE_IMPLS, causal=causal)))
 
 # %% [markdown]
 # And the seed report's rows, each beside the exact implementation of the
@@ -309,22 +312,24 @@ for causal in (False, True):
 # only to be replaced).
 
 # %%
-DIL_FILE = FIGURES / "dilated" / "gpu-dilated-h200.json"
-dil_run = json.loads(DIL_FILE.read_text())
-fused_ms = {(s["seq_len"], int(name.split(" r")[-1])): r["median_ms"] for s in dil_run["forward"]
-            if s["heads"] == "grouped" and not s["causal"] for name, r in s["rows"].items()
-            if name.startswith("production_dilated")}
-lines = ["| seed row | seed: tokens, tok/s | ringbook, same length and ring size: tok/s | measured by |", "|---|---|---|---|"]
-for name, impl, w, n, tps in SEED_ROWS:
-    if impl == "ring_dilated":
-        r = next(r for r in bench if (r["impl"], r["ring_size"], r["seq_len"], r["causal"]) == (impl, w, n, False))
-        ours, where = f"{r['tokens_per_s']:,.0f}", f"`ring_dilated` (einops), {r['device']}"
-    elif (n, w) in fused_ms:
-        ours, where = f"{n / (fused_ms[n, w] * 1e-3):,.0f}", f"`production_dilated` (fused), {dil_run['environment']['device']}"
-    else:
-        ours, where = "–", "not measured at this length"
-    lines.append(f"| {name} | {n:,}, {tps:,} | {ours} | {where} |")
-display(Markdown("\n".join(lines)))
+DIL_FILE = PATHS.result("dilated/gpu-dilated-h200.json")
+dil_run = None if DIL_FILE is None else json.loads(DIL_FILE.read_text())
+if BENCH is not None and dil_run is not None:
+    fused_ms = {(s["seq_len"], int(name.split(" r")[-1])): r["median_ms"] for s in dil_run["forward"]
+                if s["heads"] == "grouped" and not s["causal"] for name, r in s["rows"].items()
+                if name.startswith("production_dilated")}
+    lines = ["| seed row | seed: tokens, tok/s | ringbook, same length and ring size: tok/s | measured by |", "|---|---|---|---|"]
+    for name, impl, w, n, tps in SEED_ROWS:
+        if impl == "ring_dilated":
+            r = next(r for r in bench if (r["impl"], r["ring_size"], r["seq_len"], r["causal"]) == (impl, w, n, False))
+            ours, where = f"{r['tokens_per_s']:,.0f}", f"`ring_dilated` (einops), {r['device']}"
+        elif (n, w) in fused_ms:
+            ours = f"{n / (fused_ms[n, w] * 1e-3):,.0f}"
+            where = f"`production_dilated` (fused), {dil_run['environment']['device']}"
+        else:
+            ours, where = "–", "not measured at this length"
+        lines.append(f"| {name} | {n:,}, {tps:,} | {ours} | {where} |")
+    display(Markdown("\n".join(lines)))
 print("why the seed's rows are not results:", SEED_FLAWS)
 
 # %% [markdown]
@@ -354,21 +359,22 @@ print("why the seed's rows are not results:", SEED_FLAWS)
 #    what limits the path.
 
 # %%
-CHECK = FIGURES / "production" / "gpu-check-h100.json"
-check = load_rows(CHECK)
-timed = [r for r in check if r["section"] in ("fwd", "fwd+bwd")]
-at_131k = {(r["impl"], r["ring_size"], r["causal"]): r["time_ms"] for r in bench
-           if r["status"] == "ok" and r["seq_len"] == 131072}
-print(f"{check[0].get('device', bench[0]['device'])}: 131K tokens forward, ratio = cuDNN time / production time")
-print(f"{'configuration':44}{'ms':>7}{'ratio':>8}")
-for r in timed:
-    print(f"{r['section']:8}{r['name']:36}{r['ms']:7.1f}{r['ratio_vs_sdpa']:7.3f}×")
-print("\nthe same ratio measured twice (sweep | check):")
-for causal in (False, True):
-    sweep_ratio = at_131k["sdpa_cudnn", 1, causal] / at_131k["production", 16, causal]
-    check_ratio = next(r for r in timed if r["name"] == f"131072 w=16 causal={causal}")["ratio_vs_sdpa"]
-    print(f"  w=16 causal={causal!s:5}: {sweep_ratio:.3f}× | {check_ratio:.3f}×  (moves by "
-          f"{abs(sweep_ratio - check_ratio):.3f})")
+CHECK = PATHS.result("production/gpu-check-h100.json")
+if BENCH is not None and CHECK is not None:
+    check = load_rows(CHECK)
+    timed = [r for r in check if r["section"] in ("fwd", "fwd+bwd")]
+    at_131k = {(r["impl"], r["ring_size"], r["causal"]): r["time_ms"] for r in bench
+               if r["status"] == "ok" and r["seq_len"] == 131072}
+    print(f"{check[0].get('device', bench[0]['device'])}: 131K tokens forward, ratio = cuDNN time / production time")
+    print(f"{'configuration':44}{'ms':>7}{'ratio':>8}")
+    for r in timed:
+        print(f"{r['section']:8}{r['name']:36}{r['ms']:7.1f}{r['ratio_vs_sdpa']:7.3f}×")
+    print("\nthe same ratio measured twice (sweep | check):")
+    for causal in (False, True):
+        sweep_ratio = at_131k["sdpa_cudnn", 1, causal] / at_131k["production", 16, causal]
+        check_ratio = next(r for r in timed if r["name"] == f"131072 w=16 causal={causal}")["ratio_vs_sdpa"]
+        print(f"  w=16 causal={causal!s:5}: {sweep_ratio:.3f}× | {check_ratio:.3f}×  (moves by "
+              f"{abs(sweep_ratio - check_ratio):.3f})")
 
 # %% [markdown]
 # What the numbers teach:
@@ -394,12 +400,14 @@ def kind(r):
     return "ablation" if any(word in r["name"] for word in ("merge", "backend")) else "as run"
 
 
-fig_ratio = plot_ratios([dict(r, section=f"{r['section']}, {kind(r)}") for r in timed], peer="cuDNN SDPA",
-                        ours="production")
-fig_ratio
+if BENCH is not None and CHECK is not None:
+    fig_ratio = plot_ratios([dict(r, section=f"{r['section']}, {kind(r)}") for r in timed], peer="cuDNN SDPA",
+                            ours="production")
+    display(fig_ratio)
 
 # %% tags=["remove-cell"] jupyter={"source_hidden": true}
-fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
+if BENCH is not None and CHECK is not None:
+    fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Takeaway:** on one H100 the ring costs a few per cent over one cuDNN
@@ -413,18 +421,20 @@ fig_ratio.savefig(SAVE / "05_production.png", dpi=110, metadata={"Software": Non
 # different GPU, different code.
 
 # %%
-DENSE = json.loads((FIGURES / "production" / "gpu-dense-h200.json").read_text())
-env = DENSE["environment"]
-print(f"{env['device']}, torch {env['torch_version']}, cuDNN {env['cudnn_version']}, {DENSE['dtype']}, {DENSE['shape']}")
-print(f"{'':26}{'cuDNN ms':>9}{'ours ms':>9}{'ratio':>8}")
-for r in DENSE["timing"]:
-    ms, ratio = r["ms"], r["ratio_vs_cudnn"]
-    print(f"{r['seq_len']:>8,} w={r['ring_size']:<2} causal={r['causal']!s:<5}{ms['cudnn']:9.2f}{ms['production']:9.2f}"
-          f"{ratio['production']:7.3f}×")
-busy = {r["name"].split("causal=")[1]: r for r in DENSE["launches"] if "graph=False" not in r["name"]}
-print("\none call at 16K, 16 ranks (torch.profiler): GPU busy time / wall time")
-for name, r in busy.items():
-    print(f"  causal={name:32} {r['gpu_busy_ms']:.2f} / {r['wall_ms']:.2f} ms")
+DENSE_FILE = PATHS.result("production/gpu-dense-h200.json")
+if DENSE_FILE is not None:
+    DENSE = json.loads(DENSE_FILE.read_text())
+    env = DENSE["environment"]
+    print(f"{env['device']}, torch {env['torch_version']}, cuDNN {env['cudnn_version']}, {DENSE['dtype']}, {DENSE['shape']}")
+    print(f"{'':26}{'cuDNN ms':>9}{'ours ms':>9}{'ratio':>8}")
+    for r in DENSE["timing"]:
+        ms, ratio = r["ms"], r["ratio_vs_cudnn"]
+        print(f"{r['seq_len']:>8,} w={r['ring_size']:<2} causal={r['causal']!s:<5}{ms['cudnn']:9.2f}{ms['production']:9.2f}"
+              f"{ratio['production']:7.3f}×")
+    busy = {r["name"].split("causal=")[1]: r for r in DENSE["launches"] if "graph=False" not in r["name"]}
+    print("\none call at 16K, 16 ranks (torch.profiler): GPU busy time / wall time")
+    for name, r in busy.items():
+        print(f"  causal={name:32} {r['gpu_busy_ms']:.2f} / {r['wall_ms']:.2f} ms")
 
 # %% [markdown]
 # At 131K the picture is the H100's: a few per cent, more with a mask. At
@@ -452,17 +462,18 @@ for name, r in busy.items():
 # measurement.
 
 # %%
-print(f"{dil_run['environment']['device']}, torch {dil_run['environment']['torch_version']}, {dil_run['dtype']}, "
-      f"{dil_run['shape']}, heads grouped")
-print(f"{'n':>8} {'causal':>6} {'peer ms':>8}   production_dilated ms at r1, r4, r8, r16   spread of the four")
-dil_ms = {}
-for sec in dil_run["forward"]:
-    prods = {int(name.split(" r")[-1]): r["median_ms"] for name, r in sec["rows"].items()
-             if name.startswith("production_dilated")}
-    dil_ms[sec["seq_len"], sec["causal"]] = prods
-    spread = max(prods.values()) / min(prods.values()) - 1
-    print(f"{sec['seq_len']:>8,} {sec['causal']!s:>6} {sec['rows']['dilated_sdpa']['median_ms']:8.2f}   "
-          + ", ".join(f"{ms:6.2f}" for ms in prods.values()) + f"{spread:>14.0%}")
+dil_ms = {}  # (n, causal) -> {ring size: ms}
+if dil_run is not None:
+    print(f"{dil_run['environment']['device']}, torch {dil_run['environment']['torch_version']}, {dil_run['dtype']}, "
+          f"{dil_run['shape']}, heads grouped")
+    print(f"{'n':>8} {'causal':>6} {'peer ms':>8}   production_dilated ms at r1, r4, r8, r16   spread of the four")
+    for sec in dil_run["forward"]:
+        prods = {int(name.split(" r")[-1]): r["median_ms"] for name, r in sec["rows"].items()
+                 if name.startswith("production_dilated")}
+        dil_ms[sec["seq_len"], sec["causal"]] = prods
+        spread = max(prods.values()) / min(prods.values()) - 1
+        print(f"{sec['seq_len']:>8,} {sec['causal']!s:>6} {sec['rows']['dilated_sdpa']['median_ms']:8.2f}   "
+              + ", ".join(f"{ms:6.2f}" for ms in prods.values()) + f"{spread:>14.0%}")
 
 # %% [markdown]
 # At 16K the same computation's four timings spread by 17–18% (a
@@ -509,12 +520,14 @@ for n in (16384, 131072):
         for w in (1, 4, 8, 16):
             plan = dilated_ring_plan(n, w, **bench_dilated_config(n), num_heads=H, heads="grouped", causal=causal)
             work = scores_per_rank(plan)
-            row = {"seq_len": n, "ring_size": w, "causal": causal, "time_ms": dil_ms[n, causal][w],
+            time_ms = dil_ms[n, causal][w] if dil_ms else None  # measured in one process (the file above)
+            row = {"seq_len": n, "ring_size": w, "causal": causal, "time_ms": time_ms,
                    "sent_mb": 2 * max(plan.sent_elements(B, D)) / 1e6, "imbalance": max(work) * w / sum(work),
                    "exchanged": sum(seg.kind == "exchanged" for seg in plan.segments)}
             plan_rows.append(row)
+            shown_ms = "–" if time_ms is None else f"{time_ms:.2f}"
             print(f"{n:>8,} {w:>3} {causal!s:>6}  {row['exchanged']:>18}  {row['sent_mb']:>22.2f}  "
-                  f"{row['imbalance']:>22.2f}  {row['time_ms']:>14.2f}")
+                  f"{row['imbalance']:>22.2f}  {shown_ms:>14}")
 print("\nthe plan's scores add up to the dilated work (dilated_flops / 4d), every n, w, mask:",
       all(sum(scores_per_rank(dilated_ring_plan(n, w, **bench_dilated_config(n), num_heads=H, heads="grouped")))
           == ringbook.dilated_flops(B, H, n, D, heads="grouped", **bench_dilated_config(n)) // (4 * D)
@@ -529,13 +542,15 @@ print("\nthe plan's scores add up to the dilated work (dilated_flops / 4d), ever
 # does about 1.3× the mean at 16 ranks: on a real ring it sets the pace.
 
 # %%
-fig_dil = plot_dilated_ring_sizes([r for r in plan_rows if r["seq_len"] == 131072],
-                                  title=f"dilated ring, 131,072 tokens, benchmark configuration, b=1 h=8 d=64, bf16 "
-                                        f"(time: {dil_run['environment']['device']}, one process)")
-fig_dil
+if dil_run is not None:
+    fig_dil = plot_dilated_ring_sizes([r for r in plan_rows if r["seq_len"] == 131072],
+                                      title=f"dilated ring, 131,072 tokens, benchmark configuration, b=1 h=8 d=64, "
+                                            f"bf16 (time: {dil_run['environment']['device']}, one process)")
+    display(fig_dil)
 
 # %% tags=["remove-cell"] jupyter={"source_hidden": true}
-fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
+if dil_run is not None:
+    fig_dil.savefig(SAVE / "05_dilated.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Takeaway:** in one process the ring size changes nothing that is
@@ -574,20 +589,21 @@ def ideal_speedup(n, world, causal):
 _ = check_ideal_speedup(ideal_speedup)
 
 # %%
-DIST = FIGURES / "dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2.json"
-dist = load_rows(DIST)
-print(f"{dist[0]['device']} × {dist[0]['ring_size']}, {dist[0]['backend']}, {dist[0]['dtype']}; check: {dist[0]['check']}")
-one_ring = [r for r in bench if r["impl"] == "ring" and r["ring_size"] == 1]
-pairs = scaling_rows(one_ring, dist)
 allows = {c: sum(work_per_rank(1024, 1, layout="zigzag" if c else "contiguous", causal=c))
           / max(work_per_rank(1024, 2, layout="zigzag" if c else "contiguous", causal=c)) for c in (False, True)}
-print(f"\n{'causal':7}{'n':>8}  1 GPU (ms)  2 GPUs (ms)  speed-up (work allows)  2 GPUs − ideal (ms)  "
-      f"GB: 1 GPU → per GPU")
-for p in pairs:
-    extra = p["time_multi_ms"] - p["time_one_ms"] / allows[p["causal"]]
-    print(f"{p['causal']!s:7}{p['seq_len']:>8,}{p['time_one_ms']:>11.1f}{p['time_multi_ms']:>13.1f}"
-          f"{p['speedup']:>9.2f}× ({allows[p['causal']]:.1f}×){extra:>20.1f}"
-          f"{p['mem_one_gb']:>12.2f} → {p['mem_per_rank_gb']:.2f}")
+DIST = PATHS.result("dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2.json")
+if BENCH is not None and DIST is not None:
+    dist = load_rows(DIST)
+    print(f"{dist[0]['device']} × {dist[0]['ring_size']}, {dist[0]['backend']}, {dist[0]['dtype']}; check: {dist[0]['check']}")
+    one_ring = [r for r in bench if r["impl"] == "ring" and r["ring_size"] == 1]
+    pairs = scaling_rows(one_ring, dist)
+    print(f"\n{'causal':7}{'n':>8}  1 GPU (ms)  2 GPUs (ms)  speed-up (work allows)  2 GPUs − ideal (ms)  "
+          f"GB: 1 GPU → per GPU")
+    for p in pairs:
+        extra = p["time_multi_ms"] - p["time_one_ms"] / allows[p["causal"]]
+        print(f"{p['causal']!s:7}{p['seq_len']:>8,}{p['time_one_ms']:>11.1f}{p['time_multi_ms']:>13.1f}"
+              f"{p['speedup']:>9.2f}× ({allows[p['causal']]:.1f}×){extra:>20.1f}"
+              f"{p['mem_one_gb']:>12.2f} → {p['mem_per_rank_gb']:.2f}")
 
 # %% [markdown]
 # Without a mask the einops two-GPU ring reaches the ideal 2× from 64K on.
@@ -612,21 +628,22 @@ for p in pairs:
 # without a mask.
 
 # %%
-DIST_AUTO = FIGURES / "dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2-auto.json"
-auto = load_rows(DIST_AUTO)
-print(f"{auto[0]['device']}, {auto[0]['backend']}, {auto[0]['dtype']}, {auto[0]['seq_len']:,} tokens")
-picks = {}
-for causal in (False, True):
-    rs = [r for r in auto if r["causal"] == causal]
-    one = {r["impl"]: r for r in rs if r.get("peer_of") == "dist"}
-    picks[causal] = [("1 GPU: sdpa_cudnn", one["sdpa_cudnn"]), ("1 GPU: production", one["production"]),
-                     ("2 GPUs: production_dist", next(r for r in rs if r["impl"] == "production_dist"))] + [
-        (f"2 GPUs: context_parallel ({r['sdpa_backend']})", r) for r in rs if r["impl"] == "context_parallel"]
-    base = picks[causal][0][1]["time_ms"]
-    print(f"\n{'causal' if causal else 'non-causal'}:{'':30}{'ms':>8}{'speed-up':>10}{'peak GB per GPU':>20}")
-    for label, r in picks[causal]:
-        per_gpu = r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]]
-        print(f"  {label:38}{r['time_ms']:8.2f}{base / r['time_ms']:9.2f}×{' / '.join(f'{m:.2f}' for m in per_gpu):>20}")
+DIST_AUTO = PATHS.result("dist-bench-nvidia-h100-80gb-hbm3-bfloat16-w2-auto.json")
+if DIST_AUTO is not None:
+    auto = load_rows(DIST_AUTO)
+    print(f"{auto[0]['device']}, {auto[0]['backend']}, {auto[0]['dtype']}, {auto[0]['seq_len']:,} tokens")
+    picks = {}
+    for causal in (False, True):
+        rs = [r for r in auto if r["causal"] == causal]
+        one = {r["impl"]: r for r in rs if r.get("peer_of") == "dist"}
+        picks[causal] = [("1 GPU: sdpa_cudnn", one["sdpa_cudnn"]), ("1 GPU: production", one["production"]),
+                         ("2 GPUs: production_dist", next(r for r in rs if r["impl"] == "production_dist"))] + [
+            (f"2 GPUs: context_parallel ({r['sdpa_backend']})", r) for r in rs if r["impl"] == "context_parallel"]
+        base = picks[causal][0][1]["time_ms"]
+        print(f"\n{'causal' if causal else 'non-causal'}:{'':30}{'ms':>8}{'speed-up':>10}{'peak GB per GPU':>20}")
+        for label, r in picks[causal]:
+            per_gpu = r.get("per_rank_peak_mem_gb") or [r["peak_mem_gb"]]
+            print(f"  {label:38}{r['time_ms']:8.2f}{base / r['time_ms']:9.2f}×{' / '.join(f'{m:.2f}' for m in per_gpu):>20}")
 
 # %% [markdown]
 # Without a mask two GPUs run the fused ring at about 1.9× one GPU (a
@@ -638,16 +655,18 @@ for causal in (False, True):
 # K/V while the ring holds one remote block at a time.
 
 # %%
-fig_scale, axes = new_figure(2, 2, figsize=(12.0, 8.6))
-plot_scaling(pairs, one_label="one GPU (ring, w = 1)", multi_label="each of 2 GPUs (NCCL)", axes=axes[0], ideal=allows)
-axes[0, 0].set_title("einops ring: speed-up, one GPU → 2 GPUs", fontsize=10)
-axes[0, 1].set_title("einops ring: peak memory, one GPU vs each GPU", fontsize=10)
-plot_gpu_bars(picks, ideal={False: 2.0, True: 2.0}, axes=axes[1], title=f", fused path, {auto[0]['seq_len'] // 1024}K tokens")
-fig_scale.suptitle(f"{auto[0]['device']} × 2, NCCL, bf16, b=1 h=8 d=64", fontsize=10)
-fig_scale
+if BENCH is not None and DIST is not None and DIST_AUTO is not None:
+    fig_scale, axes = new_figure(2, 2, figsize=(12.0, 8.6))
+    plot_scaling(pairs, one_label="one GPU (ring, w = 1)", multi_label="each of 2 GPUs (NCCL)", axes=axes[0], ideal=allows)
+    axes[0, 0].set_title("einops ring: speed-up, one GPU → 2 GPUs", fontsize=10)
+    axes[0, 1].set_title("einops ring: peak memory, one GPU vs each GPU", fontsize=10)
+    plot_gpu_bars(picks, ideal={False: 2.0, True: 2.0}, axes=axes[1], title=f", fused path, {auto[0]['seq_len'] // 1024}K tokens")
+    fig_scale.suptitle(f"{auto[0]['device']} × 2, NCCL, bf16, b=1 h=8 d=64", fontsize=10)
+    display(fig_scale)
 
 # %% tags=["remove-cell"] jupyter={"source_hidden": true}
-fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
+if BENCH is not None and DIST is not None and DIST_AUTO is not None:
+    fig_scale.savefig(SAVE / "05_scaling.png", dpi=110, metadata={"Software": None})
 
 # %% [markdown]
 # **Takeaway:** measured against what the work allows (2× for equal work,

@@ -86,11 +86,17 @@ def _pair(got):
 
 
 def _same_integers(got, want: torch.Tensor) -> bool:
-    """Exactly the integers ``want`` (in order), from a list, numpy array or tensor; 2.5 is not 2, True is not 1."""
+    """Exactly the integers ``want`` (in order), from a list, range, generator, numpy array or tensor; 2.5 is not 2,
+    True is not 1, and a set or dict (no order) is never right."""
+    if isinstance(got, (set, frozenset, dict)):
+        return False
     try:
         got = torch.as_tensor(got)
     except (TypeError, ValueError, RuntimeError):
-        return False
+        try:
+            got = torch.as_tensor(list(got))  # a generator
+        except (TypeError, ValueError, RuntimeError):
+            return False
     if got.dtype == torch.bool or got.is_complex():
         return False
     got = got.flatten()

@@ -8,7 +8,7 @@ import torch
 
 from ..dilated import dilated_weights
 from ..ring_dilated import dilated_ring_plan
-from ._core import _run
+from ._core import _run, _same_integers
 
 
 def _integers(got) -> torch.Tensor | None:
@@ -26,11 +26,6 @@ def _integers(got) -> torch.Tensor | None:
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         return None
     return t.flatten().long()
-
-
-def _same_integers(got, want: torch.Tensor) -> bool:
-    t = _integers(got)
-    return t is not None and t.shape == want.shape and torch.equal(t, want)
 
 
 def check_kept_positions(fn: Callable) -> bool | None:

@@ -22,16 +22,17 @@ needed only here.
 """
 
 from .dilated import plot_dilated_coverage, plot_dilated_pattern, plot_dilated_ring_plan, plot_dilated_scaling
-from .equivalence import plot_error_matrix
+from .equivalence import plot_error_matrix, plot_rule_ratios
 from .figure import new_figure
 from .online_softmax import plot_block_weights, plot_error_bars, plot_exp_overflow, plot_online_softmax
 from .palette import COLORS, IMPL_COLORS
-from .results import plot_live_rows, plot_ratios, plot_results, plot_scaling, plot_sweep
+from .results import plot_dilated_ring_sizes, plot_gpu_bars, plot_live_rows, plot_ratios, plot_results, plot_scaling, plot_sweep
 from .ring import plot_causal_work, plot_memory_per_rank, plot_ring_step, plot_ring_timeline, ring_step_cells
 
 __all__ = [
     "plot_dilated_coverage", "plot_dilated_pattern", "plot_dilated_ring_plan", "plot_dilated_scaling",
-    "plot_error_matrix", "new_figure", "plot_block_weights", "plot_error_bars", "plot_exp_overflow",
-    "plot_online_softmax", "COLORS", "IMPL_COLORS", "plot_live_rows", "plot_ratios", "plot_results", "plot_scaling",
-    "plot_sweep", "plot_causal_work", "plot_memory_per_rank", "plot_ring_step", "plot_ring_timeline", "ring_step_cells",
+    "plot_error_matrix", "plot_rule_ratios", "new_figure", "plot_block_weights", "plot_error_bars", "plot_exp_overflow",
+    "plot_online_softmax", "COLORS", "IMPL_COLORS", "plot_dilated_ring_sizes", "plot_gpu_bars", "plot_live_rows",
+    "plot_ratios", "plot_results", "plot_scaling", "plot_sweep", "plot_causal_work", "plot_memory_per_rank",
+    "plot_ring_step", "plot_ring_timeline", "ring_step_cells",
 ]
