@@ -16,6 +16,8 @@ import torch
 from einops import einsum, rearrange
 
 from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
+from .masks import check_document_ids, check_window
+from .masks import keep as keep_mask
 
 
 def causal_mask(n_q: int, n_k: int, device: torch.device | str | None = None, q_offset: int = 0,
@@ -62,7 +64,8 @@ def _check_mask(mask, b: int, h: int, n_q: int, n_k: int, device) -> torch.Tenso
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     mask: torch.Tensor | None = None, scale: float | None = None,
-                    precision: str = "float64") -> tuple[torch.Tensor, torch.Tensor]:
+                    precision: str = "float64", document_ids: torch.Tensor | None = None,
+                    window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention. Returns ``(out, lse)``.
 
     Args:
@@ -75,6 +78,10 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             does the same arithmetic in the input dtype (float32 for lse). The
             latter is the naive low-precision baseline of flash-attention's
             2× error rule, and the "naive" benchmark row.
+        document_ids: ``b n`` (or ``n``) non-decreasing ints: a query sees
+            only keys of its own document (:mod:`ringbook.masks`; self-attention).
+        window: a query at i sees keys j with ``i − window < j ≤ i`` when
+            causal, ``|i − j| < window`` otherwise (:mod:`ringbook.masks`).
 
     Returns:
         out ``b n h d`` in the input dtype and lse ``b h n`` (natural log;
@@ -97,7 +104,17 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     keep = None
     if mask is not None:
         keep = _check_mask(mask, b, h, n_q, n_k, q.device)
-    if causal:
+    window = check_window(window)
+    if document_ids is not None or window is not None:
+        if n_q != n_k:
+            raise ValueError(f"document_ids and window describe one sequence (self-attention): q has {n_q} tokens, "
+                             f"k has {n_k}")
+        ids = check_document_ids(document_ids, b, n_q)
+        pos = torch.arange(n_q, device=q.device)
+        doc = None if ids is None else ids.to(q.device)
+        dm = keep_mask(pos, pos, causal=causal, q_doc=doc, k_doc=doc, window=window)
+        keep = dm if keep is None else keep & dm
+    elif causal:
         cm = causal_mask(n_q, n_k, device=q.device)
         keep = cm if keep is None else keep & cm
 

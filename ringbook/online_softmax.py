@@ -31,6 +31,7 @@ from ._utils import (
     compute_dtype,
     resolve_scale,
 )
+from .masks import keep as keep_mask
 from .naive import causal_mask, causal_mask_positions
 
 # Keys per score tile when a ring attends one shard: the tile is (shard × KEY_CHUNK),
@@ -108,7 +109,8 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 
 def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
                  q_offset: int = 0, k_offset: int = 0, q_pos: torch.Tensor | None = None,
-                 k_pos: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 k_pos: torch.Tensor | None = None, chunk: int | None = None, q_doc: torch.Tensor | None = None,
+                 k_doc: torch.Tensor | None = None, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of a query block to one key/value block, in ``compute_dtype``.
 
     The one place that materialises scores: a ``b h i j`` tile of the block's
@@ -123,6 +125,8 @@ def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
     ``chunk`` bounds the tile: longer key blocks are visited ``chunk`` keys
     at a time and folded with :func:`merge_partials` (memory O(i·chunk)
     instead of O(i·j); the ring uses it to keep memory per rank O(n / w)).
+    ``q_doc``/``k_doc`` (``b i``/``b j`` document ids) and ``window``: the
+    masks of :mod:`ringbook.masks`, by the same positions.
     Twice differentiable (rows with no visible key included).
     """
     if chunk is not None and k.shape[1] > chunk:
@@ -130,13 +134,15 @@ def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
         for a in range(0, k.shape[1], chunk):
             part = attend_block(q, k[:, a:a + chunk], v[:, a:a + chunk], scale=scale, causal=causal,
                                 q_offset=q_offset, k_offset=k_offset + a, q_pos=q_pos,
-                                k_pos=None if k_pos is None else k_pos[a:a + chunk])
+                                k_pos=None if k_pos is None else k_pos[a:a + chunk], q_doc=q_doc,
+                                k_doc=None if k_doc is None else k_doc[:, a:a + chunk], window=window)
             out, lse = part if out is None else merge_partials(out, lse, *part)
         return out, lse
     work = compute_dtype(q.dtype)
     s = einsum(q.to(work), k.to(work), "b i h d, b j h d -> b h i j") * scale
-    if causal:
-        keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos)
+    keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos, causal, q_doc, k_doc,
+                       window)
+    if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     # The running max m of the notebook. It cancels out of out and lse for any value, so it is
     # detached: no gradient through amax (whose ties would split it) and every derivative order exact.
@@ -220,20 +226,29 @@ def online_softmax_trace(scores: torch.Tensor, block_size: int) -> list[tuple[fl
     return trace
 
 
-def _block_keep(n_q: int, n_k: int, device, q_offset: int, k_offset: int, q_pos, k_pos) -> torch.Tensor:
-    """The causal keep-mask of one block, from offsets or explicit positions (as in :func:`attend_block`)."""
-    if q_pos is None and k_pos is None:
-        return causal_mask(n_q, n_k, device=device, q_offset=q_offset, k_offset=k_offset)
+def _block_keep(n_q: int, n_k: int, device, q_offset: int, k_offset: int, q_pos, k_pos, causal: bool = True,
+                q_doc=None, k_doc=None, window=None) -> torch.Tensor | None:
+    """The keep-mask of one block (None: every pair), from offsets or explicit positions (as in
+    :func:`attend_block`), with the document and window masks of :mod:`ringbook.masks`."""
+    if q_doc is None and window is None:
+        if not causal:
+            return None
+        if q_pos is None and k_pos is None:
+            return causal_mask(n_q, n_k, device=device, q_offset=q_offset, k_offset=k_offset)
     i = q_pos if q_pos is not None else torch.arange(q_offset, q_offset + n_q, device=device)
     j = k_pos if k_pos is not None else torch.arange(k_offset, k_offset + n_k, device=device)
-    return causal_mask_positions(i, j)
+    if q_doc is None and window is None:
+        return causal_mask_positions(i, j)
+    return keep_mask(i.to(device), j.to(device), causal=causal, q_doc=None if q_doc is None else q_doc.to(device),
+                     k_doc=None if k_doc is None else k_doc.to(device), window=window)
 
 
 def attend_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           dout: torch.Tensor, *, scale: float, causal: bool = False, q_offset: int = 0,
                           k_offset: int = 0, q_pos: torch.Tensor | None = None, k_pos: torch.Tensor | None = None,
-                          delta: torch.Tensor | None = None,
-                          chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          delta: torch.Tensor | None = None, chunk: int | None = None,
+                          q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
+                          window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one query block's attention through one key/value block. Returns ``(dq, dk, dv)``.
 
     The FlashAttention backward for a block, given the *final* ``out`` and
@@ -252,8 +267,8 @@ def attend_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     enters as ``delta = D − dlse``. Causal masking as in :func:`attend_block`
     (offsets or explicit positions). Work and results are in float32 for
     low-precision input, else in the input dtype; rows with lse -inf (no key
-    anywhere) get zero gradient. Inputs are assumed valid. ``chunk`` bounds
-    the tile as in :func:`attend_block`.
+    anywhere) get zero gradient. Inputs are assumed valid. ``chunk``, the
+    documents and the window as in :func:`attend_block`.
     """
     work = compute_dtype(q.dtype)
     if chunk is not None and k.shape[1] > chunk:
@@ -264,7 +279,8 @@ def attend_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
             dq_c, dk_c, dv_c = attend_block_backward(
                 q, k[:, a:a + chunk], v[:, a:a + chunk], out, lse, dout, scale=scale, causal=causal,
                 q_offset=q_offset, k_offset=k_offset + a, q_pos=q_pos,
-                k_pos=None if k_pos is None else k_pos[a:a + chunk], delta=delta)
+                k_pos=None if k_pos is None else k_pos[a:a + chunk], delta=delta, q_doc=q_doc,
+                k_doc=None if k_doc is None else k_doc[:, a:a + chunk], window=window)
             dq = dq + dq_c
             dks.append(dk_c)
             dvs.append(dv_c)
@@ -272,8 +288,9 @@ def attend_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     qw, kw, vw, ow, dow = (x.to(work) for x in (q, k, v, out, dout))
     lse = lse.to(work)
     s = einsum(qw, kw, "b i h d, b j h d -> b h i j") * scale
-    if causal:
-        keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos)
+    keep = _block_keep(q.shape[1], k.shape[1], q.device, q_offset, k_offset, q_pos, k_pos, causal, q_doc, k_doc,
+                       window)
+    if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - rearrange(lse_safe, "b h i -> b h i 1"))  # masked or empty rows: exp(-inf) = 0

@@ -25,10 +25,12 @@ visible to every query), ``"causal"`` (needs the position mask) or skipped
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from ._utils import check_positive_int
+from .masks import MaskSpec, check_document_ids, check_window, classify, mask_spec
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -100,7 +102,7 @@ class Block:
 
     q: tuple[int, int]
     kv: tuple[int, int]
-    kind: str  # "full" or "causal"
+    kind: str  # "full", "causal" (the causal mask cuts it) or "masked" (a document or window boundary does)
 
     @property
     def area(self) -> int:
@@ -137,13 +139,26 @@ def _shard_ranges(pieces: list[tuple[int, int]], layout: str, ring_size: int):
     return out
 
 
-def ring_schedule(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[list[Step]]:
+def ring_schedule(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False,
+                  document_ids: torch.Tensor | None = None, window: int | None = None) -> list[list[Step]]:
     """``schedule[t][r]``: what rank r computes at step t, for ``n`` tokens.
 
-    Without ``causal`` every block is ``"full"``. With it, a block whose keys
-    all come after its queries is skipped, one whose keys all come at or
-    before its queries is ``"full"`` and the rest are ``"causal"``.
+    Without a mask every block is ``"full"``. With ``causal`` (and the
+    documents and window of :mod:`ringbook.masks`) a block no query sees any
+    key of is skipped (never computed), one whose every pair is seen is
+    ``"full"``, one only the causal mask cuts is ``"causal"``, and one a
+    document or window boundary cuts is ``"masked"``. ``document_ids``
+    (``b n`` or ``n``) describe the whole sequence, the same for every rank.
     """
+    check_layout(n, ring_size, layout)
+    ids = check_document_ids(document_ids, 1 if document_ids is None or document_ids.dim() == 1
+                             else document_ids.shape[0], n)
+    return [list(row) for row in schedule_for(n, ring_size, layout, mask_spec(causal, ids, check_window(window)))]
+
+
+@functools.lru_cache(maxsize=128)
+def schedule_for(n: int, ring_size: int, layout: str, spec: MaskSpec) -> tuple[tuple[Step, ...], ...]:
+    """:func:`ring_schedule` for a :class:`~ringbook.masks.MaskSpec` (hashable: cached per call shape)."""
     pieces = [_shard_ranges(p, layout, ring_size) for p in layout_pieces(n, ring_size, layout)]
     schedule = []
     for t in range(ring_size):
@@ -153,18 +168,18 @@ def ring_schedule(n: int, ring_size: int, *, layout: str = "contiguous", causal:
             blocks, skipped = [], []
             for q_rng, q_pos in pieces[r]:
                 for k_rng, k_pos in pieces[src]:
-                    if not causal or k_pos.max() <= q_pos.min():
-                        blocks.append(Block(q_rng, k_rng, "full"))
-                    elif k_pos.min() > q_pos.max():
+                    kind = classify(q_pos, k_pos, spec)
+                    if kind == "empty":
                         skipped.append(Block(q_rng, k_rng, "skip"))
                     else:
-                        blocks.append(Block(q_rng, k_rng, "causal"))
+                        blocks.append(Block(q_rng, k_rng, kind))
             row.append(Step(r, t, src, tuple(blocks), tuple(skipped)))
-        schedule.append(row)
-    return schedule
+        schedule.append(tuple(row))
+    return tuple(schedule)
 
 
-def work_per_rank(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = True) -> list[int]:
-    """Scores each rank computes over the whole ring (the causal load-balance picture)."""
-    sched = ring_schedule(n, ring_size, layout=layout, causal=causal)
+def work_per_rank(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = True,
+                  document_ids: torch.Tensor | None = None, window: int | None = None) -> list[int]:
+    """Tile areas each rank computes over the whole ring (the load-balance picture; a partial tile counts whole)."""
+    sched = ring_schedule(n, ring_size, layout=layout, causal=causal, document_ids=document_ids, window=window)
     return [sum(sched[t][r].work for t in range(ring_size)) for r in range(ring_size)]

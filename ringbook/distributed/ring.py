@@ -38,6 +38,7 @@ from ..fast.engine import Mover, Settings
 from ..fast.kernels import BACKENDS
 from ..fast.plans import rank_plan
 from ..fast.tuning import Tuning, check_tuning
+from ..masks import MaskSpec, check_document_ids, check_window, mask_spec
 from ..schedule import LAYOUTS, check_layout
 from .comm import _exchange, _Ring, _wait, agree
 from .entry import open_group, run_on_group
@@ -63,15 +64,32 @@ def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
     return None, scale
 
 
-def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops", extra: tuple = ()) -> float:
+def local_mask(q, world: int, causal, document_ids, window) -> tuple[MaskSpec | None, Exception | None]:
+    """``(mask, problem)``: this rank's documents and window as a :class:`~ringbook.masks.MaskSpec` (None: neither),
+    or the error they raise (refused on every rank by the agreement check). ``document_ids`` describe the whole
+    sequence of ``q.shape[1]·world`` tokens, the same on every rank."""
+    try:
+        window = check_window(window)
+        if document_ids is None and window is None:
+            return None, None
+        b = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else 1
+        n = q.shape[1] * world if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+        return mask_spec(bool(causal), check_document_ids(document_ids, b, n), window), None
+    except (TypeError, ValueError) as exc:
+        return None, exc
+
+
+def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops", extra: tuple = (),
+                     problem: Exception | None = None) -> float:
     """The one agreement check (:func:`~ringbook.distributed.comm.agree`): inputs that do not fit together are
     refused on every rank. ``extra``: more ``(name, value)`` options a strategy needs the same on every rank.
     Returns the resolved scale (the same on every rank: its bits are compared)."""
-    problem, scale = _local_problem(q, k, v, causal, layout, scale, backend)
+    own, scale = _local_problem(q, k, v, causal, layout, scale, backend)
+    problem = problem or own
     names = ("batch", "heads", "head_dim", "layout", "causal", "dtype", "k/v heads", "scale", "backend")
     values = [None] * len(names) if problem is not None else [
         q.shape[0], q.shape[2], q.shape[3], layout, bool(causal), q.dtype, k.shape[2], scale, backend]
-    fields = list(zip(names, values)) + list(extra)
+    fields = list(zip(names, values)) + [(name, None if problem is not None else value) for name, value in extra]
     agree(ring, problem, q.shape[1] if problem is None else -1, fields,
           how_to_shard="cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a "
                        "length divisible by world_size (2·world_size for zigzag)",
@@ -166,7 +184,8 @@ class P2PMover(Mover):
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    layout: str = "contiguous", group: torch.distributed.ProcessGroup | None = None,
                    scale: float | None = None, timeout: float | None = None, backend: str = "einops",
-                   tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   tuning: Tuning | None = None, document_ids: torch.Tensor | None = None,
+                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the shards held by the ranks of ``group``. Returns this rank's ``(out, lse)``.
 
     Args:
@@ -184,7 +203,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             on CUDA, the flash backward op, the fused merge — and grouped-query attention
             (k/v with fewer heads, dividing q's; they travel unexpanded). Causal blocks the
             kernels' top-left mask cannot express (striped, from a later rank) use the einops
-            path with positions.
+            path with positions. k/v may have fewer heads than q with either backend.
+        tuning: :class:`ringbook.fast.tuning.Tuning` (None: the defaults).
+        document_ids, window: packed documents (``b n`` ids of the *whole*
+            sequence, the same on every rank, as ``cu_seqlens`` is in
+            ring-flash-attention) and a sliding window, as
+            :func:`ringbook.naive_attention` takes them. Blocks no query sees
+            are never computed, and the ring stops after the last step any
+            rank needs: a window of W tokens over shards of c takes about
+            ⌈W/c⌉ hops, not w − 1 (dK/dV then go home directly).
 
     Returns:
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for
@@ -206,18 +233,23 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         not answer within ``timeout``.
     """
     return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
-                           backend=backend, op="ring_attention", tuning=tuning)
+                           backend=backend, op="ring_attention", tuning=tuning, document_ids=document_ids,
+                           window=window)
 
 
-def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op, tuning):
+def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, op, tuning, document_ids=None,
+                    window=None):
     tuning = check_tuning(tuning)
     ring = open_group(group, timeout, op)
-    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
+    mask, problem = local_mask(q, ring.world, causal, document_ids, window)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend, extra=(("document_ids and window", mask),),
+                             problem=problem)
     causal = bool(causal)  # checked: True/False or numpy.bool_
     # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
     # one-process ring's box merge); a step's block gradients are summed together before they travel on.
     plan = rank_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, causal, kv_heads=k.shape[2],
-                     device=str(q.device), merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group)
+                     device=str(q.device), merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group,
+                     mask=mask)
     return run_on_group(q, k, v, plan=plan, mover=lambda k_, v_, backward: P2PMover(ring, k_, v_, backward,
                                                                                       len(plan.steps)),
                         settings=Settings(scale, backend, who=f"ringbook.distributed.{op}", tuning=tuning))
@@ -226,7 +258,8 @@ def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, 
 def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                               layout: str | None = None, group: torch.distributed.ProcessGroup | None = None,
                               scale: float | None = None, timeout: float | None = None, backend: str = "auto",
-                              tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              tuning: Tuning | None = None, document_ids: torch.Tensor | None = None,
+                              window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` with the fused kernels (``backend="auto"``) and the production default layout.
 
     The multi-process form of :func:`ringbook.production_ring_attention`:
@@ -238,4 +271,5 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
     return _ring_attention(q, k, v, causal=causal, layout=layout, group=group, scale=scale, timeout=timeout,
-                           backend=backend, op="production_ring_attention", tuning=tuning)
+                           backend=backend, op="production_ring_attention", tuning=tuning,
+                           document_ids=document_ids, window=window)

@@ -138,6 +138,46 @@ class Positions(Kernel):
         return int(torch.searchsorted(keys, self.q_pos.cpu(), right=True).sum())
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds tensors
+class Masked(Kernel):
+    """A block cut by a document or window boundary (:mod:`ringbook.masks`): its mask from the rows' token
+    positions (``q_pos``, ``k_pos``), document ids (``q_doc`` ``b i``, ``k_doc`` ``b j``; None: one document)
+    and ``window``, causal or not. The einops path (:func:`~ringbook.online_softmax.attend_block`), keys
+    ``KEY_CHUNK`` at a time; full blocks keep the fused kernels and empty ones are never planned.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    causal: bool
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+    window: int | None = None
+    needs_delta = True
+
+    def _mask(self) -> dict:
+        return dict(causal=self.causal, q_pos=self.q_pos, k_pos=self.k_pos, q_doc=self.q_doc, k_doc=self.k_doc,
+                    window=self.window)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        h = q.shape[2]
+        return attend_block(q, expand_kv(k, h), expand_kv(v, h), scale=scale, chunk=KEY_CHUNK, **self._mask())
+
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                 delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        h, hk = q.shape[2], k.shape[2]
+        dq, dk, dv = attend_block_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale=scale,
+                                           delta=delta, chunk=KEY_CHUNK, **self._mask())
+        return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
+
+    def visible(self, n_q: int, n_k: int) -> int:
+        from ..masks import keep
+
+        seen = keep(self.q_pos.cpu(), self.k_pos.cpu(), causal=self.causal, window=self.window,
+                    q_doc=None if self.q_doc is None else self.q_doc[:1].cpu(),
+                    k_doc=None if self.k_doc is None else self.k_doc[:1].cpu())
+        return n_q * n_k if seen is None else int(seen.sum())
+
+
 # --------------------------------------------------------------------------- places
 
 class Place:

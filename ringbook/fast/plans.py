@@ -40,9 +40,10 @@ import functools
 import torch
 
 from .._utils import check_bool, check_positive_int
+from ..masks import MaskSpec
 from ..ring_dilated import DilatedRingPlan
-from ..schedule import check_layout, layout_positions, ring_schedule
-from .blocks import CAUSAL, FULL, Block, Positions, Strided, box, gather_spec, gathered_block, head_slots
+from ..schedule import check_layout, layout_positions, schedule_for
+from .blocks import CAUSAL, FULL, Block, Kernel, Masked, Positions, Strided, box, gather_spec, gathered_block, head_slots
 from .engine import Plan
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
@@ -90,39 +91,67 @@ def _merge_full(calls: list[Call]) -> list[Call]:
 
 
 @functools.lru_cache(maxsize=128)
-def rank_calls(n: int, world: int, layout: str, causal: bool) -> tuple[tuple[tuple[Call, ...], ...], ...]:
+def rank_calls(n: int, world: int, layout: str, causal: bool,
+               mask: MaskSpec | None = None) -> tuple[tuple[tuple[Call, ...], ...], ...]:
     """``calls[t][r]``: rank r's kernel calls at step t, lowered from :func:`~ringbook.schedule.ring_schedule`.
 
-    (Module docstring.) Positions of a ``"positions"`` call are
+    (Module docstring.) Positions of a ``"positions"`` or ``"masked"`` call are
     ``layout_positions(n, world, layout)[r][q]`` and ``[(r − t) mod w][kv]``.
+    ``mask``: documents and a window (:class:`~ringbook.masks.MaskSpec`, with
+    the same ``causal``); empty blocks are not called, and the steps after the
+    last one any rank needs are dropped (no hop nobody needs).
     """
+    spec = mask if mask is not None else MaskSpec(bool(causal))
+    if spec.causal != bool(causal):
+        raise ValueError(f"rank_calls: the mask says causal={spec.causal} but causal={causal}")
     positions = layout_positions(n, world, layout)
     c = n // world
     out = []
-    for row in ring_schedule(n, world, layout=layout, causal=causal):
+    for row in schedule_for(n, world, layout, spec):
         steps = []
         for step in row:
-            if causal and step.blocks and step.kv_rank == step.rank:
+            if causal and spec.plain and step.blocks and step.kv_rank == step.rank:
                 steps.append((Call((0, c), (0, c), "causal"),))  # the own shard: positions increase along it
                 continue
             calls = []
             for blk in step.blocks:
-                if blk.kind != "causal":
-                    calls.append(Call(blk.q, blk.kv, "full"))
+                if blk.kind in ("full", "masked"):
+                    calls.append(Call(blk.q, blk.kv, blk.kind))
                     continue
                 qp = positions[step.rank, blk.q[0]:blk.q[1]]
                 kp = positions[step.kv_rank, blk.kv[0]:blk.kv[1]]
                 calls.append(Call(blk.q, blk.kv, "causal" if _top_left(qp, kp) else "positions"))
             steps.append(tuple(_merge_full(calls)))
         out.append(tuple(steps))
+    while len(out) > 1 and not any(out[-1]):  # no rank computes anything at the last step: nobody needs its hop
+        out.pop()
     return tuple(out)
 
 
-def _ring_traffic(n: int, world: int, kv_heads: int) -> dict:
-    """A ring's traffic per rank (K vectors per batch row): its shard w − 1 hops on; dK/dV w hops (the last home)."""
+def kernel_of(call: Call, rank: int, src: int, n: int, world: int, layout: str, spec: MaskSpec,
+              device: str = "cpu") -> Kernel:
+    """The block kernel of a call of ``rank`` on the shard that started on ``src``: FULL, CAUSAL, or the positions
+    (and documents, window) it needs."""
+    if call.kind == "full":
+        return FULL
+    if call.kind == "causal":
+        return CAUSAL
+    positions = layout_positions(n, world, layout)
+    qp, kp = positions[rank, call.q[0]:call.q[1]], positions[src, call.kv[0]:call.kv[1]]
+    if call.kind == "positions":
+        return Positions(qp.to(device), kp.to(device))
+    ids = spec.ids()
+    return Masked(qp.to(device), kp.to(device), spec.causal, None if ids is None else ids[:, qp].to(device),
+                  None if ids is None else ids[:, kp].to(device), spec.window)
+
+
+def _ring_traffic(n: int, world: int, kv_heads: int, steps: int | None = None) -> dict:
+    """A ring's traffic per rank (K vectors per batch row) over ``steps`` steps (default ``world``): its shard
+    ``steps − 1`` hops on; dK/dV a hop per step, the last one home (none when the plan never leaves the rank)."""
+    steps = world if steps is None else steps
     shard = n // world * kv_heads
-    return {"sent": (shard,) * (world - 1) + (0,), "received": (shard,) * (world - 1) + (0,),
-            "grad_sent": (shard,) * world if world > 1 else (0,)}
+    return {"sent": (shard,) * (steps - 1) + (0,), "received": (shard,) * (steps - 1) + (0,),
+            "grad_sent": (shard,) * steps if world > 1 and steps > 1 else (0,) * steps}
 
 
 # --------------------------------------------------------------------------- one process: ranks stacked in the batch
@@ -134,7 +163,7 @@ class Launch:
     ranks: tuple[int, int]
     q: Rows  # query rows inside each rank's shard
     kv: Rows  # key rows inside the held shard
-    kind: str  # "full" or "causal" (diagonal: the same positions, top-left mask)
+    kind: str  # "full", "causal" (diagonal: the same positions, top-left mask) or "masked" (one rank)
 
 
 def _striped_message(layout: str) -> str:
@@ -143,7 +172,8 @@ def _striped_message(layout: str) -> str:
             "balances causal work too) or 'contiguous', or ringbook.ring_attention(layout='striped') to study it")
 
 
-def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False) -> list[tuple]:
+def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = False,
+                    mask: MaskSpec | None = None) -> list[tuple]:
     """``plan[t]``: the batched kernel calls (:class:`Launch`) of ring step t of the one-process ring.
 
     Lowered from the schedule (:func:`rank_calls`): at step t, consecutive
@@ -157,6 +187,10 @@ def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causa
     * causal, zigzag (rank r holds chunks r and 2w−1−r, each ``c/2``), step
       t > 0: ranks ``0 … t−1`` attend the second half of their queries to
       all of it, ranks ``t … w−1`` all their queries to its first half.
+
+    With documents or a window (``mask``) a block a boundary cuts is a
+    ``"masked"`` launch of its one rank (its positions are its own); empty
+    blocks and the steps nobody needs are left out.
     """
     check_positive_int(n, "n")
     causal = check_bool(causal, "causal")
@@ -164,11 +198,13 @@ def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causa
     if layout not in PRODUCTION_LAYOUTS:
         raise ValueError(_striped_message(layout))
     plan = []
-    for row in rank_calls(n, ring_size, layout, causal):
+    for row in rank_calls(n, ring_size, layout, causal, mask):
         launches, r0 = [], 0
         for r in range(1, ring_size + 1):
             if r == ring_size or row[r] != row[r0]:
-                launches += [Launch((r0, r), call.q, call.kv, call.kind) for call in row[r0]]
+                launches += [Launch((r0, r), call.q, call.kv, call.kind) for call in row[r0] if call.kind != "masked"]
+                launches += [Launch((x, x + 1), call.q, call.kv, call.kind) for x in range(r0, r) for call in row[x]
+                             if call.kind == "masked"]
                 r0 = r
         plan.append(tuple(launches))
     return plan
@@ -180,7 +216,7 @@ def _wraps(launch: Launch, t: int, world: int) -> bool:
     return (r0 - t) % world + (r1 - r0) > world
 
 
-def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> list[Block]:
+def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool, kernel: Kernel | None = None) -> list[Block]:
     """The launch at step t as stacked block calls.
 
     Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
@@ -191,7 +227,7 @@ def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> li
     """
     b, w = batch, world
     (r0, r1), qr, kr = launch.ranks, launch.q, launch.kv
-    kernel = CAUSAL if launch.kind == "causal" else FULL
+    kernel = kernel or (CAUSAL if launch.kind == "causal" else FULL)
     if doubled:
         base = (w - t) % w
         return [box(qr, kr, q_batch=(r0 * b, r1 * b), kv_batch=((base + r0) * b, (base + r1) * b), kernel=kernel)]
@@ -204,40 +240,53 @@ def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool) -> li
 
 
 @functools.lru_cache(maxsize=256)
-def wraps(n: int, world: int, layout: str, causal: bool) -> bool:
+def wraps(n: int, world: int, layout: str, causal: bool, mask: MaskSpec | None = None) -> bool:
     """Whether some launch's held shards wrap past the last one (doubled K/V make it one call); cached per shape."""
-    launches = production_plan(n, world, layout=layout, causal=causal)
+    launches = production_plan(n, world, layout=layout, causal=causal, mask=mask)
     return world > 1 and any(_wraps(launch, t, world) for t, step in enumerate(launches) for launch in step)
 
 
 @functools.lru_cache(maxsize=256)
 def stacked_plan(n: int, world: int, batch: int, kv_heads: int, *, layout: str, causal: bool, doubled: bool,
-                 merge_group: int = 1, grad_group: int = 1) -> Plan:
+                 merge_group: int = 1, grad_group: int = 1, mask: MaskSpec | None = None, device: str = "cpu") -> Plan:
     """:func:`production_plan` as the engine's :class:`~ringbook.fast.engine.Plan` of stacked block calls.
 
     Its traffic is what each rank of a real ring would send (one process moves nothing).
     """
-    launches = production_plan(n, world, layout=layout, causal=causal)
-    steps = tuple(tuple(blk for launch in step for blk in _pieces(launch, t, world, batch, doubled))
-                  for t, step in enumerate(launches))
-    return Plan(steps, merge_group=merge_group, grad_group=grad_group, **_ring_traffic(n, world, kv_heads))
+    launches = production_plan(n, world, layout=layout, causal=causal, mask=mask)
+    spec = mask or MaskSpec(bool(causal))
+    steps = tuple(tuple(blk for launch in step for blk in _pieces(
+        launch, t, world, batch, doubled, _launch_kernel(launch, t, n, world, layout, spec, device)))
+        for t, step in enumerate(launches))
+    return Plan(steps, merge_group=merge_group, grad_group=grad_group,
+                **_ring_traffic(n, world, kv_heads, len(launches)))
+
+
+def _launch_kernel(launch: Launch, t: int, n: int, world: int, layout: str, spec: MaskSpec, device: str):
+    """A masked launch's kernel (its one rank's positions and documents); None for the others (FULL/CAUSAL)."""
+    if launch.kind != "masked":
+        return None
+    r = launch.ranks[0]
+    return kernel_of(Call(launch.q, launch.kv, "masked"), r, (r - t) % world, n, world, layout, spec, device)
 
 
 @functools.lru_cache(maxsize=256)
 def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout: str, causal: bool,
-              merge_group: int = 1) -> Plan:
+              merge_group: int = 1, mask: MaskSpec | None = None, device: str = "cpu") -> Plan:
     """:func:`production_plan` for the query ranks ``[g0, g1)`` alone, on K/V gathered for them
     (:class:`ringbook.fast.stacked.GatherMover`)."""
     g0, g1 = ranks
     steps = []
-    for step in production_plan(n, world, layout=layout, causal=causal):
+    spec = mask or MaskSpec(bool(causal))
+    for t, step in enumerate(production_plan(n, world, layout=layout, causal=causal, mask=mask)):
         blocks = []
         for launch in step:
             r0, r1 = max(launch.ranks[0], g0), min(launch.ranks[1], g1)
             if r0 < r1:
                 rows = ((r0 - g0) * batch, (r1 - g0) * batch)
+                kernel = _launch_kernel(launch, t, n, world, layout, spec, device)
                 blocks.append(box(launch.q, launch.kv, q_batch=rows, kv_batch=rows,
-                                  kernel=CAUSAL if launch.kind == "causal" else FULL))
+                                  kernel=kernel or (CAUSAL if launch.kind == "causal" else FULL)))
         steps.append(tuple(blocks))
     return Plan(tuple(steps), merge_group=merge_group)
 
@@ -246,7 +295,7 @@ def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout:
 
 @functools.lru_cache(maxsize=64)
 def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
-              device: str = "cpu", merge_group: int = 1, grad_group: int = 1) -> Plan:
+              device: str = "cpu", merge_group: int = 1, grad_group: int = 1, mask: MaskSpec | None = None) -> Plan:
     """This rank's row of :func:`rank_calls` as the engine's :class:`~ringbook.fast.engine.Plan` (all batch rows).
 
     Step t attends the shard held then (the one that started on rank
@@ -255,24 +304,20 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_he
     einops path. ``kv_heads`` only scales the traffic the plan reports.
     Built once per call shape (on the CPU).
     """
-    positions = layout_positions(n, world, layout)
+    spec = mask or MaskSpec(bool(causal))
     steps = []
-    for t, row in enumerate(rank_calls(n, world, layout, causal)):
+    for t, row in enumerate(rank_calls(n, world, layout, causal, mask)):
         src = (rank - t) % world
-        blocks = []
-        for call in row[rank]:
-            kernel = {"full": FULL, "causal": CAUSAL}.get(call.kind)
-            if kernel is None:
-                kernel = Positions(positions[rank, call.q[0]:call.q[1]].to(device),
-                                   positions[src, call.kv[0]:call.kv[1]].to(device))
-            blocks.append(box(call.q, call.kv, kernel=kernel))
-        steps.append(tuple(blocks))
-    return Plan(tuple(steps), merge_group=merge_group, grad_group=grad_group, **_ring_traffic(n, world, kv_heads))
+        steps.append(tuple(box(call.q, call.kv, kernel=kernel_of(call, rank, src, n, world, layout, spec, device))
+                           for call in row[rank]))
+    return Plan(tuple(steps), merge_group=merge_group, grad_group=grad_group,
+                **_ring_traffic(n, world, kv_heads, len(steps)))
 
 
 @functools.lru_cache(maxsize=64)
 def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
-                   device: str = "cpu", merge_group: int = 1, grad_group: int = 1) -> Plan:
+                   device: str = "cpu", merge_group: int = 1, grad_group: int = 1,
+                   mask: MaskSpec | None = None) -> Plan:
     """One rank of all-gather context parallelism (Llama 3): its own shard first, then every other shard at once.
 
     Step 0 attends the rank's queries to its own K/V (the schedule's step 0,
@@ -280,37 +325,25 @@ def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, 
     of every shard, stacked in rank order (shard s at rows ``s·c …``): the
     schedule's steps 1 … w−1 with their key rows moved there, full calls
     merged where they abut (contiguous, causal: one call over every earlier
-    shard). Traffic: the all-gather brings ``(w − 1)·c`` K vectors per kv head
-    (and sends as many, on a ring algorithm); the backward reduce-scatters
-    dK/dV, as much again.
+    shard). ``mask``: documents and a window, as :func:`rank_calls`. Traffic:
+    the all-gather brings ``(w − 1)·c`` K vectors per kv head (and sends as
+    many, on a ring algorithm); the backward reduce-scatters dK/dV, as much
+    again.
     """
-    positions = layout_positions(n, world, layout)
+    spec = mask or MaskSpec(bool(causal))
     c = n // world
-    calls = rank_calls(n, world, layout, causal)
-
-    def blocks(t_calls, src, shift):
-        out = []
-        for call in t_calls:
-            kernel = {"full": FULL, "causal": CAUSAL}.get(call.kind)
-            if kernel is None:
-                kernel = Positions(positions[rank, call.q[0]:call.q[1]].to(device),
-                                   positions[src, call.kv[0]:call.kv[1]].to(device))
-            out.append(box(call.q, (call.kv[0] + shift, call.kv[1] + shift), kernel=kernel))
-        return out
-
-    own = tuple(blocks(calls[0][rank], rank, 0))
-    others = []
-    for t in range(1, world):
+    calls = rank_calls(n, world, layout, causal, mask)
+    own = tuple(box(x.q, x.kv, kernel=kernel_of(x, rank, rank, n, world, layout, spec, device)) for x in calls[0][rank])
+    full, rest = [], []
+    for t in range(1, len(calls)):
         src = (rank - t) % world
-        shifted = [Call(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), x.kind) for x in calls[t][rank]]
-        others += [(x, src) for x in shifted]
-    merged = _merge_full([x for x, _ in others])
-    source = {x: src for x, src in others}
-    rest = []
-    for call in merged:  # a merged call is full; a positions call keeps its source shard's positions
-        src = source.get(call, rank)
-        rest += blocks([Call(call.q, (call.kv[0] - src * c, call.kv[1] - src * c), call.kind)], src, src * c) \
-            if call.kind == "positions" else [box(call.q, call.kv, kernel=CAUSAL if call.kind == "causal" else FULL)]
+        for x in calls[t][rank]:
+            if x.kind == "full":  # merged across shards where they abut
+                full.append(Call(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), "full"))
+            else:
+                kernel = kernel_of(x, rank, src, n, world, layout, spec, device)
+                rest.append(box(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), kernel=kernel))
+    rest = [box(x.q, x.kv) for x in _merge_full(full)] + rest
     steps = (own, tuple(rest)) if world > 1 else (own,)
     gathered = (world - 1) * c * kv_heads
     return Plan(steps, merge_group=merge_group, grad_group=grad_group, sent=(gathered, 0)[:len(steps)],

@@ -59,6 +59,7 @@ import torch
 from einops import rearrange
 
 from .._utils import available_bytes, check_bool, check_qkv, compute_dtype, resolve_scale
+from ..masks import MaskSpec, check_document_ids, check_window, mask_spec
 from ..schedule import check_layout, layout_positions
 from .dilated import production_dilated_attention
 from .engine import Job, Mover, Part, Settings, StackedMover, check_graph, run
@@ -107,7 +108,8 @@ class _Stacking:
         return torch.empty(x.shape, dtype=dtype, device=x.device).index_copy_(dim, self.order, x.to(dtype))
 
 
-def _start(n, world, batch, layout, causal, result_bytes, tuning: Tuning, k_st, v_st, backward: bool):
+def _start(n, world, batch, layout, causal, result_bytes, tuning: Tuning, k_st, v_st, backward: bool, *,
+           mask: MaskSpec | None = None):
     """The mover and plan of one phase: doubled K/V only where a launch wraps and the copies fit in memory.
 
     The forward folds up to ``tuning.merge_group`` block results per pass
@@ -118,7 +120,7 @@ def _start(n, world, batch, layout, causal, result_bytes, tuning: Tuning, k_st, 
     """
     spare = tuning.doubled_kv_fraction * available_bytes(k_st.device) if world > 1 else 0.0  # read once per phase
     doubled = False
-    if wraps(n, world, layout, causal):  # some launch wraps
+    if wraps(n, world, layout, causal, mask):  # some launch wraps
         extra = 2 * (k_st.nbytes + v_st.nbytes)
         if backward:  # doubled K/V also double the dK/dV accumulators (float32 for half precision)
             extra += torch.empty((), dtype=compute_dtype(k_st.dtype)).element_size() * (k_st.numel() + v_st.numel())
@@ -126,7 +128,8 @@ def _start(n, world, batch, layout, causal, result_bytes, tuning: Tuning, k_st, 
     group = 1
     if world > 1:  # forward: held (out, lse) results; backward: held (dq, dk, dv) of a block, about 3 results
         group = int(max(1, min(tuning.merge_group, 1 + spare // max((3 if backward else 1) * result_bytes, 1))))
-    plan = stacked_plan(n, world, batch, k_st.shape[2], layout=layout, causal=causal, doubled=doubled,
+    plan = stacked_plan(n, world, batch, k_st.shape[2], layout=layout, causal=causal, doubled=doubled, mask=mask,
+                        device=str(k_st.device),
                         merge_group=1 if backward else group, grad_group=group if backward else 1)
     return StackedMover(k_st, v_st, backward=backward, doubled=doubled), plan
 
@@ -178,7 +181,8 @@ def _part_ranks(world: int, whole_extra: int, part_extra_per_rank: int, budget: 
     return max(fitting, default=1)
 
 
-def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_bytes: int, tuning: Tuning, q, k, v):
+def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_bytes: int, tuning: Tuning, q, k, v, *,
+           mask: MaskSpec | None = None):
     """None (run whole), or the parts of a long forward (``tuning.parts_*``, above)."""
     out_bytes = q.nbytes
     acc_bytes = 4 * q.numel() + 4 * q.numel() // q.shape[3]  # float32 out and lse
@@ -192,14 +196,15 @@ def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_byt
     if size == world:
         return None
     positions = _positions_on(n, world, layout, str(q.device))
-    return _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v)
+    return _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v, mask=mask)
 
 
-def _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v):
+def _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v, *, mask=None):
     group = min(tuning.merge_group, 2 * world)
     for g0 in range(0, world, size):
         ranks = list(range(g0, g0 + size))
-        plan = part_plan(n, world, batch, (g0, g0 + size), layout=layout, causal=causal, merge_group=group)
+        plan = part_plan(n, world, batch, (g0, g0 + size), layout=layout, causal=causal, merge_group=group,
+                         mask=mask, device=str(q.device))
         yield Part(_gather_ranks(q, positions, ranks), plan, GatherMover(k, v, positions, (g0, g0 + size)),
                    functools.partial(_put_ranks, positions[ranks].reshape(-1), len(ranks)))
 
@@ -220,7 +225,8 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               layout: str | None = None, segment_lengths: Sequence[int] | None = None,
                               dilation_rates: Sequence[int] | None = None, heads: str = "all",
                               scale: float | None = None, backend: str = "auto",
-                              graph: bool | str = "auto", tuning: Tuning | None = None
+                              graph: bool | str = "auto", tuning: Tuning | None = None,
+                              document_ids: torch.Tensor | None = None, window: int | None = None,
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
 
@@ -249,6 +255,13 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             budgets; :class:`ringbook.fast.tuning.Tuning`), None for the
             defaults. They change how it runs, never what it computes
             (beyond rounding).
+        document_ids, window: packed documents (``b n`` non-decreasing ids)
+            and a sliding window, as :func:`ringbook.naive_attention` takes
+            them (:mod:`ringbook.masks`). Blocks no query sees are never
+            computed and steps nobody needs are dropped; full blocks keep the
+            fused kernels; a block a boundary cuts runs on the einops path
+            for now (a fused masked kernel is chosen by measurement on the
+            GPU: ``varlen_attn`` or ``flex_attention``, not yet measured).
 
     Returns:
         out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
@@ -285,13 +298,17 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
+    window = check_window(window)
+    ids = check_document_ids(document_ids, b, n)
+    mask = None if ids is None and window is None else mask_spec(causal, ids, window)
     stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device)))
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
     settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph, tuning=tuning)
-    job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes, tuning),
+    job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes, tuning,
+                                                         mask=mask),
               enter=stacking.enter, leave=stacking.leave, enter_copies=stacking.order is not None,
-              key=("production", n, ring_size, b, layout, causal, result_bytes, settings),
-              parts=functools.partial(_parts, n, ring_size, b, layout, causal, result_bytes, tuning))
+              key=("production", n, ring_size, b, layout, causal, result_bytes, settings, mask),
+              parts=functools.partial(_parts, n, ring_size, b, layout, causal, result_bytes, tuning, mask=mask))
     return run(q, k, v, job)
 
 
