@@ -1,0 +1,211 @@
+"""Packed documents and sliding windows (ringbook.masks) in the reference, the schedule, the plans and the rings.
+
+* the masks by their definitions (documents, causal, windows causal and
+  symmetric) in ``naive_attention``; rows that see nothing give 0 / -inf;
+* ``classify`` never calls a block full or empty that is not (checked against
+  the formed mask on random blocks of every layout);
+* ``production_ring_attention`` with documents and windows equals the
+  reference in float64, forward and backward, at ring sizes 1–5 and both of
+  its layouts: documents of length 1, a document over every shard, a boundary
+  on a shard boundary, many tiny ones; windows of 1, under a shard, over a
+  shard and over n;
+* skip, don't mask: empty blocks are never launched and the steps nobody
+  needs are dropped (a window's hops), counted in the plans;
+* the distributed ring (gloo, world 3) with both masks, exact, and ids that
+  differ between ranks refused on every rank;
+* bad input refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_within_2x_rule, refusal
+
+import ringbook
+from ringbook import distributed as rd
+from ringbook.fast.plans import production_plan, rank_plan
+from ringbook.masks import check_document_ids, classify, document_ids_from_cu_seqlens, keep, mask_spec
+from ringbook.schedule import layout_positions, ring_schedule
+
+N = 30
+
+
+def _docs(kind: str, n: int = N) -> torch.Tensor | None:
+    lengths = {"none": None, "random": [7, 1, 9, 3, 10], "one": [n], "tiny": [1] * n,
+               "on a boundary": [n // 5 * 2, n - n // 5 * 2]}[kind]
+    if lengths is None:
+        return None
+    return document_ids_from_cu_seqlens([0, *torch.tensor(lengths).cumsum(0).tolist()])
+
+
+def _qkv(n=N, b=2, h=2, d=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_naive_masks_are_their_definitions(causal, window):
+    q, k, v = _qkv()
+    ids = _docs("random")
+    out, lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    allowed = ids[:, None] == ids[None, :]
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= (i - j < window) & (j <= i) if causal else (i - j).abs() < window
+    ref = ringbook.naive_attention(q, k, v, mask=allowed)
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=1e-12)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1]))
+
+
+def test_classify_never_overstates():
+    gen = torch.Generator().manual_seed(3)
+    spec_args = [(causal, _docs(kind), window) for causal in (False, True) for kind in ("none", "random", "tiny")
+                 for window in (None, 1, 5, 40)]
+    for causal, ids, window in spec_args:
+        spec = mask_spec(causal, None if ids is None else ids[None], window)
+        for layout, w in (("contiguous", 5), ("zigzag", 3), ("striped", 6)):
+            pos = layout_positions(N, w, layout)
+            for _ in range(6):
+                r, s = (int(x) for x in torch.randint(w, (2,), generator=gen))
+                qp, kp = pos[r], pos[s]
+                kind = classify(qp, kp, spec)
+                seen = keep(qp, kp, causal=causal, window=window, q_doc=None if ids is None else ids[None, qp],
+                            k_doc=None if ids is None else ids[None, kp])
+                seen = torch.ones(len(qp), len(kp), dtype=torch.bool) if seen is None else seen.reshape(-1, len(kp))
+                if kind == "empty":
+                    assert not seen.any()
+                if kind == "full":
+                    assert seen.all()
+                if kind == "causal":
+                    assert torch.equal(seen, kp[None, :] <= qp[:, None])
+
+
+@pytest.mark.parametrize("docs", ["none", "random", "one", "tiny", "on a boundary"])
+@pytest.mark.parametrize("window", [None, 1, 4, 8, 100])
+def test_production_with_documents_and_windows_is_exact(docs, window):
+    ids = _docs(docs)
+    if ids is None and window is None:
+        pytest.skip("the dense ring: tested elsewhere")
+    for causal in (False, True):
+        q, k, v = _qkv(seed=7)
+        ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        g = torch.randn(ref_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        ref = torch.autograd.grad((ref_out * g).sum(), (q, k, v))
+        for w, layout in ((1, "contiguous"), (3, "zigzag"), (5, "contiguous"), (5, "zigzag")):
+            out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
+                                                          document_ids=ids, window=window)
+            case = f"docs={docs} window={window} causal={causal} w={w} {layout}"
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), case
+            fin = torch.isfinite(ref_lse)
+            torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=1e-10, atol=1e-10, msg=case)
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10, msg=case)
+            for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=case)
+
+
+def test_low_precision_within_the_2x_rule():
+    q, k, v = (x.detach() for x in _qkv(seed=9))
+    ids = _docs("random")
+    ref = ringbook.naive_attention(q, k, v, causal=True, document_ids=ids, window=6)[0]
+    lowp = [x.bfloat16() for x in (q, k, v)]
+    naive = ringbook.naive_attention(*lowp, causal=True, document_ids=ids, window=6, precision="input")[0]
+    out = ringbook.production_ring_attention(*lowp, ring_size=3, causal=True, document_ids=ids, window=6)[0]
+    assert_within_2x_rule(out, ref, naive)
+
+
+@pytest.mark.parametrize("window,c", [(1, 6), (5, 6), (6, 6), (7, 6), (13, 6), (100, 6)])
+def test_a_window_needs_only_the_hops_it_reaches(window, c):
+    w = 5
+    spec = mask_spec(True, None, window)
+    plan = production_plan(w * c, w, layout="contiguous", causal=True, mask=spec)
+    hops = min(w - 1, math.ceil((window - 1) / c))  # the earliest key a query sees is window − 1 tokens back
+    assert len(plan) == hops + 1
+    assert all(len(rank_plan(w * c, w, r, "contiguous", True, mask=spec).steps) == hops + 1 for r in range(w))
+
+
+def test_empty_blocks_are_never_launched():
+    ids = document_ids_from_cu_seqlens([0, 12, 24])  # two documents over four shards of 6
+    spec = mask_spec(True, ids[None], None)
+    plan = production_plan(24, 4, layout="contiguous", causal=True, mask=spec)
+    pairs = {(t, r) for t, step in enumerate(plan) for launch in step for r in range(*launch.ranks)}
+    assert pairs == {(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 3)}  # rank 2's shard 1 is another document
+    sched = ring_schedule(24, 4, causal=True, document_ids=ids)
+    assert sum(len(s.blocks) for row in sched for s in row) == 6
+    assert [blk.kind for blk in sched[1][2].skipped] == ["skip"]
+
+
+@pytest.mark.parametrize("bad,kind,match", [
+    (torch.tensor([0, 1, 0]), ValueError, "non-decreasing"),
+    (torch.tensor([0.0, 1.0, 1.0]), TypeError, "integer dtype"),
+    (torch.zeros(2, 4, dtype=torch.long), ValueError, "shape"),
+    ([0, 0, 1], TypeError, "document_ids must be an integer torch.Tensor"),
+])
+def test_bad_document_ids_are_refused_by_name(bad, kind, match):
+    with pytest.raises(kind, match=match):
+        check_document_ids(bad, 1, 3)
+    q, k, v = (x.detach()[:, :3] for x in _qkv())
+    with pytest.raises(kind, match=match):
+        ringbook.naive_attention(q, k, v, document_ids=bad)
+
+
+@pytest.mark.parametrize("window,kind", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_window_is_refused_by_name(window, kind):
+    q, k, v = (x.detach() for x in _qkv())
+    with pytest.raises(kind, match="window must be"):
+        ringbook.production_ring_attention(q, k, v, ring_size=3, causal=True, window=window)
+
+
+# --------------------------------------------------------------------------- over a process group
+
+def _rank(rank, world):
+    n = 6 * world
+    ids = document_ids_from_cu_seqlens([0, 1, 7, n])
+    res = {}
+    for layout in ("contiguous", "zigzag"):
+        for window in (None, 3):
+            g = torch.Generator().manual_seed(2)
+            q, k, v = (torch.randn(2, n, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+            xs = [rd.shard(x, rank, world, layout).requires_grad_() for x in (q, k, v)]
+            out, lse = rd.ring_attention(*xs, causal=True, layout=layout, document_ids=ids, window=window,
+                                         timeout=30)
+            out.sum().backward()
+            res[(layout, window)] = (q, k, v, out.detach(), lse.detach(), [x.grad for x in xs])
+    bad = ids.clone()
+    if rank == 1:
+        bad[-1] += 1  # rank 1 describes another sequence
+    qs = rd.shard(torch.randn(1, n, 2, 3, dtype=torch.float64), rank, world)
+    res["disagree"] = refusal(lambda: rd.ring_attention(qs, qs, qs, causal=True, document_ids=bad, timeout=10))
+    return res
+
+
+@pytest.mark.slow
+def test_the_distributed_ring_with_documents_and_a_window():
+    world = 3
+    results = rd.spawn(_rank, world, timeout=180)
+    n = 6 * world
+    ids = document_ids_from_cu_seqlens([0, 1, 7, n])
+    checked = 0
+    for key in results[0]:
+        if key == "disagree":
+            continue
+        layout, window = key
+        for rank, res in enumerate(results):
+            q, k, v, out, lse, grads = res[key]
+            ref = [x.clone().requires_grad_() for x in (q, k, v)]
+            ro, rl = ringbook.naive_attention(*ref, causal=True, document_ids=ids, window=window)
+            ro.sum().backward()
+            pos = layout_positions(n, world, layout)[rank]
+            torch.testing.assert_close(out, ro[:, pos].detach(), rtol=1e-10, atol=1e-10)
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(rl[:, :, pos]))
+            for a, b in zip(grads, ref):
+                torch.testing.assert_close(a, b.grad[:, pos], rtol=1e-10, atol=1e-10)
+            checked += 1
+    assert checked == 4 * world
+    for res in results:
+        assert res["disagree"]["type"] == "ValueError" and "same document_ids and window" in res["disagree"]["msg"]
