@@ -26,7 +26,7 @@ class CliError(Exception):
     """Bad input to the command line: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (exit status 2), without the usage block."""
 
     def error(self, message):
@@ -55,11 +55,13 @@ def positive(text: str) -> int:
     return _integer(text, 1, "a positive integer")
 
 
-def _non_negative(text: str) -> int:
+def non_negative(text: str) -> int:
+    """An integer ≥ 0 (argparse type)."""
     return _integer(text, 0, "an integer ≥ 0")
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
     try:
         value = float(text)
     except ValueError:
@@ -98,7 +100,7 @@ def seq_len(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m ringbook", description=__doc__)
+    parser = OneLineParser(prog="python -m ringbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run the benchmark sweep (defaults sized to the device)",
@@ -112,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=positive)
     b.add_argument("--heads", type=positive)
     b.add_argument("--head-dim", type=positive)
-    b.add_argument("--warmup", type=_non_negative)
+    b.add_argument("--warmup", type=non_negative)
     b.add_argument("--repeats", type=positive)
-    b.add_argument("--max-row-seconds", type=_seconds, help="do not run a call predicted to take longer")
+    b.add_argument("--max-row-seconds", type=seconds, help="do not run a call predicted to take longer")
     b.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda if available)")
     b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
     b.add_argument("--stem", help="file name stem (default bench-<device>-<dtype>)")
@@ -158,9 +160,9 @@ def print_table(rows: list[dict], file: TextIO | None = None) -> None:
 def check_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove a file can be written there; else :class:`CliError`."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CliError(f"{option} {path} is a file; expected a folder to write results into")
     try:
+        if path.exists() and not path.is_dir():
+            raise CliError(f"{option} {path} is a file; expected a folder to write results into")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ringbook-write-check-"):
             pass
@@ -223,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, results.ResultsFileError) as exc:
         print(f"python -m ringbook {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while the report is drawn (the rows are already saved)
+        print(f"\npython -m ringbook {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - one line, the traceback only on request
         if os.environ.get("RINGBOOK_DEBUG"):
             raise

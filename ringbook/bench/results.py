@@ -110,6 +110,8 @@ def load_results(path: str | Path, *, validate: bool = True) -> tuple[list[dict]
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ResultsFileError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ResultsFileError(f"{path} is nested too deeply to be a results file") from None
     if isinstance(data, list):
         rows, meta = data, {}
     elif isinstance(data, dict) and "rows" in data:
