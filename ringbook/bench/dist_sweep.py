@@ -234,8 +234,31 @@ def _time(call, device, *, warmup, repeats, last=None):
     return times
 
 
+class _FailedElsewhere(Exception):
+    """A check failed on another rank (which reports it): this rank stops the row too, with nothing to add."""
+
+
+def _agreed(check, what: str) -> None:
+    """Run ``check`` on every rank; raise its own error where it failed and :class:`_FailedElsewhere` on the
+    others, so no rank goes on to a collective the failed one will never join."""
+    problem = None
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised
+        problem = exc
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem is not None)
+    if problem is not None:
+        raise problem
+    if any(every):
+        raise _FailedElsewhere(f"{what} failed on rank(s) {[r for r, failed in enumerate(every) if failed]}")
+
+
 def _failure(exc: BaseException, row: dict, mine: dict) -> None:
-    """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message)."""
+    """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message; a check that
+    failed on another rank is that rank's to report)."""
+    if isinstance(exc, _FailedElsewhere):
+        return
     mine["oom"] = measure.is_oom(exc)
     not_run = str(exc).startswith("not run")
     wrong = isinstance(exc, WrongResult)
@@ -396,12 +419,12 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
         # memory, every entry, and (up to check_max_seq) the gathered output, lse and gradients against float64.
         last: list = []
         mine["times"] = _time(call, device, warmup=warmup, repeats=repeats, last=last)
-        _everywhere(lambda: check_whole(*last[0], no_key=_no_key(n), grads=grads(), call="the last timed call"),
-                    "the check of the last timed call")
+        _agreed(lambda: check_whole(*last[0], no_key=_no_key(n), grads=grads(), call="the last timed call"),
+                "the check of the last timed call")
         last.clear()
         mine["peak"], (out, lse) = peak_memory_gb(call, device, inputs=(q, k, v))
-        _everywhere(lambda: check_whole(out, lse, no_key=_no_key(n), grads=grads(), call="the checked call"),
-                    "the check of the checked call")
+        _agreed(lambda: check_whole(out, lse, no_key=_no_key(n), grads=grads(), call="the checked call"),
+                "the check of the checked call")
         whole = (f"every rank's whole output, lse{', dq, dk, dv' if backward else ''} finite on the last timed "
                  "call and on a checked call after it")
         if n <= check_max_seq:
@@ -422,8 +445,8 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             for x in (q, k, v):
                 x.requires_grad_(backward)
             out, lse = call()
-            _everywhere(lambda: check_whole(out, lse, no_key=_no_key(m), grads=grads(), call=f"the check run at {m}"),
-                        "the check run")
+            _agreed(lambda: check_whole(out, lse, no_key=_no_key(m), grads=grads(), call=f"the check run at {m}"),
+                    "the check run")
             fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
                                      reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None)
             if fields is not None:
@@ -564,12 +587,12 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
                 _everywhere(call, f"context_parallel with the {backend} SDPA backend")
                 last: list = []
                 mine["times"] = _time(call, device, warmup=max(warmup - 1, 0), repeats=repeats, last=last)
-                _everywhere(lambda: check_whole(last[0], grads=grads(), call="the last timed call"),
-                            "the check of the last timed call")
+                _agreed(lambda: check_whole(last[0], grads=grads(), call="the last timed call"),
+                        "the check of the last timed call")
                 last.clear()
                 mine["peak"], out = peak_memory_gb(call, device, inputs=local)
-                _everywhere(lambda: check_whole(out, grads=grads(), call="the checked call"),
-                            "the check of the checked call")
+                _agreed(lambda: check_whole(out, grads=grads(), call="the checked call"),
+                        "the check of the checked call")
     finally:
         options.enable_load_balance, options.rotate_method = saved
     local.clear()

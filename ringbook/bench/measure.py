@@ -249,18 +249,18 @@ def check_lse(lse: torch.Tensor, no_key: torch.Tensor | None, call: str = "") ->
     no key (:meth:`Reference.no_key`); None when every row sees one.
     """
     lse = lse.detach()
-    in_call = f" in {call}" if call else ""
+    in_call = f", in {call}" if call else ""
     if no_key is None:
         check_finite(lse, "lse", call)
         return
     no_key = no_key.to(lse.device).expand_as(lse)
     bad = ~no_key & ~torch.isfinite(lse)
     if bad.any():
-        raise WrongResult(f"lse is {_non_finite(lse[~no_key])} at {_where(bad)} (b, h, n), rows that see a key"
+        raise WrongResult(f"lse is {_non_finite(lse[~no_key])} at {_where(bad)} (b, h, n), where the row sees a key"
                           + in_call)
     bad = no_key & (lse != float("-inf"))
     if bad.any():
-        raise WrongResult(f"lse is not -inf at {_where(bad)} (b, h, n), rows that see no key" + in_call)
+        raise WrongResult(f"lse is not -inf at {_where(bad)} (b, h, n), where the row sees no key" + in_call)
 
 
 def check_whole(out: torch.Tensor, lse: torch.Tensor | None = None, *, no_key: torch.Tensor | None = None,
