@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import torch
 
@@ -29,7 +29,7 @@ class CliError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (exit status 2), without the usage block."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -160,11 +160,12 @@ class DilatedReference(Reference):
 
     max_rows = 128
 
-    def rows(self, q, k, v, positions, *, causal):
+    def rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return dilated_reference_rows(q, k, v, positions, causal=causal, heads="grouped",
                                       **bench_dilated_config(q.shape[1]))
 
-    def no_key(self, seq_len, heads, *, causal):
+    def no_key(self, seq_len: int, heads: int, *, causal: bool) -> torch.Tensor:
         """The positions no pattern of a head keeps (a kept query always sees itself, causal or not)."""
         cfg = bench_dilated_config(seq_len)
         pairs = check_dilated_config(seq_len, cfg["segment_lengths"], cfg["dilation_rates"], heads="grouped",
@@ -176,11 +177,12 @@ class DilatedReference(Reference):
                 seen[h] |= pos % seg % r == o
         return ~seen
 
-    def grads_bytes(self, batch, heads, seq_len):
+    def grads_bytes(self, batch: int, heads: int, seq_len: int) -> float:
         """:func:`~ringbook.dilated.dilated_attention_dense`: every head at once, int64 weights and float64 scores."""
         return 8.0 * 8 * batch * heads * seq_len * seq_len
 
-    def grads(self, q, k, v, dout, *, causal):
+    def grads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, *,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = [t.detach().double().requires_grad_() for t in (q, k, v)]
         out, _ = dilated_attention_dense(*x, causal=causal, heads="grouped", **bench_dilated_config(q.shape[1]))
         out.backward(dout.double())
