@@ -277,3 +277,22 @@ def test_dist_sweep_bad_option_is_one_line_and_status_2(argv, needles, capsys, m
         dist_sweep.main(argv)
     assert exc.value.code == 2
     _one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_a_run_writes_into_results_which_git_ignores(capsys, tmp_path, monkeypatch):
+    """Before: ``make bench`` from a fresh clone rewrote the tracked figures/bench-cpu-float32.*."""
+    from pathlib import Path
+
+    from ringbook.bench import dist_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    assert "/results/" in (root / ".gitignore").read_text().splitlines()
+    assert dist_sweep.build_parser().parse_args([]).out == Path("results")
+    makefile = (root / "Makefile").read_text()
+    assert "bench-commit:" in makefile and "ringbook bench --out figures" in makefile
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive")
+    assert code == 0, err
+    assert out.startswith("writing results/bench-cpu-float32.json after every row") and "ignored by git" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert (tmp_path / "results" / "bench-cpu-float32.json").exists()

@@ -21,6 +21,8 @@ from .registry import IMPLS
 from .rules import DTYPES
 from .sweep import default_config, planned_rows, run_sweep
 
+RESULTS = Path("results")  # where a run writes unless told: git ignores it, so a run leaves the clone clean
+
 
 class CliError(Exception):
     """Bad input to the command line: printed as one line, exit status 2."""
@@ -118,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=positive)
     b.add_argument("--max-row-seconds", type=seconds, help="do not run a call predicted to take longer")
     b.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
+    b.add_argument("--out", type=Path, default=RESULTS,
+                   help="output folder (default results/, which git ignores; --out figures refreshes the committed "
+                        "results)")
     b.add_argument("--stem", help="file name stem (default bench-<device>-<dtype>)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--backward", action="store_true",
@@ -178,6 +182,8 @@ def _bench(args, argv) -> int:
                                               "dtype": str(config.dtype).replace("torch.", ""),
                                               "mode": "forward+backward" if config.backward else "forward"}])
     json_path = out / f"{stem}.json"
+    print(f"writing {json_path} after every row, then the report and plots beside it"
+          + (" (results/ is ignored by git; --out figures refreshes the committed results)" if out == RESULTS else ""))
     meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m ringbook " + " ".join(argv if argv is not None else sys.argv[1:]),
             "warmup": config.warmup, "repeats": config.repeats, "max_row_seconds": config.max_row_seconds,

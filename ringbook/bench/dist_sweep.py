@@ -69,7 +69,8 @@ finite, every error within the dtype's tolerance
 Bad options are refused in one line (exit status 2), and rank 0 checks that
 it can write into ``--out`` before anything is measured.
 
-Rank 0 writes every row to ``<out>/<stem>.json`` (plus ``.md`` and the two
+Rank 0 writes every row to ``<out>/<stem>.json`` (``--out`` default
+``results/``, which git ignores; plus ``.md`` and the two
 PNG plots unless ``--formats`` says otherwise; the default stem
 ``dist-bench-<device>-<dtype>-w<world>`` ends in ``-<kernel>`` for the fused
 kernels, so such a run does not overwrite the einops one), with a ``scaling`` summary in
@@ -99,7 +100,18 @@ from .._utils import attention_flops
 from ..distributed import production_ring_attention, ring_attention, ring_dilated_attention, unshard
 from ..schedule import check_layout, layout_positions
 from . import measure
-from .cli import CliError, OneLineParser, bool_list, check_writable_dir, non_negative, positive, print_table, seconds, seq_len
+from .cli import (
+    RESULTS,
+    CliError,
+    OneLineParser,
+    bool_list,
+    check_writable_dir,
+    non_negative,
+    positive,
+    print_table,
+    seconds,
+    seq_len,
+)
 from .measure import (
     DENSE,
     WrongResult,
@@ -166,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=seconds, default=300.0, help="seconds any rank waits for a peer")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("figures"))
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="output folder, written by rank 0 (default results/, which git ignores)")
     p.add_argument("--stem", help="file name stem (default dist-bench-<device>-<dtype>-w<world>, "
                                   "with -<kernel> unless the kernel is einops)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
