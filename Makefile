@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 export RINGBOOK_CHROMIUM := $(CHROMIUM)
 
-.PHONY: bench test lint unit notebooks sync-notebooks teacher screenshots browser-deps clean
+.PHONY: bench bench-commit test lint unit notebooks sync-notebooks teacher screenshots browser-deps clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ $(VENV)/.test: $(VENV)/.base
 ## The main job: the benchmark, sized to the device it finds.
 bench: $(VENV)/.base
 	$(PY) -m ringbook bench $(BENCH_ARGS)
+
+## The same, written over the committed results in figures/ (make bench writes into results/, ignored by git).
+bench-commit: $(VENV)/.base
+	$(PY) -m ringbook bench --out figures $(BENCH_ARGS)
 
 ## Chromium for the browser test: installed with apt when missing (as root), else a clear error.
 browser-deps:

@@ -291,16 +291,19 @@ def test_forward_backward_call_really_runs_the_backward(monkeypatch):
     seen = []
 
     def fn(q, k, v, **_):
-        out = q * 1.0
+        out, lse = bench.IMPLS["naive"].fn(q, k, v, causal=False, ring_size=1)
 
         def hook(grad):
             seen.append(grad.shape)
         out.register_hook(hook)
-        return out, None
+        return out, lse
 
-    row = bench.run_row(_fake("identity", fn), seq_len=16, causal=False, backward=True, **SMALL)
-    assert row["status"] == "error" and "wrong result" in row["error"]  # q is not attention: the check fails
-    assert len(seen) >= 1 + SMALL["repeats"]  # every timed call ran a backward
+    row = bench.run_row(_fake("hooked", fn), seq_len=16, causal=False, backward=True, **SMALL)
+    assert row["status"] == "ok", row["error"]
+    assert len(seen) >= 1 + SMALL["repeats"]  # the checked call and every timed call ran a backward
+    identity = bench.run_row(_fake("identity", lambda q, k, v, **_: (q * 1.0, None)), seq_len=16, causal=False,
+                             backward=True, **SMALL)
+    assert identity["status"] == "error" and "dk is missing" in identity["error"]  # q is not attention
 
 
 @pytest.mark.parametrize("causal", [False, True])

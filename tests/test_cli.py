@@ -198,3 +198,101 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
         res = subprocess.run([sys.executable, "-m", "ringbook", *argv], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2, res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- issue 20: no raw traceback, rows kept
+
+def test_bench_out_with_a_name_too_long_names_out(capsys, tmp_path, monkeypatch):
+    """Before: rc 1 with ``OSError: File name too long``, not naming --out (Path.exists raised)."""
+    monkeypatch.setattr(sweep, "run_row", lambda *a, **k: pytest.fail("measured"))
+    target = tmp_path / ("a" * 300)
+    code, _, err = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive", "--out", str(target))
+    assert code == 2
+    _one_line_error(err, "--out", "is not a writable folder", "name too long")
+
+
+def test_report_on_deeply_nested_json_names_the_file(capsys, tmp_path):
+    """Before: rc 1 with a RecursionError."""
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = _main(capsys, "report", str(path), "--out", str(tmp_path / "out"))
+    assert code == 2
+    _one_line_error(err, str(path), "nested too deeply")
+
+
+def test_a_second_ctrl_c_while_the_report_is_drawn_keeps_the_rows(capsys, tmp_path, monkeypatch):
+    """Before: a raw KeyboardInterrupt traceback (the rows were kept)."""
+    from ringbook.bench import report
+
+    real = sweep.run_row
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    def drawing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_row", interrupted)
+    monkeypatch.setattr(report, "write_outputs", drawing)
+    code, _, err = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive", "--out", str(tmp_path))
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "python -m ringbook bench: interrupted"
+    rows, meta = results.load_results(tmp_path / "bench-cpu-float32.json")
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and meta["complete"] is False
+
+
+@pytest.mark.parametrize("peak", ["null", "missing"])
+def test_report_draws_an_ok_row_without_a_peak(peak, capsys, tmp_path):
+    """Before: TypeError/KeyError (rc 1) on a row bench writes wherever the CPU peak cannot be reset."""
+    _, row = _results(tmp_path)
+    row = {key: value for key, value in row.items() if key != "peak_mem_gb"} if peak == "missing" else \
+        {**row, "peak_mem_gb": None}
+    path = results.save_json([row, {**row, "seq_len": 64}], tmp_path / "no-peak.json")
+    code, out, err = _main(capsys, "report", str(path), "--out", str(tmp_path / "drawn"))
+    assert code == 0, err
+    md = (tmp_path / "drawn" / "no-peak.md").read_text()
+    assert "not measured" in md and (tmp_path / "drawn" / "no-peak-memory.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- dist_sweep: options as bench's
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--timeout", "-1"], ["--timeout", "positive"]),
+    (["--timeout", "nan"], ["--timeout", "finite"]),
+    (["--warmup", "-1"], ["--warmup", "≥ 0"]),
+    (["--repeats", "0"], ["--repeats", "positive"]),
+    (["--kernel", "tpu"], ["--kernel", "invalid choice"]),
+])
+def test_dist_sweep_bad_option_is_one_line_and_status_2(argv, needles, capsys, monkeypatch):
+    """Before: --timeout -1 / nan failed inside init_process_group with raw tracebacks; --warmup -1 was accepted."""
+    from ringbook.bench import dist_sweep
+
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: the options are refused before any process group
+    monkeypatch.setattr(dist_sweep, "_setup", lambda *a: pytest.fail("a process group was started"))
+    with pytest.raises(SystemExit) as exc:
+        dist_sweep.main(argv)
+    assert exc.value.code == 2
+    _one_line_error(capsys.readouterr().err, *needles)
+
+
+def test_a_run_writes_into_results_which_git_ignores(capsys, tmp_path, monkeypatch):
+    """Before: ``make bench`` from a fresh clone rewrote the tracked figures/bench-cpu-float32.*."""
+    from pathlib import Path
+
+    from ringbook.bench import dist_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    assert "/results/" in (root / ".gitignore").read_text().splitlines()
+    assert dist_sweep.build_parser().parse_args([]).out == Path("results")
+    makefile = (root / "Makefile").read_text()
+    assert "bench-commit:" in makefile and "ringbook bench --out figures" in makefile
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, "bench", *SMALL_SWEEP, "--impl", "naive")
+    assert code == 0, err
+    assert out.startswith("writing results/bench-cpu-float32.json after every row") and "ignored by git" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert (tmp_path / "results" / "bench-cpu-float32.json").exists()

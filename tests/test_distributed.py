@@ -530,8 +530,8 @@ def test_dist_bench_under_torchrun(tmp_path):
         assert row["status"] == "ok", row
         assert row["impl"] == "ring_dist" and row["ring_size"] == 2 and row["seq_len"] == 128
         assert row["layout"] == ("zigzag" if row["causal"] else "contiguous")
-        assert row["max_rel_err"] < 1e-4 and row["checked_rows"] == 128
-        assert "gathered on rank 0" in row["check"]
+        assert row["max_rel_err"] < 1e-4 and row["checked_rows"] == 128 and row["lse_max_rel_err"] < 1e-4
+        assert "gathered on rank 0" in row["check"] and "whole output, lse finite" in row["check"]
         assert len(row["per_rank_time_ms"]) == 2 and len(row["per_rank_peak_mem_gb"]) == 2
         assert row["time_ms"] == statistics.median(row["times_ms"]) > 0
         assert row["peak_mem_gb"] == max(row["per_rank_peak_mem_gb"]) > 0
@@ -653,6 +653,46 @@ def test_dist_bench_forward_backward_with_the_stacked_peer(tmp_path, pattern):
         assert s["impl"] == ring and s["stacked_time_ms"] == peer["time_ms"]
         assert s["parallel_efficiency"] == pytest.approx(s["speedup_vs_one_gpu"] / 2)
         assert s["one_gpu_impl"] != stacked or s["one_gpu_time_ms"] != peer["time_ms"]  # not the stacked row
+
+
+@pytest.mark.slow
+def test_dist_bench_checks_every_entry_at_every_length(tmp_path):
+    """Above --check-max-seq nothing is gathered: before, a NaN output, a +inf lse or a NaN dq on one rank was ok."""
+    import json
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()),
+           str(Path(__file__).with_name("dist_sweep_injected.py")), "--seq-lens", "128", "256", "512", "--dtype",
+           "fp32", "--causal", "false", "--heads", "2", "--head-dim", "8", "--warmup", "0", "--repeats", "2",
+           "--timeout", "30", "--check-max-seq", "64", "--mode", "fwd+bwd", "--out", str(tmp_path), "--stem", "rows",
+           "--formats", "json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout  # a failed row: exit status 1
+    rows = {r["seq_len"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    for n, what in ((128, "output is NaN"), (256, "lse is +inf"), (512, "dq is NaN")):
+        assert rows[n]["status"] == "error", rows[n]
+        assert rows[n]["error"].startswith("rank 1: wrong result: " + what) and "in the last timed call" in \
+            rows[n]["error"], rows[n]["error"]
+        assert rows[n]["time_ms"] is None
+
+
+@pytest.mark.slow
+def test_dist_bench_refuses_an_unwritable_out_before_measuring(tmp_path):
+    """Before: the whole sweep was measured, then rank 0 raised a raw FileNotFoundError and no JSON was written."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
+           "--seq-lens", "64", "--dtype", "fp32", "--heads", "2", "--head-dim", "8", "--timeout", "30",
+           "--out", str(target)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("ringbook.bench.dist_sweep: ")]
+    assert ours == [f"ringbook.bench.dist_sweep: error: --out {target} is a file; expected a folder to write "
+                    "results into"], proc.stderr[-3000:]
+    assert "exitcode: 2" in proc.stderr and "ring_dist" not in proc.stdout  # nothing was measured
+    assert 'File "' + str(Path(rd.__file__).parents[1]) not in proc.stderr  # no traceback from ringbook
 
 
 def test_bytes_sent_follow_the_schedule():

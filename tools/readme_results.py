@@ -1,10 +1,11 @@
-"""The README's headline GPU table, generated from the committed results files.
+"""The README's headline table and docs/results.md's tables, generated from the committed results files.
 
-    python tools/readme_results.py           # print the table
-    python tools/readme_results.py --write   # replace the block between the README's markers
+    python tools/readme_results.py readme    # print the README's block (the headline, at most six rows)
+    python tools/readme_results.py docs      # print docs/results.md's block (every table, the profile)
+    python tools/readme_results.py --write   # replace the block between the markers of both files
 
-tests/test_readme.py fails when the README's block differs from what this
-prints, so every number in the README comes from a file under figures/.
+tests/test_readme.py fails when either block differs from what this prints,
+so every number in the README and docs/results.md comes from a file under figures/.
 """
 
 import json
@@ -59,6 +60,35 @@ def _rows(path, cache={}):  # noqa: B006 - a per-process cache of loaded files
 def _pick(path, impl, ring, causal, seq=SEQ, **extra):
     return next((r for r in _rows(path) if r["impl"] == impl and r["ring_size"] == ring and r["causal"] == causal
                  and r["seq_len"] == seq and all(r.get(k) == v for k, v in extra.items())), None)
+
+
+HEADLINE = [  # (file, impl, ring_size, what it is): at most six rows
+    (ONE_GPU, "sdpa_cudnn", 1, "PyTorch SDPA, cuDNN backend (the peer), one GPU"),
+    (ONE_GPU, "production", 16, "`production_ring_attention`, one GPU playing 16 ranks"),
+    (ONE_GPU, "ring", 16, "`ring_attention` (einops, for reading), one GPU playing 16 ranks"),
+    (ONE_GPU, "production_dilated", 8, "`production_ring_attention`, the seed's dilated config, 8 ranks "
+                                       "(dilated work)"),
+    (TWO_GPU_FUSED, "production_dist", 2, "`distributed.production_ring_attention`, 2 GPUs (NCCL); memory per GPU"),
+    (TWO_GPU_FUSED, "context_parallel", 2, "PyTorch `context_parallel` (cuDNN), 2 GPUs; memory per GPU"),
+]
+CPU = "figures/bench-cpu-float32.json"
+
+
+def headline() -> str:
+    """The README's table: six rows at the seed report's longest sequence, and the CPU sweep's duration."""
+    lines = [f"| seq {SEQ:,}, bf16, b=1 h=8 d=64 | non-causal | causal |", "|---|---|---|"]
+    for path, impl, ring, what in HEADLINE:
+        extra = {"sdpa_backend": "cudnn"} if impl == "context_parallel" else {}
+        pick = {c: _pick(path, impl, ring, c, **extra) for c in (False, True)}
+        lines.append(f"| {what} | {_cell(pick[False])} | {_cell(pick[True])} |")
+    first = _rows(ONE_GPU)[0]
+    cpu = json.loads((ROOT / CPU).read_text())
+    lines += ["", f"{first['device']}, PyTorch {first['torch_version']}: the median of timed calls (CUDA events), "
+              "peak memory from `max_memory_allocated`, every row checked against the float64 reference; from "
+              f"`{Path(ONE_GPU).name}` and `{Path(TWO_GPU_FUSED).name}` in `figures/`. The CPU sweep "
+              f"(`{CPU}`, `{cpu['meta']['command']}`): {len(cpu['rows'])} rows in "
+              f"{cpu['meta']['sweep_seconds']:.1f} s on {cpu['rows'][0]['device']}."]
+    return "\n".join(lines)
 
 
 def table() -> str:
@@ -282,18 +312,27 @@ def limits() -> str:
             "at 16K tokens costs more than the merges do.")
 
 
+def docs_block() -> str:
+    return (table() + "\n\n" + production_table() + "\n\n" + engine_table() + "\n\n" + dilated_table() + "\n\n"
+            + dense_table())
+
+
+BLOCKS = {"readme": ("README.md", headline), "docs": ("docs/results.md", docs_block)}
+
+
 def main(argv):
-    block = (table() + "\n\n" + production_table() + "\n\n" + engine_table() + "\n\n" + dilated_table() + "\n\n"
-             + dense_table())
     if "--write" not in argv:
-        print(block)
+        if len(argv) != 1 or argv[0] not in BLOCKS:
+            sys.exit(f"usage: python tools/readme_results.py {{{','.join(BLOCKS)}}} | --write")
+        print(BLOCKS[argv[0]][1]())
         return
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{block}\n{END}{tail}")
-    print(f"updated {readme}")
+    for name, make in BLOCKS.values():
+        path = ROOT / name
+        text = path.read_text()
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        path.write_text(f"{head}{START}\n{make()}\n{END}{tail}")
+        print(f"updated {path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 module          what it holds
 ==============  ==============================================================
 ``measure``     the only timer (CUDA events / ``perf_counter``), peak memory,
-                the environment record, the reference check
+                the environment record, the checks: every entry of a call's
+                results, and the float64 reference (out, lse, gradients)
 ``rules``       the tolerance table, flash-attention's 2× rule, a row's verdict
 ``registry``    the implementations the benchmark measures, by name
 ``sweep``       one row per configuration; the sweep ``python -m ringbook bench`` runs
@@ -19,11 +20,15 @@ matplotlib is imported only where a plot is drawn (:mod:`ringbook.viz`).
 """
 
 from .measure import (
+    Reference,
     WrongResult,
     check_against_reference,
+    check_whole,
     compare,
     environment,
+    gradient_error,
     peak_memory_gb,
+    reference_check,
     reference_error,
     relative_error,
     time_call,
@@ -34,7 +39,8 @@ from .rules import DTYPES, TOLERANCE, rounding_atol, verdict, within_2x_rule
 from .sweep import BACKWARD_FLOPS_FACTOR, SweepConfig, default_config, new_row, planned_rows, run_row, run_sweep
 
 __all__ = [
-    "WrongResult", "check_against_reference", "compare", "environment", "peak_memory_gb", "reference_error",
+    "Reference", "WrongResult", "check_against_reference", "check_whole", "compare", "environment", "gradient_error",
+    "peak_memory_gb", "reference_check", "reference_error",
     "relative_error", "time_call", "time_once", "IMPLS", "Impl", "register", "bench_dilated_config", "DTYPES",
     "TOLERANCE", "rounding_atol", "verdict", "within_2x_rule", "BACKWARD_FLOPS_FACTOR", "SweepConfig",
     "default_config", "new_row", "planned_rows", "run_row", "run_sweep",

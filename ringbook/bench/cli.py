@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import torch
 
@@ -21,15 +21,17 @@ from .registry import IMPLS
 from .rules import DTYPES
 from .sweep import default_config, planned_rows, run_sweep
 
+RESULTS = Path("results")  # where a run writes unless told: git ignores it, so a run leaves the clone clean
+
 
 class CliError(Exception):
     """Bad input to the command line: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (exit status 2), without the usage block."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -55,11 +57,13 @@ def positive(text: str) -> int:
     return _integer(text, 1, "a positive integer")
 
 
-def _non_negative(text: str) -> int:
+def non_negative(text: str) -> int:
+    """An integer ≥ 0 (argparse type)."""
     return _integer(text, 0, "an integer ≥ 0")
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
     try:
         value = float(text)
     except ValueError:
@@ -98,7 +102,7 @@ def seq_len(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m ringbook", description=__doc__)
+    parser = OneLineParser(prog="python -m ringbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run the benchmark sweep (defaults sized to the device)",
@@ -112,11 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=positive)
     b.add_argument("--heads", type=positive)
     b.add_argument("--head-dim", type=positive)
-    b.add_argument("--warmup", type=_non_negative)
+    b.add_argument("--warmup", type=non_negative)
     b.add_argument("--repeats", type=positive)
-    b.add_argument("--max-row-seconds", type=_seconds, help="do not run a call predicted to take longer")
+    b.add_argument("--max-row-seconds", type=seconds, help="do not run a call predicted to take longer")
     b.add_argument("--device", type=_device, help="cuda, cuda:1 or cpu (default: cuda if available)")
-    b.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
+    b.add_argument("--out", type=Path, default=RESULTS,
+                   help="output folder (default results/, which git ignores; --out figures refreshes the committed "
+                        "results)")
     b.add_argument("--stem", help="file name stem (default bench-<device>-<dtype>)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.add_argument("--backward", action="store_true",
@@ -158,9 +164,9 @@ def print_table(rows: list[dict], file: TextIO | None = None) -> None:
 def check_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove a file can be written there; else :class:`CliError`."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CliError(f"{option} {path} is a file; expected a folder to write results into")
     try:
+        if path.exists() and not path.is_dir():
+            raise CliError(f"{option} {path} is a file; expected a folder to write results into")
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".ringbook-write-check-"):
             pass
@@ -176,6 +182,8 @@ def _bench(args, argv) -> int:
                                               "dtype": str(config.dtype).replace("torch.", ""),
                                               "mode": "forward+backward" if config.backward else "forward"}])
     json_path = out / f"{stem}.json"
+    print(f"writing {json_path} after every row, then the report and plots beside it"
+          + (" (results/ is ignored by git; --out figures refreshes the committed results)" if out == RESULTS else ""))
     meta = {"generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m ringbook " + " ".join(argv if argv is not None else sys.argv[1:]),
             "warmup": config.warmup, "repeats": config.repeats, "max_row_seconds": config.max_row_seconds,
@@ -223,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, results.ResultsFileError) as exc:
         print(f"python -m ringbook {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while the report is drawn (the rows are already saved)
+        print(f"\npython -m ringbook {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - one line, the traceback only on request
         if os.environ.get("RINGBOOK_DEBUG"):
             raise

@@ -47,20 +47,30 @@ inputs are freed once CP has sharded them, so its peak counts the same
 things as the ring's — this rank's shards, the output and what one call
 allocates (CP's gathered K/V included); the row's ``peak_mem_includes`` says so.
 
-The check: the ring rows gather every rank's q, k, v and out on rank 0 up to
-``--check-max-seq`` tokens (16K) and compare with
-:func:`ringbook.naive_attention` (:func:`ringbook.bench.check_against_reference`).
+The check: on every ring row each rank checks every entry of its own output
+and lse (and with ``--mode fwd+bwd`` its dq, dk, dv) on the last timed call
+and on a checked call after it — finite, the lse −inf exactly where a row sees
+no key — at every length (:func:`ringbook.bench.measure.check_whole`). Up to
+``--check-max-seq`` tokens (16K) the checked call's q, k, v, out and lse (and
+gradients) are gathered on rank 0 and compared with float64 attention
+(:func:`ringbook.bench.measure.reference_check`; the gradients on every row
+where the float64 reference fits, :func:`~ringbook.bench.measure.gradient_error`).
 Longer sequences are not gathered (that would defeat the point of sharding):
 the same configuration is re-run at ``--check-max-seq`` tokens and checked
 there; the row's ``check`` field says which was done. context_parallel rows
-are checked at full length: every rank compares evenly spaced rows of its own
-output with the float64 reference of the whole (replicated) sequence at the
-rows' global positions. A row is ``ok`` only through
-:func:`ringbook.bench.verdict`: every number finite, ``max_rel_err`` within
-the dtype's tolerance (:data:`ringbook.bench.TOLERANCE`); an output that is
-NaN or ±inf where the reference is finite is an ``error`` row saying so.
+are checked at full length: every entry of each rank's output finite, and
+every rank compares evenly spaced rows of its own output with the float64
+reference of the whole (replicated) sequence at the rows' global positions.
+A row is ``ok`` only through :func:`ringbook.bench.verdict`: every number
+finite, every error within the dtype's tolerance
+(:data:`ringbook.bench.TOLERANCE`); a check that fails on any rank is an
+``error`` row saying which rank, which call and where.
 
-Rank 0 writes every row to ``<out>/<stem>.json`` (plus ``.md`` and the two
+Bad options are refused in one line (exit status 2), and rank 0 checks that
+it can write into ``--out`` before anything is measured.
+
+Rank 0 writes every row to ``<out>/<stem>.json`` (``--out`` default
+``results/``, which git ignores; plus ``.md`` and the two
 PNG plots unless ``--formats`` says otherwise; the default stem
 ``dist-bench-<device>-<dtype>-w<world>`` ends in ``-<kernel>`` for the fused
 kernels, so such a run does not overwrite the einops one), with a ``scaling`` summary in
@@ -75,7 +85,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import os
 import statistics
 import sys
@@ -91,9 +100,30 @@ from .._utils import attention_flops
 from ..distributed import production_ring_attention, ring_attention, ring_dilated_attention, unshard
 from ..schedule import check_layout, layout_positions
 from . import measure
-from .cli import bool_list, positive, print_table, seq_len
-from .measure import WrongResult, environment, peak_memory_gb, reference_error, relative_error, sync, time_once
-from .registry import IMPLS, _ring_dilated_check, _ring_dilated_flops, bench_dilated_config
+from .cli import (
+    RESULTS,
+    CliError,
+    OneLineParser,
+    bool_list,
+    check_writable_dir,
+    non_negative,
+    positive,
+    print_table,
+    seconds,
+    seq_len,
+)
+from .measure import (
+    DENSE,
+    WrongResult,
+    check_whole,
+    environment,
+    peak_memory_gb,
+    reference_error,
+    relative_error,
+    sync,
+    time_once,
+)
+from .registry import DILATED, IMPLS, _ring_dilated_flops, bench_dilated_config
 from .report import FORMATS, scaling_summary, write_outputs
 from .results import slug
 from .rules import DTYPES, verdict
@@ -112,8 +142,8 @@ CP_PEAK_MEM_INCLUDES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node=N -m ringbook.bench.dist_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="torchrun --nproc-per-node=N -m ringbook.bench.dist_sweep", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", nargs="+", type=seq_len, default=[131072], help="global sequence lengths (16K, 1M…)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--causal", type=bool_list, default=[False, True], help="false, true or both (default)")
@@ -141,14 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--heads", type=positive, default=8)
     p.add_argument("--head-dim", type=positive, default=64)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=non_negative, default=2)
     p.add_argument("--repeats", type=positive, default=10)
     p.add_argument("--check-max-seq", type=seq_len, default=16384,
                    help="gather and check the full output up to this length; above, check a run of this length")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds any rank waits for a peer")
+    p.add_argument("--timeout", type=seconds, default=300.0, help="seconds any rank waits for a peer")
     p.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("figures"))
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="output folder, written by rank 0 (default results/, which git ignores)")
     p.add_argument("--stem", help="file name stem (default dist-bench-<device>-<dtype>-w<world>, "
                                   "with -<kernel> unless the kernel is einops)")
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
@@ -176,36 +207,71 @@ def _shards(n, world, rank, *, batch, heads, head_dim, dtype, device, seed):
             for _ in range(3)]
 
 
-def _gathered_error(q, k, v, out, *, layout, causal, reference=None):
-    """Gather every rank's shards; rank 0 returns (max_rel_err, rows checked), others (None, None).
-
-    ``reference(q, k, v, out, causal=…)`` checks the whole tensors (default:
-    :func:`ringbook.bench.check_against_reference`, dense attention).
-    """
+def _gathered_check(q, k, v, out, lse, *, layout, causal, reference, backward=None) -> dict | None:
+    """Gather every rank's shards; rank 0 compares them with float64 and returns the row's check fields
+    (``max_rel_err``, ``checked_rows``, ``lse_max_rel_err``; with ``backward`` = (dout, dq, dk, dv) also
+    ``grad_max_rel_err`` and ``grad_checked_rows``, 0 where the reference does not fit); None on the others."""
     world = dist.get_world_size()
-    full = []
-    for x in (q, k, v, out):
+
+    def gather(x, dim=1):
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
-        full.append(unshard(parts, layout))
+        return unshard(parts, layout, dim=dim)
+
+    full = [gather(x) for x in (q, k, v, out)]
+    full_lse = gather(lse, dim=2)
+    full_grads = [gather(x) for x in backward] if backward is not None else None
     if dist.get_rank() != 0:
-        return None, None
-    return (reference or measure.check_against_reference)(*full, causal=causal)
+        return None
+    c = measure.reference_check(*full, full_lse, causal=causal, reference=reference)
+    fields = {"max_rel_err": c.max_rel_err, "checked_rows": c.rows, "lse_max_rel_err": c.lse_max_rel_err}
+    if full_grads is not None:
+        g = measure.gradient_error(*full[:3], full_grads[0], tuple(full_grads[1:]), causal=causal, reference=reference)
+        fields.update(grad_max_rel_err=g and g[0], grad_checked_rows=g[1] if g else 0)
+    return fields
 
 
-def _time(call, device, *, warmup, repeats):
+def _time(call, device, *, warmup, repeats, last=None):
+    """Warm up, then time ``repeats`` calls, a barrier before each; ``last[0]`` keeps the last call's result
+    (as :func:`ringbook.bench.measure.time_call`)."""
     for _ in range(warmup):
         call()
     sync(device)
+    timed = call if last is None else (lambda: last.append(call()))
     times = []
     for _ in range(repeats):
+        if last is not None:
+            last.clear()
         dist.barrier()
-        times.append(time_once(call, device))
+        times.append(time_once(timed, device))
     return times
 
 
+class _FailedElsewhere(Exception):
+    """A check failed on another rank (which reports it): this rank stops the row too, with nothing to add."""
+
+
+def _agreed(check, what: str) -> None:
+    """Run ``check`` on every rank; raise its own error where it failed and :class:`_FailedElsewhere` on the
+    others, so no rank goes on to a collective the failed one will never join."""
+    problem = None
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised
+        problem = exc
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem is not None)
+    if problem is not None:
+        raise problem
+    if any(every):
+        raise _FailedElsewhere(f"{what} failed on rank(s) {[r for r, failed in enumerate(every) if failed]}")
+
+
 def _failure(exc: BaseException, row: dict, mine: dict) -> None:
-    """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message)."""
+    """Record ``exc`` as this rank's outcome (a "not run: …" decision keeps its bare message; a check that
+    failed on another rank is that rank's to report)."""
+    if isinstance(exc, _FailedElsewhere):
+        return
     mine["oom"] = measure.is_oom(exc)
     not_run = str(exc).startswith("not run")
     wrong = isinstance(exc, WrongResult)
@@ -324,8 +390,10 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                per_rank_peak_mem_gb=None, check=None, bytes_sent_per_gpu=None,
                bytes_sent_kind="by the schedule: what each rank's ring sends (ringbook.bench.dist_sweep."
                                "bytes_sent_per_gpu), the largest over ranks")
+    if backward:
+        row.update(grad_max_rel_err=None, grad_checked_rows=None)
     mine = {"error": None, "oom": False, "times": None, "peak": None}
-    q = k = v = out = None
+    q = k = v = out = lse = dout = None
     try:
         try:
             check_layout(n, world, layout)
@@ -342,45 +410,77 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             for x in (q, k, v):
                 x.requires_grad_()
 
-        def forward(q, k, v):
-            return _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern)
+        reference = DENSE if pattern == "dense" else DILATED
+
+        def _no_key(length):  # this rank's rows that see no key (b h n), or None: every row sees one
+            mask = reference.no_key(length, heads, causal=causal)
+            return None if mask is None else mask[:, layout_positions(length, world, layout)[rank]].unsqueeze(0)
+
+        def grads():
+            return {"dq": q.grad, "dk": k.grad, "dv": v.grad} if backward else None
 
         def call():
-            if not backward:
-                return forward(q, k, v)
-            for x in (q, k, v):
-                x.grad = None
-            out, lse = forward(q, k, v)
-            out.backward(dout)
-            return out, lse
+            if backward:
+                for x in (q, k, v):
+                    x.grad = None
+            out, lse = _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern)
+            if backward:
+                out.backward(dout)
+            return out.detach(), lse.detach()
 
-        mine["times"] = _time(call, device, warmup=warmup, repeats=repeats)
-        mine["peak"], _ = peak_memory_gb(call, device, inputs=(q, k, v))
-        check = functools.partial(_gathered_error, reference=None if pattern == "dense" else _ring_dilated_check)
+        # Timed calls, every entry of the last one checked on every rank; then the checked call: its peak
+        # memory, every entry, and (up to check_max_seq) the gathered output, lse and gradients against float64.
+        last: list = []
+        mine["times"] = _time(call, device, warmup=warmup, repeats=repeats, last=last)
+        _agreed(lambda: check_whole(*last[0], no_key=_no_key(n), grads=grads(), call="the last timed call"),
+                "the check of the last timed call")
+        last.clear()
+        mine["peak"], (out, lse) = peak_memory_gb(call, device, inputs=(q, k, v))
+        _agreed(lambda: check_whole(out, lse, no_key=_no_key(n), grads=grads(), call="the checked call"),
+                "the check of the checked call")
+        whole = (f"every rank's whole output, lse{', dq, dk, dv' if backward else ''} finite on the last timed "
+                 "call and on a checked call after it")
         if n <= check_max_seq:
-            with torch.no_grad():
-                out, _ = forward(q, k, v)
-            err, rows = check(q.detach(), k.detach(), v.detach(), out, layout=layout, causal=causal)
-            row["check"] = f"full output gathered on rank 0 ({rows} of {n} query rows against float64)"
-        else:
+            fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
+                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None)
+            if fields is not None:
+                row.update(fields)
+                row["check"] = (f"{whole}; its full output and lse gathered on rank 0 ({fields['checked_rows']} of "
+                                f"{n} query rows against float64)" + _grad_words(fields))
+        out = lse = None
+        if n > check_max_seq:
             m = check_max_seq - check_max_seq % (2 * world)
             q = k = v = dout = None  # free the long shards before the check run
             measure.free(device)
-            cq, ck, cv = _shards(m, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
-                                 device=device, seed=seed + 1)
-            with torch.no_grad():
-                cout, _ = forward(cq, ck, cv)
-            err, rows = check(cq, ck, cv, cout, layout=layout, causal=causal)
-            row["check"] = (f"not gathered at {n} tokens; a separate run of the same configuration at "
-                            f"seq_len {m} was gathered on rank 0 and checked ({rows} query rows)")
-            del cq, ck, cv, cout
-        row["max_rel_err"], row["checked_rows"] = err, rows
+            q, k, v = _shards(m, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
+                              device=device, seed=seed + 1)
+            dout = torch.randn_like(q) if backward else None
+            for x in (q, k, v):
+                x.requires_grad_(backward)
+            out, lse = call()
+            _agreed(lambda: check_whole(out, lse, no_key=_no_key(m), grads=grads(), call=f"the check run at {m}"),
+                    "the check run")
+            fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
+                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None)
+            if fields is not None:
+                row.update(fields)
+                row["check"] = (f"{whole}; not gathered at {n} tokens: a separate run of the same configuration at "
+                                f"seq_len {m} was checked the same way and gathered on rank 0 "
+                                f"({fields['checked_rows']} query rows against float64)" + _grad_words(fields))
     except Exception as exc:  # noqa: BLE001 - every failure becomes the row's status
         _failure(exc, row, mine)
     finally:
-        q = k = v = out = dout = None
+        q = k = v = out = lse = dout = None
         measure.free(device)
     return _collect(row, mine, dtype=dtype)
+
+
+def _grad_words(fields: dict) -> str:
+    if "grad_checked_rows" not in fields:
+        return ""
+    if fields["grad_checked_rows"]:
+        return f"; dq, dk, dv against float64 on all {fields['grad_checked_rows']} rows"
+    return "; dq, dk, dv not compared with float64 (the reference does not fit in memory)"
 
 
 # --------------------------------------------------------------------------- peer: one GPU
@@ -493,10 +593,19 @@ def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, he
                 out.backward(dout)  # CP's backward: the K/V and their gradients rotate again
                 return out.detach()
 
+            def grads():
+                return dict(zip(("dq", "dk", "dv"), (x.grad for x in local))) if backward else None
+
             with sdpa_kernel(getattr(SDPBackend, CP_BACKENDS[backend])):
                 _everywhere(call, f"context_parallel with the {backend} SDPA backend")
-                mine["times"] = _time(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
+                last: list = []
+                mine["times"] = _time(call, device, warmup=max(warmup - 1, 0), repeats=repeats, last=last)
+                _agreed(lambda: check_whole(last[0], grads=grads(), call="the last timed call"),
+                        "the check of the last timed call")
+                last.clear()
                 mine["peak"], out = peak_memory_gb(call, device, inputs=local)
+                _agreed(lambda: check_whole(out, grads=grads(), call="the checked call"),
+                        "the check of the checked call")
     finally:
         options.enable_load_balance, options.rotate_method = saved
     local.clear()
@@ -524,8 +633,10 @@ def measure_context_parallel(n: int, *, causal: bool, backend: str, rotate: str 
                                                                                 else 1))
     row.update(sdpa_backend=backend, layout=None, gpus=world, cp_load_balance=None, cp_rotate_method=None,
                per_rank_time_ms=None, per_rank_peak_mem_gb=None, peak_mem_includes=CP_PEAK_MEM_INCLUDES,
-               check=("every rank compared evenly spaced rows of its own output with the float64 reference "
-                      "of the whole sequence at their global positions"))
+               check=("every rank's whole output" + (", dq, dk, dv" if backward else "") + " finite on the last "
+                      "timed call and on a checked call after it; every rank compared evenly spaced rows of that "
+                      "call's output with the float64 reference of the whole sequence at their global positions"
+                      + ("; gradients not compared with float64" if backward else "")))
     mine = {"error": None, "oom": False, "times": None, "peak": None, "check": None, "layout": None}
     try:
         if pattern != "dense":
@@ -593,6 +704,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--seq-lens 131072", file=sys.stderr)
         return 2
     device = _setup(args.backend, args.timeout)
+    problem = [None]
+    if dist.get_rank() == 0:  # the folder rank 0 writes into, before anything is measured
+        try:
+            check_writable_dir(args.out)
+        except CliError as exc:
+            problem[0] = str(exc)
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        if dist.get_rank() == 0:
+            print(f"ringbook.bench.dist_sweep: error: {problem[0]}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rank, world = dist.get_rank(), dist.get_world_size()
     env = environment(device)

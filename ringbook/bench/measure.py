@@ -9,16 +9,26 @@ multi-process sweep, ``tools/`` and the notebooks:
 * :func:`peak_memory_gb`: the CUDA allocator's peak of one call (inputs
   included); on the CPU the resident peak of that call (the high-water mark
   is reset before it) above the resident memory before it, plus the inputs;
-* :func:`compare` and :func:`reference_error`: the output against the float64
-  reference on evenly spaced query rows (``max_rel_err`` = max |out − ref| /
-  max |ref|); an output that is NaN or ±inf where the reference is finite
-  raises :class:`WrongResult` saying where, so it can never pass as a small
-  error.
+* :func:`check_whole`: every entry of one call's results, not sampled rows —
+  the output (and gradients) finite, the lse finite where a row sees a key
+  and −inf exactly where it sees none; the benchmark runs it on the checked
+  call and on the last timed call;
+* :func:`compare` and :func:`reference_check`: the output and lse against the
+  float64 reference (:class:`Reference`) on evenly spaced query rows
+  (``max_rel_err`` = max |out − ref| / max |ref|); an output that is NaN or
+  ±inf where the reference is finite raises :class:`WrongResult` saying
+  where, so it can never pass as a small error;
+* :func:`gradient_error`: dq, dk, dv against the float64 reference's
+  gradients, where that reference fits in memory.
+
+A check raises :class:`WrongResult`; the sweeps turn it into an ``error`` row.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
+import ctypes.util
+import dataclasses
 import gc
 import platform
 import statistics
@@ -30,6 +40,7 @@ import torch
 
 from .. import __version__
 from ..naive import naive_attention
+from .rules import finite_max_error
 
 
 def environment(device: torch.device) -> dict:
@@ -73,11 +84,14 @@ def sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
-              target_s: float = 2.0) -> list[float]:
+              target_s: float = 2.0, last: list | None = None) -> list[float]:
     """Warm up, then time ``repeats`` calls (fewer for slow calls, at least 3); milliseconds.
 
     Warm-up stops early once a call takes over a second (it is then long
-    past compilation and caching effects).
+    past compilation and caching effects). With ``last`` (a list), the last
+    timed call's result is left in ``last[0]``, to be checked after the
+    timing; each call's predecessor is dropped before it starts, so no more
+    memory is held than without it.
     """
     for _ in range(warmup):
         t0 = time.perf_counter()
@@ -85,9 +99,12 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, re
         sync(device)
         if time.perf_counter() - t0 > 1.0:
             break
+    timed = fn if last is None else (lambda: last.append(fn()))
     times = []
     for i in range(repeats):
-        times.append(time_once(fn, device))
+        if last is not None:
+            last.clear()
+        times.append(time_once(timed, device))
         if i >= 2 and sum(times) / 1e3 > target_s:
             break
     return times
@@ -132,8 +149,23 @@ def time_interleaved(calls: dict[str, Callable[[], object]], device: torch.devic
             for name, ts in times.items()}
 
 
-CPU_PEAK_MEM_KIND = ("CPU resident memory: the peak during one call (VmHWM, reset before the call through "
-                     "/proc/self/clear_refs) minus the resident memory before it, plus the inputs' bytes")
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``: hands memory freed by earlier calls back to the system (None elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+CPU_PEAK_MEM_KIND = (
+    "CPU resident memory: the peak during one call (VmHWM, reset before the call through /proc/self/clear_refs) "
+    "minus the resident memory before it, plus the inputs' bytes; "
+    + ("memory freed earlier is handed back first (glibc malloc_trim), so a call cannot reuse it unseen"
+       if _TRIM is not None else
+       "a lower bound: without glibc's malloc_trim, memory freed by an earlier, larger call can be reused "
+       "without raising the resident peak"))
 
 
 def _proc_status_kb(field: str) -> int:
@@ -172,6 +204,8 @@ def peak_memory_gb(fn: Callable[[], object], device: torch.device, *,
         sync(device)
         return torch.cuda.max_memory_allocated(device) / 1e9, result
     gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)  # else a larger row's freed, still resident pages are reused without being counted
     if not _reset_cpu_peak():
         return None, fn()
     before = _proc_status_kb("VmRSS")
@@ -181,14 +215,14 @@ def peak_memory_gb(fn: Callable[[], object], device: torch.device, *,
 
 
 class WrongResult(ValueError):
-    """An output that cannot be held against its reference (non-finite where the reference is finite)."""
+    """A result that fails a check: non-finite where it must be finite, or unlike its reference (says where)."""
 
 
-def _where(mask: torch.Tensor, rows: torch.Tensor | None = None) -> str:
-    """How many entries of ``mask`` are set and the first one's index (dim 1 mapped through ``rows``)."""
+def _where(mask: torch.Tensor, rows: torch.Tensor | None = None, dim: int = 1) -> str:
+    """How many entries of ``mask`` are set and the first one's index (dim ``dim`` mapped through ``rows``)."""
     first = [int(i) for i in mask.nonzero()[0]]
     if rows is not None:
-        first[1] = int(rows[first[1]])
+        first[dim] = int(rows[first[dim]])
     return f"{int(mask.sum())} of {mask.numel()} checked entries (first at index {tuple(first)})"
 
 
@@ -196,6 +230,53 @@ def _non_finite(got: torch.Tensor) -> str:
     return "/".join(sorted({"NaN" if x != x else ("+inf" if x > 0 else "-inf")
                             for x in got[~torch.isfinite(got)][:1000].tolist()}))
 
+
+# --------------------------------------------------------------------------- whole-tensor checks of one call
+
+def check_finite(x: torch.Tensor, what: str, call: str = "") -> None:
+    """Every entry of ``x`` finite — the whole tensor, not sampled rows — else :class:`WrongResult` saying where
+    (and in which ``call``)."""
+    x = x.detach()
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise WrongResult(f"{what} is {_non_finite(x)} at {_where(bad)}" + (f" in {call}" if call else ""))
+
+
+def check_lse(lse: torch.Tensor, no_key: torch.Tensor | None, call: str = "") -> None:
+    """The whole ``lse`` (``b h n``): finite where a row sees a key, −inf exactly where it sees none.
+
+    ``no_key``: boolean, broadcastable to ``lse``, set for the rows that see
+    no key (:meth:`Reference.no_key`); None when every row sees one.
+    """
+    lse = lse.detach()
+    in_call = f", in {call}" if call else ""
+    if no_key is None:
+        check_finite(lse, "lse", call)
+        return
+    no_key = no_key.to(lse.device).expand_as(lse)
+    bad = ~no_key & ~torch.isfinite(lse)
+    if bad.any():
+        raise WrongResult(f"lse is {_non_finite(lse[~no_key])} at {_where(bad)} (b, h, n), where the row sees a key"
+                          + in_call)
+    bad = no_key & (lse != float("-inf"))
+    if bad.any():
+        raise WrongResult(f"lse is not -inf at {_where(bad)} (b, h, n), where the row sees no key" + in_call)
+
+
+def check_whole(out: torch.Tensor, lse: torch.Tensor | None = None, *, no_key: torch.Tensor | None = None,
+                grads: dict[str, torch.Tensor | None] | None = None, call: str = "") -> None:
+    """Every entry of one call's results: ``out`` and each of ``grads`` (name → tensor) finite, ``lse`` as
+    :func:`check_lse` (skipped when the implementation returns none). Raises :class:`WrongResult` naming ``call``."""
+    check_finite(out, "output", call)
+    if lse is not None:
+        check_lse(lse, no_key, call)
+    for name, g in (grads or {}).items():
+        if g is None:
+            raise WrongResult(f"{name} is missing: the backward did not reach that input" + (f" in {call}" if call else ""))
+        check_finite(g, name, call)
+
+
+# --------------------------------------------------------------------------- against the float64 reference
 
 def compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """``(max |got − ref|, max |ref|)`` in float64: the one comparison every check uses.
@@ -223,33 +304,89 @@ def relative_error(err: float, scale: float) -> float:
     return err / max(scale, 1e-300)
 
 
-def dense_reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
-                         causal: bool) -> torch.Tensor:
-    """Float64 naive attention for the query rows at ``positions`` (``b len(positions) h d``), a head at a time."""
-    mask = (torch.arange(k.shape[1], device=q.device)[None, :] <= positions[:, None]) if causal else None
-    return torch.cat([naive_attention(q[:, positions, head:head + 1], k[:, :, head:head + 1],
-                                      v[:, :, head:head + 1], mask=mask)[0] for head in range(q.shape[2])], dim=2)
+class Reference:
+    """The float64 function a benchmarked implementation computes: here dense attention (top-left causal).
+
+    An implementation of another function (the dilated configuration,
+    :mod:`ringbook.bench.registry`) subclasses it. ``max_rows`` caps the
+    rows :func:`reference_check` compares.
+    """
+
+    max_rows: int | None = None
+
+    def rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 ``(out, lse)`` of the query rows at ``positions`` (``b m h d``, ``b h m``), a head at a time."""
+        mask = (torch.arange(k.shape[1], device=q.device)[None, :] <= positions[:, None]) if causal else None
+        parts = [naive_attention(q[:, positions, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], mask=mask)
+                 for h in range(q.shape[2])]
+        return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=1)
+
+    def no_key(self, seq_len: int, heads: int, *, causal: bool) -> torch.Tensor | None:
+        """Boolean ``(h, n)``: the rows that see no key (lse −inf, out 0); None when every row sees one."""
+        return None
+
+    def grads_bytes(self, batch: int, heads: int, seq_len: int) -> float:
+        """Memory :meth:`grads` needs: a head at a time, float64 scores, probabilities and their gradients."""
+        return 4.0 * 8 * batch * seq_len * seq_len
+
+    def grads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, *,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float64 ``(dq, dk, dv)`` of ``(out · dout).sum()``, every row, a head at a time."""
+        grads = []
+        for h in range(q.shape[2]):
+            x = [t[:, :, h:h + 1].detach().double().requires_grad_() for t in (q, k, v)]
+            out, _ = naive_attention(*x, causal=causal)
+            out.backward(dout[:, :, h:h + 1].double())
+            grads.append([t.grad for t in x])
+        return tuple(torch.cat(g, dim=2) for g in zip(*grads))
 
 
-def reference_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, causal: bool,
-                    positions: torch.Tensor | None = None, reference: Callable | None = None,
-                    budget_bytes: float = 2e9, max_rows: int | None = None) -> tuple[float, float, int]:
-    """The one reference check: ``(max |out − ref|, max |ref|, rows checked)`` on evenly spaced rows of ``out``.
+DENSE = Reference()
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What :func:`reference_check` compared: max |out − ref|, max |ref|, the same for the lse (None without
+    one), and how many query rows."""
+
+    err: float
+    scale: float
+    rows: int
+    lse_err: float | None = None
+    lse_scale: float | None = None
+
+    @property
+    def max_rel_err(self) -> float:
+        return relative_error(self.err, self.scale)
+
+    @property
+    def lse_max_rel_err(self) -> float | None:
+        return None if self.lse_err is None else relative_error(self.lse_err, self.lse_scale)
+
+
+def reference_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor | None = None, *, causal: bool, positions: torch.Tensor | None = None,
+                    reference: Reference | None = None, budget_bytes: float = 2e9,
+                    max_rows: int | None = None) -> Checked:
+    """The one reference check: ``out`` (and ``lse``) against float64 on evenly spaced query rows.
 
     ``q, k, v`` hold the whole sequence (``b n h d``). ``out`` holds the output
-    rows at global ``positions`` (default: every row, in order), so one rank can
-    check its own shard. ``reference(q, k, v, positions) -> rows`` computes
-    the float64 reference rows (default :func:`dense_reference_rows`); as many
-    rows are checked as fit in ``budget_bytes`` (and ``max_rows``). Raises
-    :class:`WrongResult` for an output that is NaN or ±inf where the
-    reference is finite.
+    rows at global ``positions`` (default: every row, in order), ``lse`` the
+    same rows (``b h n``), so one rank can check its own shard. As many rows
+    are checked as fit in ``budget_bytes`` (and ``max_rows``,
+    ``reference.max_rows``). Raises :class:`WrongResult` for an output that is
+    NaN or ±inf where the reference is finite, or an lse whose NaN or ±inf
+    entries differ from the reference's.
     """
+    reference = reference or DENSE
     b, rows_out = out.shape[0], out.shape[1]
     if positions is None:
         positions = torch.arange(rows_out, device=out.device)
     m = int(max(8, min(rows_out, budget_bytes // (3.0 * 8 * b * k.shape[1]))))
-    if max_rows is not None:
-        m = min(m, max_rows)
+    for cap in (max_rows, reference.max_rows):
+        if cap is not None:
+            m = min(m, cap)
     local = torch.linspace(0, rows_out - 1, m, device=out.device).round().long().unique()
     pos = positions.to(out.device)[local]
     checked = out[:, local]
@@ -257,16 +394,54 @@ def reference_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     if bad.any() and all(torch.isfinite(x).all() for x in (q, k, v)):  # then every reference row is finite
         raise WrongResult(f"output is {_non_finite(checked)} at {_where(bad, pos)} (b, n, h, d) where the float64 "
                           f"reference is finite")
-    ref = (reference or functools.partial(dense_reference_rows, causal=causal))(q, k, v, pos)
-    err, scale = compare(checked, ref)
-    return err, scale, int(local.numel())
+    ref_out, ref_lse = reference.rows(q, k, v, pos, causal=causal)
+    err, scale = compare(checked, ref_out)
+    if lse is None:
+        return Checked(err, scale, int(local.numel()))
+    lse_err = finite_max_error(lse[:, :, local.to(lse.device)], ref_lse, "lse")
+    finite = ref_lse[torch.isfinite(ref_lse)]
+    return Checked(err, scale, int(local.numel()), lse_err, finite.abs().max().item() if finite.numel() else 0.0)
+
+
+def reference_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, causal: bool,
+                    positions: torch.Tensor | None = None, reference: Reference | None = None,
+                    budget_bytes: float = 2e9, max_rows: int | None = None) -> tuple[float, float, int]:
+    """:func:`reference_check` of the output alone: ``(max |out − ref|, max |ref|, rows checked)``."""
+    c = reference_check(q, k, v, out, causal=causal, positions=positions, reference=reference,
+                        budget_bytes=budget_bytes, max_rows=max_rows)
+    return c.err, c.scale, c.rows
 
 
 def check_against_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, causal: bool,
                             budget_bytes: float = 2e9) -> tuple[float, int]:
-    """``(max_rel_err, rows checked)`` of a whole output against float64 attention (:func:`reference_error`)."""
-    err, scale, rows = reference_error(q, k, v, out, causal=causal, budget_bytes=budget_bytes)
-    return relative_error(err, scale), rows
+    """``(max_rel_err, rows checked)`` of a whole output against float64 attention (:func:`reference_check`)."""
+    c = reference_check(q, k, v, out, causal=causal, budget_bytes=budget_bytes)
+    return c.max_rel_err, c.rows
+
+
+def gradient_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+                   grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, causal: bool,
+                   reference: Reference | None = None, budget_bytes: float = 2e9) -> tuple[float, int] | None:
+    """``(max_rel_err, rows)`` of ``grads`` = (dq, dk, dv) against the float64 reference's, every row; None where
+    that reference would need more than ``budget_bytes`` (:meth:`Reference.grads_bytes`).
+
+    ``dout`` is the upstream gradient of the output. ``max_rel_err`` is the
+    largest max |g − ref| / max |ref| of the three; a gradient that is NaN or
+    ±inf raises :class:`WrongResult` naming it.
+    """
+    reference = reference or DENSE
+    b, n, h, _ = q.shape
+    if reference.grads_bytes(b, h, n) > budget_bytes:
+        return None
+    worst = 0.0
+    refs = reference.grads(q.detach(), k.detach(), v.detach(), dout.detach(), causal=causal)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        try:
+            err, scale = compare(got, ref)
+        except WrongResult as exc:
+            raise WrongResult(f"{name}: {exc}") from None
+        worst = max(worst, relative_error(err, scale))
+    return worst, n
 
 
 def is_oom(exc: BaseException) -> bool:

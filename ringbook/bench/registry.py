@@ -2,7 +2,8 @@
 
 Each :class:`Impl` is a function ``fn(q, k, v, *, causal, ring_size, **options)
 -> (out, lse)`` with what the sweep needs to know about it: whether it takes a
-ring size, whether it needs CUDA, its work count and its reference check.
+ring size, whether it needs CUDA, its work count and the float64 function it
+is held against (:class:`~ringbook.bench.measure.Reference`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,26 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from .._utils import attention_flops
-from ..dilated import SCORE_BUDGET, dilated_flops, dilated_reference_rows
+from ..dilated import (
+    SCORE_BUDGET,
+    check_dilated_config,
+    dilated_attention_dense,
+    dilated_flops,
+    dilated_reference_rows,
+    pair_heads,
+)
 from ..fast.dilated import dilated_sdpa
 from ..fast.stacked import production_ring_attention
 from ..naive import naive_attention
 from ..online_softmax import KEY_CHUNK, blockwise_attention
 from ..ring import ring_attention
 from ..ring_dilated import ring_dilated_attention
-from .measure import reference_error, relative_error
+from .measure import Reference, reference_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +46,8 @@ class Impl:
     # bytes of transient memory it needs beyond inputs/outputs (for the CPU guard)
     extra_bytes: Callable[[int, int, int, int, int], float] | None = None
     flops: Callable[..., float] = attention_flops
-    # (q, k, v, out, *, causal) -> (max_rel_err, rows checked); None: check_against_reference (dense attention)
-    reference: Callable[..., tuple[float, int]] | None = None
+    # the float64 function it computes; None: dense attention (ringbook.bench.measure.DENSE)
+    reference: Reference | None = None
 
 
 def _naive(q, k, v, *, causal, ring_size, **_):
@@ -145,14 +154,48 @@ def _dilated_extra_bytes(b, h, n_q, n_k, itemsize):
     return 12 * min(SCORE_BUDGET, (_ring_dilated_flops(b, h, n_q, n_k, 1, False) or 0) / 4)
 
 
-def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
-    """Like :func:`~ringbook.bench.measure.check_against_reference`, against equation (D): each row from its
-    own key window, no n×n."""
-    def reference(q, k, v, rows):
-        return dilated_reference_rows(q, k, v, rows, causal=causal, heads="grouped", **bench_dilated_config(q.shape[1]))[0]
+class DilatedReference(Reference):
+    """Equation (D) with the benchmark's configuration (:func:`bench_dilated_config`, heads grouped) in float64:
+    each row from its own key window (no n×n), 128 rows; the gradients from the dense form where it fits."""
 
-    err, scale, rows = reference_error(q, k, v, out, causal=causal, reference=reference, max_rows=max_rows)
-    return relative_error(err, scale), rows
+    max_rows = 128
+
+    def rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return dilated_reference_rows(q, k, v, positions, causal=causal, heads="grouped",
+                                      **bench_dilated_config(q.shape[1]))
+
+    def no_key(self, seq_len: int, heads: int, *, causal: bool) -> torch.Tensor:
+        """The positions no pattern of a head keeps (a kept query always sees itself, causal or not)."""
+        cfg = bench_dilated_config(seq_len)
+        pairs = check_dilated_config(seq_len, cfg["segment_lengths"], cfg["dilation_rates"], heads="grouped",
+                                     num_heads=heads)
+        pos = torch.arange(seq_len)
+        seen = torch.zeros(heads, seq_len, dtype=torch.bool)
+        for (seg, r), (hs, offs) in zip(pairs, pair_heads(heads, cfg["dilation_rates"], "grouped")):
+            for h, o in zip(hs, offs):
+                seen[h] |= pos % seg % r == o
+        return ~seen
+
+    def grads_bytes(self, batch: int, heads: int, seq_len: int) -> float:
+        """:func:`~ringbook.dilated.dilated_attention_dense`: every head at once, int64 weights and float64 scores."""
+        return 8.0 * 8 * batch * heads * seq_len * seq_len
+
+    def grads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, *,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        out, _ = dilated_attention_dense(*x, causal=causal, heads="grouped", **bench_dilated_config(q.shape[1]))
+        out.backward(dout.double())
+        return tuple(t.grad for t in x)
+
+
+DILATED = DilatedReference()
+
+
+def _ring_dilated_check(q, k, v, out, *, causal, max_rows=128):
+    """``(max_rel_err, rows checked)`` of an output of the benchmark's dilated configuration (:data:`DILATED`)."""
+    c = reference_check(q, k, v, out, causal=causal, reference=DILATED, max_rows=max_rows)
+    return c.max_rel_err, c.rows
 
 
 def _production_dilated(q, k, v, *, causal, ring_size, **_):
@@ -165,7 +208,7 @@ register(Impl(
     "RingDilatedV2 config (heads grouped 2:3:3 over segment lengths 2048/4096/8192 to 16K, 4096/8192/16384 "
     "to 64K, 8192/16384/32768 beyond; n/8, n/4, n/2 below 16K), dilation rates [1, 2, 4] (assumed: the seed "
     "did not state them); TFLOP/s counts the dilated work", ring=True,
-    flops=_ring_dilated_flops, reference=_ring_dilated_check,
+    flops=_ring_dilated_flops, reference=DILATED,
     extra_bytes=_dilated_extra_bytes,
 ))
 def _dilated_sdpa(q, k, v, *, causal, ring_size, **_):
@@ -176,14 +219,14 @@ register(Impl(
     "dilated_sdpa", _dilated_sdpa, "the batched-call peer of production_dilated: the same configuration, one fused "
     "SDPA call per (segment length, rate) head group on the gathered rows of every segment at once, out and lse "
     "scattered back (ringbook.fast.dilated.dilated_sdpa; einops kernel on CPU); no ring, no engine; TFLOP/s "
-    "counts the dilated work", flops=_ring_dilated_flops, reference=_ring_dilated_check, extra_bytes=_dilated_extra_bytes,
+    "counts the dilated work", flops=_ring_dilated_flops, reference=DILATED, extra_bytes=_dilated_extra_bytes,
 ))
 register(Impl(
     "production_dilated", _production_dilated, "ringbook.production_ring_attention with the seed's configuration "
     "(as ring_dilated: heads grouped 2:3:3, its segment lengths, rates [1, 2, 4]) on the ring engine: one "
     "gathered block per (pair, head group) over every rank's segments, fused SDPA on CUDA (einops on CPU); "
     "TFLOP/s counts the dilated work",
-    ring=True, flops=_ring_dilated_flops, reference=_ring_dilated_check,
+    ring=True, flops=_ring_dilated_flops, reference=DILATED,
     extra_bytes=_dilated_extra_bytes,
 ))
 

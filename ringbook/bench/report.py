@@ -23,6 +23,14 @@ def _num(x, fmt="{:,.0f}", missing="-"):
     return missing if x is None else fmt.format(x)
 
 
+def _checked(row: dict) -> str:
+    """How many query rows were compared with float64 (and, for fwd+bwd, the gradients' rows)."""
+    text = _num(row.get("checked_rows"), "{:,}")
+    if row.get("mode") == "forward+backward" and row.get("status") == "ok":
+        text += f", grads {row['grad_checked_rows']:,}" if row.get("grad_checked_rows") else ", grads finite only"
+    return text
+
+
 def row_label(row: dict) -> str:
     """``impl_r<ring>`` (plus `` fwd+bwd``): how a row's series is named in tables and legends."""
     return (f"{row['impl']}" + (f"_r{row['ring_size']}" if row.get("ring_size", 1) != 1 else "")
@@ -58,12 +66,16 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
         f"up to {meta.get('repeats', '?')} timed calls",
         f"- Peak memory: {first.get('peak_mem_kind', '?')}",
         "- TFLOP/s counts 4·b·h·n²·d per forward (half for causal; the dilated rows count their dilated "
-        "work); every row is checked against the float64 reference (max_rel_err = max|out−ref| / max|ref| "
-        "over the checked query rows)",
+        "work); a row is ok only if every entry of its output and lse (and gradients) is finite on the checked "
+        "call and on the last timed call (the lse −inf exactly where a row sees no key), and its output and lse "
+        "are within tolerance of the float64 reference on the compared query rows (max_rel_err = max|out−ref| / "
+        "max|ref|); each row's `check` in the JSON says what was done",
     ]
     if any(r.get("mode") == "forward+backward" for r in rows):
         lines.append("- Rows marked fwd+bwd time the forward and `out.backward(dout)`, counted as 3.5 × the "
-                     "forward's flops; their check is on the forward output")
+                     "forward's flops; their dq, dk, dv are checked finite too and compared with the float64 "
+                     "reference's on every row where that reference fits in memory (\"grads n\" in the last "
+                     "column; \"grads finite only\" where it does not)")
     if any(r.get("per_rank_peak_mem_gb") for r in rows):
         lines.append("- Multi-process rows: time is the median over repeats of the slowest rank; memory is the "
                      "largest per-rank peak (every rank's peak is in the JSON, `per_rank_peak_mem_gb`)")
@@ -81,22 +93,25 @@ def markdown_report(rows: list[dict], meta: dict | None = None) -> str:
         best = max(ok, key=lambda r: r["seq_len"])
         lines.append(
             f"| {label} | {ring} | {causal} | {best['seq_len']:,} | {best['time_ms']:,.2f} ms | "
-            f"{best['peak_mem_gb']:.2f} GB | {best['tflops']:.3g} | {best['tokens_per_s']:,.0f} tok/s |"
+            f"{_num(best.get('peak_mem_gb'), '{:.2f} GB', 'not measured')} | {best['tflops']:.3g} | "
+            f"{best['tokens_per_s']:,.0f} tok/s |"
         )
     lines += ["", "### Detailed Results by Sequence Length", ""]
     for n in seqs:
         lines += [
             f"#### Sequence Length: {n:,} tokens", "",
-            "| Model | Ring | Causal | Status | Time (ms) | TFLOP/s | Memory (GB) | Throughput (tok/s) | max_rel_err |",
-            "|-------|------|--------|--------|-----------|---------|-------------|--------------------|-------------|",
+            "| Model | Ring | Causal | Status | Time (ms) | TFLOP/s | Memory (GB) | Throughput (tok/s) | max_rel_err "
+            "| Rows compared |",
+            "|-------|------|--------|--------|-----------|---------|-------------|--------------------|-------------"
+            "|---------------|",
         ]
         for r in (r for r in rows if r["seq_len"] == n):
             status = {"ok": "✓ ok", "oom": "✗ oom", "error": "✗ error", "skipped": "– skipped"}.get(r["status"],
                                                                                                   r["status"])
             lines.append(
-                f"| {row_label(r)} | {r['ring_size']} | {r['causal']} | {status} | {_num(r['time_ms'], '{:,.2f}')} | "
-                f"{_num(r['tflops'], '{:.3g}')} | {_num(r['peak_mem_gb'], '{:.2f}')} | "
-                f"{_num(r['tokens_per_s'])} | {_num(r['max_rel_err'], '{:.1e}')} |"
+                f"| {row_label(r)} | {r['ring_size']} | {r['causal']} | {status} | {_num(r.get('time_ms'), '{:,.2f}')} | "
+                f"{_num(r.get('tflops'), '{:.3g}')} | {_num(r.get('peak_mem_gb'), '{:.2f}')} | "
+                f"{_num(r.get('tokens_per_s'))} | {_num(r.get('max_rel_err'), '{:.1e}')} | {_checked(r)} |"
             )
         lines.append("")
     failed = [r for r in rows if r["status"] != "ok"]
@@ -228,7 +243,8 @@ def summary_markdown(rows: list[dict], *, impls: list[str] | None = None, causal
         if best is None:
             lines.append(f"| {name} | {s['ring_size']} | none ok | - | - | - | {s['stopped']} |")
             continue
-        lines.append(f"| {name} | {s['ring_size']} | {best['seq_len']:,} | {best['peak_mem_gb']:.2f} GB | "
+        lines.append(f"| {name} | {s['ring_size']} | {best['seq_len']:,} | "
+                     f"{_num(best.get('peak_mem_gb'), '{:.2f} GB', 'not measured')} | "
                      f"{best['tokens_per_s']:,.0f} tok/s | {best['tflops']:.3g} | {s['stopped']} |")
     return "\n".join(lines)
 
@@ -274,16 +290,16 @@ def scaling_summary(rows: list[dict]) -> list[dict]:
             "causal": causal, "seq_len": n,
             "impl": ours and ours["impl"], "kernel": ours and ours.get("kernel"), "gpus": ours and ours["ring_size"],
             "status": ours and ours["status"], "time_ms": t,
-            "peak_mem_gb": ours and ours["peak_mem_gb"],
+            "peak_mem_gb": ours and ours.get("peak_mem_gb"),
             "per_rank_peak_mem_gb": ours and ours.get("per_rank_peak_mem_gb"),
             "one_gpu_impl": one and one["impl"], "one_gpu_time_ms": one and one["time_ms"],
-            "one_gpu_peak_mem_gb": one and one["peak_mem_gb"],
+            "one_gpu_peak_mem_gb": one and one.get("peak_mem_gb"),
             "speedup_vs_one_gpu": speedup,
             "parallel_efficiency": speedup / ours["ring_size"] if speedup else None,
             "bytes_sent_per_gpu": ours and ours.get("bytes_sent_per_gpu"),
             "stacked_time_ms": stacked and stacked["time_ms"],
             "cp_sdpa_backend": cp and cp["sdpa_backend"], "cp_time_ms": cp and cp["time_ms"],
-            "cp_per_rank_peak_mem_gb": cp and cp["per_rank_peak_mem_gb"],
+            "cp_per_rank_peak_mem_gb": cp and cp.get("per_rank_peak_mem_gb"),
             "cp_time_over_ours": cp["time_ms"] / t if cp and t else None,
         })
     return summary

@@ -58,14 +58,15 @@ ROW_FIELDS = {
     "head_dim": ((int,), "a positive int"),
 }
 OK_NUMBERS = ("time_ms", "tflops", "tokens_per_s", "max_rel_err")
+OPTIONAL_NUMBERS = ("peak_mem_gb", "lse_max_rel_err", "grad_max_rel_err")  # null or absent where not measured
 
 
 def check_row(row: Any, where: str) -> None:
     """Raise :class:`ResultsFileError` unless ``row`` is a benchmark row the report can draw.
 
     An ``ok`` row must have finite ``time_ms``, ``tflops``, ``tokens_per_s`` and
-    ``max_rel_err`` (and a finite or missing ``peak_mem_gb``): a number that is
-    not finite cannot be an ok result.
+    ``max_rel_err`` (and a finite or missing ``peak_mem_gb``, ``lse_max_rel_err``
+    and ``grad_max_rel_err``): a number that is not finite cannot be an ok result.
     """
     if not isinstance(row, dict):
         raise ResultsFileError(f"{where} must be an object, got {type(row).__name__}")
@@ -80,7 +81,7 @@ def check_row(row: Any, where: str) -> None:
     if row["status"] not in STATUSES:
         raise ResultsFileError(f"{where} has status={row['status']!r}; expected one of {list(STATUSES)}")
     if row["status"] == "ok":
-        for key in OK_NUMBERS + (("peak_mem_gb",) if row.get("peak_mem_gb") is not None else ()):
+        for key in OK_NUMBERS + tuple(k for k in OPTIONAL_NUMBERS if row.get(k) is not None):
             x = row.get(key)
             if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
                 raise ResultsFileError(f"{where} has status 'ok' but {key}={x!r}; an ok row needs a finite number")
@@ -110,6 +111,8 @@ def load_results(path: str | Path, *, validate: bool = True) -> tuple[list[dict]
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ResultsFileError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ResultsFileError(f"{path} is nested too deeply to be a results file") from None
     if isinstance(data, list):
         rows, meta = data, {}
     elif isinstance(data, dict) and "rows" in data:

@@ -10,7 +10,7 @@ and the benchmark; re-exported here).
   same dtype, plus an atol for one rounding of the result
   (:func:`rounding_atol`) — the rule FlashAttention's tests use;
 * :func:`verdict`: a row is ``ok`` only when every number in it is finite and
-  its error is within tolerance.
+  its errors (output; lse and gradients where measured) are within tolerance.
 """
 
 from __future__ import annotations
@@ -29,28 +29,36 @@ DTYPES = {
 }
 
 
+# Errors a row may carry besides max_rel_err (None or absent where not measured), judged by the same table.
+OTHER_ERRORS = {"lse_max_rel_err": "lse", "grad_max_rel_err": "dq/dk/dv"}
+
+
 def verdict(row: dict, dtype: torch.dtype) -> dict:
-    """Set ``row["status"]`` to ``ok`` only if every measured number is finite and the error is within tolerance.
+    """Set ``row["status"]`` to ``ok`` only if every measured number is finite and every error within tolerance.
 
     The one place a row becomes ``ok``: a row whose time, throughput, memory
     or error is missing, NaN or infinite is an ``error`` row with the reason.
+    ``max_rel_err`` (the output) is required; ``lse_max_rel_err`` and
+    ``grad_max_rel_err``, where measured, are held to the same tolerance.
     """
     tol = TOLERANCE[dtype]
     numbers = {key: row.get(key) for key in ("time_ms", "tflops", "tokens_per_s", "max_rel_err")}
-    if row.get("peak_mem_gb") is not None:
-        numbers["peak_mem_gb"] = row["peak_mem_gb"]
+    for key in ("peak_mem_gb", *OTHER_ERRORS):
+        if row.get(key) is not None:
+            numbers[key] = row[key]
     bad = [key for key, x in numbers.items()
            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)]
+    too_large = [] if bad else [key for key in ("max_rel_err", *OTHER_ERRORS) if key in numbers and numbers[key] > tol]
     if bad:
         row["status"] = "error"
         row["error"] = "not finite: " + ", ".join(f"{key}={numbers[key]!r}" for key in bad)
-    elif row["max_rel_err"] > tol:
+    elif too_large:
         row["status"] = "error"
-        row["error"] = f"wrong result: max_rel_err {row['max_rel_err']:.3g} exceeds {tol:g} for {row['dtype']}"
+        row["error"] = "wrong result: " + ", ".join(f"{key} {numbers[key]:.3g}" for key in too_large) + \
+            f" exceeds {tol:g} for {row['dtype']}"
     else:
         row["status"] = "ok"
     return row
-
 
 
 def finite_max_error(x: torch.Tensor, ref: torch.Tensor, what: str = "value") -> float:

@@ -7,7 +7,12 @@ Every row is measured the same way (:mod:`ringbook.bench.measure`):
 * peak memory of one call (inputs included);
 * work counted as 4·b·h·n_q·n_k·d FLOPs (half for causal) → TFLOP/s, and
   tokens/s = b·n / time;
-* the output checked against the float64 reference;
+* checks (:mod:`ringbook.bench.measure`), none of them timed: the whole
+  output, lse and (with a backward) dq/dk/dv of the first call and of the
+  last timed call are finite (the lse −inf exactly where a row sees no key);
+  the first call's output and lse are compared with the float64 reference
+  on evenly spaced rows, its gradients on every row where that reference
+  fits; the row's ``check`` says what was done;
 * a status: ``ok``, ``oom`` (the sweep goes on) or ``error`` with the
   message. A row that is not run says so and why in ``error``. A row is
   ``ok`` only through :func:`ringbook.bench.rules.verdict`: every number
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
+import math
 import statistics
 import traceback
 from collections.abc import Callable
@@ -28,7 +35,18 @@ from contextlib import nullcontext
 import torch
 
 from .._utils import available_bytes
-from .measure import WrongResult, check_against_reference, environment, free, is_oom, peak_memory_gb, time_call
+from .measure import (
+    DENSE,
+    WrongResult,
+    check_whole,
+    environment,
+    free,
+    gradient_error,
+    is_oom,
+    peak_memory_gb,
+    reference_check,
+    time_call,
+)
 from .registry import IMPLS, Impl
 from .rules import verdict
 
@@ -42,7 +60,8 @@ def new_row(env: dict, impl_name: str, *, seq_len: int, ring_size: int, causal: 
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "heads": heads, "head_dim": head_dim,
         "flops": flops,
         "time_ms": None, "times_ms": [], "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
-        "max_rel_err": None, "checked_rows": None, "status": "error", "error": None,
+        "max_rel_err": None, "checked_rows": None, "lse_max_rel_err": None, "check": None,
+        "status": "error", "error": None,
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -57,8 +76,10 @@ def run_row(impl: Impl, *, seq_len: int, ring_size: int, causal: bool, dtype: to
 
     With ``backward`` a call is the forward and ``out.backward(dout)`` (q, k, v
     require grad; ``dout`` random), its flops ``BACKWARD_FLOPS_FACTOR`` × the
-    forward's; the forward output is the one checked. On CUDA ``device`` is
-    made the current device for the row (kernels, events and Triton follow it).
+    forward's, and dq/dk/dv are checked too (``grad_max_rel_err``,
+    ``grad_checked_rows``: 0 where the float64 reference does not fit). On
+    CUDA ``device`` is made the current device for the row (kernels, events
+    and Triton follow it).
     """
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         return _run_row(impl, seq_len=seq_len, ring_size=ring_size, causal=causal, dtype=dtype, batch=batch,
@@ -74,8 +95,11 @@ def _run_row(impl: Impl, *, seq_len, ring_size, causal, dtype, batch, heads, hea
     row = new_row(env or environment(device), impl.name, seq_len=seq_len, ring_size=ring_size, causal=causal,
                   dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, flops=flops,
                   mode="forward+backward" if backward else "forward")
+    if backward:
+        row.update(grad_max_rel_err=None, grad_checked_rows=None)
     options = dict(options or {})
-    q = k = v = out = None
+    q = k = v = out = lse = dout = None
+    reference = impl.reference or DENSE
     try:
         if impl.cuda_only and device.type != "cuda":
             raise RuntimeError(f"not run: {impl.name} needs a CUDA device")
@@ -100,14 +124,36 @@ def _run_row(impl: Impl, *, seq_len, ring_size, causal, dtype, batch, heads, hea
                 x.grad = None
             out, lse = impl.fn(q, k, v, causal=causal, ring_size=ring_size, **options)
             out.backward(dout)
-            return out.detach(), lse
+            return out.detach(), lse if lse is None else lse.detach()
 
-        # The first call doubles as a warm-up: its peak memory is recorded and
-        # its output is the one checked against the reference.
-        row["peak_mem_gb"], (out, _) = peak_memory_gb(call, device, inputs=(q, k, v, dout))
-        times = time_call(call, device, warmup=max(warmup - 1, 0), repeats=repeats)
-        check = impl.reference or check_against_reference
-        row["max_rel_err"], row["checked_rows"] = check(*(x.detach() for x in (q, k, v)), out, causal=causal)
+        def grads():
+            return {"dq": q.grad, "dk": k.grad, "dv": v.grad} if backward else None
+
+        # The first call doubles as a warm-up: its peak memory is recorded and it is the call checked
+        # against the reference, before the timing (the checks are never timed).
+        row["peak_mem_gb"], (out, lse) = peak_memory_gb(call, device, inputs=(q, k, v, dout))
+        no_key = reference.no_key(seq_len, heads, causal=causal)
+        check_whole(out, lse, no_key=no_key, grads=grads(), call="the first call")
+        qkv = [x.detach() for x in (q, k, v)]
+        c = reference_check(*qkv, out, lse, causal=causal, reference=reference)
+        row.update(max_rel_err=c.max_rel_err, checked_rows=c.rows, lse_max_rel_err=c.lse_max_rel_err)
+        whole = "out" + ("" if lse is None else ", lse") + (", dq, dk, dv" if backward else "")
+        check = [f"every entry of {whole} finite on the first and on the last timed call"
+                 + (" (lse -inf exactly where a row sees no key)" if lse is not None and no_key is not None else ""),
+                 f"the first call's out{'' if lse is None else ' and lse'} against float64 on {c.rows} of "
+                 f"{seq_len} query rows" + (" (no lse returned)" if lse is None else "")]
+        if backward:
+            g = gradient_error(*qkv, dout, (q.grad, k.grad, v.grad), causal=causal, reference=reference)
+            row["grad_max_rel_err"], row["grad_checked_rows"] = g if g is not None else (None, 0)
+            check.append(f"its dq, dk, dv against float64 on all {seq_len} rows" if g is not None else
+                         "its dq, dk, dv not compared with float64 (the reference does not fit in memory)")
+        row["check"] = "; ".join(check)
+        out = lse = qkv = None
+        free(device)
+        last: list = []
+        times = time_call(call, device, warmup=max(warmup - 1, 0), repeats=repeats, last=last)
+        check_whole(*last[0], no_key=no_key, grads=grads(), call="the last timed call")
+        last.clear()
         t = statistics.median(times)
         row.update(time_ms=t, times_ms=times, tflops=None if row["flops"] is None else row["flops"] / (t * 1e-3) / 1e12,
                    tokens_per_s=batch * seq_len / (t * 1e-3))
@@ -120,7 +166,7 @@ def _run_row(impl: Impl, *, seq_len, ring_size, causal, dtype, batch, heads, hea
         if row["status"] == "error" and not str(exc).startswith("not run"):
             row["traceback"] = traceback.format_exc(limit=4)
     finally:
-        q = k = v = out = dout = None
+        q = k = v = out = lse = dout = None
         free(device)
     return row
 
@@ -185,6 +231,14 @@ def planned_rows(config: SweepConfig) -> list[dict]:
     return specs
 
 
+def _work(impl: Impl, batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float | None:
+    """The work count of one call (None where it cannot be counted, e.g. a refused configuration)."""
+    try:
+        return impl.flops(batch, heads, seq_len, seq_len, head_dim, causal) or None
+    except (TypeError, ValueError):
+        return None
+
+
 def _growth(impl: Impl, prev: dict, seq_len: int) -> float:
     """How much longer a call at ``seq_len`` should take than ``prev``'s: the ratio of their work counts.
 
@@ -192,14 +246,59 @@ def _growth(impl: Impl, prev: dict, seq_len: int) -> float:
     where the work cannot be counted.
     """
     args = (prev["batch"], prev["heads"])
-    try:
-        new = impl.flops(*args, seq_len, seq_len, prev["head_dim"], prev["causal"])
-        old = impl.flops(*args, prev["seq_len"], prev["seq_len"], prev["head_dim"], prev["causal"])
-    except (TypeError, ValueError):
-        new = old = None
+    new = _work(impl, *args, seq_len, prev["head_dim"], prev["causal"])
+    old = _work(impl, *args, prev["seq_len"], prev["head_dim"], prev["causal"])
     if not new or not old:
         return (seq_len / prev["seq_len"]) ** 2
     return new / old
+
+
+# A series' first row with more work than this is bounded first by a call this small of the same implementation.
+CALIBRATION_FLOPS = 2e8
+
+
+def calibration_length(impl: Impl, config: SweepConfig, spec: dict) -> int | None:
+    """The length of the small call that bounds the first row of a series: ``seq_len`` halved (to a multiple of
+    16 and of twice the ring size: zigzag chunks, the dilated configuration's n/8) until its work is at most
+    :data:`CALIBRATION_FLOPS`; None when the row is that small already or its work cannot be counted."""
+    n, causal = spec["seq_len"], spec["causal"]
+    args = (config.batch, config.heads)
+    work = _work(impl, *args, n, config.head_dim, causal)
+    if work is None or work <= CALIBRATION_FLOPS:
+        return None
+    unit = math.lcm(16, 2 * spec["ring_size"])
+    m = n
+    while _work(impl, *args, m, config.head_dim, causal) > CALIBRATION_FLOPS:
+        half = m // 2 // unit * unit
+        if half < unit or _work(impl, *args, half, config.head_dim, causal) is None:
+            break
+        m = half
+    return m if m < n else None
+
+
+def _first_row_bound(config: SweepConfig, spec: dict, calibration: dict | None) -> tuple | None:
+    """``(status, reason)`` for a series' first row that is not to be run, judged by ``calibration`` (the row
+    of a small call of the same implementation, or None: no bound needed); None to run it.
+
+    A wrong result at the short length leaves the long call without a bound (skipped, saying so); any other
+    failure there (a refused configuration, CUDA only) is left to the row itself to report.
+    """
+    if calibration is None:
+        return None
+    m, error = calibration["seq_len"], str(calibration.get("error") or "")
+    if calibration["status"] == "ok":
+        predicted = calibration["time_ms"] / 1e3 * _growth(IMPLS[spec["impl"]], calibration, spec["seq_len"])
+        if predicted > config.max_row_seconds:
+            return ("skipped", f"not run: a call is predicted to take {predicted:.0f} s "
+                               f"(> max_row_seconds={config.max_row_seconds:g}), from "
+                               f"{calibration['time_ms'] / 1e3:.2g} s at seq_len {m:,} (a calibration call, "
+                               f"scaled by the work count)")
+    elif calibration["status"] == "oom" and "not run" not in error:
+        return ("oom", f"not run: a calibration call at seq_len {m:,} already ran out of memory")
+    elif error.startswith("wrong result"):
+        return ("skipped", f"not run: its time cannot be bounded: a calibration call at seq_len {m:,} gave a "
+                           f"{error[:300]}")
+    return None
 
 
 def run_sweep(config: SweepConfig, *, progress: bool = True,
@@ -211,27 +310,40 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
 
     Within one (impl, causal, ring_size) series, once a length ran out of
     memory the longer ones are recorded as ``oom`` without running, and a
-    length whose call is predicted (the last row's time scaled by the ratio of
-    the work counts: quadratic for dense attention, about linear for dilated)
-    to exceed ``max_row_seconds`` is recorded as ``skipped`` "not run: …" (not an
-    error: nothing failed; the row says why it was not measured).
+    length whose call is predicted to exceed ``max_row_seconds`` is recorded
+    as ``skipped`` "not run: …" (not an error: nothing failed; the row says
+    why it was not measured). The prediction scales a measured time by the
+    ratio of the work counts (quadratic for dense attention, about linear for
+    dilated): the last row of the series, or for its first row a small call
+    of the same implementation (:func:`calibration_length`, not recorded as a
+    row; a first row that small already is run as it is).
     """
     from tqdm.auto import tqdm
 
     device = torch.device(config.device)
     env = environment(device)
     specs = planned_rows(config)
-    rows, last_run = [], {}  # last row of each series that was actually measured
+    rows, last_run, calibrations = [], {}, {}  # last row of each series that was actually measured
     bar = tqdm(specs, desc="bench", unit="row", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(f"{spec['impl']} n={spec['seq_len']} r={spec['ring_size']} causal={spec['causal']}")
         series = (spec["impl"], spec["causal"], spec["ring_size"])
+        impl = IMPLS[spec["impl"]]
         prev = last_run.get(series)
         skip = None
-        if prev is not None and prev["status"] == "oom":
+        measure_row = functools.partial(run_row, impl, ring_size=spec["ring_size"], causal=spec["causal"],
+                                        dtype=config.dtype, batch=config.batch, heads=config.heads,
+                                        head_dim=config.head_dim, device=device, options=config.options, env=env,
+                                        backward=config.backward)
+        if prev is None:
+            m = calibration_length(impl, config, spec)
+            if m is not None and (series not in calibrations or calibrations[series]["seq_len"] > m):
+                calibrations[series] = measure_row(seq_len=m, warmup=1, repeats=3)
+            skip = _first_row_bound(config, spec, calibrations.get(series) if m is not None else None)
+        elif prev["status"] == "oom":
             skip = ("oom", f"not run: seq_len {prev['seq_len']:,} already ran out of memory")
-        elif prev is not None and prev["status"] == "ok":
-            predicted = prev["time_ms"] / 1e3 * _growth(IMPLS[spec["impl"]], prev, spec["seq_len"])
+        elif prev["status"] == "ok":
+            predicted = prev["time_ms"] / 1e3 * _growth(impl, prev, spec["seq_len"])
             if predicted > config.max_row_seconds:
                 skip = ("skipped", f"not run: a call is predicted to take {predicted:.0f} s "
                                  f"(> max_row_seconds={config.max_row_seconds:g}), from "
@@ -243,10 +355,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
                    "time_ms": None, "tflops": None, "tokens_per_s": None, "peak_mem_gb": None,
                    "max_rel_err": None}
         else:
-            row = run_row(IMPLS[spec["impl"]], seq_len=spec["seq_len"], ring_size=spec["ring_size"],
-                          causal=spec["causal"], dtype=config.dtype, batch=config.batch, heads=config.heads,
-                          head_dim=config.head_dim, device=device, warmup=config.warmup,
-                          repeats=config.repeats, options=config.options, env=env, backward=config.backward)
+            row = measure_row(seq_len=spec["seq_len"], warmup=config.warmup, repeats=config.repeats)
             last_run[series] = row
         rows.append(row)
         if on_row is not None:

@@ -32,7 +32,8 @@ def plot_results(rows: list[dict], metric: str = "tflops") -> Figure:
         for (label, _ring, c), series in series_all.items():
             if c != causal:
                 continue
-            ok = sorted((r for r in series if r["status"] == "ok"), key=lambda r: r["seq_len"])
+            ok = sorted((r for r in series if r["status"] == "ok" and r.get(metric) is not None),
+                        key=lambda r: r["seq_len"])  # an ok row may lack a peak (a CPU where it cannot be reset)
             if not ok:
                 continue
             (line,) = ax.plot([r["seq_len"] for r in ok], [r[metric] for r in ok], marker="o", ms=4,
@@ -117,11 +118,14 @@ def plot_sweep(rows: list[dict], *, impls: list[str] | None = None, title: str |
             oom = [r for r in series if r["status"] == "oom" and r["seq_len"] > ok[-1]["seq_len"]]
             for row, metric in ((0, "tflops"), (1, "peak_mem_gb")):
                 ax = axes[row, col]
-                ax.plot([r["seq_len"] for r in ok], [r[metric] for r in ok], ls=ls, marker=marker,
+                drawn = [r for r in ok if r.get(metric) is not None]
+                if not drawn:
+                    continue
+                ax.plot([r["seq_len"] for r in drawn], [r[metric] for r in drawn], ls=ls, marker=marker,
                         ms=4 if len(ok) > 1 else 8,
                         color=color, lw=1.3)
                 if oom:
-                    ax.plot([oom[0]["seq_len"]], [ok[-1][metric]], marker="x", ms=9, mew=2, color=color, ls="")
+                    ax.plot([oom[0]["seq_len"]], [drawn[-1][metric]], marker="x", ms=9, mew=2, color=color, ls="")
         for row in (0, 1):
             ax = axes[row, col]
             ax.set_xscale("log", base=2)
