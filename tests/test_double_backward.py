@@ -220,3 +220,12 @@ def test_custom_function_paths_refuse_create_graph(name):
     out, lse = PRODUCTION[name](q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
     assert all(g is not None and not torch.isnan(g).any() for g in grads)
+
+
+@pytest.mark.parametrize("backend,words", [("einops", "einops block backward"), ("auto", "fused backward kernels")])
+def test_the_refusal_names_the_backward_that_runs(backend, words):
+    """Before: the einops backend's refusal said it ran "fused backward kernels"."""
+    q, k, v = _qkv(1, 8, 2, 2, seed=14)
+    out, lse = ringbook.production_ring_attention(q, k, v, ring_size=2, causal=True, backend=backend)
+    with pytest.raises(RuntimeError, match=words):
+        torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)

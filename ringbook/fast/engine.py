@@ -422,9 +422,9 @@ class RingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         job = ctx.job
-        refuse_double_backward(job.settings.who, "a custom autograd Function running the ring again with fused "
-                               "backward kernels", f"For second derivatives use {job.settings.twice} (einops, "
-                               "twice differentiable).")
+        kernels = "its einops block backward" if job.settings.backend == "einops" else "fused backward kernels"
+        refuse_double_backward(job.settings.who, f"a custom autograd Function running the ring again with {kernels}",
+                               f"For second derivatives use {job.settings.twice} (einops, twice differentiable).")
         q, k, v, out, lse = ctx.saved_tensors
         if not ctx.entered:
             q, k, v, out, lse = job.enter(q), job.kv_in(k), job.kv_in(v), job.enter(out), job.enter(lse, dim=2)
