@@ -447,7 +447,7 @@ fig_mem.savefig(SAVE / "02_memory.png", dpi=110, metadata={"Software": None})
 # $$
 #
 # still linear in $c$, but at $d = 64$ the tiles dominate. `python -m
-# ringbook.dist_bench` measured each rank's CUDA allocator peak for this path
+# ringbook.bench.dist_sweep` measured each rank's CUDA allocator peak for this path
 # on 2 H100s; the committed file is read below (`tests/test_memory_model.py`
 # checks every peak against the bound).
 
@@ -731,7 +731,7 @@ _ = check_overlap_threshold(overlap_threshold)
 # commutative; the layout decides the causal balance (zigzag: balanced and
 # little wasted work; striped: balanced, but every tile is masked, not
 # skipped); and a rank holds O(n / w) bytes, dominated at $d = 64$ by its
-# score tile. The GPU benchmark (`ringbook.dist_bench`) measures the same
+# score tile. The GPU benchmark (`ringbook.bench.dist_sweep`) measures the same
 # ring on real hardware.
 
 # %% [markdown]

@@ -559,7 +559,7 @@ if dil_run is not None:
 #
 # ## 6 · From one GPU to two
 #
-# `ringbook.dist_bench` ran the ring over NCCL with one process per GPU on
+# `ringbook.bench.dist_sweep` ran the ring over NCCL with one process per GPU on
 # two H100s (`dist-bench-…-w2.json`). Its time is the median over repeats of
 # the slowest rank, and its memory is measured on **each** rank
 # (`per_rank_peak_mem_gb`). That run used the einops block kernel

@@ -518,7 +518,7 @@ def test_dist_bench_under_torchrun(tmp_path):
     import json
 
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
            "--seq-lens", "128", "--dtype", "fp32", "--causal", "both", "--heads", "2", "--head-dim", "16",
            "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path), "--stem", "rows"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -541,12 +541,40 @@ def test_dist_bench_under_torchrun(tmp_path):
 
 
 @pytest.mark.slow
+def test_dist_bench_measures_every_strategy_in_one_run(tmp_path):
+    """--strategy ring allgather ulysses usp: one checked row each, bytes from each one's plan or schedule."""
+    import json
+
+    from ringbook.bench import dist_sweep
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
+           "--seq-lens", "64", "--dtype", "fp32", "--causal", "true", "--heads", "2", "--head-dim", "8",
+           "--warmup", "0", "--repeats", "1", "--timeout", "30", "--strategy", "ring", "allgather", "ulysses", "usp",
+           "--ulysses-size", "2", "--out", str(tmp_path), "--stem", "rows"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["ring_dist", "allgather_dist", "ulysses_dist", "usp_dist"]
+    for row in rows:
+        assert row["status"] == "ok" and row["max_rel_err"] < 1e-4 and row["checked_rows"] == 64, row
+        want = max(dist_sweep.bytes_sent_per_gpu(64, 2, r, pattern="dense", causal=True, batch=1, heads=2,
+                                                 head_dim=8, dtype=torch.float32, backward=False,
+                                                 strategy=row["strategy"], layout="zigzag", ulysses_size=2)
+                   for r in range(2))
+        assert row["bytes_sent_per_gpu"] == want > 0, row
+    # the ring and all-gather move one K/V shard (w − 1 = 1 hop); Ulysses moves q, k, v, out and lse instead
+    assert rows[0]["bytes_sent_per_gpu"] == rows[1]["bytes_sent_per_gpu"] == 2 * 32 * 2 * 8 * 4
+
+
+@pytest.mark.slow
 def test_dist_bench_production_with_peers(tmp_path):
     """--kernel auto with both peers in one run: fused ring rows, one-GPU rows, CP rows (not run on the CPU), summary."""
     import json
 
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
            "--seq-lens", "128", "--dtype", "fp32", "--causal", "both", "--heads", "2", "--head-dim", "16",
            "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path), "--stem", "rows",
            "--kernel", "auto", "--peers", "one_gpu", "context_parallel", "--formats", "json"]
@@ -626,7 +654,7 @@ def test_dist_bench_forward_backward_with_the_stacked_peer(tmp_path, pattern):
 
     torchrun = Path(sys.executable).with_name("torchrun")
     n = "256" if pattern == "dilated" else "128"
-    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.dist_bench",
+    cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
            "--seq-lens", n, "--dtype", "fp32", "--causal", "both", "--heads", "8" if pattern == "dilated" else "2",
            "--head-dim", "16", "--warmup", "1", "--repeats", "2", "--timeout", "30", "--out", str(tmp_path),
            "--stem", "rows", "--kernel", "auto", "--mode", "fwd+bwd", "--pattern", pattern,

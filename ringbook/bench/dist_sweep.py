@@ -96,9 +96,13 @@ from typing import TextIO
 import torch
 import torch.distributed as dist
 
+from .. import distributed as rd
 from .._utils import attention_flops
 from ..distributed import production_ring_attention, ring_attention, ring_dilated_attention, unshard
-from ..schedule import check_layout, layout_positions
+from ..fast.plans import allgather_plan, rank_plan
+from ..schedule import check_layout, layout_positions, usp_positions
+from ..strategies import bytes_sent as strategy_bytes
+from ..strategies import strategy_schedule
 from . import measure
 from .cli import (
     RESULTS,
@@ -133,6 +137,7 @@ KERNELS = ("einops", "auto", "cudnn", "flash", "efficient")
 PEERS = ("one_gpu", "stacked", "context_parallel")
 MODES = {"forward": "forward", "fwd+bwd": "forward+backward"}
 PATTERNS = ("dense", "dilated")
+STRATEGIES = ("ring", "allgather", "ulysses", "usp")  # ringbook.distributed's context-parallel strategies
 RING_IMPLS = {("dense", True): "ring_dist", ("dense", False): "production_dist",
               ("dilated", True): "ring_dilated_dist", ("dilated", False): "production_dilated_dist"}
 CP_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
@@ -168,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=PATTERNS, default="dense",
                    help="dense attention, or the benchmark's dilated configuration (contiguous shards, "
                         "ringbook.distributed.ring_dilated_attention; its peers dilated_sdpa and production_dilated)")
+    p.add_argument("--strategy", nargs="+", choices=STRATEGIES, default=["ring"],
+                   help="the context-parallel strategies to measure, each in the same run: ring (default), allgather "
+                        "(K/V all-gathered), ulysses (all-to-all to head shards), usp (Ulysses in groups of "
+                        "--ulysses-size ranks, the ring across); dense pattern only for all but the ring")
+    p.add_argument("--ulysses-size", type=positive, default=None,
+                   help="ranks per Ulysses group for --strategy usp (default 2)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--heads", type=positive, default=8)
     p.add_argument("--head-dim", type=positive, default=64)
@@ -207,7 +218,8 @@ def _shards(n, world, rank, *, batch, heads, head_dim, dtype, device, seed):
             for _ in range(3)]
 
 
-def _gathered_check(q, k, v, out, lse, *, layout, causal, reference, backward=None) -> dict | None:
+def _gathered_check(q, k, v, out, lse, *, layout, causal, reference, backward=None,
+                    ulysses_size: int = 1) -> dict | None:
     """Gather every rank's shards; rank 0 compares them with float64 and returns the row's check fields
     (``max_rel_err``, ``checked_rows``, ``lse_max_rel_err``; with ``backward`` = (dout, dq, dk, dv) also
     ``grad_max_rel_err`` and ``grad_checked_rows``, 0 where the reference does not fit); None on the others."""
@@ -216,7 +228,7 @@ def _gathered_check(q, k, v, out, lse, *, layout, causal, reference, backward=No
     def gather(x, dim=1):
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
-        return unshard(parts, layout, dim=dim)
+        return unshard(parts, layout, dim=dim, ulysses_size=ulysses_size)
 
     full = [gather(x) for x in (q, k, v, out)]
     full_lse = gather(lse, dim=2)
@@ -328,46 +340,59 @@ def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
 
 # --------------------------------------------------------------------------- the ring
 
-def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense"):
+def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense", strategy="ring", ulysses_size=1):
     """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``;
-    for the dilated pattern, ring_dilated_attention (einops, or ``backend=kernel``) with the benchmark's config."""
+    for the dilated pattern, ring_dilated_attention (einops, or ``backend=kernel``) with the benchmark's config;
+    for another strategy, its function of :mod:`ringbook.distributed` with ``backend=kernel``."""
     if pattern == "dilated":
         cfg = bench_dilated_config(q.shape[1] * dist.get_world_size())
         return ring_dilated_attention(q, k, v, causal=causal, heads="grouped", timeout=timeout,
                                       backend=kernel, **cfg)
+    if strategy != "ring":
+        extra = {"ulysses_size": ulysses_size} if strategy == "usp" else {}
+        return getattr(rd, f"{strategy}_attention")(q, k, v, causal=causal, layout=layout, timeout=timeout,
+                                                    backend=kernel, **extra)
     if kernel == "einops":
         return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
     return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
 
 
 def bytes_sent_per_gpu(n: int, world: int, rank: int, *, pattern: str, causal: bool, batch: int, heads: int,
-                       head_dim: int, dtype: torch.dtype, backward: bool) -> int:
-    """What this rank's ring sends, by its schedule (not counted on the wire).
+                       head_dim: int, dtype: torch.dtype, backward: bool, strategy: str = "ring",
+                       layout: str = "contiguous", ulysses_size: int = 1) -> int:
+    """What this rank sends, read from the plan or schedule it runs (not counted on the wire).
 
-    Dense (P2P ring): K and V of its shard travel ``w − 1`` hops forward; a
-    backward sends them round again and the float32 dK/dV ``w`` hops (the
-    last one home). Dilated: the dilated K/V rows its segments' other pieces
-    need (:func:`ringbook.distributed.dilated.routes`), and with a backward the
-    same again plus their float32 gradients the other way.
+    The ring: its rank plan's traffic (:meth:`ringbook.fast.engine.Plan.bytes_sent`: K and V of its shard
+    ``w − 1`` hops forward; a backward sends them round again and the float32 dK/dV ``w`` hops, the last one
+    home). Dilated: the dilated K/V rows its segments' other pieces need (the exchange's routes), with a
+    backward the same again plus their float32 gradients the other way. All-gather: its plan's all-gather
+    and reduce-scatter. Ulysses and USP: their communication schedule
+    (:func:`ringbook.strategies.strategy_schedule`: the all-to-alls, and the ring across groups).
     """
-    elem, work = torch.empty((), dtype=dtype).element_size(), 4
-    c = n // world
-    if pattern == "dense":
-        kv = 2 * batch * c * heads * head_dim
-        return (world - 1) * kv * elem + ((world - 1) * kv * elem + world * kv * work if backward else 0)
-    from ..distributed.dilated import _numel, _ring_plan, routes
+    if pattern == "dilated":
+        from ..distributed.dilated import _ring_plan, _traffic
+        from ..fast.engine import Plan
 
-    cfg = bench_dilated_config(n)
-    plan = _ring_plan(n, world, cfg["segment_lengths"], cfg["dilation_rates"], heads, "grouped", causal)
-    send, recv = routes(plan, rank)
-    sent = sum(_numel(pieces, plan, rank, batch, head_dim) for pieces in send.values())
-    returned = sum(_numel(pieces, plan, peer, batch, head_dim) for peer, pieces in recv.items())
-    return sent * elem + ((sent * elem + returned * work) if backward else 0)
+        cfg = bench_dilated_config(n)
+        plan = _ring_plan(n, world, cfg["segment_lengths"], cfg["dilation_rates"], heads, "grouped", causal)
+        sent, received, grad_sent = _traffic(plan, rank, 1)
+        return Plan((), sent=sent, received=received, grad_sent=grad_sent).bytes_sent(batch, head_dim, dtype,
+                                                                                      backward=backward)
+    if strategy in ("ring", "allgather"):
+        build = rank_plan if strategy == "ring" else allgather_plan
+        plan = build(n, world, rank, layout, causal, kv_heads=heads)
+        return plan.bytes_sent(batch, head_dim, dtype, backward=backward)
+    elem = torch.empty((), dtype=dtype).element_size()
+    schedule = strategy_schedule(strategy, n, world, heads=heads, kv_heads=heads, head_dim=head_dim, dtype_bytes=elem,
+                                 causal=causal, layout=layout, batch=batch, backward=backward,
+                                 ulysses_size=ulysses_size if strategy == "usp" else None)
+    return strategy_bytes(schedule, world)[rank]
 
 
 def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch: int, heads: int, head_dim: int,
                  warmup: int, repeats: int, check_max_seq: int, timeout: float, seed: int, device: torch.device,
-                 env: dict, kernel: str = "einops", mode: str = "forward", pattern: str = "dense") -> dict | None:
+                 env: dict, kernel: str = "einops", mode: str = "forward", pattern: str = "dense",
+                 strategy: str = "ring", ulysses_size: int | None = None) -> dict | None:
     """One row of the ring (on rank 0; None elsewhere). Every rank must call it with the same arguments.
 
     ``kernel="einops"``: :func:`ring_attention` (impl ``ring_dist``); any other
@@ -383,10 +408,12 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
     layout = layout if layout != "auto" else ("zigzag" if causal else "contiguous")
     flops = (attention_flops(batch, heads, n, n, head_dim, causal) if pattern == "dense"
              else _ring_dilated_flops(batch, heads, n, n, head_dim, causal))
-    row = new_row(env, RING_IMPLS[(pattern, kernel == "einops")], seq_len=n, ring_size=world, causal=causal,
+    u = (ulysses_size or 2) if strategy == "usp" else 1
+    impl = RING_IMPLS[(pattern, kernel == "einops")] if strategy == "ring" else f"{strategy}_dist"
+    row = new_row(env, impl, seq_len=n, ring_size=world, causal=causal,
                   dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, mode=MODES[mode],
                   flops=None if flops is None else flops * (BACKWARD_FLOPS_FACTOR if backward else 1))
-    row.update(kernel=kernel, layout=layout, pattern=pattern, gpus=world, per_rank_time_ms=None,
+    row.update(kernel=kernel, layout=layout, pattern=pattern, strategy=strategy, gpus=world, per_rank_time_ms=None,
                per_rank_peak_mem_gb=None, check=None, bytes_sent_per_gpu=None,
                bytes_sent_kind="by the schedule: what each rank's ring sends (ringbook.bench.dist_sweep."
                                "bytes_sent_per_gpu), the largest over ranks")
@@ -399,12 +426,21 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             check_layout(n, world, layout)
             if pattern == "dilated" and flops is None:
                 raise ValueError(f"the benchmark's dilated configuration does not fit n={n}")
+            if pattern == "dilated" and strategy != "ring":
+                raise ValueError(f"--pattern dilated runs on the ring only, not --strategy {strategy}")
+            if strategy == "usp":
+                row["ulysses_size"] = u
+                usp_positions(n, world, u, layout)
+            if strategy in ("ulysses", "usp") and heads % (world if strategy == "ulysses" else u):
+                raise ValueError(f"{strategy} deals whole heads to ranks: {heads} heads do not divide into "
+                                 f"{world if strategy == 'ulysses' else u}")
         except ValueError as exc:
             raise ValueError(f"not run: {exc}") from None
         q, k, v = _shards(n, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                           device=device, seed=seed)
         mine["sent"] = bytes_sent_per_gpu(n, world, rank, pattern=pattern, causal=causal, batch=batch, heads=heads,
-                                          head_dim=head_dim, dtype=dtype, backward=backward)
+                                          head_dim=head_dim, dtype=dtype, backward=backward, strategy=strategy,
+                                          layout=layout, ulysses_size=u)
         dout = torch.randn_like(q) if backward else None
         if backward:
             for x in (q, k, v):
@@ -414,7 +450,7 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
 
         def _no_key(length):  # this rank's rows that see no key (b h n), or None: every row sees one
             mask = reference.no_key(length, heads, causal=causal)
-            return None if mask is None else mask[:, layout_positions(length, world, layout)[rank]].unsqueeze(0)
+            return None if mask is None else mask[:, usp_positions(length, world, u, layout)[rank]].unsqueeze(0)
 
         def grads():
             return {"dq": q.grad, "dk": k.grad, "dv": v.grad} if backward else None
@@ -423,7 +459,8 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             if backward:
                 for x in (q, k, v):
                     x.grad = None
-            out, lse = _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern)
+            out, lse = _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern,
+                               strategy=strategy, ulysses_size=u)
             if backward:
                 out.backward(dout)
             return out.detach(), lse.detach()
@@ -442,7 +479,8 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                  "call and on a checked call after it")
         if n <= check_max_seq:
             fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
-                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None)
+                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None,
+                                     ulysses_size=u)
             if fields is not None:
                 row.update(fields)
                 row["check"] = (f"{whole}; its full output and lse gathered on rank 0 ({fields['checked_rows']} of "
@@ -461,7 +499,8 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             _agreed(lambda: check_whole(out, lse, no_key=_no_key(m), grads=grads(), call=f"the check run at {m}"),
                     "the check run")
             fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
-                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None)
+                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None,
+                                     ulysses_size=u)
             if fields is not None:
                 row.update(fields)
                 row["check"] = (f"{whole}; not gathered at {n} tokens: a separate run of the same configuration at "
@@ -731,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in sorted(args.seq_lens):
                 here = [measure_ring(n, causal=causal, layout=args.layout, kernel=args.kernel,
                                      check_max_seq=args.check_max_seq, timeout=args.timeout, pattern=args.pattern,
-                                     **common)]
+                                     strategy=strategy, ulysses_size=args.ulysses_size, **common)
+                        for strategy in args.strategy]
                 if "one_gpu" in args.peers:
                     here += [measure_one_gpu(name, n, causal=causal, **common) for name in one_gpu_impls]
                 if "stacked" in args.peers:
@@ -756,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "command": f"torchrun --nproc-per-node={world} -m ringbook.bench.dist_sweep "
                                + " ".join(argv if argv is not None else sys.argv[1:]),
                     "warmup": args.warmup, "repeats": args.repeats, "world_size": world, "kernel": args.kernel,
-                    "mode": args.mode, "pattern": args.pattern,
+                    "mode": args.mode, "pattern": args.pattern, "strategies": list(args.strategy),
                     "peers": list(args.peers), "one_gpu_impls": one_gpu_impls if "one_gpu" in args.peers else [],
                     "cp_backends": args.cp_backends if "context_parallel" in args.peers else [],
                     "cp_rotate": args.cp_rotate, "scaling": summary}
