@@ -64,7 +64,8 @@ def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
     return None, scale
 
 
-def local_mask(q, world: int, causal, document_ids, window) -> tuple[MaskSpec | None, Exception | None]:
+def local_mask(q: torch.Tensor, world: int, causal: bool, document_ids: torch.Tensor | None,
+               window: int | None) -> tuple[MaskSpec | None, Exception | None]:
     """``(mask, problem)``: this rank's documents and window as a :class:`~ringbook.masks.MaskSpec` (None: neither),
     or the error they raise (refused on every rank by the agreement check). ``document_ids`` describe the whole
     sequence of ``q.shape[1]·world`` tokens, the same on every rank."""
