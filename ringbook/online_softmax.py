@@ -31,6 +31,7 @@ from ._utils import (
     compute_dtype,
     resolve_scale,
 )
+from .masks import check_document_ids, check_window, classify, mask_spec
 from .masks import keep as keep_mask
 from .naive import causal_mask, causal_mask_positions
 
@@ -162,7 +163,8 @@ def attend_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: fl
 
 
 def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, causal: bool = False,
-                        scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        scale: float | None = None, document_ids: torch.Tensor | None = None,
+                        window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Online-softmax attention over key/value blocks. Returns ``(out, lse)``.
 
     Keys and values are visited ``block_size`` at a time (the last block may
@@ -172,6 +174,8 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     tile of scores per query exists at a time: memory O(n·block_size), not
     O(n²). With ``causal``, a key block is attended only by the queries at or
     after its first position, and blocks no query can see are never computed.
+    ``document_ids`` and ``window`` (:mod:`ringbook.masks`; self-attention):
+    a key block no query sees under them is skipped too.
     Twice differentiable: plain torch autograd through :func:`attend_block` and
     :func:`merge_partials`, so ``create_graph=True`` gives exact second derivatives.
     """
@@ -183,6 +187,15 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
     scale = resolve_scale(scale, d)
     work = compute_dtype(q.dtype)
 
+    window = check_window(window)
+    ids = None
+    if document_ids is not None or window is not None:
+        if n_q != n_k:
+            raise ValueError(f"document_ids and window describe one sequence (self-attention): q has {n_q} tokens, "
+                             f"k has {n_k}")
+        ids = check_document_ids(document_ids, b, n_q)
+        spec = mask_spec(causal, ids, window)
+        ids = None if ids is None else ids.to(q.device)
     out = torch.zeros(b, n_q, h, d, dtype=work, device=q.device)
     lse = torch.full((b, h, n_q), float("-inf"), dtype=work, device=q.device)
     for start in range(0, n_k, block_size):
@@ -190,9 +203,15 @@ def blockwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bl
         first_q = start if causal else 0  # queries before `start` see none of this block
         if first_q >= n_q:
             break
+        masks = {}
+        if document_ids is not None or window is not None:
+            if classify(torch.arange(first_q, n_q), torch.arange(start, stop), spec) == "empty":
+                continue  # no query sees this block
+            masks = dict(q_doc=None if ids is None else ids[:, first_q:], window=window,
+                         k_doc=None if ids is None else ids[:, start:stop])
         o_blk, lse_blk = attend_block(
             q[:, first_q:], k[:, start:stop], v[:, start:stop],
-            scale=scale, causal=causal, q_offset=first_q, k_offset=start,
+            scale=scale, causal=causal, q_offset=first_q, k_offset=start, **masks,
         )
         out_q, lse_q = merge_partials(out[:, first_q:], lse[:, :, first_q:], o_blk, lse_blk)
         # Rebuild rather than assign into slices: merge_partials saves views

@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 
 from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
+from .masks import check_document_ids, check_window
 from .online_softmax import KEY_CHUNK, attend_block, merge_partials
 from .schedule import check_layout, layout_positions, ring_schedule
 
@@ -52,7 +53,8 @@ def _merge_rows(out, lse, rows: tuple[int, int], out_blk, lse_blk):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, causal: bool = False,
-                   layout: str = "contiguous", scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   layout: str = "contiguous", scale: float | None = None, document_ids: torch.Tensor | None = None,
+                   window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention computed round a ring of ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Args:
@@ -64,11 +66,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
         layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``, how tokens
             are dealt to ranks (:mod:`ringbook.schedule`).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
+        document_ids, window: packed documents (``b n`` non-decreasing ids)
+            and a sliding window (:mod:`ringbook.masks`); the schedule then
+            skips every block no query sees, and a block a boundary cuts is
+            attended with its mask.
 
     Returns:
         out ``b n h d`` in the input dtype and lse ``b h n`` (float32 for
         float16/bfloat16 input), in the original token order; equal to
-        :func:`ringbook.naive_attention`. Accumulation is in float32 for
+        :func:`ringbook.naive_attention` with the same masks. Accumulation is in float32 for
         low-precision input, gradients included (they flow through plain
         torch autograd and are rounded to the input dtype once). Twice
         differentiable: ``create_graph=True`` gives exact second derivatives.
@@ -86,7 +92,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
     scale = resolve_scale(scale, d)
     w = ring_size
     work = compute_dtype(q.dtype)
-    schedule = ring_schedule(n, w, layout=layout, causal=causal)
+    window = check_window(window)
+    ids = check_document_ids(document_ids, b, n)
+    schedule = ring_schedule(n, w, layout=layout, causal=causal, document_ids=ids, window=window)
+    docs = None if ids is None else ids.to(q.device)
 
     # Deal the tokens to the ranks: shard r holds positions pos[r].
     pos = layout_positions(n, w, layout).to(q.device)  # w c
@@ -107,9 +116,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
                 f"step {t}: rank {r} holds shard {kv.origin}, schedule says {step.kv_rank}")
             for blk in step.blocks:  # skipped (fully masked) blocks are not in step.blocks
                 (qa, qb), (ka, kb) = blk.q, blk.kv
+                qp, kp = pos[r][qa:qb], kv.pos[ka:kb]
+                masked = blk.kind == "masked"  # a document or window boundary cuts it: its whole mask
                 out_blk, lse_blk = attend_block(
                     q_sh[r][:, qa:qb], kv.k[:, ka:kb], kv.v[:, ka:kb], scale=scale,
-                    causal=blk.kind == "causal", q_pos=pos[r][qa:qb], k_pos=kv.pos[ka:kb], chunk=KEY_CHUNK,
+                    causal=blk.kind == "causal" or (masked and causal), q_pos=qp, k_pos=kp, chunk=KEY_CHUNK,
+                    q_doc=docs[:, qp] if masked and docs is not None else None,
+                    k_doc=docs[:, kp] if masked and docs is not None else None, window=window if masked else None,
                 )
                 outs[r], lses[r] = _merge_rows(outs[r], lses[r], blk.q, out_blk, lse_blk)
         # Communication: every rank sends its shard to rank r+1 (receives from r-1).

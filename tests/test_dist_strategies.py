@@ -6,7 +6,8 @@ the tests assert on what the ranks sent back:
 
 * worlds 2 and 4 (USP 2×2, 4×1 and 1×4 at 4): every strategy, causal and not,
   every layout it takes, grouped-query attention (kv heads replicated where
-  the ranks do not divide them), forward and backward exact in float64;
+  the ranks do not divide them), forward and backward exact in float64; and
+  each with packed documents and a sliding window;
   one bfloat16 case per strategy under flash-attention's 2× rule;
 * what the collectives carry: the all-gather's K/V, (w − 1) times a shard per
   rank, equals the plan's traffic; Ulysses' all-to-alls carry q, k, v and out;
@@ -40,12 +41,19 @@ def _inputs(n, hk, dtype=torch.float64, seed=0):
     return [x.to(dtype) for x in (q, k, v, dout)]
 
 
-def _run(strategy, rank, world, *, causal, layout, hk, u=1, dtype=torch.float64):
+def _docs(n):
+    """Three packed documents: a short one, a long one, one of a single token at the end."""
+    return (torch.arange(n) >= 3).long() + (torch.arange(n) >= n - 1).long()
+
+
+def _run(strategy, rank, world, *, causal, layout, hk, u=1, dtype=torch.float64, masked=False):
     """This rank's (out, lse, dq, dk, dv) and its token positions."""
     n = 4 * world
     q, k, v, dout = _inputs(n, hk, dtype)
     xs = [rd.shard(x, rank, world, layout, ulysses_size=u).requires_grad_() for x in (q, k, v)]
     kw = dict(causal=causal, layout=layout, timeout=30)
+    if masked:
+        kw.update(document_ids=_docs(n), window=5)
     if strategy == "usp":
         kw["ulysses_size"] = u
     out, lse = getattr(rd, f"{strategy}_attention")(*xs, backend="einops", **kw)
@@ -61,12 +69,21 @@ def _cases(world):
     splits = [world] if world == 2 else [2, 1, 4]
     cases += [("usp", layout, causal, hk, u) for u in splits for layout in ("contiguous", "zigzag")
               for causal in (False, True) for hk in (H, 1)]
+    # packed documents and a window of 5 tokens: ("masked", strategy, layout, causal, u)
+    cases += [("masked", strategy, layout, causal, u) for strategy, u in (("allgather", 1), ("ulysses", 1),
+                                                                             ("usp", 2)) for layout in ("contiguous",
+                                                                                                        "zigzag")
+              for causal in (False, True)]
     return cases
 
 
 def _rank(rank, world):
     results = {"exact": {}, "lowp": {}}
     for case in _cases(world):
+        if case[0] == "masked":
+            _, strategy, layout, causal, u = case
+            results["exact"][case] = _run(strategy, rank, world, causal=causal, layout=layout, hk=2, u=u, masked=True)
+            continue
         strategy, layout, causal, hk, u = case
         results["exact"][case] = _run(strategy, rank, world, causal=causal, layout=layout, hk=hk, u=u)
     for strategy in ("allgather", "ulysses", "usp"):
@@ -108,11 +125,15 @@ def strategies_world(request):
 
 
 def _reference(case, world):
+    masks = {}
+    if case[0] == "masked":
+        case = (case[1], case[2], case[3], 2, case[4])
+        masks = dict(document_ids=_docs(4 * world), window=5)
     strategy, layout, causal, hk, u = case
     q, k, v, dout = _inputs(4 * world, hk)
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = ringbook.naive_attention(xs[0], xs[1].repeat_interleave(H // hk, 2), xs[2].repeat_interleave(H // hk, 2),
-                                        causal=causal)
+                                        causal=causal, **masks)
     (out * dout).sum().backward()
     return [out.detach(), lse.detach()] + [x.grad for x in xs]
 
@@ -126,6 +147,9 @@ def test_every_strategy_is_exact_forward_and_backward(strategies_world):
             got, pos = res["exact"][case]
             for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
                 want = r[:, :, pos] if name == "lse" else r[:, pos]
+                if name == "lse":  # rows that see no key: -inf on both sides
+                    assert torch.equal(torch.isneginf(g), torch.isneginf(want)), f"{case} rank {rank}: empty rows"
+                    g, want = g.nan_to_num(neginf=0.0), want.nan_to_num(neginf=0.0)
                 assert torch.allclose(g, want, atol=1e-10, rtol=1e-10), \
                     f"{case} rank {rank} of {world}: {name} off by {(g - want).abs().max():.3g}"
 

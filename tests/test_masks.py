@@ -209,3 +209,24 @@ def test_the_distributed_ring_with_documents_and_a_window():
     assert checked == 4 * world
     for res in results:
         assert res["disagree"]["type"] == "ValueError" and "same document_ids and window" in res["disagree"]["msg"]
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 40])
+def test_the_readable_paths_take_both_masks(window):
+    """ring_attention (one process, every layout) and blockwise_attention (every block size) with documents."""
+    ids = _docs("random")
+    for causal in (False, True):
+        q, k, v = _qkv(seed=11)
+        ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        ref = torch.autograd.grad(ref_out.sum(), (q, k, v))
+        calls = [lambda: ringbook.ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
+                                                 document_ids=ids, window=window)
+                 for w, layout in ((3, "contiguous"), (3, "zigzag"), (5, "striped"))]
+        calls += [lambda bs=bs: ringbook.blockwise_attention(q, k, v, block_size=bs, causal=causal, document_ids=ids,
+                                                             window=window) for bs in (1, 7, 64)]
+        for call in calls:
+            out, lse = call()
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+            for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

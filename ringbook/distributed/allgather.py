@@ -35,7 +35,7 @@ from ..fast.plans import allgather_plan
 from ..fast.tuning import Tuning, check_tuning
 from .comm import _Ring, _wait, all_gather, reduce_scatter
 from .entry import open_group, run_on_group
-from .ring import _check_agreement
+from .ring import _check_agreement, local_mask
 
 
 class AllGatherMover(Mover):
@@ -105,7 +105,8 @@ class AllGatherMover(Mover):
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         layout: str | None = None, group: torch.distributed.ProcessGroup | None = None,
                         scale: float | None = None, timeout: float | None = None, backend: str = "auto",
-                        tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        tuning: Tuning | None = None, document_ids: torch.Tensor | None = None,
+                        window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with the K/V of every rank gathered on every rank. Returns this rank's ``(out, lse)``.
 
     Args:
@@ -118,6 +119,10 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
         group, scale, timeout, tuning: as :func:`ringbook.distributed.ring_attention`.
         backend: the block kernel: ``"auto"`` (default; PyTorch's fused
             kernels on CUDA, einops elsewhere), a fused backend or ``"einops"``.
+        document_ids, window: packed documents (ids of the *whole* sequence,
+            the same on every rank) and a sliding window, as
+            :func:`ringbook.distributed.ring_attention` takes them (blocks
+            no query sees are not computed).
 
     Returns:
         out ``b c h d`` and lse ``b h c`` (float32 for half precision) for
@@ -134,10 +139,12 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
     tuning = check_tuning(tuning)
     ring = open_group(group, timeout, "allgather_attention")
-    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
+    mask, problem = local_mask(q, ring.world, causal, document_ids, window)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend,
+                             extra=(("document_ids and window", mask),), problem=problem)
     plan = allgather_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, bool(causal), kv_heads=k.shape[2],
                           device=str(q.device), merge_group=tuning.rank_merge_group,
-                          grad_group=tuning.rank_grad_group)
+                          grad_group=tuning.rank_grad_group, mask=mask)
     return run_on_group(q, k, v, plan=plan,
                         mover=lambda k_, v_, backward: AllGatherMover(ring, k_, v_, backward, len(plan.steps)),
                         settings=Settings(scale, backend, who="ringbook.distributed.allgather_attention",

@@ -34,12 +34,13 @@ import math
 import torch
 from einops import rearrange, reduce
 
+from ..fast.blocks import Masked
 from ..fast.engine import CAUSAL, FULL, Plan, Settings, StackedMover, box
 from ..fast.tuning import Tuning, check_tuning
 from ..schedule import layout_positions
 from .comm import _Ring, _wait, all_to_all
 from .entry import open_group, run_on_group
-from .ring import _check_agreement
+from .ring import _check_agreement, local_mask
 
 
 def replicated_kv_heads(heads: int, kv_heads: int, world: int) -> int:
@@ -115,7 +116,8 @@ class _HeadShards:
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                       layout: str = "contiguous", group: torch.distributed.ProcessGroup | None = None,
                       scale: float | None = None, timeout: float | None = None, backend: str = "auto",
-                      tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      tuning: Tuning | None = None, document_ids: torch.Tensor | None = None,
+                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the shards of ``group``, computed on head shards after an all-to-all.
 
     Args:
@@ -129,6 +131,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
         group, scale, timeout, backend, tuning: as
             :func:`ringbook.distributed.ring_attention` (``backend="auto"``:
             the fused kernels on CUDA).
+        document_ids, window: packed documents (ids of the *whole* sequence,
+            the same on every rank) and a sliding window, as
+            :func:`ringbook.distributed.ring_attention` takes them: the head
+            shard's attention over the whole sequence runs with their mask.
 
     Returns:
         out ``b c h d`` and lse ``b h c`` for this rank's queries, equal to
@@ -143,12 +149,20 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     """
     tuning = check_tuning(tuning)
     ring = open_group(group, timeout, "ulysses_attention")
-    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend)
+    mask, problem = local_mask(q, ring.world, causal, document_ids, window)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend,
+                             extra=(("document_ids and window", mask),), problem=problem)
     h, g, w = q.shape[2], k.shape[2], ring.world
     check_heads(h, w)
     n = q.shape[1] * w
     shards = _HeadShards(ring, n, layout, g, replicated_kv_heads(h, g, w), q.device)
-    plan = Plan(((box((0, n), (0, n), kernel=CAUSAL if causal else FULL),),))
+    if mask is None:
+        kernel = CAUSAL if causal else FULL
+    else:  # the whole sequence in token order: its positions, documents and window
+        pos, ids = torch.arange(n, device=q.device), mask.ids()
+        kernel = Masked(pos, pos, bool(causal), None if ids is None else ids.to(q.device),
+                        None if ids is None else ids.to(q.device), mask.window)
+    plan = Plan(((box((0, n), (0, n), kernel=kernel),),))
     return run_on_group(q, k, v, plan=plan,
                         mover=lambda k_, v_, backward: StackedMover(k_, v_, backward=backward),
                         settings=Settings(scale, backend, who="ringbook.distributed.ulysses_attention",

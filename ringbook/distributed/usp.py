@@ -37,7 +37,7 @@ from ..fast.tuning import Tuning, check_tuning
 from ..schedule import usp_positions
 from .comm import _Ring
 from .entry import open_group, run_on_group
-from .ring import P2PMover, _check_agreement
+from .ring import P2PMover, _check_agreement, local_mask
 from .ulysses import _HeadShards, check_heads, replicated_kv_heads
 
 _GROUPS: dict = {}  # (process group, world, ulysses_size) -> (the ulysses groups, the ring groups), as new_group made them
@@ -58,7 +58,8 @@ def _subgroups(ring: _Ring, u: int) -> tuple:
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_size: int, causal: bool = False,
                   layout: str | None = None, group: torch.distributed.ProcessGroup | None = None,
                   scale: float | None = None, timeout: float | None = None, backend: str = "auto",
-                  tuning: Tuning | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tuning: Tuning | None = None, document_ids: torch.Tensor | None = None,
+                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the 2-D hybrid: Ulysses in groups of ``ulysses_size`` ranks, the ring across groups.
 
     Args:
@@ -71,6 +72,10 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
             ``"zigzag"`` (default when causal) or ``"striped"``.
         group, scale, timeout, backend, tuning: as
             :func:`ringbook.distributed.ring_attention` (``backend="auto"``).
+        document_ids, window: packed documents (ids of the *whole* sequence,
+            the same on every rank) and a sliding window, as
+            :func:`ringbook.distributed.ring_attention` takes them (the ring
+            across groups skips what they mask).
 
     Returns:
         out ``b c h d`` and lse ``b h c`` for this rank's queries, equal to
@@ -87,7 +92,9 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
     tuning = check_tuning(tuning)
     ring = open_group(group, timeout, "usp_attention")
-    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend, extra=(("ulysses_size", ulysses_size),))
+    mask, problem = local_mask(q, ring.world, causal, document_ids, window)
+    scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend, problem=problem,
+                             extra=(("ulysses_size", ulysses_size), ("document_ids and window", mask)))
     u, w, h, g = ulysses_size, ring.world, q.shape[2], k.shape[2]
     n = q.shape[1] * w
     usp_positions(n, w, u, layout)  # refuses a split that does not fit, the same on every rank
@@ -98,7 +105,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses_
     kv_to = replicated_kv_heads(h, g, u)
     shards = _HeadShards(inner, q.shape[1] * u, "contiguous", g, kv_to, q.device)
     plan = rank_plan(n, w // u, outer.rank, layout, bool(causal), kv_heads=kv_to // u, device=str(q.device),
-                     merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group)
+                     merge_group=tuning.rank_merge_group, grad_group=tuning.rank_grad_group, mask=mask)
     return run_on_group(q, k, v, plan=plan,
                         mover=lambda k_, v_, backward: P2PMover(outer, k_, v_, backward, len(plan.steps)),
                         settings=Settings(scale, backend, who="ringbook.distributed.usp_attention", tuning=tuning),
