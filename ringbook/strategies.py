@@ -42,6 +42,7 @@ import torch
 from einops import rearrange, repeat
 
 from ._utils import check_bool, check_positive_int, check_qkv, compute_dtype, resolve_scale
+from .masks import check_document_ids, check_window
 from .online_softmax import KEY_CHUNK, attend_block
 from .ring import _merge_rows
 from .schedule import LAYOUTS, Step, check_layout, layout_positions, ring_schedule
@@ -167,23 +168,31 @@ def _alltoall(phase: str, step: int, groups, parts: dict[str, int]) -> CommStep:
     return CommStep(phase, step, "all-to-all", msgs, ())
 
 
+def _needed_steps(sched) -> int:
+    """Steps up to the last one any rank computes something at (a mask can leave the last hops unneeded)."""
+    return max([t + 1 for t, row in enumerate(sched) if any(st.blocks for st in row)] + [1])
+
+
 def _ring_steps(phase: str, first: int, n: int, w: int, u: int, layout: str, causal: bool, kv_bytes: int,
-                grad_bytes: int, heads: int) -> list[CommStep]:
-    """The ring across ``w/u`` groups: K/V (and in the backward dK/dV, one more hop home) to the next group."""
+                grad_bytes: int, heads: int, masks: dict) -> list[CommStep]:
+    """The ring across ``w/u`` groups: K/V (and in the backward dK/dV, then home) to the next group; only the
+    steps some rank needs (documents and a window can leave the last ones empty)."""
     r = w // u
-    sched = ring_schedule(n, r, layout=layout, causal=causal)
+    sched = ring_schedule(n, r, layout=layout, causal=causal, **masks)
+    steps = _needed_steps(sched)
     ulysses_groups, _ = _hybrid_groups(w, u)
     hq = heads // u
     out = []
-    for t in range(r):
+    for t in range(steps):
         msgs = []
         for i in range(r):
             for j in range(u):
                 src, dst = ulysses_groups[i][j], ulysses_groups[(i + 1) % r][j]
-                if t < r - 1:
+                if t < steps - 1:
                     msgs.append(Message(src, dst, kv_bytes, "K/V"))
-                if phase == "backward" and r > 1:
-                    msgs.append(Message(src, dst, grad_bytes, "dK/dV"))
+                if phase == "backward" and r > 1 and (t < steps - 1 or t > 0):  # the last: home to the owner
+                    home = ulysses_groups[(i - t) % r][j] if t == steps - 1 else dst
+                    msgs.append(Message(src, home, grad_bytes, "dK/dV"))
         work = tuple(Work(ulysses_groups[i][j], (j * hq, (j + 1) * hq), (sched[t][i],), r, layout)
                      for i in range(r) for j in range(u))
         out.append(CommStep(phase, first + t, "p2p" if msgs else "", tuple(msgs), work))
@@ -192,7 +201,8 @@ def _ring_steps(phase: str, first: int, n: int, w: int, u: int, layout: str, cau
 
 def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_heads: int, head_dim: int,
                       dtype_bytes: int, causal: bool = False, layout: str = "contiguous",
-                      ulysses_size: int | None = None, batch: int = 1, backward: bool = False) -> list[CommStep]:
+                      ulysses_size: int | None = None, batch: int = 1, backward: bool = False,
+                      document_ids: torch.Tensor | None = None, window: int | None = None) -> list[CommStep]:
     """Who sends how many bytes to whom at each step, and which blocks each rank computes. Plain data.
 
     Args:
@@ -205,6 +215,9 @@ def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_h
         ulysses_size: ``u`` for ``"usp"`` (required there, refused elsewhere).
         batch: batch rows; every byte count is proportional to it.
         backward: append the backward's steps (phase ``"backward"``).
+        document_ids, window: packed documents and a sliding window
+            (:mod:`ringbook.masks`): blocks no query sees are not computed and
+            the ring's hops nobody needs are not sent.
 
     Returns:
         A list of :class:`CommStep`, forward first. Each has ``messages``
@@ -252,8 +265,9 @@ def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_h
     check_split(n, heads, kv_heads, w, u, layout)
     e, a = dtype_bytes, max(dtype_bytes, 4)  # input and accumulator bytes per element
     c, g, d = n // w, kv_heads, head_dim
+    masks = {"document_ids": document_ids, "window": window}
     if strategy == "allgather":
-        return _allgather_schedule(n, w, c * g * d * batch, heads, causal, layout, e, a, backward)
+        return _allgather_schedule(n, w, c * g * d * batch, heads, causal, layout, e, a, backward, masks)
     gp = lcm_heads(g, u)
     r = w // u
     ulysses_groups, _ = _hybrid_groups(w, u)
@@ -269,15 +283,16 @@ def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_h
         first = int(u > 1)  # the all-to-all in, if any, is step 0
         if u > 1:
             steps.append(_alltoall(phase, 0, ulysses_groups, into))
-        steps += _ring_steps(phase, first, n, w, u, layout, causal, kv_hop * e, kv_hop * a, heads)
+        ring = _ring_steps(phase, first, n, w, u, layout, causal, kv_hop * e, kv_hop * a, heads, masks)
+        steps += ring
         if u > 1:
-            steps.append(_alltoall(phase, first + r, ulysses_groups, back))
+            steps.append(_alltoall(phase, first + len(ring), ulysses_groups, back))
     return steps
 
 
-def _allgather_schedule(n, w, kv_elems, heads, causal, layout, e, a, backward) -> list[CommStep]:
+def _allgather_schedule(n, w, kv_elems, heads, causal, layout, e, a, backward, masks) -> list[CommStep]:
     """All-gather K/V (own diagonal block meanwhile), attend the rest; backward also reduce-scatters dK/dV."""
-    sched = ring_schedule(n, w, layout=layout, causal=causal)
+    sched = ring_schedule(n, w, layout=layout, causal=causal, **masks)
     everyone = [(s, t) for s in range(w) for t in range(w) if s != t]
     gather = tuple(Message(s, t, 2 * kv_elems * e, "K/V") for s, t in everyone)
     diag = tuple(Work(r, (0, heads), (sched[0][r],), w, layout) for r in range(w))
@@ -327,17 +342,25 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     return repeat(x, "b n g d -> b n (g r) d", r=heads // x.shape[2])
 
 
-def _attend(work: Work, q_of: Callable, kv_of: Callable, acc: dict, scale: float) -> None:
-    """Compute a :class:`Work`'s blocks and fold each into ``acc[query shard]`` with equation (M)."""
+def _attend(work: Work, q_of: Callable, kv_of: Callable, acc: dict, scale: float, masks: tuple = (False, None, None)
+            ) -> None:
+    """Compute a :class:`Work`'s blocks and fold each into ``acc[query shard]`` with equation (M).
+
+    ``masks = (causal, document ids b n or None, window or None)``: a ``"masked"`` block (a document or window
+    boundary cuts it) is attended with all of them."""
+    causal, docs, window = masks
     for step in work.steps:
         q, q_pos = q_of(step.rank)
         k, v, k_pos = kv_of(step.kv_rank)
         out, lse = acc[step.rank]
         for blk in step.blocks:
             (qa, qb), (ka, kb) = blk.q, blk.kv
+            qp, kp, cut = q_pos[qa:qb], k_pos[ka:kb], blk.kind == "masked"
             part = attend_block(q[:, qa:qb], _expand(k[:, ka:kb], q.shape[2]), _expand(v[:, ka:kb], q.shape[2]),
-                                scale=scale, causal=blk.kind == "causal", q_pos=q_pos[qa:qb], k_pos=k_pos[ka:kb],
-                                chunk=KEY_CHUNK)
+                                scale=scale, causal=blk.kind == "causal" or (cut and causal), q_pos=qp, k_pos=kp,
+                                chunk=KEY_CHUNK, q_doc=docs[:, qp] if cut and docs is not None else None,
+                                k_doc=docs[:, kp] if cut and docs is not None else None,
+                                window=window if cut else None)
             out, lse = _merge_rows(out, lse, blk.q, *part)
         acc[step.rank] = (out, lse)
 
@@ -354,6 +377,14 @@ def _check(q, k, v, causal, scale, ring_size, layout):
     return causal, resolve_scale(scale, q.shape[3])
 
 
+def _masks(document_ids, window, b: int, n: int, causal: bool, device) -> tuple[dict, tuple]:
+    """Checked documents and window: the keyword arguments of the schedule, and ``_attend``'s ``masks``."""
+    window = check_window(window)
+    ids = check_document_ids(document_ids, b, n)
+    return ({"document_ids": ids, "window": window},
+            (causal, None if ids is None else ids.to(device), window))
+
+
 def _empty(q, c, heads):
     b, d = q.shape[0], q.shape[3]
     work = compute_dtype(q.dtype)
@@ -363,19 +394,23 @@ def _empty(q, c, heads):
 
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, causal: bool = False,
                         layout: str = "contiguous", scale: float | None = None,
-                        wire: Wire | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        wire: Wire | None = None, document_ids: torch.Tensor | None = None,
+                        window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with K/V all-gathered over ``ring_size`` ranks played in one process. Returns ``(out, lse)``.
 
     Rank r holds the tokens ``layout_positions(n, w, layout)[r]``; every
     rank receives every other rank's K/V shard, ``(w−1)/w · 2·n·g·d·e`` bytes
     per rank, then attends its queries to all keys (causal by token position,
     blocks no query sees skipped; zigzag balances that work). k/v may have
-    fewer heads than q. ``wire`` records the messages. Returns out ``b n h d``
-    and lse ``b h n`` in the original token order, equal to
-    :func:`ringbook.naive_attention`; twice differentiable (plain autograd).
+    fewer heads than q. ``wire`` records the messages. ``document_ids`` and
+    ``window``: as :func:`ringbook.naive_attention` (blocks they empty are
+    skipped). Returns out ``b n h d`` and lse ``b h n`` in the original token
+    order, equal to :func:`ringbook.naive_attention`; twice differentiable
+    (plain autograd).
     """
     causal, scale = _check(q, k, v, causal, scale, ring_size, layout)
     b, n, h, d = q.shape
+    masks, docs = _masks(document_ids, window, b, n, causal, q.device)
     check_split(n, h, k.shape[2], ring_size, 1, layout)
     w, work, e = ring_size, compute_dtype(q.dtype), q.element_size()
     pos = layout_positions(n, w, layout).to(q.device)
@@ -387,9 +422,9 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ri
                 wire.send(s, t, "K/V", e, k_sh[s], v_sh[s])
     acc = {rank: _empty(q, n // w, h) for rank in range(w)}  # rank r's running (out, lse)
     for st in strategy_schedule("allgather", n, w, heads=h, kv_heads=k.shape[2], head_dim=d, dtype_bytes=e,
-                                causal=causal, layout=layout, batch=b):
+                                causal=causal, layout=layout, batch=b, **masks):
         for wk in st.work:  # every rank holds every shard now: shard s is k_sh[s]
-            _attend(wk, lambda i: (q_sh[i], pos[i]), lambda s: (k_sh[s], v_sh[s], pos[s]), acc, scale)
+            _attend(wk, lambda i: (q_sh[i], pos[i]), lambda s: (k_sh[s], v_sh[s], pos[s]), acc, scale, docs)
     inverse = torch.argsort(order)
     out = rearrange(torch.stack([acc[r][0] for r in range(w)]), "w b c h d -> b (w c) h d")[:, inverse]
     lse = rearrange(torch.stack([acc[r][1] for r in range(w)]), "w b h c -> b h (w c)")[:, :, inverse]
@@ -398,7 +433,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ri
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, ulysses_size: int,
                   causal: bool = False, layout: str = "contiguous", scale: float | None = None,
-                  wire: Wire | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  wire: Wire | None = None, document_ids: torch.Tensor | None = None,
+                  window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ulysses inside groups of ``ulysses_size`` consecutive ranks, the ring across the groups. Returns ``(out, lse)``.
 
     With ``u = ulysses_size`` and ``r = ring_size / u`` groups: the layout
@@ -412,12 +448,15 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_siz
     (3) all-to-all of out and lse back. ``u = 1`` is the ring, ``u = w`` is
     Ulysses. A split that does not fit (``u`` not dividing ``ring_size`` or
     the heads) raises ValueError naming the argument and the values that
-    work. ``wire`` records the messages. Equal to
+    work. ``wire`` records the messages. ``document_ids`` and ``window``: as
+    :func:`ringbook.naive_attention` (blocks they empty are skipped, and the
+    ring's hops nobody needs are not sent). Equal to
     :func:`ringbook.naive_attention`; twice differentiable.
     """
     causal, scale = _check(q, k, v, causal, scale, ring_size, layout)
     b, n, h, d = q.shape
     g = k.shape[2]
+    masks, docs = _masks(document_ids, window, b, n, causal, q.device)
     check_split(n, h, g, ring_size, ulysses_size, layout)
     w, u = ring_size, ulysses_size
     r, gp, dtype, work, e = w // u, lcm_heads(g, u), q.dtype, compute_dtype(q.dtype), q.element_size()
@@ -441,7 +480,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_siz
     acc = {(i, j): _empty(q, n // r, h // u) for i in range(r) for j in range(u)}
     held = [[i for _ in range(u)] for i in range(r)]  # held[i][j]: the chunk member j of group i holds
     for st in strategy_schedule("usp", n, w, heads=h, kv_heads=g, head_dim=d, dtype_bytes=e, causal=causal,
-                                layout=layout, ulysses_size=u, batch=b):
+                                layout=layout, ulysses_size=u, batch=b, **masks):
         if st.collective == "all-to-all":
             continue
         for wk in st.work:
@@ -449,7 +488,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_siz
             assert all(s.kv_rank == held[i][j] for s in wk.steps), "the ring's shards moved off schedule"
             sub = {i: acc[i, j]}
             _attend(wk, lambda x, j=j: (q_hd[x, j], pos[x]), lambda x, j=j: (k_hd[x, j], v_hd[x, j], pos[x]), sub,
-                    scale)
+                    scale, docs)
             acc[i, j] = sub[i]
         for m in st.messages:  # K/V of the chunk each member holds to the same member of the next group
             i, j = divmod(m.src, u)
@@ -475,7 +514,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_siz
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, causal: bool = False,
-                      scale: float | None = None, wire: Wire | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float | None = None, wire: Wire | None = None, document_ids: torch.Tensor | None = None,
+                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by DeepSpeed-Ulysses over ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
     Rank r holds tokens ``[r·c, (r+1)·c)``, ``c = n / w``. An all-to-all
@@ -495,4 +535,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring
     twice differentiable.
     """
     return usp_attention(q, k, v, ring_size=ring_size, ulysses_size=ring_size, causal=causal, layout="contiguous",
+                         document_ids=document_ids, window=window,
                          scale=scale, wire=wire)

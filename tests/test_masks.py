@@ -230,3 +230,40 @@ def test_the_readable_paths_take_both_masks(window):
             torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
             for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_strategies_teaching_forms_take_both_masks(window):
+    from ringbook import strategies
+
+    ids = _docs("random", 24)
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 24, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 24, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for causal in (False, True):
+        ref_out, ref_lse = ringbook.naive_attention(q, k.repeat_interleave(2, 2), v.repeat_interleave(2, 2),
+                                                    causal=causal, document_ids=ids, window=window)
+        ref = torch.autograd.grad(ref_out.sum(), (q, k, v))
+        for call in (lambda: strategies.allgather_attention(q, k, v, ring_size=3, causal=causal, layout="zigzag",
+                                                            document_ids=ids, window=window),
+                     lambda: strategies.ulysses_attention(q, k, v, ring_size=2, causal=causal, document_ids=ids,
+                                                          window=window),
+                     lambda: strategies.usp_attention(q, k, v, ring_size=4, ulysses_size=2, causal=causal,
+                                                      layout="zigzag", document_ids=ids, window=window)):
+            out, lse = call()
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+            for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_windowed_ring_schedule_sends_only_the_hops_it_needs():
+    from ringbook.strategies import bytes_sent, strategy_schedule
+
+    kw = dict(heads=2, kv_heads=2, head_dim=3, dtype_bytes=2, causal=True, backward=True)
+    dense = strategy_schedule("ring", 24, 6, **kw)
+    windowed = strategy_schedule("ring", 24, 6, window=3, **kw)  # shards of 4: one hop back is enough
+    assert len([s for s in windowed if s.phase == "forward"]) == 2
+    assert sum(bytes_sent(windowed, 6)) < sum(bytes_sent(dense, 6)) / 2
+    home = [m for s in windowed if s.phase == "backward" and s.step == 1 for m in s.messages]
+    assert all(m.what == "dK/dV" and m.dst == (m.src - 1) % 6 for m in home)  # straight home, one rank back
