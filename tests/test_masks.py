@@ -236,7 +236,7 @@ def test_the_readable_paths_take_both_masks(window):
 def test_the_strategies_teaching_forms_take_both_masks(window):
     from ringbook import strategies
 
-    ids = _docs("random", 24)
+    ids = document_ids_from_cu_seqlens([0, 5, 6, 17, 24])
     g = torch.Generator().manual_seed(12)
     q = torch.randn(2, 24, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 24, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
