@@ -40,7 +40,7 @@ import torch
 
 from .. import __version__
 from ..naive import naive_attention
-from .rules import finite_max_error
+from .rules import WrongResult, finite_max_error  # WrongResult: re-exported
 
 
 def environment(device: torch.device) -> dict:
@@ -212,10 +212,6 @@ def peak_memory_gb(fn: Callable[[], object], device: torch.device, *,
     result = fn()
     extra = max(_proc_status_kb("VmHWM") - before, 0) * 1024
     return (extra + sum(x.nbytes for x in inputs if isinstance(x, torch.Tensor))) / 1e9, result
-
-
-class WrongResult(ValueError):
-    """A result that fails a check: non-finite where it must be finite, or unlike its reference (says where)."""
 
 
 def _where(mask: torch.Tensor, rows: torch.Tensor | None = None, dim: int = 1) -> str:

@@ -21,6 +21,11 @@ import torch
 
 from ..tolerance import TOLERANCE  # a row whose max_rel_err exceeds it is a wrong answer (status "error")
 
+
+class WrongResult(ValueError):
+    """A result that fails a check: non-finite where it must be finite, or unlike its reference (says where)."""
+
+
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
@@ -67,7 +72,6 @@ def finite_max_error(x: torch.Tensor, ref: torch.Tensor, what: str = "value") ->
     ``x`` must have no NaN and the same ±inf entries as ``ref`` (so it works
     for an lse with -inf rows); otherwise :class:`~ringbook.bench.measure.WrongResult`.
     """
-    from .measure import WrongResult
 
     x, ref = x.detach().double(), ref.detach().double()
     if x.shape != ref.shape:

@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
-from ..bench.report import row_tolerance, series_by_label, summary_rows
+from ..bench.tables import row_tolerance, series_by_label, summary_rows
 from .figure import new_figure
 from .palette import COLORS, IMPL_COLORS, RING_STYLES
 
