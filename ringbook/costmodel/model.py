@@ -114,7 +114,7 @@ def label(strategy: str, layout: str, ulysses_size: int | None, devices: int) ->
     return {"ring": f"ring ({layout})", "allgather": "all-gather", "ulysses": "Ulysses"}[strategy]
 
 
-def _calls(cs: CommStep, head_dim: int, batch: int):
+def _calls(cs: CommStep, head_dim: int, batch: int, k: int = 1):
     """(rank, flops, causal) per kernel call of a step: a Step's blocks grouped by query rows and kind."""
     for wk in cs.work:
         nh = wk.heads[1] - wk.heads[0]
@@ -123,16 +123,16 @@ def _calls(cs: CommStep, head_dim: int, batch: int):
             for b in st.blocks:
                 group[(b.q, b.kind)] += b.area
             for (_, kind), area in group.items():
-                f = 4 * batch * nh * area * head_dim
+                f = 4 * batch * nh * area * head_dim * k * k
                 yield wk.rank, (f / 2 if kind == "causal" else f), kind == "causal"
 
 
 def _phases(schedule: list[CommStep], work: Workload, machine: Machine, devices: int,
-            one_process: bool) -> list[Phase]:
-    k = machine.kernel
+            one_process: bool, k: int = 1) -> list[Phase]:
+    kern = machine.kernel
     phases = []
     for cs in schedule:
-        scale = k.backward if cs.phase == "backward" else 1.0
+        scale = kern.backward if cs.phase == "backward" else 1.0
         if one_process:
             launches: dict[tuple, float] = defaultdict(float)
             for wk in cs.work:  # the same call of every rank: one launch
@@ -142,17 +142,17 @@ def _phases(schedule: list[CommStep], work: Workload, machine: Machine, devices:
                     for b in st.blocks:
                         group[(b.q, b.kind)] += b.area
                     for (q, kind), area in group.items():
-                        launches[(st.step, q[1] - q[0], area, kind)] += 4 * work.batch * nh * area * work.head_dim
-            sec = sum(k.call_time(f / 2 if key[3] == "causal" else f, key[3] == "causal") for key, f in launches.items())
+                        launches[(st.step, q[1] - q[0], area, kind)] += 4 * work.batch * nh * area * work.head_dim * k * k
+            sec = sum(kern.call_time(f / 2 if key[3] == "causal" else f, key[3] == "causal") for key, f in launches.items())
             phases.append(Phase(f"{cs.phase} {cs.step}", (sec * scale,), ()))
             continue
         comp = [0.0] * devices
-        for rank, f, causal in _calls(cs, work.head_dim, work.batch):
-            comp[rank] += k.call_time(f, causal) * scale
+        for rank, f, causal in _calls(cs, work.head_dim, work.batch, k):
+            comp[rank] += kern.call_time(f, causal) * scale
         sync = cs.collective not in ("p2p", "")
         per_pair: dict[tuple, float] = defaultdict(float)
         for m in cs.messages:
-            per_pair[(m.src, m.dst, m.what in RESULTS)] += m.nbytes
+            per_pair[(m.src, m.dst, m.what in RESULTS)] += m.nbytes * k
         transfers = []
         for (src, dst, res), nb in per_pair.items():
             link = machine.link(src, dst)
@@ -214,14 +214,17 @@ def predict(strategy: str, work: Workload, machine: Machine, *, layout: str = "c
     big = r > MAX_SCHEDULED or (strategy == "allgather" and w > MAX_SCHEDULED)
     played = work if not big else dataclasses.replace(work, devices=w // r * MAX_SCHEDULED,
                                                       seq_len=work.seq_len // r * MAX_SCHEDULED)
+    # Block boundaries and bytes scale with the length: read the schedule at n/k (areas × k², bytes × k)
+    unit = 16 * played.devices
+    k = played.seq_len // unit if layout != "striped" and played.seq_len % unit == 0 else 1
     try:
-        sched = strategy_schedule(strategy, played.seq_len, played.devices, heads=work.heads, kv_heads=work.kv_heads,
+        sched = strategy_schedule(strategy, played.seq_len // k, played.devices, heads=work.heads, kv_heads=work.kv_heads,
                                   head_dim=work.head_dim, dtype_bytes=work.dtype_bytes, causal=work.causal,
                                   layout=layout, ulysses_size=ulysses_size, batch=work.batch, backward=work.backward)
     except ValueError as err:
         return Prediction(name, strategy, layout, ulysses_size, math.inf, (), None, math.nan, math.nan, str(err))
     devices = 1 if one_process else played.devices
-    phases = _phases(sched, played, machine, devices, one_process)
+    phases = _phases(sched, played, machine, devices, one_process, k)
     note = ""
     if big:
         grow = r / MAX_SCHEDULED
@@ -241,20 +244,29 @@ def predict(strategy: str, work: Workload, machine: Machine, *, layout: str = "c
                 phases += [p for p in ph if p.sync and ph.index(p) > 0]
         note = f"played at {played.devices} devices with {work.seq_len // w} tokens each, extended to {w}"
     timeline = simulate(phases, devices)
-    costs = tuple(StepCost(cs.phase, cs.step, cs.collective, max(p.compute),
-                           max((sum(t.seconds for t in p.transfers if t.src == i) for i in range(devices)), default=0.0))
-                  for cs, p in zip(sched, phases))
-    sent = max(bytes_sent(sched, played.devices)) * (w / played.devices if big else 1)
+    costs = []
+    for cs, p in zip(sched, phases):
+        per = defaultdict(float)
+        for t in p.transfers:
+            per[t.src] += t.seconds
+        costs.append(StepCost(cs.phase, cs.step, cs.collective, max(p.compute), max(per.values(), default=0.0)))
+    sent = max(bytes_sent(sched, played.devices)) * k * (w / played.devices if big else 1)
     mem = memory_per_device(strategy, work, ulysses_size)
     ruled = None
     if not one_process and mem > machine.memory:
         ruled = f"needs {mem / 1e9:.1f} GB per device, the machine has {machine.memory / 1e9:.0f} GB"
-    return Prediction(name, strategy, layout, ulysses_size, timeline.total, costs, timeline, mem, sent, ruled, note)
+    return Prediction(name, strategy, layout, ulysses_size, timeline.total, tuple(costs), timeline, mem, sent, ruled, note)
 
 
-def compare(work: Workload, machine: Machine) -> list[Prediction]:
-    """Every candidate strategy for ``work`` on ``machine``, fastest first (ruled-out ones last)."""
-    preds = [predict(s, work, machine, layout=lay, ulysses_size=u) for s, lay, u in candidates(work)]
+def compare(work: Workload, machine: Machine, *, all_hybrids: bool = False) -> list[Prediction]:
+    """Every candidate strategy for ``work`` on ``machine``, fastest first (ruled-out ones last).
+
+    Hybrids keep their Ulysses groups inside a node (``u ≤ gpus_per_node``,
+    USP's design) unless ``all_hybrids``.
+    """
+    all_hybrids = check_bool(all_hybrids, "all_hybrids")
+    preds = [predict(s, work, machine, layout=lay, ulysses_size=u) for s, lay, u in candidates(work)
+             if all_hybrids or u is None or u <= machine.gpus_per_node]
     return sorted(preds, key=lambda p: (not p.ok, p.total))
 
 

@@ -91,9 +91,11 @@ def simulate(steps: Sequence[Phase], devices: int) -> Timeline:
         late_next = [0.0] * devices
         if st.sync and st.transfers:
             members = sorted({t.src for t in st.transfers} | {t.dst for t in st.transfers})
-            t0 = max(max(end[i] if any(t.result and t.src == i for t in st.transfers) else start[i],
-                         comm_free[i]) for i in members)
-            per = {i: sum(t.seconds for t in st.transfers if t.src == i) for i in members}
+            after = {t.src for t in st.transfers if t.result}
+            t0 = max(max(end[i] if i in after else start[i], comm_free[i]) for i in members)
+            per = dict.fromkeys(members, 0.0)
+            for t in st.transfers:
+                per[t.src] += t.seconds
             t1 = t0 + max(per.values())
             for i in members:
                 if per[i] > 0:
