@@ -45,7 +45,7 @@ ROOT, FIGURES, SAVE = PATHS
 # %%
 import numpy as np
 from IPython.display import display
-from ipywidgets import Checkbox, Dropdown, IntSlider, SelectionSlider, interactive
+from ipywidgets import Checkbox, Dropdown, SelectionSlider, interactive
 
 from ringbook import strategy_schedule
 from ringbook.costmodel import KERNELS, LINKS, Workload, compare, overlap_threshold, predict, preset
@@ -161,7 +161,7 @@ check_hide_tokens(hide_tokens)
 # collective waits for its last member). Strategies the heads or the memory rule out are listed with the
 # reason. The sliders choose the cluster (8 GPUs per node; a hybrid keeps its Ulysses groups in a node).
 
-# %%
+# %% tags=["nbval-ignore-output"]
 def explore(devices, seq_len, heads, kv_heads, causal, link):
     if heads % kv_heads:
         print(f"kv_heads={kv_heads} must divide heads={heads}")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from .figure import new_figure
+
+if TYPE_CHECKING:
+    from ..costmodel import Timeline
 
 
 def plot_strategy_times(predictions: Sequence, *, title: str = "", memory: float | None = None) -> Figure:
@@ -50,7 +54,7 @@ def plot_strategy_times(predictions: Sequence, *, title: str = "", memory: float
     return fig
 
 
-def plot_timeline(timeline, device: int = 0, *, title: str = "") -> Figure:
+def plot_timeline(timeline: Timeline, device: int = 0, *, title: str = "") -> Figure:
     """One device's compute and communication streams over time (a :class:`ringbook.costmodel.Timeline`)."""
     if not 0 <= device < timeline.devices:
         raise ValueError(f"device must be in 0…{timeline.devices - 1}, got {device}")
@@ -97,7 +101,7 @@ def plot_predicted_vs_measured(cases: Sequence, *, bound: float = 0.25, title: s
     ax.set_xlabel("measured (ms)")
     ax.set_ylabel("predicted (ms)")
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title or "the model against every committed run (open: blocks under 8K rows)", fontsize=10)
+    ax.set_title(title or "model vs every committed run, H100 and H200 rows (open: blocks < 8K rows)", fontsize=10)
     return fig
 
 
