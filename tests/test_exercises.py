@@ -299,3 +299,33 @@ def test_checkers_06_reject_plausible_wrong_answers(name, index, capsys):
     assert exercises.CHECKERS[name](wrong) is False
     out = capsys.readouterr().out
     assert out.startswith(f"✗ {name}: fails on") and words in out, out
+
+
+# Notebook 08: plausible wrong answers for the cost model's checkers, with words their hints must contain.
+
+def _sol08(name):
+    return _solutions()[name]
+
+
+WRONG_08 = {
+    "hide_tokens": [
+        (lambda f, b, h, g, e, causal: 2 * g * e * f / (4 * h * b), "half the block"),  # causal ignored
+        (lambda f, b, h, g, e, causal: 2 * h * e * f / (4 * h * b * (0.5 if causal else 1)), "kv_heads"),  # no GQA
+    ],
+    "hop_bytes": [
+        (lambda n, w, u, h, g, d, e: 2 * (n // w) * g * d * e, "chunk"),  # the rank's own tokens, all kv heads
+        (lambda n, w, u, h, g, d, e: (n // (w // u)) * (g // u or 1) * d * e, "K and V"),  # only K
+    ],
+    "cluster_winner": [
+        (lambda w, n, h, g, m: "ring (contiguous)", "last rank"),
+        (lambda w, n, h, g, m: "ring (zigzag)", "compare"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG_08.items() for i in range(len(ws))])
+def test_checkers_08_reject_plausible_wrong_answers(name, index, capsys):
+    wrong, words = WRONG_08[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and words in out, out

@@ -1,0 +1,35 @@
+"""Choosing a strategy: a cost model and a step simulator, checked against measurements (notebook 08).
+
+* :mod:`.machine` — the kernel's rate per call size (fitted from committed
+  benchmark rows), links, memory; presets with their sources.
+* :mod:`.model` — a :class:`Workload`, every strategy's schedule
+  (:func:`ringbook.strategy_schedule`) turned into compute and transfer
+  seconds per step, memory per device, constraints; :func:`compare`.
+* :mod:`.simulate` — one compute and one communication stream per device.
+* :mod:`.check` — the model against every committed measurement and the
+  published anchors.
+
+Needs only the standard library and ringbook (no plotting).
+"""
+
+from .machine import KERNELS, LINKS, PRESETS, KernelRate, Link, Machine, fit_kernel, fit_rows, preset
+from .model import (
+    Prediction,
+    StepCost,
+    Workload,
+    candidates,
+    compare,
+    ideal,
+    memory_per_device,
+    overlap_threshold,
+    pass_kv_preferred,
+    predict,
+)
+from .simulate import Interval, Phase, Timeline, Transfer, simulate
+
+__all__ = [
+    "KERNELS", "LINKS", "PRESETS", "KernelRate", "Link", "Machine", "fit_kernel", "fit_rows", "preset",
+    "Prediction", "StepCost", "Workload", "candidates", "compare", "ideal", "memory_per_device",
+    "overlap_threshold", "pass_kv_preferred", "predict",
+    "Interval", "Phase", "Timeline", "Transfer", "simulate",
+]

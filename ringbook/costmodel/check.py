@@ -1,0 +1,192 @@
+"""The model against every committed measurement, and beside the published anchors.
+
+:func:`measured_cases` reads the committed benchmark files (``figures/``) and
+predicts each row with the machine fitted for its device and kernel:
+
+* multi-process rows (``figures/dist-bench-*-w*.json``, two H100s over
+  NVLink): ``ring_dist`` (the einops ring, kernel ``h100-einops``),
+  ``production_dist`` (the ring on cuDNN, ``h100-cudnn``), PyTorch's
+  ``context_parallel`` with its all-gather rotater (the all-gather strategy,
+  on the cuDNN or flash kernel the row names);
+* one-process rows of ``figures/bench-*.json``: ``production`` (every rank
+  played on one GPU, forward and forward+backward) and the einops ``ring``,
+  ring sizes above 1.
+
+One-process rows whose blocks are shorter than :data:`MIN_BLOCK` rows are
+reported but not held to the bound: their time is the engine's per-step
+bookkeeping (merges, launches) that the model does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .machine import KERNELS, preset
+from .model import Workload, ideal, predict
+
+MIN_BLOCK = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One committed row, the model's prediction of it, and the relative error."""
+
+    source: str
+    what: str
+    devices: int
+    seq_len: int
+    causal: bool
+    backward: bool
+    kernel: str
+    measured_ms: float
+    predicted_ms: float
+    held: bool  # inside the model's range (held to the bound)
+
+    @property
+    def error(self) -> float:
+        return self.predicted_ms / self.measured_ms - 1
+
+
+def _rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def _kernel(device: str, impl: str, backend: str | None = None) -> str | None:
+    gpu = "h100" if "H100" in device else "h200" if "H200" in device else None
+    kind = {"ring_dist": "einops", "ring": "einops", "context_parallel": backend}.get(impl, "cudnn")
+    name = f"{gpu}-{kind}"
+    return name if gpu and name in KERNELS else None
+
+
+def measured_cases(figures: str | Path) -> list[Case]:
+    """Every committed row the model covers, predicted (see the module docstring)."""
+    figures = Path(figures)
+    if not figures.is_dir():
+        raise ValueError(f"figures must be the folder of committed results, got {str(figures)!r}")
+    cases = []
+    for path in sorted(figures.glob("dist-bench-*-w*.json")) + sorted(figures.glob("bench-*.json")):
+        multi = path.name.startswith("dist-bench")
+        for r in _rows(path):
+            impl = r.get("impl")
+            if r.get("status") != "ok" or impl not in ("ring_dist", "production_dist", "context_parallel",
+                                                      "production", "ring"):
+                continue
+            if multi == (impl in ("production", "ring")) or (not multi and r.get("ring_size", 1) < 2):
+                continue
+            if impl == "context_parallel" and r.get("cp_rotate_method") != "all_gather":
+                continue
+            kernel = _kernel(r.get("device", ""), impl, r.get("sdpa_backend"))
+            if kernel is None or r.get("dtype") != "bfloat16":
+                continue
+            n, w, causal = r["seq_len"], r["ring_size"], bool(r["causal"])
+            backward = r.get("mode") == "forward+backward"
+            layout = r.get("layout") or ("zigzag" if causal else "contiguous")
+            strategy = "allgather" if impl == "context_parallel" else "ring"
+            work = Workload(w, n, r["heads"], r.get("kv_heads", r["heads"]), r["head_dim"], 2, causal, backward,
+                            r.get("batch", 1))
+            pred = predict(strategy, work, preset("h100-nvlink", kernel=kernel), layout=layout, one_process=not multi)
+            what = f"{impl}{'' if multi else f' r{w}'}{' ' + r['sdpa_backend'] if impl == 'context_parallel' else ''}"
+            held = multi or n // w >= MIN_BLOCK
+            cases.append(Case(path.name, what, w, n, causal, backward, kernel, r["time_ms"], pred.total * 1e3, held))
+    return cases
+
+
+# --------------------------------------------------------------------------- the published anchors
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    """A published figure, the model's prediction of it, and whether (and why) they agree."""
+
+    source: str
+    setting: str
+    published: str
+    predicted: str
+    agree: bool
+    why: str
+    assumed: str
+
+
+def _eff(work: Workload, machine, strategy: str, layout: str, u: int | None = None) -> float:
+    return ideal(work, machine) / predict(strategy, work, machine, layout=layout, ulysses_size=u).total
+
+
+def anchors() -> list[Anchor]:
+    """The model beside each published anchor of ANCHORS.md (kernels and links for foreign hardware are nominal)."""
+    import dataclasses as dc
+
+    from .machine import IB_400, NVLINK_A100, NVLINK_H800, scaled_kernel
+    out = []
+    # ring-flash-attention, 8 × H800: % of ideal
+    fa2 = KERNELS["h100-flash"]
+    h800 = dc.replace(preset("h100-nvlink"), kernel=fa2, intra=NVLINK_H800, name="8 × H800")
+    rows = []
+    for bwd in (False, True):
+        w = Workload(8, 8 * 8192, 32, 8, 128, 2, True, bwd)
+        rows.append((_eff(w, h800, "ring", "zigzag"), _eff(w, h800, "ring", "contiguous")))
+    (zf, rf), (zb, rb) = rows
+    out.append(Anchor(
+        "zhuzilin/ring-flash-attention README", "8×H800, 32/8 heads, d=128, causal, 8K tokens per GPU",
+        "zigzag 85% fwd / 90% fwd+bwd; ring 52% / 54% of ideal",
+        f"zigzag {zf:.0%} / {zb:.0%}; ring {rf:.0%} / {rb:.0%}",
+        abs(rf - 0.52) < 0.08 and abs(zf - 0.85) < 0.1,
+        "the plain ring's loss is the causal imbalance (the last rank does 7.5 of 8 blocks, 4 is ideal), which "
+        "the schedule carries exactly; zigzag's loss is shorter kernel calls, through t0",
+        "kernel: the H100 flash-SDPA fit here (d=64) stands in for FA2 at d=128 on H800; NVLink 200 GB/s one way "
+        "(nominal)"))
+    # MagiAttention, H100, GQA 64:8, d=128, causal, 8K per GPU: forward TFLOP/s per GPU
+    fa3 = scaled_kernel(KERNELS["h100-cudnn"], 680e12, name="FA3 d=128 (published ≈680 TF/s)",
+                        source="MagiAttention kernel charts: FA3 forward ≈680 TF/s at d=128, causal 32K (published)")
+    h100 = dc.replace(preset("h100-nvlink"), kernel=fa3, inter=IB_400)
+    got = {}
+    for w in (8, 64):
+        work = Workload(w, w * 8192, 64, 8, 128, 2, True, False)
+        for lbl, s, lay, u in (("Ulysses", "ulysses", "contiguous", None), ("all-gather", "allgather", "zigzag", None),
+                               ("USP", "usp", "zigzag", 8 if w == 64 else 4), ("ring", "ring", "zigzag", None)):
+            p = predict(s, work, h100, layout=lay, ulysses_size=u)
+            got[(w, lbl)] = work.flops / p.total / w / 1e12
+    fmt = "; ".join(f"{w} GPUs: " + " / ".join(f"{got[(w, x)]:.0f}" for x in ("Ulysses", "all-gather", "USP", "ring"))
+                    for w in (8, 64))
+    out.append(Anchor(
+        "MagiAttention distributed benchmark", "H100, GQA 64:8, d=128, causal, 8K tokens per GPU, FA3",
+        "Ulysses / all-gather / USP / P2P ring ≈ 601 / 601 / 592 / 421 TF/s per GPU at 8; 585 / 582 / 587 / 447 at 64",
+        fmt, False,
+        "the model puts the zigzag ring with the others: a hop (2·8K·8·128·2 B = 33.5 MB, 0.09 ms on NVLink) hides "
+        "behind its block (≈0.2 ms). Their ring is 30% slower for what the model lacks: per-step kernel launches "
+        "at a 4K×8K block, merges, and a P2P path that is not NVLink-bound",
+        "FA3 at the published 680 TF/s with the H100 cuDNN fit's per-call cost; NVLink 380 GB/s, IB 50 GB/s per "
+        "GPU (nominal); USP 4×2 at 8 GPUs and 8×8 at 64"))
+    # yunchang, 8 × A100, 128K, 8 heads: it/s
+    a100 = dc.replace(preset("h100-nvlink"), intra=NVLINK_A100, name="8 × A100",
+                      kernel=scaled_kernel(fa2, 190e12, name="FA2 on A100 (nominal ≈190 TF/s fwd)",
+                                           source="nominal: FA2 paper's A100 forward rate at d=128"))
+    work = Workload(8, 128 * 1024, 8, 8, 128, 2, True, True)
+    t = {lbl: predict(s, work, a100, layout=lay, ulysses_size=u).total
+         for lbl, s, lay, u in (("Ulysses", "ulysses", "contiguous", None), ("ring", "ring", "zigzag", None),
+                                ("4×2", "usp", "zigzag", 4))}
+    out.append(Anchor(
+        "feifeibear/long-context-attention README", "8×A100 NVLink, 128K, 8 heads, d=128 (causal, fwd+bwd assumed)",
+        "it/s: 4×2 hybrid 21.92, Ulysses 20.99, zigzag ring 18.21 (hybrid 1.04× Ulysses, ring 0.87×)",
+        f"hybrid {t['Ulysses'] / t['4×2']:.2f}× Ulysses, ring {t['Ulysses'] / t['ring']:.2f}× Ulysses",
+        False,
+        "the model ranks the three within 2%: every transfer hides or is small beside 128K² work; it has no term "
+        "for what separates them in the measurement (the ring's per-step overheads, the all-to-all's memory copies)",
+        "FA2 on A100 at a nominal 190 TF/s; NVLink 300 GB/s one way (nominal); the README's mask and pass assumed"))
+    # Meta: 1M tokens of Llama-3-405B on 128 H100s (16 nodes × 8, TP8 inside a node, CP16 across)
+    meta = dc.replace(preset("h100-nvlink"), gpus_per_node=1, name="16 nodes × 8 H100, ring across nodes on IB",
+                      kernel=scaled_kernel(KERNELS["h100-cudnn"], 540e12, name="540 TF/s (Meta's standalone)",
+                                           source="Yang et al. 2024: standalone attention at 540 TF/s (published)"))
+    work = Workload(16, 1 << 20, 16, 1, 128, 2, True, False)  # per GPU: 128/8 q heads, 8/8 kv heads
+    p = predict("ring", work, meta, layout="zigzag")
+    eff, layer = work.flops / (p.total * work.devices) / 540e12, p.total
+    out.append(Anchor(
+        "Yang et al. 2024 (Meta context-parallel inference)", "Llama-3-405B, 1M-token prefill, 128 H100s, CP16×TP8",
+        "77 s end to end, 93% parallel efficiency",
+        f"attention: {layer * 126:.0f} s for 126 layers at {eff:.0%} of 540 TF/s per GPU (GEMMs not modelled)",
+        abs(eff - 0.93) < 0.05,
+        "the ring over InfiniBand hides: 65K tokens per node is far above the threshold; the model covers "
+        "attention only, which is most of the 77 s at 1M tokens",
+        "per GPU 16 q heads and 1 kv head (TP8), every hop across nodes at 50 GB/s (nominal), 540 TF/s kernel"))
+    return out

@@ -1,0 +1,200 @@
+"""The machine: how fast the attention kernel runs a call of a given size, the links, the memory.
+
+Kernel rate. One kernel call of ``f`` FLOPs (``4·b·h·n_q·n_k·d``, half for a
+causal block) takes ``t = t0 + f / peak``: a fixed cost per call (launch,
+tail, the first and last waves of tiles) and a steady rate. Equivalently the
+achieved rate is ``peak · f / (f + f½)`` with ``f½ = t0 · peak``: short blocks
+run slower, as the 16K rows show. ``t0`` and ``peak`` are fitted separately
+for full and causal calls by least squares on the relative error of the
+committed one-GPU rows (:func:`fit_kernel`); the backward costs ``backward``
+times the forward of the same call, from committed forward+backward rows.
+
+Links. ``bandwidth`` is bytes per second one way per GPU, ``latency`` seconds
+per message. No link was measured in this repository: every link preset is
+nominal (the vendor's figure) or a published measurement, and says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .._utils import check_positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRate:
+    """``t = t0 + f/peak`` per call, for full and causal calls; the backward is ``backward`` × the forward."""
+
+    name: str
+    peak_full: float  # FLOP/s
+    t0_full: float  # seconds per call
+    peak_causal: float
+    t0_causal: float
+    backward: float
+    source: str
+    measured: bool = True
+
+    def call_time(self, flops: float, causal: bool = False) -> float:
+        """Seconds for one forward call of ``flops`` FLOPs (counted as the benchmarks count them)."""
+        if flops < 0:
+            raise ValueError(f"flops must be ≥ 0, got {flops}")
+        if flops == 0:
+            return 0.0
+        return (self.t0_causal + flops / self.peak_causal) if causal else (self.t0_full + flops / self.peak_full)
+
+    def rate(self, flops: float, causal: bool = False) -> float:
+        """Achieved FLOP/s of one call: ``peak · f / (f + f½)``."""
+        return flops / self.call_time(flops, causal) if flops > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """``latency + nbytes / bandwidth`` seconds for one message (bandwidth: bytes/s one way per GPU)."""
+
+    name: str
+    bandwidth: float
+    latency: float
+    source: str
+    measured: bool = False
+
+    def time(self, nbytes: float) -> float:
+        return 0.0 if nbytes <= 0 else self.latency + nbytes / self.bandwidth
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """A kernel, a link inside a node, a link across nodes, GPUs per node and memory per GPU (bytes)."""
+
+    name: str
+    kernel: KernelRate
+    intra: Link
+    inter: Link
+    gpus_per_node: int
+    memory: float
+    source: str
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.gpus_per_node, "gpus_per_node")
+        if not isinstance(self.kernel, KernelRate):
+            raise TypeError(f"kernel must be a KernelRate, got {type(self.kernel).__name__}")
+        for link, name in ((self.intra, "intra"), (self.inter, "inter")):
+            if not isinstance(link, Link):
+                raise TypeError(f"{name} must be a Link, got {type(link).__name__}")
+        if not self.memory > 0:
+            raise ValueError(f"memory must be > 0 bytes, got {self.memory}")
+
+    def link(self, src: int, dst: int) -> Link:
+        """The link a message from device ``src`` to ``dst`` takes."""
+        return self.intra if src // self.gpus_per_node == dst // self.gpus_per_node else self.inter
+
+
+def fit_kernel(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(t0, peak)`` minimising Σ((t0 + f/peak − t)/t)² over ``(flops, seconds)`` points (two or more)."""
+    if len(points) < 2:
+        raise ValueError(f"points needs at least two (flops, seconds) pairs, got {len(points)}")
+    s11 = s12 = s22 = b1 = b2 = 0.0
+    for f, t in points:
+        if not (f > 0 and t > 0):
+            raise ValueError(f"points must have flops > 0 and seconds > 0, got ({f}, {t})")
+        x1, x2 = 1 / t, f / t
+        s11, s12, s22, b1, b2 = s11 + x1 * x1, s12 + x1 * x2, s22 + x2 * x2, b1 + x1, b2 + x2
+    det = s11 * s22 - s12 * s12
+    t0, inv_peak = (b1 * s22 - b2 * s12) / det, (s11 * b2 - s12 * b1) / det
+    return max(t0, 0.0), 1 / inv_peak
+
+
+def fit_rows(rows: list[dict], impl: str, *, name: str, source: str, backward_rows: list[dict] = ()) -> KernelRate:
+    """A :class:`KernelRate` from benchmark rows of one-GPU ``impl`` (``ring_size`` 1, forward, status ok).
+
+    ``backward_rows``: forward+backward rows of the same impl; ``backward`` is
+    the median of (t_fwd+bwd − t_fwd) / t_fwd over lengths present in both.
+    """
+    def pts(causal):
+        return [(r["flops"], r["time_ms"] / 1e3) for r in rows
+                if r.get("impl") == impl and r.get("status") == "ok" and r.get("ring_size", 1) == 1
+                and bool(r.get("causal")) == causal and r.get("mode") in ("forward", None)]
+    (t0f, pf), (t0c, pc) = fit_kernel(pts(False)), fit_kernel(pts(True))
+    fwd = {(r["seq_len"], bool(r["causal"])): r["time_ms"] for r in rows if r.get("impl") == impl
+           and r.get("status") == "ok" and r.get("ring_size", 1) == 1 and r.get("mode") in ("forward", None)}
+    ratios = sorted(r["time_ms"] / fwd[key] - 1 for r in backward_rows
+                    if r.get("impl") == impl and r.get("ring_size", 1) == 1 and r.get("status") == "ok"
+                    and (key := (r["seq_len"], bool(r["causal"]))) in fwd)
+    backward = ratios[len(ratios) // 2] if ratios else 2.5
+    return KernelRate(name, pf, t0f, pc, t0c, backward, source)
+
+
+# --------------------------------------------------------------------------- presets
+# Kernel constants below are fit_rows(...) of the committed files named in `source`
+# (tests/test_costmodel.py refits them and checks they agree to 1%).
+
+_H100_BENCH = "figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json"
+_H100_FB = "figures/bench-nvidia-h100-80gb-hbm3-bfloat16-fwd-bwd.json"
+_H200_BENCH = "figures/bench-nvidia-h200-bfloat16.json"
+
+KERNELS: dict[str, KernelRate] = {
+    "h100-cudnn": KernelRate("cuDNN SDPA, H100, bf16, d=64", 471.5e12, 63.1e-6, 442.0e12, 109.1e-6, 2.647,
+                             f"fit of sdpa_cudnn rows 4K–512K in {_H100_BENCH}; backward from {_H100_FB}"),
+    "h100-flash": KernelRate("flash SDPA (FA2), H100, bf16, d=64", 309.6e12, 125.0e-6, 292.9e12, 167.1e-6, 2.718,
+                             f"fit of sdpa_flash rows 4K–512K in {_H100_BENCH}; backward from {_H100_FB}"),
+    "h100-einops": KernelRate("ringbook einops blocks, H100, bf16, d=64", 13.5e12, 1.04e-3, 7.3e12, 1.56e-3, 2.5,
+                              f"fit of the one-process `ring` rows at ring_size 1, 4K–128K, in {_H100_BENCH}; "
+                              "backward 2.5 assumed (no committed row)"),
+    "h200-cudnn": KernelRate("cuDNN SDPA, H200, bf16, d=64", 461.5e12, 33.6e-6, 455.3e12, 233.3e-6, 2.647,
+                             f"fit of sdpa_cudnn rows 16K and 128K in {_H200_BENCH} (two points: exact); "
+                             "backward taken from the H100 rows"),
+}
+
+_GB = 1e9
+NVLINK_H100 = Link("NVLink 4 (H100/H200)", 380 * _GB, 5e-6,
+                   "380 of the nominal 450 GB/s one way, p2pBandwidthLatencyTest in NVIDIA/nccl issue 1264 "
+                   "(published, not measured here); latency 5 µs assumed", measured=False)
+NVLINK_H800 = Link("NVLink (H800)", 200 * _GB, 5e-6, "nominal 400 GB/s both ways, so 200 one way; latency assumed")
+NVLINK_A100 = Link("NVLink 3 (A100)", 300 * _GB, 5e-6, "nominal 600 GB/s both ways, so 300 one way; latency assumed")
+IB_400 = Link("InfiniBand 8 × 400 Gb/s per node", 50 * _GB, 10e-6,
+              "nominal: one 400 Gb/s NIC per GPU = 50 GB/s one way; latency 10 µs assumed")
+TCP_100 = Link("TCP 100 Gb/s per node", 12.5 * _GB / 8, 50e-6,
+               "nominal: 100 Gb/s per node shared by 8 GPUs = 1.56 GB/s per GPU; latency 50 µs assumed")
+
+LINKS: dict[str, Link] = {"nvlink": NVLINK_H100, "ib": IB_400, "tcp": TCP_100}
+
+
+def _node(name: str, kernel: str, inter: Link, memory_gb: float, intra: Link = NVLINK_H100) -> Machine:
+    return Machine(name, KERNELS[kernel], intra, inter, 8, memory_gb * _GB,
+                   f"kernel: {KERNELS[kernel].source}; links: {intra.source} / {inter.source}; "
+                   f"memory {memory_gb:g} GB nominal")
+
+
+PRESETS: dict[str, Machine] = {
+    "h100-nvlink": _node("8 × H100 per node, NVLink; InfiniBand across nodes", "h100-cudnn", IB_400, 80),
+    "h200-nvlink": _node("8 × H200 per node, NVLink; InfiniBand across nodes", "h200-cudnn", IB_400, 141),
+    "h100-tcp": _node("8 × H100 per node, NVLink; 100 Gb/s TCP across nodes", "h100-cudnn", TCP_100, 80),
+}
+
+
+def preset(name: str, *, kernel: str | None = None, gpus_per_node: int | None = None,
+           inter: str | None = None) -> Machine:
+    """A preset machine, optionally with another kernel of :data:`KERNELS`, node size or inter-node link."""
+    if name not in PRESETS:
+        raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
+    m = PRESETS[name]
+    if kernel is not None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+        m = dataclasses.replace(m, kernel=KERNELS[kernel])
+    if inter is not None:
+        if inter not in LINKS:
+            raise ValueError(f"inter must be one of {sorted(LINKS)}, got {inter!r}")
+        m = dataclasses.replace(m, inter=LINKS[inter])
+    if gpus_per_node is not None:
+        m = dataclasses.replace(m, gpus_per_node=check_positive_int(gpus_per_node, "gpus_per_node"))
+    return m
+
+
+def scaled_kernel(kernel: KernelRate, peak: float, *, name: str, source: str) -> KernelRate:
+    """``kernel``'s per-call costs with another peak (for hardware with no committed rows): nominal."""
+    if not (isinstance(peak, (int, float)) and math.isfinite(peak) and peak > 0):
+        raise ValueError(f"peak must be a positive FLOP/s, got {peak!r}")
+    s = peak / kernel.peak_full
+    return dataclasses.replace(kernel, name=name, peak_full=peak, peak_causal=kernel.peak_causal * s,
+                               source=source, measured=False)
