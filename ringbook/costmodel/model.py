@@ -52,9 +52,10 @@ class Workload:
         if self.heads % self.kv_heads:
             raise ValueError(f"kv_heads={self.kv_heads} must divide heads={self.heads}")
         if self.documents is not None or self.window is not None:
-            raise NotImplementedError("documents and window are not in the strategies' schedules yet "
-                                      "(ringbook.strategy_schedule knows dense and causal masks only); "
-                                      "pass documents=None and window=None")
+            raise NotImplementedError("documents and window are not in the cost model yet: the strategies' "
+                                      "schedules take them (ringbook.strategy_schedule(document_ids=, window=)), but "
+                                      "the model has no rate for the partial blocks they leave; pass documents=None "
+                                      "and window=None")
 
     @property
     def flops(self) -> float:
