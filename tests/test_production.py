@@ -523,3 +523,44 @@ def test_grouped_gradient_sums_keep_the_backward_exact(monkeypatch, causal):
     ref = torch.autograd.grad((ref_out * g).sum() + ref_lse.sum(), (qr, kr, vr))
     for got, want in zip(grads, ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------- the other strategies in one process
+
+@pytest.mark.parametrize("strategy", ["allgather", "ulysses"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_process_strategies_are_exact(strategy, causal):
+    """All-gather (every rank reads the whole K/V) and Ulysses (head shards side by side) on the engine."""
+    for w, layout in ((1, "contiguous"), (2, "zigzag"), (4, "contiguous"), (4, "zigzag")):
+        q, k, v = (x.requires_grad_() for x in _inputs(24, seed=50 + w))
+        out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
+                                                      strategy=strategy)
+        qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        ref_out, ref_lse = ringbook.naive_attention(qr, _expand(kr), _expand(vr), causal=causal)
+        assert_matches_reference(out, lse, ref_out, ref_lse)
+        g = randn(out.shape, seed=51)
+        got = torch.autograd.grad((out * g).sum() + lse.sum(), (q, k, v))
+        want = torch.autograd.grad((ref_out * g).sum() + ref_lse.sum(), (qr, kr, vr))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_one_process_allgather_calls_each_rank_once_per_merged_block(monkeypatch):
+    """Contiguous causal all-gather: rank r makes two calls (its diagonal, every earlier shard at once), rank 0 one."""
+    from ringbook.fast.strategies import stacked_allgather_plan
+
+    plan = stacked_allgather_plan(32, 4, B, "contiguous", True, merge_group=8)
+    (blocks,) = plan.steps
+    assert len(blocks) == 1 + 2 * 3
+    assert sum(plan.work(B, H)) == B * H * 32 * 33 // 2  # every causal score once
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strategy="gather"), "strategy must be one of"),
+    (dict(strategy="ulysses", ring_size=3), "heads do not divide into ring_size=3"),
+    (dict(strategy="allgather", window=4), "runs dense attention"),
+])
+def test_one_process_strategy_refusals(kwargs, match):
+    q, k, v = _inputs(24)
+    with pytest.raises(ValueError, match=match):
+        ringbook.production_ring_attention(q, k, v, **{"ring_size": 2, **kwargs})

@@ -65,6 +65,7 @@ from .dilated import production_dilated_attention
 from .engine import Job, Mover, Part, Settings, StackedMover, check_graph, run
 from .kernels import check_backend
 from .plans import PRODUCTION_LAYOUTS, _striped_message, part_plan, production_plan, stacked_plan, wraps
+from .strategies import check_strategy, run_strategy
 from .tuning import Tuning, check_tuning
 
 __all__ = ["GatherMover", "production_plan", "production_ring_attention"]
@@ -227,7 +228,7 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               scale: float | None = None, backend: str = "auto",
                               graph: bool | str = "auto", tuning: Tuning | None = None,
                               document_ids: torch.Tensor | None = None, window: int | None = None,
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              strategy: str = "ring") -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention with fused kernels, all ranks of a step in one call. Returns ``(out, lse)``.
 
     Args:
@@ -262,6 +263,11 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             fused kernels; a block a boundary cuts runs on the einops path
             for now (a fused masked kernel is chosen by measurement on the
             GPU: ``varlen_attn`` or ``flex_attention``, not yet measured).
+        strategy: ``"ring"`` (default), ``"allgather"`` or ``"ulysses"``: the
+            other strategies with every rank in one process
+            (:mod:`ringbook.fast.strategies`: their engine cost without a
+            network; dense attention only, Ulysses needs ``ring_size`` to
+            divide the heads).
 
     Returns:
         out ``b n h d`` (input dtype) and lse ``b h n`` (float32 for
@@ -279,6 +285,10 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_backend(backend)
     graph = check_graph(graph)
     tuning = check_tuning(tuning)
+    if strategy != "ring" and (segment_lengths is not None or dilation_rates is not None or document_ids is not None
+                               or window is not None):
+        raise ValueError(f"strategy={strategy!r} runs dense attention (causal or not); dilated patterns, documents "
+                         "and windows run on strategy='ring' here (and on every strategy in ringbook.distributed)")
     if segment_lengths is not None or dilation_rates is not None:
         return _dilated(q, k, v, ring_size=ring_size, causal=causal, layout=layout, segment_lengths=segment_lengths,
                         dilation_rates=dilation_rates, heads=heads, scale=scale, backend=backend, graph=graph,
@@ -298,12 +308,17 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
+    check_strategy(strategy, heads=h, ring_size=ring_size)
     window = check_window(window)
     ids = check_document_ids(document_ids, b, n)
     mask = None if ids is None and window is None else mask_spec(causal, ids, window)
     stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device)))
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
     settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph, tuning=tuning)
+    if strategy != "ring":
+        return run_strategy(q, k, v, strategy=strategy, ring_size=ring_size, causal=causal, layout=layout,
+                            order=stacking.order, settings=settings, tuning=tuning,
+                            key=("production", strategy, n, ring_size, b, layout, causal, settings))
     job = Job(settings=settings, start=functools.partial(_start, n, ring_size, b, layout, causal, result_bytes, tuning,
                                                          mask=mask),
               enter=stacking.enter, leave=stacking.leave, enter_copies=stacking.order is not None,
