@@ -566,6 +566,17 @@ def test_dist_bench_measures_every_strategy_in_one_run(tmp_path):
         assert row["bytes_sent_per_gpu"] == want > 0, row
     # the ring and all-gather move one K/V shard (w − 1 = 1 hop); Ulysses moves q, k, v, out and lse instead
     assert rows[0]["bytes_sent_per_gpu"] == rows[1]["bytes_sent_per_gpu"] == 2 * 32 * 2 * 8 * 4
+    # packed documents and a window, forward and backward: every strategy checked against the masked reference
+    cmd = [c for c in cmd if c not in ("--causal", "true")] + ["--causal", "true", "--documents", "3", "--window", "9",
+                                                                 "--mode", "fwd+bwd", "--stem", "masked"]
+    cmd[cmd.index("--master-port") + 1] = str(rd.free_port())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "masked.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["ring_dist", "allgather_dist", "ulysses_dist", "usp_dist"]
+    for row in rows:
+        assert row["status"] == "ok" and row["documents"] == 3 and row["window"] == 9, row
+        assert row["max_rel_err"] < 1e-4 and row["grad_max_rel_err"] < 1e-4 and row["checked_rows"] == 64, row
 
 
 @pytest.mark.slow

@@ -267,3 +267,17 @@ def test_a_windowed_ring_schedule_sends_only_the_hops_it_needs():
     assert sum(bytes_sent(windowed, 6)) < sum(bytes_sent(dense, 6)) / 2
     home = [m for s in windowed if s.phase == "backward" and s.step == 1 for m in s.messages]
     assert all(m.what == "dK/dV" and m.dst == (m.src - 1) % 6 for m in home)  # straight home, one rank back
+
+
+def test_visible_pairs_counts_what_the_mask_leaves():
+    from ringbook.masks import visible_pairs
+
+    ids = _docs("random")
+    pos = torch.arange(N)
+    for causal in (False, True):
+        for window in (None, 1, 3, 50):
+            for docs in (None, ids):
+                seen = keep(pos, pos, causal=causal, window=window, q_doc=None if docs is None else docs[None],
+                            k_doc=None if docs is None else docs[None])
+                want = N * N if seen is None else int(seen.sum())
+                assert visible_pairs(N, causal=causal, document_ids=docs, window=window) == want

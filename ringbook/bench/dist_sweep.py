@@ -100,6 +100,7 @@ from .. import distributed as rd
 from .._utils import attention_flops
 from ..distributed import production_ring_attention, ring_attention, ring_dilated_attention, unshard
 from ..fast.plans import allgather_plan, rank_plan
+from ..masks import check_document_ids, document_ids_from_cu_seqlens, mask_spec, visible_pairs
 from ..schedule import check_layout, layout_positions, usp_positions
 from ..strategies import bytes_sent as strategy_bytes
 from ..strategies import strategy_schedule
@@ -118,6 +119,7 @@ from .cli import (
 )
 from .measure import (
     DENSE,
+    MaskedReference,
     WrongResult,
     check_whole,
     environment,
@@ -179,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--ulysses-size ranks, the ring across); dense pattern only for all but the ring")
     p.add_argument("--ulysses-size", type=positive, default=None,
                    help="ranks per Ulysses group for --strategy usp (default 2)")
+    p.add_argument("--documents", type=positive, default=None,
+                   help="pack this many documents of random lengths (seeded) into each sequence: attention stays "
+                        "inside each (dense pattern)")
+    p.add_argument("--window", type=positive, default=None,
+                   help="a sliding window of this many tokens (causal: the query and the window − 1 before it)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--heads", type=positive, default=8)
     p.add_argument("--head-dim", type=positive, default=64)
@@ -340,7 +347,8 @@ def _collect(row: dict, mine: dict, *, dtype) -> dict | None:
 
 # --------------------------------------------------------------------------- the ring
 
-def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense", strategy="ring", ulysses_size=1):
+def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense", strategy="ring", ulysses_size=1,
+            masks=None):
     """This rank's ``(out, lse)``: ring_attention's einops path, or production_ring_attention with ``kernel``;
     for the dilated pattern, ring_dilated_attention (einops, or ``backend=kernel``) with the benchmark's config;
     for another strategy, its function of :mod:`ringbook.distributed` with ``backend=kernel``."""
@@ -348,18 +356,29 @@ def _attend(q, k, v, *, causal, layout, timeout, kernel, pattern="dense", strate
         cfg = bench_dilated_config(q.shape[1] * dist.get_world_size())
         return ring_dilated_attention(q, k, v, causal=causal, heads="grouped", timeout=timeout,
                                       backend=kernel, **cfg)
+    masks = masks or {}
     if strategy != "ring":
         extra = {"ulysses_size": ulysses_size} if strategy == "usp" else {}
         return getattr(rd, f"{strategy}_attention")(q, k, v, causal=causal, layout=layout, timeout=timeout,
-                                                    backend=kernel, **extra)
+                                                    backend=kernel, **extra, **masks)
     if kernel == "einops":
-        return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout)
-    return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel)
+        return ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, **masks)
+    return production_ring_attention(q, k, v, causal=causal, layout=layout, timeout=timeout, backend=kernel, **masks)
+
+
+def packed_documents(n: int, count: int, seed: int) -> torch.Tensor:
+    """``(n,)`` ids of ``count`` documents of random lengths (at least 1 token each) packed into ``n`` tokens."""
+    if not 1 <= count <= n:
+        raise ValueError(f"--documents must be between 1 and the sequence length {n}, got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n - 1, generator=gen)[:count - 1].sort().values + 1
+    return document_ids_from_cu_seqlens([0, *cuts.tolist(), n])
 
 
 def bytes_sent_per_gpu(n: int, world: int, rank: int, *, pattern: str, causal: bool, batch: int, heads: int,
                        head_dim: int, dtype: torch.dtype, backward: bool, strategy: str = "ring",
-                       layout: str = "contiguous", ulysses_size: int = 1) -> int:
+                       layout: str = "contiguous", ulysses_size: int = 1, document_ids: torch.Tensor | None = None,
+                       window: int | None = None) -> int:
     """What this rank sends, read from the plan or schedule it runs (not counted on the wire).
 
     The ring: its rank plan's traffic (:meth:`ringbook.fast.engine.Plan.bytes_sent`: K and V of its shard
@@ -368,6 +387,7 @@ def bytes_sent_per_gpu(n: int, world: int, rank: int, *, pattern: str, causal: b
     backward the same again plus their float32 gradients the other way. All-gather: its plan's all-gather
     and reduce-scatter. Ulysses and USP: their communication schedule
     (:func:`ringbook.strategies.strategy_schedule`: the all-to-alls, and the ring across groups).
+    ``document_ids``/``window``: a ring's hops nobody needs are not sent (the all-gather gathers everything).
     """
     if pattern == "dilated":
         from ..distributed.dilated import _ring_plan, _traffic
@@ -378,21 +398,25 @@ def bytes_sent_per_gpu(n: int, world: int, rank: int, *, pattern: str, causal: b
         sent, received, grad_sent = _traffic(plan, rank, 1)
         return Plan((), sent=sent, received=received, grad_sent=grad_sent).bytes_sent(batch, head_dim, dtype,
                                                                                       backward=backward)
+    masked = document_ids is not None or window is not None
     if strategy in ("ring", "allgather"):
         build = rank_plan if strategy == "ring" else allgather_plan
-        plan = build(n, world, rank, layout, causal, kv_heads=heads)
+        mask = mask_spec(causal, check_document_ids(document_ids, 1, n), window) if masked else None
+        plan = build(n, world, rank, layout, causal, kv_heads=heads, mask=mask)
         return plan.bytes_sent(batch, head_dim, dtype, backward=backward)
     elem = torch.empty((), dtype=dtype).element_size()
     schedule = strategy_schedule(strategy, n, world, heads=heads, kv_heads=heads, head_dim=head_dim, dtype_bytes=elem,
                                  causal=causal, layout=layout, batch=batch, backward=backward,
-                                 ulysses_size=ulysses_size if strategy == "usp" else None)
+                                 ulysses_size=ulysses_size if strategy == "usp" else None, document_ids=document_ids,
+                                 window=window)
     return strategy_bytes(schedule, world)[rank]
 
 
 def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch: int, heads: int, head_dim: int,
                  warmup: int, repeats: int, check_max_seq: int, timeout: float, seed: int, device: torch.device,
                  env: dict, kernel: str = "einops", mode: str = "forward", pattern: str = "dense",
-                 strategy: str = "ring", ulysses_size: int | None = None) -> dict | None:
+                 strategy: str = "ring", ulysses_size: int | None = None, documents: int | None = None,
+                 window: int | None = None) -> dict | None:
     """One row of the ring (on rank 0; None elsewhere). Every rank must call it with the same arguments.
 
     ``kernel="einops"``: :func:`ring_attention` (impl ``ring_dist``); any other
@@ -406,13 +430,20 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
     if pattern == "dilated":
         layout = "contiguous"  # dilated segments are contiguous: so are its shards
     layout = layout if layout != "auto" else ("zigzag" if causal else "contiguous")
-    flops = (attention_flops(batch, heads, n, n, head_dim, causal) if pattern == "dense"
-             else _ring_dilated_flops(batch, heads, n, n, head_dim, causal))
+    masked = documents is not None or window is not None
+    ids = packed_documents(n, documents, seed) if documents is not None and documents <= n else None
+    if masked and pattern == "dense" and (documents is None or ids is not None):
+        flops = 4.0 * batch * heads * head_dim * visible_pairs(n, causal=causal, document_ids=ids, window=window)
+    else:
+        flops = (attention_flops(batch, heads, n, n, head_dim, causal) if pattern == "dense"
+                 else _ring_dilated_flops(batch, heads, n, n, head_dim, causal))
     u = (ulysses_size or 2) if strategy == "usp" else 1
     impl = RING_IMPLS[(pattern, kernel == "einops")] if strategy == "ring" else f"{strategy}_dist"
     row = new_row(env, impl, seq_len=n, ring_size=world, causal=causal,
                   dtype=dtype, batch=batch, heads=heads, head_dim=head_dim, mode=MODES[mode],
                   flops=None if flops is None else flops * (BACKWARD_FLOPS_FACTOR if backward else 1))
+    if masked:
+        row.update(documents=documents, window=window)
     row.update(kernel=kernel, layout=layout, pattern=pattern, strategy=strategy, gpus=world, per_rank_time_ms=None,
                per_rank_peak_mem_gb=None, check=None, bytes_sent_per_gpu=None,
                bytes_sent_kind="by the schedule: what each rank's ring sends (ringbook.bench.dist_sweep."
@@ -428,6 +459,10 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                 raise ValueError(f"the benchmark's dilated configuration does not fit n={n}")
             if pattern == "dilated" and strategy != "ring":
                 raise ValueError(f"--pattern dilated runs on the ring only, not --strategy {strategy}")
+            if pattern == "dilated" and masked:
+                raise ValueError("--documents and --window apply to the dense pattern")
+            if documents is not None and ids is None:
+                packed_documents(n, documents, seed)  # says why
             if strategy == "usp":
                 row["ulysses_size"] = u
                 usp_positions(n, world, u, layout)
@@ -440,13 +475,15 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                           device=device, seed=seed)
         mine["sent"] = bytes_sent_per_gpu(n, world, rank, pattern=pattern, causal=causal, batch=batch, heads=heads,
                                           head_dim=head_dim, dtype=dtype, backward=backward, strategy=strategy,
-                                          layout=layout, ulysses_size=u)
+                                          layout=layout, ulysses_size=u, document_ids=ids, window=window)
         dout = torch.randn_like(q) if backward else None
         if backward:
             for x in (q, k, v):
                 x.requires_grad_()
 
         reference = DENSE if pattern == "dense" else DILATED
+        if masked:
+            reference = MaskedReference(document_ids=ids, window=window)
 
         def _no_key(length):  # this rank's rows that see no key (b h n), or None: every row sees one
             mask = reference.no_key(length, heads, causal=causal)
@@ -460,7 +497,8 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                 for x in (q, k, v):
                     x.grad = None
             out, lse = _attend(q, k, v, causal=causal, layout=layout, timeout=timeout, kernel=kernel, pattern=pattern,
-                               strategy=strategy, ulysses_size=u)
+                               strategy=strategy, ulysses_size=u,
+                               masks={"document_ids": ids, "window": window} if masked else None)
             if backward:
                 out.backward(dout)
             return out.detach(), lse.detach()
@@ -492,6 +530,9 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             measure.free(device)
             q, k, v = _shards(m, world, rank, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype,
                               device=device, seed=seed + 1)
+            if masked:  # the check run's own documents (the same count, over its length); call() reads `ids`
+                ids = packed_documents(m, min(documents, m), seed) if documents is not None else None
+                reference = MaskedReference(document_ids=ids, window=window)
             dout = torch.randn_like(q) if backward else None
             for x in (q, k, v):
                 x.requires_grad_(backward)
@@ -770,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in sorted(args.seq_lens):
                 here = [measure_ring(n, causal=causal, layout=args.layout, kernel=args.kernel,
                                      check_max_seq=args.check_max_seq, timeout=args.timeout, pattern=args.pattern,
-                                     strategy=strategy, ulysses_size=args.ulysses_size, **common)
+                                     strategy=strategy, ulysses_size=args.ulysses_size, documents=args.documents,
+                                     window=args.window, **common)
                         for strategy in args.strategy]
                 if "one_gpu" in args.peers:
                     here += [measure_one_gpu(name, n, causal=causal, **common) for name in one_gpu_impls]
@@ -797,6 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                + " ".join(argv if argv is not None else sys.argv[1:]),
                     "warmup": args.warmup, "repeats": args.repeats, "world_size": world, "kernel": args.kernel,
                     "mode": args.mode, "pattern": args.pattern, "strategies": list(args.strategy),
+                    "documents": args.documents, "window": args.window,
                     "peers": list(args.peers), "one_gpu_impls": one_gpu_impls if "one_gpu" in args.peers else [],
                     "cp_backends": args.cp_backends if "context_parallel" in args.peers else [],
                     "cp_rotate": args.cp_rotate, "scaling": summary}

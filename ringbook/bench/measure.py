@@ -341,6 +341,38 @@ class Reference:
 DENSE = Reference()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskedReference(Reference):
+    """Dense attention under packed documents and a sliding window (:mod:`ringbook.masks`): every row sees
+    at least itself, so no row is empty."""
+
+    document_ids: torch.Tensor | None = None
+    window: int | None = None
+
+    def rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..masks import keep
+
+        ids = None if self.document_ids is None else self.document_ids.to(q.device).expand(q.shape[0], -1)
+        mask = keep(positions, torch.arange(k.shape[1], device=q.device), causal=causal, window=self.window,
+                    q_doc=None if ids is None else ids[:, positions], k_doc=ids)
+        if mask is not None and mask.dim() == 2:
+            mask = mask[None, None]
+        parts = [naive_attention(q[:, positions, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], mask=mask)
+                 for h in range(q.shape[2])]
+        return torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=1)
+
+    def grads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, *,
+              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads = []
+        for h in range(q.shape[2]):
+            x = [t[:, :, h:h + 1].detach().double().requires_grad_() for t in (q, k, v)]
+            out, _ = naive_attention(*x, causal=causal, document_ids=self.document_ids, window=self.window)
+            out.backward(dout[:, :, h:h + 1].double())
+            grads.append([t.grad for t in x])
+        return tuple(torch.cat(g, dim=2) for g in zip(*grads))
+
+
 @dataclasses.dataclass(frozen=True)
 class Checked:
     """What :func:`reference_check` compared: max |out − ref|, max |ref|, the same for the lse (None without
