@@ -219,7 +219,7 @@ check_cluster_winner(cluster_winner)
 # which the model does not have, and they are not held to the ±25% bound.
 
 # %%
-cases = measured_cases(FIGURES) if FIGURES is not None else []
+cases = measured_cases(PATHS.figures) if PATHS.figures is not None else []  # the committed runs, in a clone
 held = [x for x in cases if x.held]
 for x in cases:
     if x.source.startswith("dist-bench"):

@@ -394,9 +394,9 @@ def parts_forced(monkeypatch):
     used = []
     real = stacked._part_iter
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         used.append(args[5])  # ranks per part
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(stacked, "_part_iter", spy)
     return used
