@@ -13,7 +13,11 @@ calls that compute exactly the schedule's blocks —
   the kernels' (striped, from an earlier rank), else a call with the token
   positions (:class:`~ringbook.fast.blocks.Positions`, the einops path);
 * full blocks merged while their union is a rectangle (a zigzag step's two
-  half-blocks become one call).
+  half-blocks become one call);
+* with documents or a window (a :class:`~ringbook.masks.MaskSpec`): empty
+  blocks never called, a block a boundary cuts a ``"masked"`` call
+  (:class:`~ringbook.fast.blocks.Masked`), and the steps after the last one
+  any rank needs dropped, so no hop nobody needs is sent.
 
 The plans built from those calls:
 
@@ -23,6 +27,7 @@ The plans built from those calls:
   (:class:`~ringbook.fast.engine.StackedMover`); :func:`part_plan` — the
   same for a share of the query ranks (a long forward run in parts);
 * :func:`rank_plan` — one rank's row, for a rank of a process group;
+  :func:`allgather_plan` — one rank of all-gather context parallelism;
 * :func:`stacked_dilated_plan` / :func:`rank_dilated_plan` — dilated attention
   as gathered blocks (:mod:`ringbook.fast.dilated`), from
   :func:`ringbook.ring_dilated.dilated_ring_plan`.
@@ -56,7 +61,8 @@ class Call:
 
     q: Rows
     kv: Rows
-    kind: str  # "full", "causal" (top-left: a diagonal block) or "positions" (the mask by token positions)
+    kind: str  # "full", "causal" (top-left: a diagonal block), "positions" (the causal mask by token positions)
+    # or "masked" (a document or window boundary cuts it: the kernel gets positions, documents and window)
 
 
 def _top_left(qp: torch.Tensor, kp: torch.Tensor) -> bool:
