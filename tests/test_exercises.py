@@ -318,8 +318,8 @@ def _imbalance_with(positions, ids, causal, reduce):
 WRONG_07 = {
     "document_block": [
         (lambda q, k, ids, causal: _sol07("document_block")(q, k, ids, False), "causal"),  # causal forgotten
-        (lambda q, k, ids, causal: "full" if ids[q[0]] == ids[k[0]] else "empty",
-         "first and last token"),  # the documents of the first tokens only
+        (lambda q, k, ids, causal: "empty" if ids[q[0]] != ids[k[0]] else _sol07("document_block")(q, k, ids, causal),
+         "first and last token"),  # empty whenever the first tokens' documents differ
         (lambda q, k, ids, causal: "partial" if _sol07("document_block")(q, k, ids, causal) == "full"
          and q != k else _sol07("document_block")(q, k, ids, causal), "share one"),  # off-diagonal never full
     ],

@@ -213,21 +213,20 @@ def plot_layout_work(needed: Mapping[str, Sequence[float]], computed: Mapping[st
 def plot_window_hops(windows: Sequence[int], hops: Mapping[str, Sequence[int]], bound: Sequence[int], *,
                      shard_len: int, ring_size: int) -> Figure:
     """The K/V hops a causal window needs against its size: counted from the plans (one line per layout)
-    against the bound ``min(w − 1, ⌈(W − 1)/c⌉)`` (dashed)."""
+    against ``min(w − 1, ⌈(W − 1)/c⌉)`` (dashed); grey lines where one more hop starts, ``W = kc + 2``."""
     fig, axes = new_figure(1, 1, figsize=(7.0, 3.8))
     ax = axes[0, 0]
     x = np.asarray(windows, float)
-    styles = ["o-", "s-", "^-", "D-"]
     for i, (name, values) in enumerate(hops.items()):
-        ax.step(x, values, styles[i % 4][1:], where="post", color=rank_color(i), lw=2 - 0.5 * i, label=name)
-        ax.plot(x, values, styles[i % 4][0], color=rank_color(i), ms=4)
+        ax.step(x, values, where="post", color=rank_color(i), lw=3.0 - 1.2 * i, label=name)
     ax.step(x, bound, "--", where="post", color=COLORS["exact"], lw=1, label=r"$\min(w-1, \lceil (W-1)/c \rceil)$")
-    for k in range(1, ring_size):
-        ax.axvline(k * shard_len + 1, color="#bbbbbb", lw=0.6, zorder=0)
+    for k in range(ring_size - 1):
+        ax.axvline(k * shard_len + 2, color="#bbbbbb", lw=0.6, zorder=0)
     ax.set_xlabel("window $W$ (tokens)")
     ax.set_ylabel("K/V hops sent")
     ax.set_yticks(range(ring_size))
-    ax.set_title(f"causal window, w = {ring_size}, c = {shard_len} (grey: W = kc + 1)", fontsize=10)
+    ax.set_title(f"causal window, w = {ring_size}, c = {shard_len} (grey: W = kc + 2, where hop k + 1 starts)",
+                 fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return fig
