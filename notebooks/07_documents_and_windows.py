@@ -441,8 +441,10 @@ UNIT = 2 * W
 
 def draw(window, documents, layout):
     lengths = [UNIT * int(x) for x in re.findall(r"\d+", documents) if int(x) > 0] or [UNIT]
-    return plot_mask_ring(pieces_of(layout, lengths), causal=True, document_ids=ids_of(lengths),
-                          window=window or None, title=f"{layout}, documents {lengths}, window {window or 'none'}")
+    fig = plot_mask_ring(pieces_of(layout, lengths), causal=True, document_ids=ids_of(lengths),
+                         window=window or None, title=f"{layout}, documents {lengths}, window {window or 'none'}")
+    display(fig)
+    return fig
 
 
 # %% tags=["nbval-ignore-output"]
