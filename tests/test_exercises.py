@@ -329,3 +329,47 @@ def test_checkers_08_reject_plausible_wrong_answers(name, index, capsys):
     assert exercises.CHECKERS[name](wrong) is False
     out = capsys.readouterr().out
     assert out.startswith(f"✗ {name}: fails on") and words in out, out
+
+
+# Notebook 07: plausible wrong answers for the mask checkers, with words their hints must contain.
+
+def _sol07(name):
+    return _solutions()[name]
+
+
+def _imbalance_with(positions, ids, causal, reduce):
+    """Needed work per rank from the solution's mask, reduced the wrong way."""
+    n = ids.numel()
+    i, j = positions[:, :, None], torch.arange(n)[None, None, :]
+    seen = (ids[i] == ids[j]) & ((j <= i) if causal else True)
+    return reduce(seen.sum(dim=(1, 2)).double()).item()
+
+
+WRONG_07 = {
+    "document_block": [
+        (lambda q, k, ids, causal: _sol07("document_block")(q, k, ids, False), "causal"),  # causal forgotten
+        (lambda q, k, ids, causal: "empty" if ids[q[0]] != ids[k[0]] else _sol07("document_block")(q, k, ids, causal),
+         "first and last token"),  # empty whenever the first tokens' documents differ
+        (lambda q, k, ids, causal: "partial" if _sol07("document_block")(q, k, ids, causal) == "full"
+         and q != k else _sol07("document_block")(q, k, ids, causal), "share one"),  # off-diagonal never full
+    ],
+    "window_hops": [
+        (lambda n, w, W: min(w - 1, -(-W // (n // w))), "window − 1 keys before it"),  # ⌈W/c⌉
+        (lambda n, w, W: -(-(W - 1) // (n // w)), "w − 1 other shards"),  # not capped at w − 1
+        (lambda n, w, W: w - 1, "first query of rank r"),  # every hop, as a mask-blind ring
+    ],
+    "layout_imbalance": [
+        (lambda pos, ids, causal: _imbalance_with(pos, ids, causal, lambda x: x.max() / x.min()), "mean"),
+        (lambda pos, ids, causal: _sol07("layout_imbalance")(pos, torch.zeros_like(ids), causal),
+         "its own document"),  # the document mask forgotten
+        (lambda pos, ids, causal: _sol07("layout_imbalance")(pos, ids, not causal), "at or before it"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name, index", [(n, i) for n, ws in WRONG_07.items() for i in range(len(ws))])
+def test_checkers_07_reject_plausible_wrong_answers(name, index, capsys):
+    wrong, words = WRONG_07[name][index]
+    assert exercises.CHECKERS[name](wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith(f"✗ {name}: fails on") and words in out, out

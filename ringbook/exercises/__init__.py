@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import costmodel, dilated, equivalence, measuring, online_softmax, ring, strategies
+from . import costmodel, dilated, equivalence, masks, measuring, online_softmax, ring, strategies
 from ._core import NOT_ATTEMPTED
 from .dilated import check_kept_positions
 from .online_softmax import check_lse_from_m_l, check_merge_partials, check_online_step
@@ -43,7 +43,7 @@ from .ring import (
     check_zigzag_positions,
 )
 
-_MODULES = (online_softmax, ring, dilated, equivalence, measuring, strategies, costmodel)  # one module per notebook
+_MODULES = (online_softmax, ring, dilated, equivalence, measuring, strategies, masks, costmodel)  # one module per notebook
 
 CHECKERS: dict[str, Callable] = {name.removeprefix("check_"): getattr(m, name) for m in _MODULES for name in dir(m)
                                  if name.startswith("check_") and getattr(m, name).__module__ == m.__name__}
