@@ -64,7 +64,6 @@ import math
 
 import torch
 from IPython.display import display
-from ipywidgets import FloatSlider, IntSlider, interactive
 
 import ringbook
 from ringbook import LAYOUTS, layout_positions, naive_attention, ring_attention, ring_schedule, work_per_rank
@@ -83,7 +82,7 @@ from ringbook.exercises import (
 from ringbook.online_softmax import KEY_CHUNK
 from ringbook.viz import plot_causal_work, plot_error_bars, plot_memory_per_rank, plot_ring_step, plot_ring_timeline
 from ringbook.viz.ring import plot_ring_overlap
-from ringbook.viz.widgets import ring_step_explorer
+from ringbook.viz.widgets import overlap_explorer, ring_step_explorer
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # small tensors; the 4-process ring below shares 2 cores
@@ -706,9 +705,7 @@ plot_ring_overlap(C_STEP, F_H100 / 1e12, 450.0)
 # reaches (not the datasheet peak) and your link's bandwidth per direction.
 
 # %% tags=["nbval-ignore-output"]
-overlap = interactive(plot_ring_overlap, shard_len=IntSlider(4096, 512, 65536, 512, description="c (tokens)"),
-                      tflops=FloatSlider(round(F_H100 / 1e12), min=10, max=2000, step=10, description="TFLOP/s"),
-                      gb_per_s=FloatSlider(450, min=5, max=900, step=5, description="GB/s"))
+overlap = overlap_explorer(shard_len=4096, tflops=F_H100 / 1e12, gb_per_s=450)
 _ = display(overlap)
 
 # %% [markdown]

@@ -211,8 +211,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             ring-flash-attention) and a sliding window, as
             :func:`ringbook.naive_attention` takes them. Blocks no query sees
             are never computed, and the ring stops after the last step any
-            rank needs: a window of W tokens over shards of c takes about
-            ⌈W/c⌉ hops, not w − 1 (dK/dV then go home directly).
+            rank needs: a window of W tokens over contiguous shards of c
+            takes min(w − 1, ⌈(W − 1)/c⌉) hops, not w − 1 (dK/dV then go home
+            directly); zigzag, whose shards reach both ends, needs them all.
 
     Returns:
         out ``b c h d`` (input dtype) and lse ``b h c`` (float32 for

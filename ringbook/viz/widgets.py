@@ -175,3 +175,16 @@ def bug_hunt_explorer(right: Mapping[str, ArrayLike], suspects: Mapping[str, Arr
                                                   title=f"{suspect}: which cells does the 2× rule catch?")
 
     return _interactive(draw, suspect=dropdown)
+
+
+def overlap_explorer(shard_len: int = 4096, tflops: float = 500.0, gb_per_s: float = 450.0) -> ipywidgets.interactive:
+    """Sliders for the block length ``c``, the kernel's rate and the link's bandwidth, redrawing
+    :func:`ringbook.viz.ring.plot_ring_overlap` (notebook 02, when a hop hides behind its block)."""
+    from ipywidgets import FloatSlider, IntSlider
+
+    from .ring import plot_ring_overlap
+
+    return _interactive(plot_ring_overlap,
+                        shard_len=IntSlider(shard_len, 512, 65536, 512, description="c (tokens)"),
+                        tflops=FloatSlider(round(tflops), min=10, max=2000, step=10, description="TFLOP/s"),
+                        gb_per_s=FloatSlider(gb_per_s, min=5, max=900, step=5, description="GB/s"))
