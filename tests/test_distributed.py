@@ -542,41 +542,33 @@ def test_dist_bench_under_torchrun(tmp_path):
 
 @pytest.mark.slow
 def test_dist_bench_measures_every_strategy_in_one_run(tmp_path):
-    """--strategy ring allgather ulysses usp: one checked row each, bytes from each one's plan or schedule."""
+    """--strategy ring allgather ulysses usp, with packed documents and a window, forward and backward: one row
+    each, checked against the masked float64 reference, bytes from each one's plan or schedule."""
     import json
 
     from ringbook.bench import dist_sweep
+    from ringbook.bench.dist_sweep import packed_documents
 
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node=2", "--master-port", str(rd.free_port()), "-m", "ringbook.bench.dist_sweep",
            "--seq-lens", "64", "--dtype", "fp32", "--causal", "true", "--heads", "2", "--head-dim", "8",
            "--warmup", "0", "--repeats", "1", "--timeout", "30", "--strategy", "ring", "allgather", "ulysses", "usp",
-           "--ulysses-size", "2", "--out", str(tmp_path), "--stem", "rows"]
+           "--ulysses-size", "2", "--documents", "3", "--window", "9", "--mode", "fwd+bwd", "--out", str(tmp_path),
+           "--stem", "rows"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["impl"] for r in rows] == ["ring_dist", "allgather_dist", "ulysses_dist", "usp_dist"]
-    for row in rows:
-        assert row["status"] == "ok" and row["max_rel_err"] < 1e-4 and row["checked_rows"] == 64, row
-        want = max(dist_sweep.bytes_sent_per_gpu(64, 2, r, pattern="dense", causal=True, batch=1, heads=2,
-                                                 head_dim=8, dtype=torch.float32, backward=False,
-                                                 strategy=row["strategy"], layout="zigzag", ulysses_size=2)
-                   for r in range(2))
-        assert row["bytes_sent_per_gpu"] == want > 0, row
-    # the ring and all-gather move one K/V shard (w − 1 = 1 hop); Ulysses moves q, k, v, out and lse instead
-    assert rows[0]["bytes_sent_per_gpu"] == rows[1]["bytes_sent_per_gpu"] == 2 * 32 * 2 * 8 * 4
-    # packed documents and a window, forward and backward: every strategy checked against the masked reference
-    cmd = [c for c in cmd if c not in ("--causal", "true")] + ["--causal", "true", "--documents", "3", "--window", "9",
-                                                                 "--mode", "fwd+bwd", "--stem", "masked"]
-    cmd[cmd.index("--master-port") + 1] = str(rd.free_port())
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "masked.json").read_text())["rows"]
-    assert [r["impl"] for r in rows] == ["ring_dist", "allgather_dist", "ulysses_dist", "usp_dist"]
+    ids = packed_documents(64, 3, 0)
     for row in rows:
         assert row["status"] == "ok" and row["documents"] == 3 and row["window"] == 9, row
         assert row["max_rel_err"] < 1e-4 and row["grad_max_rel_err"] < 1e-4 and row["checked_rows"] == 64, row
+        want = max(dist_sweep.bytes_sent_per_gpu(64, 2, r, pattern="dense", causal=True, batch=1, heads=2,
+                                                 head_dim=8, dtype=torch.float32, backward=True,
+                                                 strategy=row["strategy"], layout="zigzag", ulysses_size=2,
+                                                 document_ids=ids, window=9) for r in range(2))
+        assert row["bytes_sent_per_gpu"] == want > 0, row
 
 
 @pytest.mark.slow

@@ -91,7 +91,7 @@ _AS_INSTALLED = ("from pathlib import Path\nimport ringbook._paths\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", [p for p in NOTEBOOKS if p.stem[:2] in ("03", "05")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("source", [p for p in NOTEBOOKS if p.stem[:2] == "05"], ids=lambda p: p.stem)  # reads the most files
 def test_notebook_runs_outside_a_clone(source, tmp_path):
     """Every cell runs; each committed result it reads is reported missing once and its figure or table skipped.
 
