@@ -95,7 +95,8 @@ _AS_INSTALLED = ("from pathlib import Path\nimport ringbook._paths\n"
 def test_notebook_runs_outside_a_clone(source, tmp_path):
     """Every cell runs; each committed result it reads is reported missing once and its figure or table skipped.
 
-    03 and 05 read committed results (04 reads none: its setup cell and the check above cover it).
+    05 reads the most committed results; 03's one read, and every other notebook, are covered by the static
+    check above (no ROOT or FIGURES after the setup cell, every ``PATHS.result`` name committed).
     """
     jupytext = pytest.importorskip("jupytext")
     nbformat = pytest.importorskip("nbformat")
