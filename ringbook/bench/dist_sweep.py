@@ -273,17 +273,7 @@ class _FailedElsewhere(Exception):
 def _agreed(check, what: str) -> None:
     """Run ``check`` on every rank; raise its own error where it failed and :class:`_FailedElsewhere` on the
     others, so no rank goes on to a collective the failed one will never join."""
-    problem = None
-    try:
-        check()
-    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised
-        problem = exc
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problem is not None)
-    if problem is not None:
-        raise problem
-    if any(every):
-        raise _FailedElsewhere(f"{what} failed on rank(s) {[r for r, failed in enumerate(every) if failed]}")
+    _everywhere(check, what, elsewhere=_FailedElsewhere)
 
 
 def _failure(exc: BaseException, row: dict, mine: dict) -> None:
@@ -613,8 +603,9 @@ def _layout_name(positions: torch.Tensor, n: int, world: int, rank: int) -> str:
     return "other"
 
 
-def _everywhere(call, what: str):
-    """Run ``call`` once on every rank; if it raised anywhere, raise on every rank (none is left waiting)."""
+def _everywhere(call, what: str, *, elsewhere: type[Exception] = RuntimeError):
+    """Run ``call`` once on every rank; if it raised anywhere, raise on every rank (none is left waiting): its
+    own error where it failed, ``elsewhere`` naming the failed ranks and the first error on the others."""
     problem = None
     try:
         call()
@@ -626,7 +617,7 @@ def _everywhere(call, what: str):
         raise problem
     failed = [r for r, p in enumerate(every) if p]
     if failed:
-        raise RuntimeError(f"{what} failed on rank(s) {failed}: {every[failed[0]]}")
+        raise elsewhere(f"{what} failed on rank(s) {failed}: {every[failed[0]]}")
 
 
 def _context_parallel(row, mine, n, *, causal, backend, rotate, dtype, batch, heads, head_dim, warmup, repeats,
