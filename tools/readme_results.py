@@ -312,9 +312,36 @@ def limits() -> str:
             "at 16K tokens costs more than the merges do.")
 
 
+ENGINE_KINDS_AB = "figures/production/engine-kinds-ab-h100.json"
+
+
+def engine_kinds_table() -> str:
+    """The engine with block kinds and one home for plans against the tree before them (e53fd45), same run on one
+    H100 (tools/ab_production.py)."""
+    data = json.loads((ROOT / ENGINE_KINDS_AB).read_text())
+    lines = ["| H100, bf16, b=1 h=8 d=64 | peer | block kinds | before (e53fd45) | time: kinds / before | "
+             "largest difference between the two |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        peer = "dilated_sdpa" if "dilated" in r["mode"] else "cuDNN"
+        what = (f"{r['mode']} {r['seq_len']:,}, {r['ring_size']} rank{'s' if r['ring_size'] > 1 else ''}"
+                f"{', causal' if r['causal'] else ''}")
+        diff = r.get("max_abs_diff_vs_baseline", r.get("max_abs_grad_diff_vs_baseline"))
+        lines.append(f"| {what} | {peer} {r.get('cudnn_ms', r.get('dilated_sdpa_ms')):.2f} ms | {r['ringbook_ms']:.2f} ms | "
+                     f"{r['baseline_ms']:.2f} ms | {r['ratio_vs_baseline']:.3f} | {diff:.2g} |")
+    env = data["env"]
+    worst = max(r["ratio_vs_baseline"] for r in data["rows"])
+    lines += ["", f"`{ENGINE_KINDS_AB}`: {env['device']}, PyTorch {env['torch_version']}, cuDNN {env['cudnn_version']}; "
+              "the engine after the block-kinds change (issue 21: block kinds, plans lowered from the one schedule, "
+              "tuning as data) against the tree at commit e53fd45, the three calls timed in interleaved rounds "
+              f"(CUDA events, median). The slowest row takes {worst:.3f}× the time it took before; outputs agree "
+              "exactly where the merge order is unchanged and to bf16 rounding where the plans now merge blocks in "
+              "another order."]
+    return "\n".join(lines)
+
+
 def docs_block() -> str:
-    return (table() + "\n\n" + production_table() + "\n\n" + engine_table() + "\n\n" + dilated_table() + "\n\n"
-            + dense_table())
+    return (table() + "\n\n" + production_table() + "\n\n" + engine_table() + "\n\n" + engine_kinds_table()
+            + "\n\n" + dilated_table() + "\n\n" + dense_table())
 
 
 BLOCKS = {"readme": ("README.md", headline), "docs": ("docs/results.md", docs_block)}
