@@ -176,6 +176,23 @@ def test_the_first_row_of_a_series_is_bounded_by_a_calibration_call(monkeypatch)
     assert row["status"] == "ok" and 1024 in seen
 
 
+def test_a_launch_bound_calibration_call_is_lengthened_before_it_bounds_the_row(monkeypatch):
+    """Before: an 8-rank ring's 3.6 ms call at 256 tokens, scaled by the work, skipped its 36 ms row at 16K."""
+    seen = []
+
+    def launch_bound(q, k, v, **_):
+        seen.append(q.shape[1])
+        time.sleep(0.03)  # the same at every length: 0.03 s × (1024/128)² = 1.9 s predicted from 128 tokens
+        return NAIVE(q, k, v, causal=False, ring_size=1)
+
+    monkeypatch.setattr(sweep, "CALIBRATION_FLOPS", 6e5)  # 4·128²·8 = 5.2e5: calibrated at 128 tokens
+    monkeypatch.setitem(bench.IMPLS, "launch_bound", _fake(launch_bound))
+    config = bench.SweepConfig(impls=["launch_bound"], seq_lens=[1024], causal=[False], heads=1, head_dim=8,
+                               max_row_seconds=1.0, warmup=0, repeats=1)
+    (row,) = bench.run_sweep(config, progress=False)
+    assert row["status"] == "ok" and set(seen) == {128, 512, 1024}, (row, seen)  # 512: 0.48 s predicted
+
+
 def test_a_wrong_calibration_call_leaves_the_first_row_unbounded_and_not_run(monkeypatch):
     def nan(q, k, v, **_):
         assert q.shape[1] < 1024, "the long call was run"

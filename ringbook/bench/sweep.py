@@ -276,6 +276,28 @@ def calibration_length(impl: Impl, config: SweepConfig, spec: dict) -> int | Non
     return m if m < n else None
 
 
+def calibrate(measure_row: Callable[..., dict], impl: Impl, config: SweepConfig, spec: dict, m: int) -> dict:
+    """The calibration row for a series' first row: a call at ``m`` tokens, then at 4×, 16×, … the length while
+    the row's predicted time is over ``max_row_seconds`` and the next call's is not.
+
+    A short call is bound by launches, not by the work, so scaling its time by
+    the work count overstates a long call (a 3.6 ms ring call of 8 ranks at 256
+    tokens "predicted" 15 s at 16K, where the call takes 36 ms). Each rung is
+    itself bounded by the one below it, so no call runs that is predicted to
+    take longer than the limit.
+    """
+    unit = math.lcm(16, 2 * spec["ring_size"])
+    row = measure_row(seq_len=m, warmup=1, repeats=3)
+    while row["status"] == "ok":
+        if row["time_ms"] / 1e3 * _growth(impl, row, spec["seq_len"]) <= config.max_row_seconds:
+            break
+        nxt = m * 4 // unit * unit
+        if nxt >= spec["seq_len"] or row["time_ms"] / 1e3 * _growth(impl, row, nxt) > config.max_row_seconds:
+            break
+        m, row = nxt, measure_row(seq_len=nxt, warmup=1, repeats=3)
+    return row
+
+
 def _first_row_bound(config: SweepConfig, spec: dict, calibration: dict | None) -> tuple | None:
     """``(status, reason)`` for a series' first row that is not to be run, judged by ``calibration`` (the row
     of a small call of the same implementation, or None: no bound needed); None to run it.
@@ -315,8 +337,9 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
     why it was not measured). The prediction scales a measured time by the
     ratio of the work counts (quadratic for dense attention, about linear for
     dilated): the last row of the series, or for its first row a small call
-    of the same implementation (:func:`calibration_length`, not recorded as a
-    row; a first row that small already is run as it is).
+    of the same implementation (:func:`calibration_length`, lengthened by
+    :func:`calibrate` while it is too short to tell; not recorded as a row; a
+    first row that small already is run as it is).
     """
     from tqdm.auto import tqdm
 
@@ -338,7 +361,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True,
         if prev is None:
             m = calibration_length(impl, config, spec)
             if m is not None and (series not in calibrations or calibrations[series]["seq_len"] > m):
-                calibrations[series] = measure_row(seq_len=m, warmup=1, repeats=3)
+                calibrations[series] = calibrate(measure_row, impl, config, spec, m)
             skip = _first_row_bound(config, spec, calibrations.get(series) if m is not None else None)
         elif prev["status"] == "oom":
             skip = ("oom", f"not run: seq_len {prev['seq_len']:,} already ran out of memory")
