@@ -546,13 +546,16 @@ def test_one_process_strategies_are_exact(strategy, causal):
 
 
 def test_one_process_allgather_calls_each_rank_once_per_merged_block(monkeypatch):
-    """Contiguous causal all-gather: rank r makes two calls (its diagonal, every earlier shard at once), rank 0 one."""
+    """Causal all-gather: one diagonal call for every rank at once, then one call per rank on every earlier key
+    (zigzag: its later half's queries on the keys between its halves too, a second call except on the ranks whose
+    halves have no earlier keys (rank 0) or no keys between them (rank w − 1))."""
     from ringbook.fast.strategies import stacked_allgather_plan
 
-    plan = stacked_allgather_plan(32, 4, B, "contiguous", True, merge_group=8)
-    (blocks,) = plan.steps
-    assert len(blocks) == 1 + 2 * 3
-    assert sum(plan.work(B, H)) == B * H * 32 * 33 // 2  # every causal score once
+    for layout, rest in (("contiguous", 3), ("zigzag", 1 + 2 + 2 + 1)):
+        plan = stacked_allgather_plan(32, 4, B, layout, True, merge_group=8)
+        own, others = plan.steps
+        assert (len(own), len(others)) == (1, rest), layout
+        assert sum(plan.work(B, H)) == B * H * 32 * 33 // 2  # every causal score once
 
 
 @pytest.mark.parametrize("kwargs,match", [

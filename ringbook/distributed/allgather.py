@@ -31,7 +31,7 @@ from einops import rearrange
 
 from .._utils import compute_dtype
 from ..fast.engine import Mover, Settings
-from ..fast.plans import allgather_plan
+from ..fast.plans import allgather_plan, gather_order
 from ..fast.tuning import Tuning, check_tuning
 from .comm import _Ring, _wait, all_gather, reduce_scatter
 from .entry import open_group, run_on_group
@@ -41,15 +41,19 @@ from .ring import _check_agreement, local_mask
 class AllGatherMover(Mover):
     """Step 0: this rank's own K/V (the gather in flight); step 1: every rank's K/V, gathered; dK/dV reduce-scattered.
 
-    Gathered K/V are stacked in rank order along the sequence (shard s at
-    rows ``s·c … (s+1)·c``), as :func:`~ringbook.fast.plans.allgather_plan`
-    addresses them.
+    Gathered K/V arrive stacked in rank order along the sequence (shard s at
+    rows ``s·c … (s+1)·c``); ``order`` (:func:`~ringbook.fast.plans.gather_order`)
+    puts them in token order with one index copy, as
+    :func:`~ringbook.fast.plans.allgather_plan` addresses them, and the
+    gradients back in rank order before the reduce-scatter (None: rank order).
     """
 
-    def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool, steps: int):
+    def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool, steps: int,
+                 order: torch.Tensor | None = None):
         if steps not in (1, 2) or (steps == 1) != (ring.world == 1):
             raise ValueError(f"AllGatherMover: a plan of {steps} steps does not fit a group of {ring.world} ranks")
         self.ring, self.k, self.v, self.backward = ring, k.contiguous(), v.contiguous(), backward
+        self.order = None if order is None else order.to(k.device)
         self.works, self.what = [], ""
         if backward:
             work = compute_dtype(k.dtype)
@@ -66,6 +70,8 @@ class AllGatherMover(Mover):
         _wait(self.works, self.ring, self.what)
         kv = rearrange(self.gathered, "(w two) b c h d -> two b (w c) h d", two=2)
         del self.gathered
+        if self.order is not None:
+            kv = kv.index_select(2, self.order)
         return kv[0], kv[1]
 
     def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +96,8 @@ class AllGatherMover(Mover):
             w = self.ring.world
             self.what = "backward: reduce-scatter of dK/dV (each shard's gradients to its owner)"
             self.mine = self.dkv_all.new_empty((2, *self.dk.shape))
+            if self.order is not None:  # token order back to rank order
+                self.dkv_all = torch.empty_like(self.dkv_all).index_copy_(2, self.order, self.dkv_all)
             chunks = rearrange(self.dkv_all, "two b (w c) h d -> (w two) b c h d", w=w)
             self.works = reduce_scatter(self.mine, chunks, self.ring, self.what)
             del self.dkv_all
@@ -142,10 +150,12 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     mask, problem = local_mask(q, ring.world, causal, document_ids, window)
     scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend,
                              extra=(("document_ids and window", mask),), problem=problem)
-    plan = allgather_plan(q.shape[1] * ring.world, ring.world, ring.rank, layout, bool(causal), kv_heads=k.shape[2],
+    n = q.shape[1] * ring.world
+    plan = allgather_plan(n, ring.world, ring.rank, layout, bool(causal), kv_heads=k.shape[2],
                           device=str(q.device), merge_group=tuning.rank_merge_group,
                           grad_group=tuning.rank_grad_group, mask=mask)
+    order = gather_order(n, ring.world, layout)
     return run_on_group(q, k, v, plan=plan,
-                        mover=lambda k_, v_, backward: AllGatherMover(ring, k_, v_, backward, len(plan.steps)),
+                        mover=lambda k_, v_, backward: AllGatherMover(ring, k_, v_, backward, len(plan.steps), order),
                         settings=Settings(scale, backend, who="ringbook.distributed.allgather_attention",
                                           tuning=tuning))

@@ -321,6 +321,33 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_he
 
 
 @functools.lru_cache(maxsize=64)
+def gather_order(n: int, world: int, layout: str) -> torch.Tensor | None:
+    """The all-gathered K/V's rows in token order: ``order[t]`` is the row (shard s at ``s·c …``) holding token t.
+
+    None where no reordering is wanted: contiguous shards are in token order
+    already, and a striped shard's tokens are not runs of tokens (its blocks
+    stay in shard order). For zigzag, one index copy turns every other rank's
+    two half-shards into one run of earlier tokens: a rank's queries then read
+    the keys before them in one call, not one call per shard (as Llama 3 and
+    ring-flash-attention's all-gather reorder the gathered K/V).
+    """
+    if layout != "zigzag" or world == 1:
+        return None
+    return torch.argsort(layout_positions(n, world, layout).flatten())
+
+
+def _token_runs(call: Call, positions: torch.Tensor, src: int) -> list[tuple[Call, Rows]]:
+    """``call`` on shard ``src`` cut where its keys stop being consecutive tokens: ``[(piece, token rows), …]``,
+    each piece in the shard's own rows."""
+    kp = positions[src, call.kv[0]:call.kv[1]]
+    cuts = [0, *((torch.nonzero(kp[1:] != kp[:-1] + 1).flatten() + 1).tolist()), kp.numel()]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        kind = "positions" if call.kind == "causal" and len(cuts) > 2 else call.kind  # top-left on the whole only
+        out.append((Call(call.q, (call.kv[0] + a, call.kv[0] + b), kind), (int(kp[a]), int(kp[a]) + b - a)))
+    return out
+
+
 def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
                    device: str = "cpu", merge_group: int = 1, grad_group: int = 1,
                    mask: MaskSpec | None = None) -> Plan:
@@ -328,27 +355,32 @@ def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, 
 
     Step 0 attends the rank's queries to its own K/V (the schedule's step 0,
     computed while the all-gather is in flight); step 1 to the gathered K/V
-    of every shard, stacked in rank order (shard s at rows ``s·c …``): the
-    schedule's steps 1 … w−1 with their key rows moved there, full calls
-    merged where they abut (contiguous, causal: one call over every earlier
-    shard). ``mask``: documents and a window, as :func:`rank_calls`. Traffic:
-    the all-gather brings ``(w − 1)·c`` K vectors per kv head (and sends as
-    many, on a ring algorithm); the backward reduce-scatters dK/dV, as much
-    again.
+    of the whole sequence: the schedule's steps 1 … w−1 with their key rows
+    moved there, full calls merged where they abut. The gathered rows are in
+    token order where :func:`gather_order` reorders them (zigzag: a rank's
+    queries read all the keys before them in one call), else in shard order
+    (shard s at rows ``s·c …``). ``mask``: documents and a window, as
+    :func:`rank_calls`. Traffic: the all-gather brings ``(w − 1)·c`` K
+    vectors per kv head (and sends as many, on a ring algorithm); the
+    backward reduce-scatters dK/dV, as much again.
     """
     spec = mask or MaskSpec(bool(causal))
     c = n // world
     calls = rank_calls(n, world, layout, causal, mask)
+    positions = layout_positions(n, world, layout)
+    in_tokens = gather_order(n, world, layout) is not None
     own = tuple(box(x.q, x.kv, kernel=kernel_of(x, rank, rank, n, world, layout, spec, device)) for x in calls[0][rank])
     full, rest = [], []
     for t in range(1, len(calls)):
         src = (rank - t) % world
         for x in calls[t][rank]:
-            if x.kind == "full":  # merged across shards where they abut
-                full.append(Call(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), "full"))
-            else:
-                kernel = kernel_of(x, rank, src, n, world, layout, spec, device)
-                rest.append(box(x.q, (x.kv[0] + src * c, x.kv[1] + src * c), kernel=kernel))
+            pieces = _token_runs(x, positions, src) if in_tokens else [(x, (x.kv[0] + src * c, x.kv[1] + src * c))]
+            for piece, rows in pieces:
+                if piece.kind == "full":  # merged where they abut
+                    full.append(Call(piece.q, rows, "full"))
+                else:
+                    kernel = kernel_of(piece, rank, src, n, world, layout, spec, device)
+                    rest.append(box(piece.q, rows, kernel=kernel))
     rest = [box(x.q, x.kv) for x in _merge_full(full)] + rest
     steps = (own, tuple(rest)) if world > 1 else (own,)
     gathered = (world - 1) * c * kv_heads

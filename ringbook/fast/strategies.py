@@ -7,12 +7,11 @@ strategy's time beside one fused SDPA call over the whole sequence is its
 engine overhead alone — the comparison the strategies issue asks for.
 
 * **all-gather**: the ranks' queries are stacked in the batch (``(w b) c h d``,
-  as the one-process ring stacks them) and every rank reads the *whole* K/V
-  (``b n h_kv d``, shards in rank order: what the all-gather gives each
-  rank). Each rank's blocks are those of
-  :func:`ringbook.fast.plans.allgather_plan` — its own diagonal, then every
-  other shard, full blocks merged where they abut — all in one step, since
-  nothing has to arrive.
+  as the one-process ring stacks them). Each rank's blocks are those of
+  :func:`ringbook.fast.plans.allgather_plan`: its own diagonal on its own
+  shard (one call for all ranks, on the stacked shards), then the *whole*
+  K/V in token order (``b n h_kv d``: what the all-gather gives each rank,
+  reordered), full blocks merged where they abut.
 * **Ulysses**: a rank attends every token of its heads; with every rank in
   one process that is one call over all heads (the head shards side by
   side), so the plan is one block over the whole sequence.
@@ -25,8 +24,9 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .blocks import CAUSAL, FULL, Box
-from .engine import Block, Job, Plan, Settings, StackedMover, run
+from .._utils import compute_dtype
+from .blocks import ALL, CAUSAL, FULL, Box
+from .engine import Block, Job, Mover, Plan, Settings, StackedMover, run
 from .plans import allgather_plan
 from .tuning import Tuning
 
@@ -34,16 +34,57 @@ STRATEGIES = ("ring", "allgather", "ulysses")
 
 
 def stacked_allgather_plan(n: int, world: int, batch: int, layout: str, causal: bool, merge_group: int) -> Plan:
-    """Every rank's :func:`~ringbook.fast.plans.allgather_plan` blocks in one step: its queries at batch rows
-    ``r·b … (r+1)·b`` of the stacked q, keys anywhere in the whole K/V (its own shard at ``r·c``)."""
-    c = n // world
-    blocks = []
+    """Every rank's :func:`~ringbook.fast.plans.allgather_plan`, ranks stacked in the batch (rank r at batch rows
+    ``r·b … (r+1)·b`` of q).
+
+    Step 0: each rank's own block on the stacked shards (``(w b) c h d``), one
+    call for every rank where their own blocks are the same (as the ring's
+    step 0); step 1: each rank's queries on the whole K/V, which one process
+    holds in token order (what the all-gather and :func:`~ringbook.fast.plans.gather_order`
+    give each rank).
+    """
+    own_steps, rest = [], []
     for r in range(world):
-        own, *rest = allgather_plan(n, world, r, layout, causal).steps
+        own, *others = allgather_plan(n, world, r, layout, causal).steps
         rows = (r * batch, (r + 1) * batch)
-        blocks += [Block(Box(b.at.q, (b.at.kv[0] + r * c, b.at.kv[1] + r * c), rows), b.kernel) for b in own]
-        blocks += [Block(Box(b.at.q, b.at.kv, rows), b.kernel) for step in rest for b in step]
-    return Plan((tuple(blocks),), merge_group=merge_group)
+        own_steps.append(own)
+        rest += [Block(Box(b.at.q, b.at.kv, rows, ALL), b.kernel) for step in others for b in step]
+    first = own_steps[0]
+    if all(len(o) == len(first) and all(x.at == y.at and x.kernel is y.kernel for x, y in zip(o, first))
+           for o in own_steps):  # the same on every rank: one call over the stacked shards
+        every = (0, world * batch)
+        own = [Block(Box(b.at.q, b.at.kv, every, every), b.kernel) for b in first]
+    else:
+        own = [Block(Box(b.at.q, b.at.kv, (r * batch, (r + 1) * batch), (r * batch, (r + 1) * batch)), b.kernel)
+               for r, o in enumerate(own_steps) for b in o]
+    return Plan((tuple(own), tuple(rest)) if rest else (tuple(own),), merge_group=merge_group)
+
+
+class _GatheredMover(Mover):
+    """Every rank's all-gather in one process: step 0 reads each rank's own shard (stacked in the batch, a copy),
+    step 1 the whole K/V in token order (the caller's tensors: no copy, nothing moved)."""
+
+    step_reads_gradients = False
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, shards: _Shards, *, backward: bool):
+        self.shards, self.k, self.v = shards, k, v
+        self.own_k, self.own_v = shards.enter(k), shards.enter(v)
+        if backward:
+            work = compute_dtype(k.dtype)
+            self.dk, self.dv = (torch.zeros(x.shape, dtype=work, device=x.device) for x in (k, v))
+            self.own_dk, self.own_dv = (torch.zeros(x.shape, dtype=work, device=x.device)
+                                        for x in (self.own_k, self.own_v))
+
+    def forward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.own_k, self.own_v) if t == 0 else (self.k, self.v)
+
+    def backward_kv(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if t == 0:
+            return self.own_k, self.own_v, self.own_dk, self.own_dv
+        return self.k, self.v, self.dk, self.dv
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.dk + self.shards.leave(self.own_dk), self.dv + self.shards.leave(self.own_dv))
 
 
 def run_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: str, ring_size: int, causal: bool,
@@ -62,9 +103,10 @@ def run_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy:
     w = ring_size
     plan = stacked_allgather_plan(n, w, b, layout, causal, tuning.merge_group)
     shards = _Shards(w, order)
-    job = Job(settings=settings, start=lambda k_, v_, backward: (StackedMover(k_, v_, backward=backward), plan),
-              enter=shards.enter, leave=shards.leave, enter_kv=shards.enter_kv, leave_kv=shards.leave_kv,
-              enter_copies=order is not None, key=key)
+    job = Job(settings=settings,
+              start=lambda k_, v_, backward: (_GatheredMover(k_, v_, shards, backward=backward), plan),
+              enter=shards.enter, leave=shards.leave, enter_kv=lambda x: x,
+              leave_kv=lambda x, dtype=None: x.to(dtype or x.dtype), enter_copies=order is not None, key=key)
     return run(q, k, v, job)
 
 
