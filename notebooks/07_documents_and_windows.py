@@ -55,7 +55,7 @@ import ringbook
 from ringbook import LAYOUTS, naive_attention, production_plan, production_ring_attention, ring_schedule, work_per_rank
 from ringbook.exercises.masks import check_document_block, check_layout_imbalance, check_window_hops
 from ringbook.masks import document_ids_from_cu_seqlens, keep, mask_spec
-from ringbook.schedule import layout_pieces, layout_positions
+from ringbook.schedule import best_layout, head_tail_positions, layout_pieces, layout_positions, layout_report
 from ringbook.viz.masks import plot_layout_work, plot_mask_ring, plot_window_hops, rank_work, ring_blocks
 
 torch.manual_seed(0)
@@ -188,8 +188,8 @@ print(f"{empty} of {blocks_all} blocks empty; without documents: "
 
 # %% [markdown]
 # The same data as a picture. `ringbook.viz.masks.ring_blocks` classifies the blocks of *any* split of the
-# tokens into per-rank pieces with the library's `classify` (we need that for a layout the library does not
-# have, in §4); for the library's layouts it gives exactly the schedule's blocks:
+# tokens into per-rank pieces with the library's `classify` (§4 feeds it the pieces of a layout built per
+# document); for the library's layouts it gives exactly the schedule's blocks:
 
 # %%
 def library_pieces(layout, n, w=W):
@@ -250,45 +250,44 @@ _ = check_document_block(document_block)
 # `torch.distributed.tensor.experimental._context_parallel._load_balancer`), which requires every document
 # length to be a multiple of $2w$.
 #
-# The library has no head-tail layout (its ring layouts deal contiguous, zigzag or striped pieces of the
-# sequence), so we build it here in plain torch, as the positions each rank holds, its pieces one per chunk:
+# The library deals it as the layout `"doc_headtail"`: `head_tail_positions(document_ids, w)` gives the positions
+# each rank holds, `layout_pieces(n, w, "doc_headtail", document_ids)` its pieces, one per chunk, and
+# `ring_schedule`, `work_per_rank` and `ring_attention` take it with the `document_ids` it is dealt from:
 
 # %%
-def head_tail_pieces(lengths, w=W):
-    """Per rank: chunks r and 2w − 1 − r of every document (each length a multiple of 2w)."""
-    assert all(L % (2 * w) == 0 for L in lengths), f"every document length must be a multiple of 2w = {2 * w}"
-    pieces, start = [[] for _ in range(w)], 0
-    for L in lengths:
-        m = L // (2 * w)
-        for r in range(w):
-            pieces[r] += [torch.arange(start + r * m, start + (r + 1) * m),
-                          torch.arange(start + (2 * w - 1 - r) * m, start + (2 * w - r) * m)]
-        start += L
-    return pieces
-
-
 def pieces_of(layout, lengths):
-    return head_tail_pieces(lengths) if layout == "head-tail" else library_pieces(layout, sum(lengths))
+    """Each rank's pieces as position tensors, for any layout (documents packed with these lengths)."""
+    pieces = layout_pieces(sum(lengths), W, layout, ids_of(lengths))
+    return [[torch.arange(a, b, W if layout == "striped" else 1) for a, b in p] for p in pieces]
 
 
-print("rank 0 holds", [(int(p[0]), int(p[-1]) + 1) for p in head_tail_pieces(LENGTHS)[0]])
+print("rank 0 holds", layout_pieces(n, W, "doc_headtail", ids)[0])
+assert torch.equal(head_tail_positions(ids, W), torch.stack([torch.cat(p) for p in pieces_of("doc_headtail", LENGTHS)]))
+try:
+    head_tail_positions(ids_of([72, 16, 4, 36]), W)
+except ValueError as refusal:
+    print("documents [72, 16, 4, 36]:", refusal)
 
 # %% [markdown]
 # The work per rank of each layout, for our documents. **Needed**: the (query, key) pairs the mask keeps, of the
 # rank's queries; **computed**: the area of the blocks that are not empty (a partial block is computed whole
 # and masked, as `work_per_rank` counts it). The imbalance is busiest / mean: the ring runs at the pace of the
-# busiest rank.
+# busiest rank. We count from our blocks, and check against the library's `layout_report`, which counts the same
+# for every layout that fits the mask (`best_layout` picks the one whose busiest rank computes least):
 
 # %%
-LAYOUTS_07 = (*LAYOUTS, "head-tail")
+LAYOUTS_07 = (*LAYOUTS, "doc_headtail")
 needed, computed = {}, {}
-print(f"{'layout':11} {'needed per rank':>26} {'busiest/mean':>13} {'computed per rank':>27} {'busiest/mean':>13}")
+report = layout_report(n, W, causal=True, document_ids=ids)
+print(f"{'layout':12} {'needed per rank':>26} {'busiest/mean':>13} {'computed per rank':>27} {'busiest/mean':>13}")
 for layout in LAYOUTS_07:
     blocks = ring_blocks(pieces_of(layout, LENGTHS), causal=True, document_ids=ids)
     needed[layout], computed[layout] = rank_work(blocks, causal=True, document_ids=ids)
     imb = [max(x) / (sum(x) / W) for x in (needed[layout], computed[layout])]
-    print(f"{layout:11} {str(needed[layout]):>26} {imb[0]:13.2f} {str(computed[layout]):>27} {imb[1]:13.2f}")
+    print(f"{layout:12} {str(needed[layout]):>26} {imb[0]:13.2f} {str(computed[layout]):>27} {imb[1]:13.2f}")
+    assert report[layout].needed == tuple(needed[layout]) and report[layout].computed == tuple(computed[layout])
 assert len({sum(x) for x in needed.values()}) == 1  # every layout needs the same scores in all
+print("layout_report counts the same; best_layout:", best_layout(n, W, causal=True, document_ids=ids))
 
 # %%
 fig_work = plot_layout_work(needed, computed, title=f"documents {LENGTHS}, causal, w = {W}: needed (solid) and "
@@ -308,7 +307,7 @@ fig_work.savefig(SAVE / "07_documents_and_windows.png", dpi=110, metadata={"Soft
 # The same head-tail picture as the zigzag one above:
 
 # %%
-fig_head_tail = plot_mask_ring(head_tail_pieces(LENGTHS), causal=True, document_ids=ids,
+fig_head_tail = plot_mask_ring(pieces_of("doc_headtail", LENGTHS), causal=True, document_ids=ids,
                                title=f"head-tail per document, documents {LENGTHS}, causal, w = {W}")
 fig_head_tail
 
@@ -320,7 +319,7 @@ fig_head_tail
 #
 # **Exercise 07.2 · The work imbalance of a layout** (medium). Given the positions each rank holds
 # (`(w, c)`, any layout), the `(n,)` document ids and `causal`, return busiest / mean of the scores each rank
-# needs (float). The checker runs contiguous, zigzag, striped and head-tail over several packings.
+# needs (float). The checker runs contiguous, zigzag, striped and doc_headtail over several packings.
 
 # %%
 def layout_imbalance(positions, document_ids, causal):

@@ -34,7 +34,7 @@ import torch
 from einops import rearrange
 
 __all__ = ["MaskSpec", "check_document_ids", "check_window", "classify", "document_ids_from_cu_seqlens", "keep",
-           "mask_spec", "visible_pairs"]
+           "mask_spec", "visible_keys", "visible_pairs"]
 
 
 def check_window(window: int | None) -> int | None:
@@ -173,15 +173,15 @@ def classify(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: MaskSpec) -> str:
     return "full"
 
 
-def visible_pairs(n: int, *, causal: bool, document_ids: torch.Tensor | None = None,
-                  window: int | None = None) -> int:
-    """The (query, key) pairs the mask leaves over ``n`` tokens, summed over batch rows: the work to count
-    (4·h·d FLOPs each, forward), without forming the ``n × n`` mask."""
+def visible_keys(n: int, *, causal: bool, document_ids: torch.Tensor | None = None,
+                 window: int | None = None) -> torch.Tensor:
+    """``(n,)`` LongTensor: how many keys each query sees under the mask, summed over batch rows (the work of
+    each query; a rank's work is the sum over the queries it holds), without forming the ``n × n`` mask."""
     ids = check_document_ids(document_ids, 1 if document_ids is None or document_ids.dim() == 1
                              else document_ids.shape[0], n)
     window = check_window(window)
     rows = ids if ids is not None else torch.zeros(1, n, dtype=torch.int64)
-    total = 0
+    total = torch.zeros(n, dtype=torch.int64)
     i = torch.arange(n)
     for row in rows:
         first = torch.searchsorted(row, row, right=False)  # each token's document start
@@ -189,5 +189,12 @@ def visible_pairs(n: int, *, causal: bool, document_ids: torch.Tensor | None = N
         before, after = i - first, last - i  # same-document tokens before and after each query
         if window is not None:
             before, after = before.clamp(max=window - 1), after.clamp(max=window - 1)
-        total += int((before + 1 + (0 if causal else after)).sum())
+        total += before + 1 + (0 if causal else after)
     return total
+
+
+def visible_pairs(n: int, *, causal: bool, document_ids: torch.Tensor | None = None,
+                  window: int | None = None) -> int:
+    """The (query, key) pairs the mask leaves over ``n`` tokens, summed over batch rows: the work to count
+    (4·h·d FLOPs each, forward), without forming the ``n × n`` mask."""
+    return int(visible_keys(n, causal=causal, document_ids=document_ids, window=window).sum())

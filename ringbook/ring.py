@@ -26,7 +26,7 @@ from einops import rearrange
 from ._utils import check_bool, check_qkv, compute_dtype, resolve_scale
 from .masks import check_document_ids, check_window
 from .online_softmax import KEY_CHUNK, attend_block, merge_partials
-from .schedule import check_layout, layout_positions, ring_schedule
+from .schedule import best_layout, check_layout, layout_positions, ring_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
     Args:
         q, k, v: ``b n h d`` tensors; q and k must have the same length ``n``.
         ring_size: number of ranks ``w``; it must divide ``n`` (``2w`` must,
-            for zigzag).
+            for zigzag, and every document length, for doc_headtail).
         causal: key j is seen by query i only if j ≤ i (positions in the
             original order, whatever the layout).
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``, how tokens
-            are dealt to ranks (:mod:`ringbook.schedule`).
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or, with
+            ``document_ids``, ``"doc_headtail"`` (zigzag inside every document),
+            how tokens are dealt to ranks (:mod:`ringbook.schedule`); ``"best"``:
+            the one :func:`~ringbook.schedule.best_layout` picks for the mask.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         document_ids, window: packed documents (``b n`` non-decreasing ids)
             and a sliding window (:mod:`ringbook.masks`); the schedule then
@@ -88,17 +90,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
             f"of both), got seq_q={n} and seq_k={k.shape[1]}; use naive_attention or blockwise_attention "
             "for cross-attention"
         )
-    check_layout(n, ring_size, layout)  # before any work: ring_size and layout must fit n
+    ids = check_document_ids(document_ids, b, n)
+    window = check_window(window)
+    if layout == "best":  # the tokens are put back in order, so any deal will do: the one whose busiest rank is least
+        layout = best_layout(n, ring_size, causal=causal, document_ids=ids, window=window)
+    check_layout(n, ring_size, layout, ids)  # before any work: ring_size and layout must fit n (and the documents)
     scale = resolve_scale(scale, d)
     w = ring_size
     work = compute_dtype(q.dtype)
-    window = check_window(window)
-    ids = check_document_ids(document_ids, b, n)
     schedule = ring_schedule(n, w, layout=layout, causal=causal, document_ids=ids, window=window)
     docs = None if ids is None else ids.to(q.device)
 
     # Deal the tokens to the ranks: shard r holds positions pos[r].
-    pos = layout_positions(n, w, layout).to(q.device)  # w c
+    pos = layout_positions(n, w, layout, ids).to(q.device)  # w c
     order = rearrange(pos, "w c -> (w c)")
     # One cast to the accumulator dtype before the deal, so that under autograd the
     # per-block gradients of a shard are summed in float32 and rounded once

@@ -12,6 +12,17 @@ Layouts (how the ``n`` tokens are dealt to ``w`` ranks, ``c = n / w`` each):
   and 2w−1−r, so every rank has one early and one late chunk and causal work
   is balanced.
 * ``"striped"`` — rank r holds tokens r, r+w, r+2w, … (Brandon et al., 2023).
+* ``"doc_headtail"`` — zigzag inside every packed document (PyTorch's
+  ``_PerDocumentHeadTailLoadBalancer``): each document is cut into 2w chunks
+  and rank r holds chunks r and 2w−1−r of every one, so the causal work of
+  each document, and so of all, is balanced. It is dealt from the
+  ``document_ids`` (:func:`head_tail_positions`), so only the functions that
+  take them accept it: :func:`layout_positions`, :func:`ring_schedule`,
+  :func:`work_per_rank`, :func:`ringbook.ring_attention` and
+  :func:`ringbook.distributed.shard`/``unshard``.
+
+:func:`layout_report` counts every layout's work per rank for a mask and
+:func:`best_layout` picks the one whose busiest rank computes least.
 
 The ring: at step t, rank r holds the key/value shard that started on rank
 (r − t) mod w; after each step every shard moves one rank along (r → r+1).
@@ -26,20 +37,80 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
 from ._utils import check_positive_int
-from .masks import MaskSpec, check_document_ids, check_window, classify, mask_spec
+from .masks import MaskSpec, check_document_ids, check_window, classify, mask_spec, visible_keys
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
+DOC_HEADTAIL = "doc_headtail"  # dealt from the document ids: not in LAYOUTS, which every engine takes
 
 
-def check_layout(n: int, ring_size: int, layout: str) -> None:
-    """Raise ValueError unless ``layout`` can deal ``n`` tokens evenly to ``ring_size`` ranks."""
+def _document_lengths(document_ids: torch.Tensor, n: int) -> list[int]:
+    """The lengths of the packed documents, the same in every batch row (one deal serves every row)."""
+    ids = check_document_ids(document_ids, 1 if document_ids.dim() == 1 else document_ids.shape[0], n)
+    different = (ids != ids[:1]).any(dim=1)
+    if bool(different.any()):
+        raise ValueError(f"layout={DOC_HEADTAIL!r} deals tokens by documents, one deal for every batch row, but batch "
+                         f"row {int(torch.nonzero(different)[0])} packs different documents from row 0; give every row "
+                         "the same documents (or run the rows separately)")
+    return torch.unique_consecutive(ids[0], return_counts=True)[1].tolist()
+
+
+def head_tail_positions(document_ids: torch.Tensor, ring_size: int) -> torch.Tensor:
+    """``(w, c)`` LongTensor: the tokens each rank holds in the per-document head-tail layout ``"doc_headtail"``.
+
+    Each document (``document_ids``: ``(n,)``, or ``(b, n)`` with the same
+    documents in every row) is cut into ``2w`` equal chunks; rank r holds
+    chunks r and ``2w − 1 − r`` of every document, in sequence order (PyTorch's
+    ``_PerDocumentHeadTailLoadBalancer``). Every document length must be a
+    multiple of ``2w``; the ValueError says which ring sizes fit.
+    """
+    ring_size = check_positive_int(ring_size, "ring_size")
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"layout={DOC_HEADTAIL!r} is dealt from document_ids (an integer tensor), got "
+                        f"{type(document_ids).__name__}")
+    return torch.stack([torch.cat([torch.arange(a, b) for a, b in p])
+                        for p in _head_tail_pieces(document_ids, ring_size)])
+
+
+def _head_tail_pieces(document_ids: torch.Tensor, ring_size: int) -> list[list[tuple[int, int]]]:
+    w, n = ring_size, document_ids.shape[-1]
+    lengths = _document_lengths(document_ids, n)
+    bad = [d for d, length in enumerate(lengths) if length % (2 * w)]
+    if bad:
+        g = math.gcd(*lengths)
+        sizes = [x for x in range(1, min(g // 2, 64) + 1) if g % (2 * x) == 0]
+        fits = f"ring sizes that fit these documents: {sizes}" if sizes else "no ring size fits (a length is odd)"
+        shown = ", ".join(f"{d} (length {lengths[d]})" for d in bad[:5]) + (", …" if len(bad) > 5 else "")
+        which = f"document {shown} is not a multiple" if len(bad) == 1 else f"documents {shown} are not multiples"
+        raise ValueError(f"layout={DOC_HEADTAIL!r} cuts every document into 2·ring_size = {2 * w} equal chunks, but "
+                         f"{which} of {2 * w}; {fits}, or pad every document to a "
+                         f"multiple of {2 * w} (or use layout='zigzag', which needs only n divisible by {2 * w})")
+    pieces, start = [[] for _ in range(w)], 0
+    for length in lengths:
+        m = length // (2 * w)
+        for r in range(w):
+            pieces[r] += [(start + r * m, start + (r + 1) * m), (start + (2 * w - 1 - r) * m, start + (2 * w - r) * m)]
+        start += length
+    return pieces
+
+
+def check_layout(n: int, ring_size: int, layout: str, document_ids: torch.Tensor | None = None) -> None:
+    """Raise ValueError unless ``layout`` can deal ``n`` tokens evenly to ``ring_size`` ranks (``"doc_headtail"``:
+    the documents of ``document_ids``)."""
     check_positive_int(ring_size, "ring_size")
+    if layout == DOC_HEADTAIL and document_ids is not None:
+        _head_tail_pieces(check_document_ids(document_ids, 1 if document_ids.dim() == 1 else document_ids.shape[0],
+                                             n), ring_size)
+        return
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        also = (f" ({DOC_HEADTAIL!r} is dealt from document_ids: pass them, to a function that takes it: "
+                "ringbook.ring_attention, ringbook.schedule, ringbook.distributed.shard/unshard)"
+                if layout == DOC_HEADTAIL else "")
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}{also}")
     parts = 2 * ring_size if layout == "zigzag" else ring_size
     if n % parts:
         divisors = [d for d in range(1, min(n, 64) + 1) if n % (2 * d if layout == "zigzag" else d) == 0]
@@ -50,10 +121,14 @@ def check_layout(n: int, ring_size: int, layout: str) -> None:
         )
 
 
-def layout_pieces(n: int, ring_size: int, layout: str) -> list[list[tuple[int, int]]]:
-    """For each rank, its pieces as (start, stop) token ranges (striped: one strided piece)."""
-    check_layout(n, ring_size, layout)
+def layout_pieces(n: int, ring_size: int, layout: str,
+                  document_ids: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
+    """For each rank, its pieces as (start, stop) token ranges (striped: one strided piece; ``"doc_headtail"``:
+    two per document, from ``document_ids``)."""
+    check_layout(n, ring_size, layout, document_ids)
     w = ring_size
+    if layout == DOC_HEADTAIL:
+        return _head_tail_pieces(document_ids, w)
     if layout == "contiguous":
         c = n // w
         return [[(r * c, (r + 1) * c)] for r in range(w)]
@@ -63,24 +138,27 @@ def layout_pieces(n: int, ring_size: int, layout: str) -> list[list[tuple[int, i
     return [[(r, n)] for r in range(w)]  # striped: positions r, r+w, ... < n
 
 
-def layout_positions(n: int, ring_size: int, layout: str) -> torch.Tensor:
-    """``(w, c)`` LongTensor: the token positions each rank holds, in shard order."""
-    check_layout(n, ring_size, layout)
+def layout_positions(n: int, ring_size: int, layout: str, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``(w, c)`` LongTensor: the token positions each rank holds, in shard order (``document_ids``: for
+    ``"doc_headtail"``, ignored by the other layouts)."""
+    check_layout(n, ring_size, layout, document_ids)
     if layout == "striped":
         return torch.arange(n).reshape(n // ring_size, ring_size).T.contiguous()
     return torch.stack([
         torch.cat([torch.arange(a, b) for a, b in pieces])
-        for pieces in layout_pieces(n, ring_size, layout)
+        for pieces in layout_pieces(n, ring_size, layout, document_ids)
     ])
 
 
-def usp_positions(n: int, ring_size: int, ulysses_size: int, layout: str) -> torch.Tensor:
+def usp_positions(n: int, ring_size: int, ulysses_size: int, layout: str,
+                  document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``(w, c)`` LongTensor: the tokens each rank holds in the 2-D hybrid (Ulysses inside groups, a ring across).
 
     Rank ``g·u + i`` (``u = ulysses_size`` consecutive ranks per group) holds
     the ``i``-th of ``u`` equal contiguous parts of ring shard ``g`` of
     ``layout`` over ``w/u`` ranks, so a group's all-to-all gathers exactly its
-    ring shard. ``ulysses_size=1`` is :func:`layout_positions`.
+    ring shard. ``ulysses_size=1`` is :func:`layout_positions` (``document_ids``
+    as there).
     """
     check_positive_int(ulysses_size, "ulysses_size")
     check_positive_int(ring_size, "ring_size")
@@ -88,7 +166,7 @@ def usp_positions(n: int, ring_size: int, ulysses_size: int, layout: str) -> tor
         sizes = [u for u in range(1, ring_size + 1) if ring_size % u == 0]
         raise ValueError(f"ulysses_size={ulysses_size} must divide the ring size {ring_size}; sizes that work: {sizes}")
     groups = ring_size // ulysses_size
-    ring = layout_positions(n, groups, layout)
+    ring = layout_positions(n, groups, layout, document_ids)
     if ring.shape[1] % ulysses_size:
         raise ValueError(f"ulysses_size={ulysses_size} does not divide the {ring.shape[1]} tokens of a ring shard "
                          f"(n={n} over {groups} groups, layout={layout!r}); choose n divisible by "
@@ -150,16 +228,16 @@ def ring_schedule(n: int, ring_size: int, *, layout: str = "contiguous", causal:
     document or window boundary cuts is ``"masked"``. ``document_ids``
     (``b n`` or ``n``) describe the whole sequence, the same for every rank.
     """
-    check_layout(n, ring_size, layout)
     ids = check_document_ids(document_ids, 1 if document_ids is None or document_ids.dim() == 1
                              else document_ids.shape[0], n)
+    check_layout(n, ring_size, layout, ids)
     return [list(row) for row in schedule_for(n, ring_size, layout, mask_spec(causal, ids, check_window(window)))]
 
 
 @functools.lru_cache(maxsize=128)
 def schedule_for(n: int, ring_size: int, layout: str, spec: MaskSpec) -> tuple[tuple[Step, ...], ...]:
     """:func:`ring_schedule` for a :class:`~ringbook.masks.MaskSpec` (hashable: cached per call shape)."""
-    pieces = [_shard_ranges(p, layout, ring_size) for p in layout_pieces(n, ring_size, layout)]
+    pieces = [_shard_ranges(p, layout, ring_size) for p in layout_pieces(n, ring_size, layout, spec.ids())]
     schedule = []
     for t in range(ring_size):
         row = []
@@ -183,3 +261,73 @@ def work_per_rank(n: int, ring_size: int, *, layout: str = "contiguous", causal:
     """Tile areas each rank computes over the whole ring (the load-balance picture; a partial tile counts whole)."""
     sched = ring_schedule(n, ring_size, layout=layout, causal=causal, document_ids=document_ids, window=window)
     return [sum(sched[t][r].work for t in range(ring_size)) for r in range(ring_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutWork:
+    """One layout's work per rank under a mask: ``needed``, the (query, key) pairs the mask keeps of the rank's
+    queries; ``computed``, the tile areas it computes (:func:`work_per_rank`: a partial tile counts whole)."""
+
+    layout: str
+    needed: tuple[int, ...]
+    computed: tuple[int, ...]
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest / mean rank of the needed pairs: 1.0 is a perfect balance."""
+        mean = sum(self.needed) / len(self.needed)
+        return max(self.needed) / mean if mean else 1.0
+
+    @property
+    def busiest(self) -> int:
+        """The busiest rank's computed tile area: the ring runs at its pace."""
+        return max(self.computed)
+
+
+def layout_report(n: int, ring_size: int, *, causal: bool = True, document_ids: torch.Tensor | None = None,
+                  window: int | None = None, layouts: tuple[str, ...] | None = None) -> dict[str, LayoutWork]:
+    """Every layout's :class:`LayoutWork` for this mask, ``{layout: work}`` in the order of ``layouts``.
+
+    ``layouts`` defaults to :data:`LAYOUTS` plus ``"doc_headtail"`` when
+    there are documents; a layout that cannot deal ``n`` tokens (or these
+    documents) to ``ring_size`` ranks is left out. The counts are exact
+    (:func:`ringbook.masks.visible_keys`, :func:`ring_schedule`), for a
+    teaching-sized sequence: the schedule classifies every block.
+    """
+    ids = check_document_ids(document_ids, 1 if document_ids is None or document_ids.dim() == 1
+                             else document_ids.shape[0], n)
+    window = check_window(window)
+    if layouts is None:
+        layouts = LAYOUTS + ((DOC_HEADTAIL,) if ids is not None else ())
+    keys = visible_keys(n, causal=causal, document_ids=ids, window=window)
+    report = {}
+    for layout in layouts:
+        try:
+            positions = layout_positions(n, ring_size, layout, ids)
+        except ValueError:
+            if layout not in LAYOUTS + (DOC_HEADTAIL,):
+                raise
+            continue  # this layout cannot deal these tokens
+        computed = work_per_rank(n, ring_size, layout=layout, causal=causal, document_ids=ids, window=window)
+        report[layout] = LayoutWork(layout, tuple(keys[positions].sum(dim=1).tolist()), tuple(computed))
+    return report
+
+
+def best_layout(n: int, ring_size: int, *, causal: bool = True, document_ids: torch.Tensor | None = None,
+                window: int | None = None, layouts: tuple[str, ...] | None = None) -> str:
+    """The layout of :func:`layout_report` whose busiest rank computes least; ties go to the better balance of the
+    needed pairs, then to the earlier layout in ``layouts`` (contiguous first).
+
+    The busiest rank's *computed* work decides, not the needed balance alone:
+    striped balances the needed pairs of any mask but cuts no block empty, so
+    it computes every score. The K/V hops are not counted (a window's traffic
+    favours contiguous shards: notebook 07). Use it where the caller may
+    permute the tokens (``ringbook.ring_attention(layout="best")`` takes the
+    whole sequence and puts it back in order).
+    """
+    report = layout_report(n, ring_size, causal=causal, document_ids=document_ids, window=window, layouts=layouts)
+    if not report:
+        raise ValueError(f"no layout of {layouts or LAYOUTS} deals n={n} tokens to ring_size={ring_size} ranks; "
+                         f"choose a ring size that divides {n}")
+    order = list(report)
+    return min(report.values(), key=lambda x: (x.busiest, x.imbalance, order.index(x.layout))).layout

@@ -13,6 +13,9 @@
   needs are dropped (a window's hops), counted in the plans;
 * the distributed ring (gloo, world 3) with both masks, exact, and ids that
   differ between ranks refused on every rank;
+* the per-document head-tail layout (``"doc_headtail"``): a permutation,
+  every document balanced, exact in the one-process ring and the shards;
+  the layout report checked by hand; its refusals say what would fit;
 * bad input refused by name.
 """
 
@@ -270,7 +273,7 @@ def test_a_windowed_ring_schedule_sends_only_the_hops_it_needs():
 
 
 def test_visible_pairs_counts_what_the_mask_leaves():
-    from ringbook.masks import visible_pairs
+    from ringbook.masks import visible_keys, visible_pairs
 
     ids = _docs("random")
     pos = torch.arange(N)
@@ -281,3 +284,96 @@ def test_visible_pairs_counts_what_the_mask_leaves():
                             k_doc=None if docs is None else docs[None])
                 want = N * N if seen is None else int(seen.sum())
                 assert visible_pairs(N, causal=causal, document_ids=docs, window=window) == want
+                per_query = visible_keys(N, causal=causal, document_ids=docs, window=window)
+                assert per_query.tolist() == ([N] * N if seen is None else seen.reshape(N, N).sum(1).tolist())
+
+
+def _packed(lengths: list[int]) -> torch.Tensor:
+    return document_ids_from_cu_seqlens([0, *torch.tensor(lengths).cumsum(0).tolist()])
+
+
+@pytest.mark.parametrize("lengths, world", [([72, 16, 8, 32], 4), ([72, 16, 8, 32], 2), ([8] * 5, 4), ([48], 3),
+                                            ([6, 30, 12], 3), ([2, 2, 4], 1)])
+def test_head_tail_is_a_permutation_that_balances_each_document(lengths, world):
+    """Rank r holds chunks r and 2w − 1 − r of every document: a permutation, the causal work of every rank equal
+    (each document balanced on its own), and on the uneven packing at least as good as zigzag."""
+    from ringbook.schedule import head_tail_positions, layout_report
+
+    ids, n = _packed(lengths), sum(lengths)
+    pos = head_tail_positions(ids, world)
+    assert pos.shape == (world, n // world) and torch.equal(pos.flatten().sort().values, torch.arange(n))
+    assert torch.equal(pos, layout_positions(n, world, "doc_headtail", ids))
+    assert torch.equal(pos, head_tail_positions(ids.expand(3, -1), world))  # a batch of the same documents
+    start = 0
+    for length in lengths:  # chunk r and chunk 2w − 1 − r of this document, in order
+        m = length // (2 * world)
+        for r in range(world):
+            mine = pos[r][(pos[r] >= start) & (pos[r] < start + length)] - start
+            assert mine.tolist() == [*range(r * m, (r + 1) * m), *range((2 * world - 1 - r) * m, (2 * world - r) * m)]
+        start += length
+    report = layout_report(n, world, causal=True, document_ids=ids)
+    assert report["doc_headtail"].imbalance == 1.0
+    assert report["doc_headtail"].busiest <= report["zigzag"].busiest
+    if lengths == [72, 16, 8, 32]:
+        assert report["zigzag"].imbalance > 1.3 and report["doc_headtail"].busiest < report["zigzag"].busiest / 2
+
+
+def test_layout_report_by_hand():
+    """Documents [12, 4] on 2 ranks, causal: query i of a document sees i + 1 keys (1..12, then 1..4)."""
+    from ringbook.schedule import LayoutWork, best_layout, head_tail_positions, layout_report
+
+    ids = _packed([12, 4])
+    assert head_tail_positions(ids, 2).tolist() == [[0, 1, 2, 9, 10, 11, 12, 15], [3, 4, 5, 6, 7, 8, 13, 14]]
+    report = layout_report(16, 2, causal=True, document_ids=ids)
+    assert list(report) == ["contiguous", "zigzag", "striped", "doc_headtail"]
+    # needed: contiguous 1+…+8 = 36 | 9+…+12 + 1+…+4 = 52; zigzag (chunks of 4: 0, 3 | 1, 2) 10 + 10 | 5+…+12;
+    # striped 1+3+…+11 + 1+3 | 2+4+…+12 + 2+4; head-tail (6 + 33) + (1 + 4) | 4+…+9 + (2 + 3), mean 44.
+    # computed (tile areas): contiguous 8×8 causal | two 8×8 masked; zigzag two 4×4 causal | 3 + 2 tiles of 16;
+    # striped: no tile is empty, 2 × 64 each; head-tail: tiles of 3 and 1, 30 + 20 on each rank.
+    assert report == {"contiguous": LayoutWork("contiguous", (36, 52), (64, 128)),
+                      "zigzag": LayoutWork("zigzag", (20, 68), (32, 80)),
+                      "striped": LayoutWork("striped", (40, 48), (128, 128)),
+                      "doc_headtail": LayoutWork("doc_headtail", (44, 44), (50, 50))}
+    assert [round(x.imbalance * 11, 9) for x in report.values()] == [13, 17, 12, 11]
+    assert best_layout(16, 2, causal=True, document_ids=ids) == "doc_headtail"
+    assert best_layout(16, 2, causal=True, document_ids=ids, layouts=("contiguous", "zigzag")) == "zigzag"
+    assert best_layout(16, 2, causal=True) == "zigzag" and best_layout(16, 2, causal=False) == "contiguous"
+    assert "doc_headtail" not in layout_report(16, 2, document_ids=_packed([6, 10]))  # 6 is no multiple of 4
+
+
+def test_doc_headtail_runs_in_the_ring_and_the_shards():
+    """ring_attention(layout="doc_headtail" or "best") is exact; shard/unshard deal and restore it."""
+    ids = _packed([12, 4, 8])
+    q, k, v = (torch.randn(2, 24, 2, 3, dtype=torch.float64) for _ in range(3))
+    for causal, window in ((True, None), (False, 5), (True, 3)):
+        ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        for layout in ("doc_headtail", "best"):
+            out, lse = ringbook.ring_attention(q, k, v, ring_size=2, causal=causal, layout=layout, document_ids=ids,
+                                               window=window)
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    shards = [rd.shard(q, r, 2, "doc_headtail", document_ids=ids) for r in range(2)]
+    assert torch.equal(shards[1], q[:, layout_positions(24, 2, "doc_headtail", ids)[1]])
+    assert torch.equal(rd.unshard(shards, "doc_headtail", document_ids=ids), q)
+    lse_shards = [rd.shard(ref_lse, r, 2, "doc_headtail", dim=2, ulysses_size=2, document_ids=ids) for r in range(2)]
+    assert torch.equal(rd.unshard(lse_shards, "doc_headtail", dim=2, ulysses_size=2, document_ids=ids), ref_lse)
+
+
+def test_doc_headtail_refusals_say_what_would_work():
+    from ringbook.schedule import head_tail_positions
+
+    with pytest.raises(ValueError, match=r"2·ring_size = 4 equal chunks, but documents 0 \(length 6\), 1 \(length 2\) "
+                                         r"are not multiples of 4; ring sizes that fit these documents: \[1\], or pad"):
+        head_tail_positions(_packed([6, 2]), 2)
+    with pytest.raises(ValueError, match=r"document 1 \(length 6\) is not a multiple of 8; ring sizes that fit these "
+                                         r"documents: \[1\]"):
+        ringbook.ring_attention(*(torch.randn(1, 14, 1, 2) for _ in range(3)), ring_size=4, layout="doc_headtail",
+                                document_ids=_packed([8, 6]))
+    with pytest.raises(ValueError, match="no ring size fits"):
+        head_tail_positions(_packed([3, 5]), 1)
+    with pytest.raises(ValueError, match="batch row 1 packs different documents from row 0"):
+        head_tail_positions(torch.stack([_packed([4, 4]), _packed([2, 6])]), 2)
+    with pytest.raises(ValueError, match="'doc_headtail' is dealt from document_ids"):
+        ringbook.ring_attention(*(torch.randn(1, 8, 1, 2) for _ in range(3)), ring_size=2, layout="doc_headtail")
+    with pytest.raises(ValueError, match=r"dealt from the documents: pass document_ids="):
+        rd.shard(torch.randn(1, 8, 1, 2), 0, 2, "doc_headtail")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from .._utils import check_positive_int
-from ..schedule import LAYOUTS, usp_positions
+from ..schedule import DOC_HEADTAIL, LAYOUTS, usp_positions
 
 
 def _check_dim(dim, ndim: int, what: str) -> int:
@@ -21,13 +21,26 @@ def _check_dim(dim, ndim: int, what: str) -> int:
     return int(dim) % ndim
 
 
+def _check_layout_name(layout: str, document_ids: torch.Tensor | None) -> None:
+    if layout == DOC_HEADTAIL and document_ids is None:
+        raise ValueError(f"layout={DOC_HEADTAIL!r} is dealt from the documents: pass document_ids= (the (n,) ids "
+                         "of the whole sequence, the same on every rank)")
+    if layout not in LAYOUTS and layout != DOC_HEADTAIL:
+        raise ValueError(f"layout must be one of {LAYOUTS} or {DOC_HEADTAIL!r} (with document_ids), got {layout!r}")
+
+
 def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous", dim: int = 1, *,
-          ulysses_size: int = 1) -> torch.Tensor:
+          ulysses_size: int = 1, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Rank ``rank``'s shard of ``x`` along ``dim`` (1 for ``b n h d``, 2 for an lse ``b h n``).
 
     ``ulysses_size``: for :func:`ringbook.distributed.usp_attention`, the shards
     of :func:`ringbook.schedule.usp_positions` (the same as ``layout``'s for 1,
     and for ``"contiguous"`` whatever the size).
+
+    ``document_ids``: the whole sequence's ``(n,)`` ids, for
+    ``layout="doc_headtail"`` (:func:`ringbook.schedule.head_tail_positions`);
+    the distributed attentions take only :data:`ringbook.LAYOUTS`, so such
+    shards are for code of your own (or :func:`unshard`).
 
     Raises TypeError/ValueError naming the argument: ``x`` not a tensor,
     ``rank`` not an int in ``0..world_size-1``, ``world_size`` not a positive
@@ -42,8 +55,10 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
     dim = _check_dim(dim, x.dim(), f"x of shape {tuple(x.shape)}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout_name(layout, document_ids)
+    if layout == DOC_HEADTAIL:
+        positions = usp_positions(x.shape[dim], world_size, ulysses_size, layout, document_ids)
+        return x.index_select(dim, positions[int(rank)].to(x.device))
     n, parts = x.shape[dim], 2 * world_size if layout == "zigzag" else world_size
     if n % parts:
         need = f"2·world_size = {parts}" if layout == "zigzag" else f"world_size = {parts}"
@@ -54,9 +69,9 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
 
 
 def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int = 1, *,
-            ulysses_size: int = 1) -> torch.Tensor:
-    """Put per-rank shards (a list, rank order) back into token order along ``dim`` (``ulysses_size`` as for
-    :func:`shard`).
+            ulysses_size: int = 1, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Put per-rank shards (a list, rank order) back into token order along ``dim`` (``ulysses_size`` and
+    ``document_ids`` as for :func:`shard`).
 
     Raises TypeError/ValueError naming the argument: ``shards`` not a
     sequence of tensors (``shards[i]`` named), shards of different
@@ -86,11 +101,10 @@ def unshard(shards: Iterable[torch.Tensor], layout: str = "contiguous", dim: int
     if len(others) != 1:
         raise ValueError(f"shards must have the same shape apart from dim {dim}, got {[tuple(s.shape) for s in shards]}")
     w, c = len(shards), lengths.pop()
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout_name(layout, document_ids)
     if layout == "zigzag" and c % 2:
         raise ValueError(f"layout='zigzag' gives each rank two chunks of equal length, so shards must have an even "
                          f"length along dim {dim}, got {c}; pass the layout the shards were cut with")
-    positions = usp_positions(w * c, w, ulysses_size, layout).reshape(-1)  # where each row of the cat goes
+    positions = usp_positions(w * c, w, ulysses_size, layout, document_ids).reshape(-1)  # where each row of the cat goes
     inverse = torch.argsort(positions).to(first.device)
     return torch.cat(shards, dim=dim).index_select(dim, inverse)

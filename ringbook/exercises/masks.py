@@ -16,7 +16,7 @@ import torch
 
 from ..fast.plans import production_plan
 from ..masks import document_ids_from_cu_seqlens, keep, mask_spec
-from ..schedule import layout_positions
+from ..schedule import head_tail_positions, layout_positions
 from ._core import _close, _run, _same_integers
 
 BLOCK_KINDS = ("full", "partial", "empty")
@@ -122,22 +122,6 @@ def check_window_hops(fn: Callable) -> bool | None:
     return _run("window_hops", fn, cases, hint)
 
 
-def _head_tail_positions(lengths: list[int], world: int) -> torch.Tensor:
-    """``(w, c)``: PyTorch's per-document head-tail layout (each document cut in ``2w`` chunks, rank r holding
-    chunks r and 2w − 1 − r of every document); every length must be a multiple of ``2w``."""
-    if any(length % (2 * world) for length in lengths):
-        raise ValueError(f"per-document head-tail needs every document length divisible by 2·world = {2 * world}, "
-                         f"got {lengths}")
-    ranks, start = [[] for _ in range(world)], 0
-    for length in lengths:
-        m = length // (2 * world)
-        for r in range(world):
-            ranks[r] += [torch.arange(start + r * m, start + (r + 1) * m),
-                         torch.arange(start + (2 * world - 1 - r) * m, start + (2 * world - r) * m)]
-        start += length
-    return torch.stack([torch.cat(p) for p in ranks])
-
-
 def _needed(positions: torch.Tensor, document_ids: torch.Tensor, causal: bool) -> list[int]:
     """The scores each rank needs: pairs (its query, any key) the document mask (and causal) keeps."""
     keys = torch.arange(document_ids.numel())
@@ -163,7 +147,7 @@ def check_layout_imbalance(fn: Callable) -> bool | None:
         layouts = {name: layout_positions(n, w, name) for name in ("contiguous", "zigzag", "striped")
                    if n % (2 * w if name == "zigzag" else w) == 0}
         if all(length % (2 * w) == 0 for length in lengths):
-            layouts["head-tail"] = _head_tail_positions(lengths, w)
+            layouts["doc_headtail"] = head_tail_positions(ids, w)
         for name, pos in layouts.items():
             for causal in (True, False):
                 want = torch.tensor(_imbalance(_needed(pos, ids, causal)), dtype=torch.float64)

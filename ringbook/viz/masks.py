@@ -3,8 +3,8 @@
 The data first, then the pictures. :func:`ring_blocks` classifies every
 (query piece, key piece) block of every ring step with
 :func:`ringbook.masks.classify`, for *any* split of the tokens into per-rank
-pieces (the library's layouts, or a layout the notebook builds, such as the
-per-document head-tail split); :func:`rank_work` and :func:`block_cells` read
+pieces (the library's layouts, ``"doc_headtail"`` among them, or a split of
+your own); :func:`rank_work` and :func:`block_cells` read
 it. For the layouts of :mod:`ringbook.schedule` the blocks are those of
 :func:`ringbook.ring_schedule` (notebook 07 checks it).
 
