@@ -36,6 +36,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..online_softmax import KEY_CHUNK, attend_block, attend_block_backward
+from . import varlen
 from .kernels import block_attention_backward, expand_kv, forward_block, reduce_kv
 from .merge import merge_into_torch_
 
@@ -142,8 +143,11 @@ class Positions(Kernel):
 class Masked(Kernel):
     """A block cut by a document or window boundary (:mod:`ringbook.masks`): its mask from the rows' token
     positions (``q_pos``, ``k_pos``), document ids (``q_doc`` ``b i``, ``k_doc`` ``b j``; None: one document)
-    and ``window``, causal or not. The einops path (:func:`~ringbook.online_softmax.attend_block`), keys
-    ``KEY_CHUNK`` at a time; full blocks keep the fused kernels and empty ones are never planned.
+    and ``window``, causal or not. On CUDA in half precision: the fused variable-length kernel, one launch
+    per band (:mod:`ringbook.fast.varlen`: exact, with the lse; its backward takes the global out and lse);
+    elsewhere, or where a document's keys sit in two runs of the block, the einops path
+    (:func:`~ringbook.online_softmax.attend_block`), keys ``KEY_CHUNK`` at a time. Full blocks keep the
+    fused kernels and empty ones are never planned.
     """
 
     q_pos: torch.Tensor
@@ -158,13 +162,36 @@ class Masked(Kernel):
         return dict(causal=self.causal, q_pos=self.q_pos, k_pos=self.k_pos, q_doc=self.q_doc, k_doc=self.k_doc,
                     window=self.window)
 
+    @functools.cached_property
+    def _launches(self) -> list | None:
+        """The block as variable-length launches (:func:`ringbook.fast.varlen.pieces`), on the rows' device."""
+        launches = varlen.pieces(self.q_pos, self.k_pos, causal=self.causal, q_doc=self.q_doc, k_doc=self.k_doc,
+                                 window=self.window)
+        return None if launches is None else [x.to(self.q_pos.device) for x in launches]
+
+    def _fused(self, q: Tensor, backend: str) -> list | None:
+        """The launches where the fused variable-length kernel runs this block (CUDA, half precision, a head
+        size it takes, ``backend`` not einops), else None."""
+        if backend == "einops" or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) \
+                or q.shape[-1] > 256 or q.shape[-1] % 8:
+            return None
+        return self._launches
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
         h = q.shape[2]
+        launches = self._fused(q, backend)
+        if launches is not None:
+            return varlen.varlen_forward(q, expand_kv(k, h), expand_kv(v, h), launches, scale=scale)
         return attend_block(q, expand_kv(k, h), expand_kv(v, h), scale=scale, chunk=KEY_CHUNK, **self._mask())
 
     def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
                  delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
         h, hk = q.shape[2], k.shape[2]
+        launches = self._fused(q, backend)
+        if launches is not None:
+            dq, dk, dv = varlen.varlen_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, launches,
+                                                scale=scale)
+            return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
         dq, dk, dv = attend_block_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, scale=scale,
                                            delta=delta, chunk=KEY_CHUNK, **self._mask())
         return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)

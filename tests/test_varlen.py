@@ -1,0 +1,68 @@
+"""The variable-length launches of a masked block (ringbook.fast.varlen) compute exactly its mask.
+
+The CUDA kernel is replaced by its definition (``reference_varlen``: a band
+aligned at the bottom right of each sequence), so the cutting into pieces, the
+trimming and the bands are checked on the CPU against the einops block in
+float64: every row's out and lse, rows that see no key included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringbook.fast import varlen
+from ringbook.online_softmax import attend_block
+
+
+def _ids(lengths: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+def _check(q_pos, k_pos, *, causal, window=None, ids=None, batch=2):
+    g = torch.Generator().manual_seed(int(q_pos.sum() + 7 * k_pos.sum()))
+    q = torch.randn(batch, q_pos.numel(), 2, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(batch, k_pos.numel(), 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    q_doc = None if ids is None else ids[:, q_pos]
+    k_doc = None if ids is None else ids[:, k_pos]
+    launches = varlen.pieces(q_pos, k_pos, causal=causal, q_doc=q_doc, k_doc=k_doc, window=window, batch=batch)
+    assert launches is not None
+    for x in launches:  # the kernel reads a bound of -1 as "none": every written bound is one
+        assert x.left >= -1 and x.right >= -1
+    out, lse = varlen.varlen_forward(q, k, v, launches, scale=0.3, kernel=varlen.reference_varlen)
+    want_out, want_lse = attend_block(q, k, v, scale=0.3, causal=causal, q_pos=q_pos, k_pos=k_pos, q_doc=q_doc,
+                                      k_doc=k_doc, window=window)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    torch.testing.assert_close(lse.nan_to_num(neginf=0), want_lse.nan_to_num(neginf=0), rtol=1e-12, atol=1e-12)
+    return launches
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 1, 5, 40])
+def test_documents_and_windows_on_and_off_the_diagonal(causal, window):
+    lengths = [5, 1, 9, 3, 14]  # 32 tokens, a document of one, one spanning both blocks
+    ids = torch.stack([_ids(lengths), _ids([16, 16])])  # batch rows with different documents
+    r = torch.arange
+    for q_pos, k_pos in ((r(16, 32), r(16, 32)), (r(16, 32), r(0, 16)), (r(20, 28), r(4, 24)), (r(0, 16), r(16, 32))):
+        _check(q_pos, k_pos, causal=causal, window=window, ids=ids)
+        _check(q_pos, k_pos, causal=causal, window=window)  # one document
+
+
+def test_a_zigzag_shard_of_queries_is_two_runs():
+    q_pos = torch.cat([torch.arange(4, 8), torch.arange(24, 28)])
+    launches = _check(q_pos, torch.arange(0, 8), causal=True, window=6, ids=_ids([6, 26])[None].expand(2, -1))
+    assert sum(x.cu_q.numel() - 1 for x in launches) >= 2
+
+
+def test_launches_group_pieces_by_band_and_skip_what_no_query_sees():
+    ids = _ids([8, 8, 8, 8])[None]
+    (launch,) = varlen.pieces(torch.arange(32), torch.arange(32), causal=True, q_doc=ids, k_doc=ids)
+    assert (launch.left, launch.right) == (-1, 0) and launch.cu_q.tolist() == [0, 8, 16, 24, 32]  # one launch
+    assert varlen.pieces(torch.arange(16, 32), torch.arange(0, 16), causal=True, q_doc=ids[:, 16:],
+                         k_doc=ids[:, :16]) == []  # documents end at the block boundary: nothing to launch
+
+
+def test_a_document_whose_keys_sit_in_two_runs_is_left_to_the_einops_path():
+    k_pos = torch.cat([torch.arange(0, 4), torch.arange(12, 16)])
+    assert varlen.pieces(torch.arange(4, 12), k_pos, causal=False) is None
