@@ -5,21 +5,29 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from ringbook.bench.results import load_rows
 from ringbook.costmodel import (
     KERNELS,
+    Machine,
     Phase,
     Transfer,
     Workload,
     compare,
     fit_rows,
+    fold_bytes,
+    model,
     overlap_threshold,
+    packed,
     predict,
     preset,
     simulate,
 )
 from ringbook.costmodel.check import anchors, measured_cases
+from ringbook.costmodel.visible import visible_pairs
+from ringbook.masks import keep
+from ringbook.masks import visible_pairs as mask_pairs
 from ringbook.strategies import bytes_sent, strategy_schedule
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
@@ -95,8 +103,15 @@ def test_constraints_and_bad_input():
         Workload(4, 1024, 8, 3)
     with pytest.raises(TypeError, match="devices"):
         Workload(4.0, 1024, 8, 8)
-    with pytest.raises(NotImplementedError, match="documents"):
-        Workload(4, 1024, 8, 8, documents=(512, 512))
+    for bad in ((512, 256), (1024, 0), (), "1024"):
+        with pytest.raises(ValueError, match="documents"):
+            Workload(4, 1024, 8, 8, documents=bad)
+    with pytest.raises(ValueError, match="window"):
+        Workload(4, 1024, 8, 8, window=0)
+    with pytest.raises(ValueError, match="count"):
+        packed(10, 11)
+    with pytest.raises(ValueError, match="layout"):
+        predict("ring", Workload(4, 1024, 8, 8, window=64), H100, layout="striped")
     with pytest.raises(ValueError, match="name"):
         preset("h100")
     with pytest.raises(TypeError, match="machine"):
@@ -127,3 +142,74 @@ def test_predicts_every_committed_run():
 def test_anchors_are_reported():
     rows = anchors()
     assert len(rows) == 4 and all(a.predicted and a.why and a.assumed for a in rows)
+
+
+# --------------------------------------------------------------------------- documents and windows
+
+def test_visible_pairs_closed_form():
+    """The closed form against the mask itself, on awkward blocks, documents and windows."""
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 50, (1,), generator=rng))
+        causal = bool(torch.randint(0, 2, (1,), generator=rng))
+        window = None if torch.rand(1, generator=rng) < 0.3 else int(torch.randint(1, 60, (1,), generator=rng))
+        cuts = sorted(set(torch.randint(1, n, (3,), generator=rng).tolist())) if n > 1 else []
+        ids = torch.zeros(n, dtype=torch.int64)
+        for c in cuts:
+            ids[c:] += 1
+        qa, ka = (int(torch.randint(0, n, (1,), generator=rng)) for _ in range(2))
+        qb, kb = (int(torch.randint(a + 1, n + 1, (1,), generator=rng)) for a in (qa, ka))
+        qp, kp = torch.arange(qa, qb), torch.arange(ka, kb)
+        seen = keep(qp, kp, causal=causal, window=window, q_doc=ids[qp][None], k_doc=ids[kp][None])
+        want = qp.numel() * kp.numel() if seen is None else int(seen.sum())
+        assert visible_pairs((qa, qb), (ka, kb), causal=causal, window=window, starts=[0, *cuts], n=n) == want
+    work = Workload(4, 4096, 8, 2, 64, documents=(1000, 3000, 96), window=700)
+    assert work.flops == 4 * 8 * 64 * mask_pairs(4096, causal=True, window=700,
+                                                 document_ids=torch.repeat_interleave(torch.arange(3),
+                                                                                      torch.tensor([1000, 3000, 96])))
+
+
+@pytest.mark.parametrize("window", [256, 2048, 2176, 5000])
+def test_window_drops_ring_hops_and_time(window, monkeypatch):
+    c, w = 2048, 8
+    plain = predict("ring", Workload(w, w * c, 8, 8, 64, 2, True), H100)
+    p = predict("ring", Workload(w, w * c, 8, 8, 64, 2, True, window=window), H100)
+    hops = math.ceil((window - 1) / c)  # keys up to W − 1 before a shard's first query: that many shards back
+    assert p.bytes_per_device == hops * 2 * c * 8 * 64 * 2 and len(p.steps) == hops + 1
+    assert p.total < plain.total
+    # the schedule read at n/k tokens (k = 128 here) is exact: the same as read token by token
+    with monkeypatch.context() as m:
+        m.setattr(model, "_read_at", lambda work: 1)
+        fine = predict("ring", Workload(w, w * c, 8, 8, 64, 2, True, window=window), H100)
+    assert fine.total == pytest.approx(p.total, rel=1e-9)
+    # a window as long as the sequence changes nothing
+    wide = predict("ring", Workload(w, w * c, 8, 8, 64, 2, True, window=w * c), H100)
+    assert wide.total == pytest.approx(plain.total, rel=1e-9)
+
+
+def test_documents_reduce_compute():
+    n, w = 1 << 15, 8
+    for causal in (False, True):
+        plain = Workload(w, n, 16, 4, 64, 2, causal)
+        docs = dataclasses.replace(plain, documents=packed(n, 4 * w))
+        assert docs.flops == pytest.approx(plain.flops / (4 * w), rel=0.01)
+        for strategy, layout in (("ring", "contiguous"), ("ring", "zigzag"), ("allgather", "contiguous"),
+                                 ("ulysses", "contiguous")):
+            p, q = predict(strategy, docs, H100, layout=layout), predict(strategy, plain, H100, layout=layout)
+            assert p.total < q.total and sum(s.compute for s in p.steps) < sum(s.compute for s in q.steps)
+        # documents that end on the shards' edges: the contiguous ring sends nothing
+        ring = predict("ring", docs, H100)
+        assert ring.bytes_per_device == 0 and len(ring.steps) == 1
+
+
+def test_masked_kernel_and_fold_term():
+    work = Workload(4, 1 << 15, 8, 8, 64, 2, True, window=3000)
+    dense = dataclasses.replace(H100, masked=KERNELS["h100-einops"])
+    assert predict("ring", work, dense).total > 2 * predict("ring", work, H100).total
+    # the fold: each of the two steps of a two-device ring folds c rows of h heads at the memory bandwidth
+    work = Workload(2, 1 << 16, 8, 8, 64, 2, False)
+    no_fold = dataclasses.replace(H100, hbm=None)
+    extra = predict("ring", work, H100).total - predict("ring", work, no_fold).total
+    assert extra == pytest.approx(2 * fold_bytes(1 << 15, 1 << 15, 8, work) / H100.hbm, rel=1e-6)
+    with pytest.raises(TypeError, match="masked"):
+        Machine("m", H100.kernel, H100.intra, H100.inter, 8, 80e9, "", masked="einops")

@@ -5,6 +5,7 @@
 * :mod:`.model` — a :class:`Workload`, every strategy's schedule
   (:func:`ringbook.strategy_schedule`) turned into compute and transfer
   seconds per step, memory per device, constraints; :func:`compare`.
+* :mod:`.visible` — the pairs a block's documents and window leave, in closed form.
 * :mod:`.simulate` — one compute and one communication stream per device.
 * :mod:`.check` — the model against every committed measurement and the
   published anchors.
@@ -19,9 +20,11 @@ from .model import (
     Workload,
     candidates,
     compare,
+    fold_bytes,
     ideal,
     memory_per_device,
     overlap_threshold,
+    packed,
     pass_kv_preferred,
     predict,
 )
@@ -29,7 +32,7 @@ from .simulate import Interval, Phase, Timeline, Transfer, simulate
 
 __all__ = [
     "KERNELS", "LINKS", "PRESETS", "KernelRate", "Link", "Machine", "fit_kernel", "fit_rows", "preset",
-    "Prediction", "StepCost", "Workload", "candidates", "compare", "ideal", "memory_per_device",
-    "overlap_threshold", "pass_kv_preferred", "predict",
+    "Prediction", "StepCost", "Workload", "candidates", "compare", "fold_bytes", "ideal", "memory_per_device",
+    "overlap_threshold", "packed", "pass_kv_preferred", "predict",
     "Interval", "Phase", "Timeline", "Transfer", "simulate",
 ]

@@ -12,6 +12,21 @@ times the forward of the same call, from committed forward+backward rows.
 Links. ``bandwidth`` is bytes per second one way per GPU, ``latency`` seconds
 per message. No link was measured in this repository: every link preset is
 nominal (the vendor's figure) or a published measurement, and says which.
+
+Memory bandwidth ``hbm`` (bytes/s, nominal) times the folds: each kernel
+call's partial result is merged into float32 accumulators (the online-softmax
+merge of (out, lse) forward, dq and dK/dV added backward); see
+:func:`ringbook.costmodel.model.fold_bytes`. None: no fold term.
+
+Blocks a document or window boundary cuts (``"masked"``): with
+``masked=None`` a fused masked kernel (flex_attention, FlashAttention's
+varlen/window path) that skips the tiles no query sees, so a masked block
+costs its *visible* pairs at the causal rate (the causal kernel is the same
+kind of kernel: the benchmarks count its visible half and the fit is on that
+count). With ``masked=`` a :class:`KernelRate`: a dense kernel that computes
+every pair of the block and masks afterwards, at that kernel's full rate;
+``KERNELS["h100-einops"]`` is what ringbook's engine runs on such blocks today
+(:class:`ringbook.fast.blocks.Masked`, the einops path).
 """
 
 from __future__ import annotations
@@ -73,11 +88,17 @@ class Machine:
     gpus_per_node: int
     memory: float
     source: str
+    hbm: float | None = None  # bytes/s of device memory, for the folds; None: no fold term
+    masked: KernelRate | None = None  # None: a fused masked kernel (visible pairs at the causal rate)
 
     def __post_init__(self) -> None:
         check_positive_int(self.gpus_per_node, "gpus_per_node")
-        if not isinstance(self.kernel, KernelRate):
-            raise TypeError(f"kernel must be a KernelRate, got {type(self.kernel).__name__}")
+        for kern, name in ((self.kernel, "kernel"), (self.masked, "masked")):
+            if not isinstance(kern, KernelRate) and (name == "kernel" or kern is not None):
+                raise TypeError(f"{name} must be a KernelRate{' or None' if name == 'masked' else ''}, got "
+                                f"{type(kern).__name__}")
+        if self.hbm is not None and not self.hbm > 0:
+            raise ValueError(f"hbm must be > 0 bytes/s or None, got {self.hbm}")
         for link, name in ((self.intra, "intra"), (self.inter, "inter")):
             if not isinstance(link, Link):
                 raise TypeError(f"{name} must be a Link, got {type(link).__name__}")
@@ -159,10 +180,14 @@ TCP_100 = Link("TCP 100 Gb/s per node", 12.5 * _GB / 8, 50e-6,
 LINKS: dict[str, Link] = {"nvlink": NVLINK_H100, "ib": IB_400, "tcp": TCP_100}
 
 
+HBM = {"h100": 3.35e12, "h200": 4.8e12}  # nominal HBM3 / HBM3e bytes/s (NVIDIA's data sheets)
+
+
 def _node(name: str, kernel: str, inter: Link, memory_gb: float, intra: Link = NVLINK_H100) -> Machine:
+    hbm = HBM[kernel.split("-")[0]]
     return Machine(name, KERNELS[kernel], intra, inter, 8, memory_gb * _GB,
                    f"kernel: {KERNELS[kernel].source}; links: {intra.source} / {inter.source}; "
-                   f"memory {memory_gb:g} GB nominal")
+                   f"memory {memory_gb:g} GB and {hbm / 1e12:g} TB/s nominal", hbm=hbm)
 
 
 PRESETS: dict[str, Machine] = {
@@ -174,14 +199,15 @@ PRESETS: dict[str, Machine] = {
 
 def preset(name: str, *, kernel: str | None = None, gpus_per_node: int | None = None,
            inter: str | None = None) -> Machine:
-    """A preset machine, optionally with another kernel of :data:`KERNELS`, node size or inter-node link."""
+    """A preset machine, optionally with another kernel of :data:`KERNELS` (and its GPU's ``hbm``), node size or
+    inter-node link."""
     if name not in PRESETS:
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     m = PRESETS[name]
     if kernel is not None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-        m = dataclasses.replace(m, kernel=KERNELS[kernel])
+        m = dataclasses.replace(m, kernel=KERNELS[kernel], hbm=HBM.get(kernel.split("-")[0], m.hbm))
     if inter is not None:
         if inter not in LINKS:
             raise ValueError(f"inter must be one of {sorted(LINKS)}, got {inter!r}")

@@ -127,3 +127,33 @@ def plot_overlap_threshold(rates: Sequence[float], thresholds: Mapping[str, Sequ
                 ha="right", va="bottom", fontsize=7, color="#555")
     ax.set_title(title or "below its line a ring hop shows: the overlap condition", fontsize=10)
     return fig
+
+
+def plot_time_sweep(panels: Sequence[tuple[str, Sequence[float], Mapping[str, Sequence[float]]]], *,
+                    title: str = "") -> Figure:
+    """Predicted time per strategy (one line each) against a workload knob, one panel per knob.
+
+    ``panels``: ``(x label, xs, {strategy label: seconds at each x})``;
+    NaN (a ruled-out strategy) leaves a gap. Log axes; the fastest line at
+    each x is not marked: read it off the bottom.
+    """
+    if not panels:
+        raise ValueError("panels is empty")
+    fig, axes = new_figure(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    names = list(dict.fromkeys(name for _, _, times in panels for name in sorted(times)))  # one color each
+    for ax, (xlabel, xs, times) in zip(axes[0], panels):
+        for name, ys in times.items():
+            i = names.index(name)
+            ax.plot(xs, np.asarray(ys, dtype=float) * 1e3, ["-", "--"][i // 10 % 2], color=f"C{i % 10}", marker="o",
+                    ms=3, label=name if ax is axes[0][0] or name not in panels[0][2] else None)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("predicted time (ms)")
+        ax.grid(True, which="both", alpha=0.25)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
