@@ -321,6 +321,7 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_he
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def gather_order(n: int, world: int, layout: str) -> torch.Tensor | None:
     """The all-gathered K/V's rows in token order: ``order[t]`` is the row (shard s at ``s·c …``) holding token t.
 
@@ -348,6 +349,7 @@ def _token_runs(call: Call, positions: torch.Tensor, src: int) -> list[tuple[Cal
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_heads: int = 1,
                    device: str = "cpu", merge_group: int = 1, grad_group: int = 1,
                    mask: MaskSpec | None = None) -> Plan:

@@ -21,6 +21,8 @@ Documents, windows and dilated patterns are the ring's (``strategy="ring"``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from einops import rearrange
 
@@ -33,6 +35,7 @@ from .tuning import Tuning
 STRATEGIES = ("ring", "allgather", "ulysses")
 
 
+@functools.lru_cache(maxsize=64)
 def stacked_allgather_plan(n: int, world: int, batch: int, layout: str, causal: bool, merge_group: int) -> Plan:
     """Every rank's :func:`~ringbook.fast.plans.allgather_plan`, ranks stacked in the batch (rank r at batch rows
     ``r·b … (r+1)·b`` of q).
