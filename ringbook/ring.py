@@ -53,7 +53,7 @@ def _merge_rows(out, lse, rows: tuple[int, int], out_blk, lse_blk):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int, causal: bool = False,
-                   layout: str = "contiguous", scale: float | None = None, document_ids: torch.Tensor | None = None,
+                   layout: str | None = None, scale: float | None = None, document_ids: torch.Tensor | None = None,
                    window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention computed round a ring of ``ring_size`` ranks in one process. Returns ``(out, lse)``.
 
@@ -67,6 +67,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
             ``document_ids``, ``"doc_headtail"`` (zigzag inside every document),
             how tokens are dealt to ranks (:mod:`ringbook.schedule`); ``"best"``:
             the one :func:`~ringbook.schedule.best_layout` picks for the mask.
+            Default: ``"best"`` with ``document_ids`` (the tokens come back in
+            order, so the deal is free to choose: packed documents unbalance
+            zigzag), else ``"contiguous"``.
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         document_ids, window: packed documents (``b n`` non-decreasing ids)
             and a sliding window (:mod:`ringbook.masks`); the schedule then
@@ -92,8 +95,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_si
         )
     ids = check_document_ids(document_ids, b, n)
     window = check_window(window)
+    if layout is None:
+        layout = "best" if ids is not None else "contiguous"
     if layout == "best":  # the tokens are put back in order, so any deal will do: the one whose busiest rank is least
-        layout = best_layout(n, ring_size, causal=causal, document_ids=ids, window=window)
+        try:
+            layout = best_layout(n, ring_size, causal=causal, document_ids=ids, window=window)
+        except ValueError:  # no layout fits: let check_layout name what ring_size and n must satisfy
+            layout = "contiguous"
     check_layout(n, ring_size, layout, ids)  # before any work: ring_size and layout must fit n (and the documents)
     scale = resolve_scale(scale, d)
     w = ring_size

@@ -341,17 +341,25 @@ def test_layout_report_by_hand():
     assert "doc_headtail" not in layout_report(16, 2, document_ids=_packed([6, 10]))  # 6 is no multiple of 4
 
 
-def test_doc_headtail_runs_in_the_ring_and_the_shards():
-    """ring_attention(layout="doc_headtail" or "best") is exact; shard/unshard deal and restore it."""
+def test_doc_headtail_runs_in_the_ring_and_the_shards(monkeypatch):
+    """ring_attention(layout="doc_headtail", "best" or, with documents, the default) is exact; shard/unshard deal
+    and restore it."""
+    import ringbook.ring as ring_module
+
     ids = _packed([12, 4, 8])
     q, k, v = (torch.randn(2, 24, 2, 3, dtype=torch.float64) for _ in range(3))
     for causal, window in ((True, None), (False, 5), (True, 3)):
         ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
-        for layout in ("doc_headtail", "best"):
+        for layout in ("doc_headtail", "best", None):  # None: "best", since document_ids are given
             out, lse = ringbook.ring_attention(q, k, v, ring_size=2, causal=causal, layout=layout, document_ids=ids,
                                                window=window)
             torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
             torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    chosen = []
+    monkeypatch.setattr(ring_module, "best_layout", lambda *a, **kw: chosen.append(kw) or "doc_headtail")
+    ringbook.ring_attention(q, k, v, ring_size=2, causal=True, document_ids=ids)
+    ringbook.ring_attention(q, k, v, ring_size=2, causal=True)  # no documents: contiguous, not chosen
+    assert len(chosen) == 1 and chosen[0]["document_ids"] is not None
     shards = [rd.shard(q, r, 2, "doc_headtail", document_ids=ids) for r in range(2)]
     assert torch.equal(shards[1], q[:, layout_positions(24, 2, "doc_headtail", ids)[1]])
     assert torch.equal(rd.unshard(shards, "doc_headtail", document_ids=ids), q)
