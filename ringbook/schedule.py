@@ -256,6 +256,22 @@ def schedule_for(n: int, ring_size: int, layout: str, spec: MaskSpec) -> tuple[t
     return tuple(schedule)
 
 
+def gathered_rows(n: int, ring_size: int, *, layout: str, causal: bool, window: int | None = None) -> int:
+    """How many rows of each shard an all-gather must bring: its last ``min(c, W − 1)`` under a causal window on
+    contiguous shards, else all ``c = n / ring_size``.
+
+    Query i sees keys j with i − W < j ≤ i, and a rank's first query sits
+    at the start of its shard: no key more than W − 1 positions before the
+    shard is seen, and those are the ends of the earlier shards. (Zigzag's
+    halves would each need their own end, and a window without causality
+    the other side's beginning too: they gather whole shards.)
+    """
+    c = n // ring_size
+    if causal and window is not None and layout == "contiguous":
+        return min(c, window - 1)
+    return c
+
+
 def work_per_rank(n: int, ring_size: int, *, layout: str = "contiguous", causal: bool = True,
                   document_ids: torch.Tensor | None = None, window: int | None = None) -> list[int]:
     """Tile areas each rank computes over the whole ring (the load-balance picture; a partial tile counts whole)."""

@@ -45,7 +45,7 @@ from ._utils import check_bool, check_positive_int, check_qkv, compute_dtype, re
 from .masks import check_document_ids, check_window
 from .online_softmax import KEY_CHUNK, attend_block
 from .ring import _merge_rows
-from .schedule import LAYOUTS, Step, check_layout, layout_positions, ring_schedule
+from .schedule import LAYOUTS, Step, check_layout, gathered_rows, layout_positions, ring_schedule
 
 STRATEGIES = ("ring", "allgather", "ulysses", "usp")
 
@@ -266,8 +266,9 @@ def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_h
     e, a = dtype_bytes, max(dtype_bytes, 4)  # input and accumulator bytes per element
     c, g, d = n // w, kv_heads, head_dim
     masks = {"document_ids": document_ids, "window": window}
-    if strategy == "allgather":
-        return _allgather_schedule(n, w, c * g * d * batch, heads, causal, layout, e, a, backward, masks)
+    if strategy == "allgather":  # each shard's rows that anyone reads: its last min(c, W − 1) under a causal window
+        rows = gathered_rows(n, w, layout=layout, causal=bool(causal), window=check_window(window))
+        return _allgather_schedule(n, w, rows * g * d * batch, heads, causal, layout, e, a, backward, masks)
     gp = lcm_heads(g, u)
     r = w // u
     ulysses_groups, _ = _hybrid_groups(w, u)
@@ -293,7 +294,7 @@ def strategy_schedule(strategy: str, n: int, ring_size: int, *, heads: int, kv_h
 def _allgather_schedule(n, w, kv_elems, heads, causal, layout, e, a, backward, masks) -> list[CommStep]:
     """All-gather K/V (own diagonal block meanwhile), attend the rest; backward also reduce-scatters dK/dV."""
     sched = ring_schedule(n, w, layout=layout, causal=causal, **masks)
-    everyone = [(s, t) for s in range(w) for t in range(w) if s != t]
+    everyone = [(s, t) for s in range(w) for t in range(w) if s != t and kv_elems]  # nothing to gather: no message
     gather = tuple(Message(s, t, 2 * kv_elems * e, "K/V") for s, t in everyone)
     diag = tuple(Work(r, (0, heads), (sched[0][r],), w, layout) for r in range(w))
     rest = tuple(Work(r, (0, heads), tuple(sched[t][r] for t in range(1, w)), w, layout) for r in range(w))
@@ -400,7 +401,9 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ri
 
     Rank r holds the tokens ``layout_positions(n, w, layout)[r]``; every
     rank receives every other rank's K/V shard, ``(w−1)/w · 2·n·g·d·e`` bytes
-    per rank, then attends its queries to all keys (causal by token position,
+    per rank (under a causal window on contiguous shards only each shard's
+    last ``min(c, W − 1)`` rows: :func:`ringbook.schedule.gathered_rows`),
+    then attends its queries to all keys (causal by token position,
     blocks no query sees skipped; zigzag balances that work). k/v may have
     fewer heads than q. ``wire`` records the messages. ``document_ids`` and
     ``window``: as :func:`ringbook.naive_attention` (blocks they empty are
@@ -416,10 +419,11 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ri
     pos = layout_positions(n, w, layout).to(q.device)
     order = rearrange(pos, "w c -> (w c)")
     q_sh, k_sh, v_sh = (rearrange(x.to(work)[:, order], "b (w c) h d -> w b c h d", w=w) for x in (q, k, v))
-    for s in range(w):  # the all-gather: shard s to every rank
+    rows = gathered_rows(n, w, layout=layout, causal=causal, window=masks["window"])
+    for s in range(w):  # the all-gather: shard s to every rank (its last `rows`: all that any rank reads of it)
         for t in range(w):
-            if wire is not None:
-                wire.send(s, t, "K/V", e, k_sh[s], v_sh[s])
+            if wire is not None and rows:
+                wire.send(s, t, "K/V", e, k_sh[s][:, n // w - rows:], v_sh[s][:, n // w - rows:])
     acc = {rank: _empty(q, n // w, h) for rank in range(w)}  # rank r's running (out, lse)
     for st in strategy_schedule("allgather", n, w, heads=h, kv_heads=k.shape[2], head_dim=d, dtype_bytes=e,
                                 causal=causal, layout=layout, batch=b, **masks):

@@ -27,6 +27,7 @@ from helpers import assert_within_2x_rule, refusal
 import ringbook
 from ringbook import distributed as rd
 from ringbook.fast.plans import allgather_plan
+from ringbook.masks import mask_spec
 from ringbook.schedule import usp_positions
 
 B, H, D = 2, 4, 3
@@ -41,6 +42,9 @@ def _inputs(n, hk, dtype=torch.float64, seed=0):
     return [x.to(dtype) for x in (q, k, v, dout)]
 
 
+WINDOW = 3  # shorter than a shard (4 tokens): a causal all-gather on contiguous shards brings only their last 2 rows
+
+
 def _docs(n):
     """Three packed documents: a short one, a long one, one of a single token at the end."""
     return (torch.arange(n) >= 3).long() + (torch.arange(n) >= n - 1).long()
@@ -53,7 +57,7 @@ def _run(strategy, rank, world, *, causal, layout, hk, u=1, dtype=torch.float64,
     xs = [rd.shard(x, rank, world, layout, ulysses_size=u).requires_grad_() for x in (q, k, v)]
     kw = dict(causal=causal, layout=layout, timeout=30)
     if masked:
-        kw.update(document_ids=_docs(n), window=5)
+        kw.update(document_ids=_docs(n), window=WINDOW)
     if strategy == "usp":
         kw["ulysses_size"] = u
     out, lse = getattr(rd, f"{strategy}_attention")(*xs, backend="einops", **kw)
@@ -69,7 +73,7 @@ def _cases(world):
     splits = [world] if world == 2 else [2, 1, 4]
     cases += [("usp", layout, causal, hk, u) for u in splits for layout in ("contiguous", "zigzag")
               for causal in (False, True) for hk in (H, 1)]
-    # packed documents and a window of 5 tokens: ("masked", strategy, layout, causal, u)
+    # packed documents and a window of WINDOW tokens: ("masked", strategy, layout, causal, u)
     cases += [("masked", strategy, layout, causal, u) for strategy, u in (("allgather", 1), ("ulysses", 1),
                                                                              ("usp", 2)) for layout in ("contiguous",
                                                                                                         "zigzag")
@@ -99,8 +103,11 @@ def _rank(rank, world):
 
     ringbook.distributed.comm._ALL_GATHER = recording
     _run("allgather", rank, world, causal=False, layout="contiguous", hk=2)
-    ringbook.distributed.comm._ALL_GATHER = original
     results["allgather_elements"] = sent
+    sent = []
+    _run("allgather", rank, world, causal=True, layout="contiguous", hk=2, masked=True)
+    results["allgather_window_elements"] = sent
+    ringbook.distributed.comm._ALL_GATHER = original
     # refusals, on every rank alike
     q, k, v, _ = (rd.shard(x, rank, world) for x in _inputs(4 * world, H))
     results["heads"] = refusal(lambda: rd.ulysses_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], timeout=10))
@@ -128,7 +135,7 @@ def _reference(case, world):
     masks = {}
     if case[0] == "masked":
         case = (case[1], case[2], case[3], 2, case[4])
-        masks = dict(document_ids=_docs(4 * world), window=5)
+        masks = dict(document_ids=_docs(4 * world), window=WINDOW)
     strategy, layout, causal, hk, u = case
     q, k, v, dout = _inputs(4 * world, hk)
     xs = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -179,6 +186,12 @@ def test_the_all_gather_carries_the_plans_traffic(strategies_world):
         assert fwd == bwd == elements
         # a ring all-gather sends each rank's shard on w − 1 times: the plan's traffic in bytes
         assert (world - 1) * elements * 8 == plan.bytes_sent(B, D, torch.float64)
+        # a causal window of 3 on contiguous shards: only each shard's last 2 rows are gathered, as the plan says
+        fwd, bwd = res["allgather_window_elements"]
+        assert fwd == bwd == 2 * B * (WINDOW - 1) * 2 * D
+        masked = allgather_plan(4 * world, world, 0, "contiguous", True, kv_heads=2,
+                                mask=mask_spec(True, _docs(4 * world)[None].expand(B, -1), WINDOW))
+        assert (world - 1) * fwd * 8 == masked.bytes_sent(B, D, torch.float64)
 
 
 @pytest.mark.slow

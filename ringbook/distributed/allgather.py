@@ -33,6 +33,7 @@ from .._utils import compute_dtype
 from ..fast.engine import Mover, Settings
 from ..fast.plans import allgather_plan, gather_order
 from ..fast.tuning import Tuning, check_tuning
+from ..schedule import gathered_rows
 from .comm import _Ring, _wait, all_gather, reduce_scatter
 from .entry import open_group, run_on_group
 from .ring import _check_agreement, local_mask
@@ -46,14 +47,17 @@ class AllGatherMover(Mover):
     puts them in token order with one index copy, as
     :func:`~ringbook.fast.plans.allgather_plan` addresses them, and the
     gradients back in rank order before the reduce-scatter (None: rank order).
+    ``rows``: how many of each shard's last rows are gathered
+    (:func:`ringbook.schedule.gathered_rows`; None: all; 0: nothing is sent).
     """
 
     def __init__(self, ring: _Ring, k: torch.Tensor, v: torch.Tensor, backward: bool, steps: int,
-                 order: torch.Tensor | None = None):
+                 order: torch.Tensor | None = None, rows: int | None = None):
         if steps not in (1, 2) or (steps == 1) != (ring.world == 1):
             raise ValueError(f"AllGatherMover: a plan of {steps} steps does not fit a group of {ring.world} ranks")
         self.ring, self.k, self.v, self.backward = ring, k.contiguous(), v.contiguous(), backward
         self.order = None if order is None else order.to(k.device)
+        self.rows = k.shape[1] if rows is None else rows
         self.works, self.what = [], ""
         if backward:
             work = compute_dtype(k.dtype)
@@ -63,8 +67,9 @@ class AllGatherMover(Mover):
     def _start_gather(self, phase: str) -> None:
         w = self.ring.world
         self.what = f"{phase}: all-gather of the K/V shards (every rank's, into every rank)"
-        self.gathered = self.k.new_empty((w * 2, *self.k.shape))  # rank r's K and V at rows 2r, 2r + 1
-        self.works = all_gather(self.gathered, torch.stack([self.k, self.v]), self.ring, self.what)
+        mine = torch.stack([self.k, self.v])[:, :, self.k.shape[1] - self.rows:]  # the rows anyone reads
+        self.gathered = self.k.new_empty((w * 2, *mine.shape[1:]))  # rank r's K and V at rows 2r, 2r + 1
+        self.works = all_gather(self.gathered, mine.contiguous(), self.ring, self.what) if self.rows else []
 
     def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         _wait(self.works, self.ring, self.what)
@@ -95,18 +100,19 @@ class AllGatherMover(Mover):
         if t == 1:  # every shard's dK/dV summed on its owner
             w = self.ring.world
             self.what = "backward: reduce-scatter of dK/dV (each shard's gradients to its owner)"
-            self.mine = self.dkv_all.new_empty((2, *self.dk.shape))
+            self.mine = self.dkv_all.new_empty((2, self.dk.shape[0], self.rows, *self.dk.shape[2:]))
             if self.order is not None:  # token order back to rank order
                 self.dkv_all = torch.empty_like(self.dkv_all).index_copy_(2, self.order, self.dkv_all)
             chunks = rearrange(self.dkv_all, "two b (w c) h d -> (w two) b c h d", w=w)
-            self.works = reduce_scatter(self.mine, chunks, self.ring, self.what)
+            self.works = reduce_scatter(self.mine, chunks, self.ring, self.what) if self.rows else []
             del self.dkv_all
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ring.world > 1:
             _wait(self.works, self.ring, self.what)
-            self.dk += self.mine[0]
-            self.dv += self.mine[1]
+            c = self.dk.shape[1]
+            self.dk[:, c - self.rows:] += self.mine[0]
+            self.dv[:, c - self.rows:] += self.mine[1]
         return self.dk, self.dv
 
 
@@ -154,8 +160,10 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
     plan = allgather_plan(n, ring.world, ring.rank, layout, bool(causal), kv_heads=k.shape[2],
                           device=str(q.device), merge_group=tuning.rank_merge_group,
                           grad_group=tuning.rank_grad_group, mask=mask)
-    order = gather_order(n, ring.world, layout)
+    rows = gathered_rows(n, ring.world, layout=layout, causal=bool(causal), window=mask and mask.window)
+    order = gather_order(n, ring.world, layout) if rows == q.shape[1] else None
     return run_on_group(q, k, v, plan=plan,
-                        mover=lambda k_, v_, backward: AllGatherMover(ring, k_, v_, backward, len(plan.steps), order),
+                        mover=lambda k_, v_, backward: AllGatherMover(ring, k_, v_, backward, len(plan.steps), order,
+                                                                      rows),
                         settings=Settings(scale, backend, who="ringbook.distributed.allgather_attention",
                                           tuning=tuning))

@@ -47,7 +47,7 @@ import torch
 from .._utils import check_bool, check_positive_int
 from ..masks import MaskSpec
 from ..ring_dilated import DilatedRingPlan
-from ..schedule import check_layout, layout_positions, schedule_for
+from ..schedule import check_layout, gathered_rows, layout_positions, schedule_for
 from .blocks import CAUSAL, FULL, Block, Kernel, Masked, Positions, Strided, box, gather_spec, gathered_block, head_slots
 from .engine import Plan
 
@@ -361,31 +361,40 @@ def allgather_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, 
     moved there, full calls merged where they abut. The gathered rows are in
     token order where :func:`gather_order` reorders them (zigzag: a rank's
     queries read all the keys before them in one call), else in shard order
-    (shard s at rows ``s·c …``). ``mask``: documents and a window, as
-    :func:`rank_calls`. Traffic: the all-gather brings ``(w − 1)·c`` K
-    vectors per kv head (and sends as many, on a ring algorithm); the
-    backward reduce-scatters dK/dV, as much again.
+    (shard s at rows ``s·c …``). Under a causal window on contiguous shards
+    only each shard's last ``L = min(c, W − 1)`` rows are gathered
+    (:func:`ringbook.schedule.gathered_rows`), at rows ``s·L …``. ``mask``:
+    documents and a window, as :func:`rank_calls`. Traffic: the all-gather
+    brings ``(w − 1)·L`` K vectors per kv head (and sends as many, on a ring
+    algorithm); the backward reduce-scatters dK/dV, as much again.
     """
     spec = mask or MaskSpec(bool(causal))
     c = n // world
+    rows = gathered_rows(n, world, layout=layout, causal=bool(causal), window=spec.window)
     calls = rank_calls(n, world, layout, causal, mask)
     positions = layout_positions(n, world, layout)
-    in_tokens = gather_order(n, world, layout) is not None
+    in_tokens = rows == c and gather_order(n, world, layout) is not None
     own = tuple(box(x.q, x.kv, kernel=kernel_of(x, rank, rank, n, world, layout, spec, device)) for x in calls[0][rank])
     full, rest = [], []
     for t in range(1, len(calls)):
         src = (rank - t) % world
         for x in calls[t][rank]:
-            pieces = _token_runs(x, positions, src) if in_tokens else [(x, (x.kv[0] + src * c, x.kv[1] + src * c))]
-            for piece, rows in pieces:
+            if x.kv[0] < c - rows:  # a cut block's rows before the gathered tail: no query of it sees them
+                if x.kind == "full" or x.kv[1] <= c - rows:
+                    raise RuntimeError(f"allgather_plan: rank {rank} reads rows {x.kv} of shard {src} ({x.kind}), "
+                                       f"but only its last {rows} rows are gathered")
+                x = Call(x.q, (c - rows, x.kv[1]), x.kind)
+            at = src * rows - (c - rows)  # shard src's last `rows` rows sit at src·rows … in the gathered K/V
+            pieces = _token_runs(x, positions, src) if in_tokens else [(x, (x.kv[0] + at, x.kv[1] + at))]
+            for piece, where in pieces:
                 if piece.kind == "full":  # merged where they abut
-                    full.append(Call(piece.q, rows, "full"))
+                    full.append(Call(piece.q, where, "full"))
                 else:
                     kernel = kernel_of(piece, rank, src, n, world, layout, spec, device)
-                    rest.append(box(piece.q, rows, kernel=kernel))
+                    rest.append(box(piece.q, where, kernel=kernel))
     rest = [box(x.q, x.kv) for x in _merge_full(full)] + rest
     steps = (own, tuple(rest)) if world > 1 else (own,)
-    gathered = (world - 1) * c * kv_heads
+    gathered = (world - 1) * rows * kv_heads
     return Plan(steps, merge_group=merge_group, grad_group=grad_group, sent=(gathered, 0)[:len(steps)],
                 received=(gathered, 0)[:len(steps)], grad_sent=(0, gathered)[:len(steps)])
 
