@@ -217,10 +217,11 @@ for window in (4096, 8192, 8193, 20000):
 
 # %% [markdown]
 # Every strategy on 32 H100s (4 nodes over InfiniBand), 1M tokens, 32:8 heads, causal: the time against the
-# number of equal documents packed in the sequence, and against the window. Ulysses and all-gather move the
-# same bytes whatever the mask (all-gather still gathers every K/V), so the mask only shrinks their compute;
-# the contiguous ring also drops its far hops, and wins once the documents or the window are shorter than a
-# few devices' tokens.
+# number of equal documents packed in the sequence, and against the window. Ulysses moves the same bytes
+# whatever the mask, and so does all-gather for documents, so there the mask only shrinks their compute; under
+# a causal window all-gather brings only each shard's last $\min(c, W-1)$ rows (no query reaches further
+# back) and falls with it; the contiguous ring drops its far hops, and wins once the documents or the window
+# are shorter than a few devices' tokens.
 
 # %%
 cluster = preset("h100-nvlink")
