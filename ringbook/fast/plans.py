@@ -320,7 +320,6 @@ def rank_plan(n: int, world: int, rank: int, layout: str, causal: bool, *, kv_he
                 **_ring_traffic(n, world, kv_heads, len(steps)))
 
 
-@functools.lru_cache(maxsize=64)
 @functools.lru_cache(maxsize=32)
 def gather_order(n: int, world: int, layout: str) -> torch.Tensor | None:
     """The all-gathered K/V's rows in token order: ``order[t]`` is the row (shard s at ``s·c …``) holding token t.
