@@ -66,3 +66,18 @@ def test_launches_group_pieces_by_band_and_skip_what_no_query_sees():
 def test_a_document_whose_keys_sit_in_two_runs_is_left_to_the_einops_path():
     k_pos = torch.cat([torch.arange(0, 4), torch.arange(12, 16)])
     assert varlen.pieces(torch.arange(4, 12), k_pos, causal=False) is None
+
+
+def test_the_kernels_lse_layouts_round_trip():
+    """The kernel gives its lse unpadded (``h t``) or padded (``s h max_q``); both come back as ``t h`` rows and go
+    back to the kernel's layout for its backward."""
+    ids = _ids([3, 5, 2])[None]
+    (launch,) = varlen.pieces(torch.arange(10), torch.arange(10), causal=True, q_doc=ids, k_doc=ids)
+    rows = torch.randn(10, 2, dtype=torch.float64)
+    unpadded = rows.T.contiguous()
+    assert torch.equal(varlen._lse_rows(unpadded, launch), rows)
+    assert torch.equal(varlen._lse_kernel(rows, launch, unpadded), unpadded)
+    padded = torch.zeros(3, 2, launch.max_q, dtype=torch.float64)
+    back = varlen._lse_kernel(rows, launch, padded)
+    assert back.shape == padded.shape and torch.equal(back[1, :, :5], rows[3:8].T)  # the second document's rows
+    assert torch.equal(varlen._lse_rows(back, launch), rows)
