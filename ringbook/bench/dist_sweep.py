@@ -505,10 +505,14 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
                 "the check of the checked call")
         whole = (f"every rank's whole output, lse{', dq, dk, dv' if backward else ''} finite on the last timed "
                  "call and on a checked call after it")
+
+        def gathered_check():  # this rank's q, k, v, out, lse as they are when it is called (also the check run's)
+            return _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
+                                   reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None,
+                                   ulysses_size=u)
+
         if n <= check_max_seq:
-            fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
-                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None,
-                                     ulysses_size=u)
+            fields = gathered_check()
             if fields is not None:
                 row.update(fields)
                 row["check"] = (f"{whole}; its full output and lse gathered on rank 0 ({fields['checked_rows']} of "
@@ -529,9 +533,7 @@ def measure_ring(n: int, *, causal: bool, layout: str, dtype: torch.dtype, batch
             out, lse = call()
             _agreed(lambda: check_whole(out, lse, no_key=_no_key(m), grads=grads(), call=f"the check run at {m}"),
                     "the check run")
-            fields = _gathered_check(q.detach(), k.detach(), v.detach(), out, lse, layout=layout, causal=causal,
-                                     reference=reference, backward=(dout, q.grad, k.grad, v.grad) if backward else None,
-                                     ulysses_size=u)
+            fields = gathered_check()
             if fields is not None:
                 row.update(fields)
                 row["check"] = (f"{whole}; not gathered at {n} tokens: a separate run of the same configuration at "
