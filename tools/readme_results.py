@@ -340,12 +340,14 @@ def engine_kinds_table() -> str:
 
 
 STRATEGIES = "figures/strategies/gpu-strategies-h100.json"
+STRATEGIES_RANK_ORDER = "figures/strategies/gpu-strategies-h100-rank-order.json"
 MASKS, MASKS_CHECK = "figures/masks/gpu-masked-peers-h100.json", "figures/masks/gpu-check-masked-h100.json"
 
 
 def strategies_table() -> str:
     """The strategies with every rank on one GPU against one cuDNN call (tools/gpu_strategies.py)."""
     data = json.loads((ROOT / STRATEGIES).read_text())
+    old = json.loads((ROOT / STRATEGIES_RANK_ORDER).read_text())
     lines = ["| H100, bf16, b=1 h=8 d=64, forward | cuDNN | ring | all-gather | Ulysses |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         cells = [f"{r['ms'][s]:.2f} ms ({r['ratio_vs_cudnn'][s]:.2f}×)" if s in r["ms"] else
@@ -357,8 +359,12 @@ def strategies_table() -> str:
               f"({code['note']}). With no network a strategy's time beside cuDNN on the whole sequence is its engine "
               "overhead (ratio = cuDNN time / strategy time; the strategies issue asks ≥ 0.95 for all-gather and "
               "Ulysses at 131K). Every output checked against float64 on sampled rows before timing. The all-gather "
-              "measured here read the gathered K/V in rank order, one call per earlier shard; it now reads them in "
-              "token order (one call per rank), not yet measured."]
+              "reads the gathered K/V in token order, one call per rank; the run before it "
+              f"(`{STRATEGIES_RANK_ORDER}`, ringbook at {old['code']['ringbook_commit']}) read them in rank order, "
+              "one call per earlier shard: " + "; ".join(
+                  f"{r['seq_len'] // 1024}K, {r['ring_size']} ranks{', causal' if r['causal'] else ''}: "
+                  f"{r['ratio_vs_cudnn']['allgather']:.2f}× then" for r in old["rows"] if r["seq_len"] >= 131072)
+              + "."]
     return "\n".join(lines)
 
 
