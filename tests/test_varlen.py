@@ -59,6 +59,13 @@ def test_launches_group_pieces_by_band_and_skip_what_no_query_sees():
     ids = _ids([8, 8, 8, 8])[None]
     (launch,) = varlen.pieces(torch.arange(32), torch.arange(32), causal=True, q_doc=ids, k_doc=ids)
     assert (launch.left, launch.right) == (-1, 0) and launch.cu_q.tolist() == [0, 8, 16, 24, 32]  # one launch
+    assert launch.q_span == launch.k_span == (0, 32)  # one run of rows: slices of the block, no gather
+    (cut,) = varlen.pieces(torch.arange(32), torch.arange(32), causal=True, window=4, q_doc=ids, k_doc=ids)
+    assert cut.q_span == (0, 32) and cut.k_span == (0, 32)
+    (gap,) = varlen.pieces(torch.arange(8, 16), torch.arange(0, 16), causal=False, window=2, q_doc=ids[:, 8:16],
+                           k_doc=ids[:, :16])  # keys 6, 7 (document 0) are dropped: only document 1's run is left
+    assert gap.k_span == (8, 16) and gap.q_span == (0, 8)
+    assert varlen._span([(0, 4), (6, 2)]) is None and varlen._span([(3, 4), (7, 2)]) == (3, 9)
     assert varlen.pieces(torch.arange(16, 32), torch.arange(0, 16), causal=True, q_doc=ids[:, 16:],
                          k_doc=ids[:, :16]) == []  # documents end at the block boundary: nothing to launch
 

@@ -308,6 +308,8 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(_striped_message(layout))
         raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
     check_layout(n, ring_size, layout)
+    if ring_size == 1:
+        layout = "contiguous"  # one rank holds every token in order whatever the layout: no permutation to pay
     check_strategy(strategy, heads=h, ring_size=ring_size)
     window = check_window(window)
     ids = check_document_ids(document_ids, b, n)

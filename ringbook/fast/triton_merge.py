@@ -11,7 +11,8 @@ box holds it, forms the weights ``w_j = e^{lse_j − lse}`` with
 each such block's output row once and writes the float32 accumulator row
 once. Folding G blocks in one pass costs G block reads and one accumulator
 read-modify-write instead of G of each; with ``INIT`` the accumulator is not
-read at all (rows no block covers become the empty partial (0, -inf)).
+read at all (rows no block covers become the empty partial (0, -inf)); without it, rows no
+block covers are neither read nor written, so a pass costs the rows its boxes cover.
 Importing this module needs triton.
 """
 
@@ -68,46 +69,57 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n
     bb = rows // (H * N)
     acc_lse_off = bb * sal_b + hh * sal_h + ii * sal_n
     # the row maximum over the accumulator and the blocks that hold the row
-    if INIT:
-        la = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    else:
-        la = tl.load(acc_lse_ptr + acc_lse_off, mask=rmask, other=float("-inf"))
+    la = tl.full((BLOCK_R,), float("-inf"), tl.float32)  # the accumulator's: read below where a block holds the row
     m = la
     la0, in0 = _lse_j(l0, sl_b0, sl_h0, sl_n0, b00, b10, n00, n10, bb, ii, hh, rmask)
     m = tl.maximum(m, la0)
+    cov = in0
     if G > 1:
         la1, in1 = _lse_j(l1, sl_b1, sl_h1, sl_n1, b01, b11, n01, n11, bb, ii, hh, rmask)
     if G > 1:
         m = tl.maximum(m, la1)
+        cov = cov | in1
     if G > 2:
         la2, in2 = _lse_j(l2, sl_b2, sl_h2, sl_n2, b02, b12, n02, n12, bb, ii, hh, rmask)
     if G > 2:
         m = tl.maximum(m, la2)
+        cov = cov | in2
     if G > 3:
         la3, in3 = _lse_j(l3, sl_b3, sl_h3, sl_n3, b03, b13, n03, n13, bb, ii, hh, rmask)
     if G > 3:
         m = tl.maximum(m, la3)
+        cov = cov | in3
     if G > 4:
         la4, in4 = _lse_j(l4, sl_b4, sl_h4, sl_n4, b04, b14, n04, n14, bb, ii, hh, rmask)
     if G > 4:
         m = tl.maximum(m, la4)
+        cov = cov | in4
     if G > 5:
         la5, in5 = _lse_j(l5, sl_b5, sl_h5, sl_n5, b05, b15, n05, n15, bb, ii, hh, rmask)
     if G > 5:
         m = tl.maximum(m, la5)
+        cov = cov | in5
     if G > 6:
         la6, in6 = _lse_j(l6, sl_b6, sl_h6, sl_n6, b06, b16, n06, n16, bb, ii, hh, rmask)
     if G > 6:
         m = tl.maximum(m, la6)
+        cov = cov | in6
     if G > 7:
         la7, in7 = _lse_j(l7, sl_b7, sl_h7, sl_n7, b07, b17, n07, n17, bb, ii, hh, rmask)
     if G > 7:
         m = tl.maximum(m, la7)
+        cov = cov | in7
+    # Rows no block holds keep their values: without INIT they are neither read nor written (a pass costs the
+    # rows its boxes cover, not the whole accumulator); with INIT they are written as the empty partial.
+    if not INIT:
+        la = tl.load(acc_lse_ptr + acc_lse_off, mask=cov, other=float("-inf"))
+        m = tl.maximum(m, la)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     a_off = (bb * sa_b + ii * sa_n + hh * sa_h)[:, None] + cols[None, :]
-    mask2 = rmask[:, None] & dmask[None, :]
+    put = rmask if INIT else cov
+    mask2 = put[:, None] & dmask[None, :]
     # Σ_j e^{lse_j − m} O_j and Σ_j e^{lse_j − m}
     num = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
@@ -164,7 +176,7 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n
     s_safe = tl.where(s != 0, s, 1.0)
     lse = tl.where(s != 0, m_safe + tl.log(s_safe), float("-inf"))
     tl.store(acc_ptr + a_off, num / s_safe[:, None], mask=mask2)
-    tl.store(acc_lse_ptr + acc_lse_off, lse, mask=rmask)
+    tl.store(acc_lse_ptr + acc_lse_off, lse, mask=put)
 
 
 def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
@@ -211,10 +223,10 @@ def merge_boxes_into_triton_(acc_out: torch.Tensor, acc_lse: torch.Tensor,
 
 @triton.jit
 def _grad_j(g_ptr, sg_b, sg_n, sg_h, b0, b1, n0, n1, bb, ii, hh, cols, rmask, dmask):
-    """One block gradient's rows (float32; 0 outside its box)."""
+    """One block gradient's rows (float32; 0 outside its box), and which rows its box holds."""
     inside = rmask & (bb >= b0) & (bb < b1) & (ii >= n0) & (ii < n1)
     off = ((bb - b0) * sg_b + (ii - n0) * sg_n + hh * sg_h)[:, None] + cols[None, :]
-    return tl.load(g_ptr + off, mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return tl.load(g_ptr + off, mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32), inside
 
 
 @triton.jit(do_not_specialize=_BOX_ARGS)
@@ -237,22 +249,36 @@ def _add_kernel(acc_ptr, sa_b, sa_n, sa_h, n_rows, N, H,
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     a_off = (bb * sa_b + ii * sa_n + hh * sa_h)[:, None] + cols[None, :]
-    mask2 = rmask[:, None] & dmask[None, :]
-    total = _grad_j(g0, sg_b0, sg_n0, sg_h0, b00, b10, n00, n10, bb, ii, hh, cols, rmask, dmask)
+    total, cov = _grad_j(g0, sg_b0, sg_n0, sg_h0, b00, b10, n00, n10, bb, ii, hh, cols, rmask, dmask)
     if G > 1:
-        total += _grad_j(g1, sg_b1, sg_n1, sg_h1, b01, b11, n01, n11, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g1, sg_b1, sg_n1, sg_h1, b01, b11, n01, n11, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 2:
-        total += _grad_j(g2, sg_b2, sg_n2, sg_h2, b02, b12, n02, n12, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g2, sg_b2, sg_n2, sg_h2, b02, b12, n02, n12, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 3:
-        total += _grad_j(g3, sg_b3, sg_n3, sg_h3, b03, b13, n03, n13, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g3, sg_b3, sg_n3, sg_h3, b03, b13, n03, n13, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 4:
-        total += _grad_j(g4, sg_b4, sg_n4, sg_h4, b04, b14, n04, n14, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g4, sg_b4, sg_n4, sg_h4, b04, b14, n04, n14, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 5:
-        total += _grad_j(g5, sg_b5, sg_n5, sg_h5, b05, b15, n05, n15, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g5, sg_b5, sg_n5, sg_h5, b05, b15, n05, n15, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 6:
-        total += _grad_j(g6, sg_b6, sg_n6, sg_h6, b06, b16, n06, n16, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g6, sg_b6, sg_n6, sg_h6, b06, b16, n06, n16, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
     if G > 7:
-        total += _grad_j(g7, sg_b7, sg_n7, sg_h7, b07, b17, n07, n17, bb, ii, hh, cols, rmask, dmask)
+        g_j, in_j = _grad_j(g7, sg_b7, sg_n7, sg_h7, b07, b17, n07, n17, bb, ii, hh, cols, rmask, dmask)
+        total += g_j
+        cov = cov | in_j
+    mask2 = cov[:, None] & dmask[None, :]  # rows no block holds are neither read nor written
     acc = tl.load(acc_ptr + a_off, mask=mask2, other=0.0)
     tl.store(acc_ptr + a_off, acc + total, mask=mask2)
 

@@ -55,7 +55,10 @@ class Launch:
 
     ``q_rows``/``k_rows``: indices into the block's flattened ``(b n)`` query and
     key rows, sequence after sequence; ``cu_q``/``cu_k``: the int32 offsets of
-    each sequence in them (length sequences + 1).
+    each sequence in them (length sequences + 1). ``q_span``/``k_span``: where
+    the rows are one run ``[start, stop)`` (each sequence starts where the one
+    before it ends, as the documents of a block do), that run: the kernel then
+    reads and writes slices of the block, with no gather or scatter.
     """
 
     q_rows: Tensor
@@ -66,6 +69,8 @@ class Launch:
     max_k: int
     left: int
     right: int
+    q_span: Rows | None = None
+    k_span: Rows | None = None
 
     def to(self, device: torch.device | str) -> Launch:
         return dataclasses.replace(self, **{f: getattr(self, f).to(device)
@@ -149,8 +154,22 @@ def pieces(q_pos: Tensor, k_pos: Tensor, *, causal: bool, q_doc: Tensor | None =
         cu_q = torch.tensor([0, *torch.tensor([s[1] for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
         cu_k = torch.tensor([0, *torch.tensor([s[3] for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
         out.append(Launch(q_rows, k_rows, cu_q, cu_k, max(s[1] for s in seqs), max(s[3] for s in seqs),
-                          left, right))
+                          left, right, _span([(q0, nq) for q0, nq, _, _ in seqs]),
+                          _span([(k0, nk) for _, _, k0, nk in seqs])))
     return out
+
+
+def _span(runs: list[tuple[int, int]]) -> Rows | None:
+    """``[start, stop)`` where the ``(start, length)`` runs follow one another with no gap, else None."""
+    for (a, n), (b, _) in zip(runs, runs[1:]):
+        if b != a + n:
+            return None
+    return runs[0][0], runs[-1][0] + runs[-1][1]
+
+
+def _take(x: Tensor, rows: Tensor, span: Rows | None) -> Tensor:
+    """A launch's rows of a flattened block: a slice where they are one run, else a gather."""
+    return x[span[0]:span[1]] if span is not None else x[rows]
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -229,13 +248,23 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, launches: list[Launch], *, s
     (expanded by the caller). ``kernel``: the CUDA kernel, or :func:`reference_varlen` (the tests)."""
     b, i, h, d = q.shape
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    if len(launches) == 1 and launches[0].q_span == (0, b * i):  # one launch over every row: its result is the block's
+        launch = launches[0]
+        o, s = kernel(qf, _take(kf, launch.k_rows, launch.k_span), _take(vf, launch.k_rows, launch.k_span), launch,
+                      scale)
+        return o.view(b, i, h, d), s.view(b, i, h).transpose(1, 2)
     work = compute_dtype(q.dtype)
     out = torch.zeros(b * i, h, d, dtype=work, device=q.device)
     lse = torch.full((b * i, h), float("-inf"), dtype=work, device=q.device)
     for launch in launches:
-        o, s = kernel(qf[launch.q_rows], kf[launch.k_rows], vf[launch.k_rows], launch, scale)
-        out.index_copy_(0, launch.q_rows, o.to(work))
-        lse.index_copy_(0, launch.q_rows, s.to(work))
+        o, s = kernel(_take(qf, launch.q_rows, launch.q_span), _take(kf, launch.k_rows, launch.k_span),
+                      _take(vf, launch.k_rows, launch.k_span), launch, scale)
+        if launch.q_span is not None:
+            out[launch.q_span[0]:launch.q_span[1]] = o
+            lse[launch.q_span[0]:launch.q_span[1]] = s
+        else:
+            out.index_copy_(0, launch.q_rows, o.to(work))
+            lse.index_copy_(0, launch.q_rows, s.to(work))
     return out.view(b, i, h, d), lse.view(b, i, h).transpose(1, 2)
 
 
@@ -253,12 +282,17 @@ def varlen_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d
     for launch in launches:
         like = probe["lse"] if probe["lse"].dim() == 2 else probe["lse"].new_empty(
             (launch.cu_q.numel() - 1, h, launch.max_q))
+        qs, ks = launch.q_span, launch.k_span
         g = torch.ops.aten._flash_attention_backward(
-            gf[launch.q_rows], qf[launch.q_rows], kf[launch.k_rows], vf[launch.k_rows], of[launch.q_rows],
-            _lse_kernel(lf[launch.q_rows], launch, like), launch.cu_q, launch.cu_k, launch.max_q, launch.max_k,
-            0.0, False, probe["rng_state"], probe["unused"], scale=scale, window_size_left=launch.left,
+            _take(gf, launch.q_rows, qs), _take(qf, launch.q_rows, qs), _take(kf, launch.k_rows, ks),
+            _take(vf, launch.k_rows, ks), _take(of, launch.q_rows, qs),
+            _lse_kernel(_take(lf, launch.q_rows, qs), launch, like), launch.cu_q, launch.cu_k, launch.max_q,
+            launch.max_k, 0.0, False, probe["rng_state"], probe["unused"], scale=scale, window_size_left=launch.left,
             window_size_right=launch.right)
-        dq.index_add_(0, launch.q_rows, g[0].float())
-        dk.index_add_(0, launch.k_rows, g[1].float())
-        dv.index_add_(0, launch.k_rows, g[2].float())
+        for acc, grad, rows, span in ((dq, g[0], launch.q_rows, qs), (dk, g[1], launch.k_rows, ks),
+                                      (dv, g[2], launch.k_rows, ks)):
+            if span is not None:
+                acc[span[0]:span[1]] += grad
+            else:
+                acc.index_add_(0, rows, grad.float())
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
