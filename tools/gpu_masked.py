@@ -38,10 +38,10 @@ positions, from ``seq/2``) and just off it (kv the ``size`` positions before q).
 
 Whole-sequence rows (``--whole-lens``): ``flex``, ``flex_direct``, ``varlen``
 and ``ringbook.production_ring_attention(..., document_ids=, window=,
-ring_size=--ring)`` on the whole sequence (the issue's target: ringbook
-within 1.1× of the faster peer), with cuDNN dense causal as the unmasked
-upper bound. ``production_ring_attention`` beyond 131072 tokens is skipped
-unless ``--ringbook-long`` (its masked blocks run on einops).
+ring_size=w)`` for each w of ``--rings`` (candidate ``ringbook_production``
+for the first, ``ringbook_ring{w}`` for the others) on the whole sequence
+(the issue's target: ringbook within 1.1× of the faster peer), with cuDNN
+dense causal as the unmasked upper bound (up to 131072 tokens).
 
 Every candidate is first checked against float64 on sampled query rows (out
 and lse; rows near the mask's edges included) and on the whole out/lse
@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import inspect
 import json
@@ -595,9 +596,10 @@ def choose(rows: list[dict]) -> dict:
             if peers:
                 fastest = min(peers, key=peers.get)
                 ms["fastest_peer"] = fastest
-                if "ringbook_production" in ms:
-                    ms["ringbook_over_fastest_peer"] = round(ms["ringbook_production"] / peers[fastest], 3)
-                    ms["within_1.1x"] = ms["ringbook_over_fastest_peer"] <= 1.1
+                for cand in [c for c in list(ms) if c == "ringbook_production" or c.startswith("ringbook_ring")]:
+                    tag = "" if cand == "ringbook_production" else cand[len("ringbook"):]
+                    ms[f"ringbook{tag}_over_fastest_peer"] = round(ms[cand] / peers[fastest], 3)
+                    ms[f"within_1.1x{tag}"] = ms[f"ringbook{tag}_over_fastest_peer"] <= 1.1
     return {"blocks": blocks, "whole": whole}
 
 
@@ -833,16 +835,14 @@ def run_whole(args, device, dtype) -> None:
         ref = reference.rows(q, k, v, pos, causal=True)
         wanted = set(args.candidates)
 
-        def production(mode, c=c):
-            if device.type == "cuda" and n > 131072 and not args.ringbook_long:
-                raise Unavailable("skipped beyond 131072 tokens (its masked blocks run on einops); --ringbook-long")
+        def production(mode, c=c, ring=args.rings[0]):
             ids = None if c.ids is None else c.ids[None]
 
             def fwd(a, b, d_):
-                return ringbook.production_ring_attention(a, b, d_, ring_size=args.ring, causal=True,
-                                                          document_ids=ids, window=c.window)
+                return ringbook.production_ring_attention(a, b, d_, ring_size=ring, causal=True,
+                                                          document_ids=ids, window=c.window, layout="zigzag")
             return (*autograd_call(fwd, q, k, v, dout, mode),
-                    {"path": f"production_ring_attention(ring_size={args.ring}, layout=zigzag)"})
+                    {"path": f"production_ring_attention(ring_size={ring}, layout=zigzag)"})
 
         def flex(direct):
             def make(mode):
@@ -867,9 +867,10 @@ def run_whole(args, device, dtype) -> None:
                 return out, lse, bwd(q, k, v, out, lse, dout)
             return call, lambda res: res, info
 
-        makers = {"ringbook_production": production, "flex": flex(False), "flex_direct": flex(True),
-                  "varlen": varlen, "dense_upper_bound": dense}
-        makers = {name: m for name, m in makers.items() if name in wanted or name == "ringbook_production"}
+        makers = {"ringbook_production": production,
+                  **{f"ringbook_ring{w}": functools.partial(production, ring=w) for w in args.rings[1:]},
+                  "flex": flex(False), "flex_direct": flex(True), "varlen": varlen, "dense_upper_bound": dense}
+        makers = {name: m for name, m in makers.items() if name in wanted or name.startswith("ringbook_")}
         for mode in args.modes:
             run_group(c, mode, makers, q, k, v, dout, ref, None, rows, counts, visible, args,
                       {"visible_fraction": round(visible / (H * n * n), 6)})
@@ -893,8 +894,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", type=int, nargs="+", default=[16, 1024], help="equal documents over the sequence")
     p.add_argument("--windows", type=int, nargs="+", default=[4096], help="causal sliding windows")
     p.add_argument("--whole-lens", type=int, nargs="*", default=[131072, 1048576], help="whole-sequence rows")
-    p.add_argument("--ring", type=int, default=8, help="ring_size of production_ring_attention")
-    p.add_argument("--ringbook-long", action="store_true", help="production_ring_attention beyond 131072 too")
+    p.add_argument("--rings", type=int, nargs="+", default=[8, 1, 16], help="ring sizes of production_ring_attention")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     p.add_argument("--candidates", nargs="+", default=list(ALL), choices=ALL)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (at most)")
@@ -910,7 +910,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.quick:
         args.seq, args.sizes, args.docs, args.windows = 2048, [256], [4, 64], [64]
-        args.whole_lens, args.ring, args.rounds, args.grad_check_max = [1024], 4, 3, 1024
+        args.whole_lens, args.rings, args.rounds, args.grad_check_max = [1024], [4, 1], 3, 1024
     env = environment(device)
     try:
         import triton
