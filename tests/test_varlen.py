@@ -88,3 +88,39 @@ def test_the_kernels_lse_layouts_round_trip():
     back = varlen._lse_kernel(rows, launch, padded)
     assert back.shape == padded.shape and torch.equal(back[1, :, :5], rows[3:8].T)  # the second document's rows
     assert torch.equal(varlen._lse_rows(back, launch), rows)
+
+
+@pytest.mark.parametrize("docs,window", [([7, 1, 9, 3, 10], None), ([7, 1, 9, 3, 10], 4), (None, 4), (None, 9),
+                                         ([15, 15], None)])
+def test_the_fused_path_of_production_is_exact_with_the_kernel_replaced_by_its_definition(monkeypatch, docs, window):
+    """Production's masked blocks on the fused path (stacked ranks, slices, one launch per band), on the CPU:
+    the CUDA kernel swapped for its definition, batch 2 (every batch row's pieces launched), ring sizes 1–5."""
+    import functools
+
+    import ringbook
+    from ringbook.fast import blocks
+
+    monkeypatch.setattr(blocks, "fused_ok", lambda q, backend: backend != "einops")
+    monkeypatch.setattr(varlen, "varlen_forward", functools.partial(varlen.varlen_forward,
+                                                                    kernel=varlen.reference_varlen))
+    ids = None if docs is None else _ids(docs)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 30, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (True, False):
+        want, want_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        for w, layout in ((1, "zigzag"), (3, "zigzag"), (5, "contiguous"), (5, "zigzag")):
+            with torch.no_grad():
+                out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout=layout,
+                                                              document_ids=ids, window=window)
+            case = f"docs={docs} window={window} causal={causal} w={w} {layout}"
+            torch.testing.assert_close(out.double(), want, rtol=1e-10, atol=1e-10, msg=case)
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse)), case
+
+
+def test_stacked_launches_keep_each_rank_in_its_rows():
+    ids = _ids([8, 8, 8, 8])[None]
+    a = varlen.pieces(torch.arange(0, 16), torch.arange(0, 16), causal=True, q_doc=ids[:, :16], k_doc=ids[:, :16])
+    b = varlen.pieces(torch.arange(16, 32), torch.arange(16, 32), causal=True, q_doc=ids[:, 16:], k_doc=ids[:, 16:])
+    (both,) = varlen.stack([a, b], 16, 16)
+    assert both.cu_q.tolist() == [0, 8, 16, 24, 32] and both.q_span == both.k_span == (0, 32)
+    assert torch.equal(both.q_rows, torch.arange(32))

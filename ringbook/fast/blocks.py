@@ -70,6 +70,10 @@ class Kernel:
         """(query, key) pairs of an ``n_q × n_k`` block whose score is computed (per head and batch row)."""
         raise NotImplementedError
 
+    def scores(self, copies: int, n_q: int, n_k: int) -> int:
+        """The pairs computed over ``copies`` (batch rows × heads) of an ``n_q × n_k`` block."""
+        return copies * self.visible(n_q, n_k)
+
 
 @dataclasses.dataclass(frozen=True)
 class Full(Kernel):
@@ -139,6 +143,13 @@ class Positions(Kernel):
         return int(torch.searchsorted(keys, self.q_pos.cpu(), right=True).sum())
 
 
+def fused_ok(q: Tensor, backend: str) -> bool:
+    """Whether the fused variable-length kernel takes these rows: CUDA, half precision, a head size it runs,
+    ``backend`` not einops."""
+    return backend != "einops" and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) \
+        and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds tensors
 class Masked(Kernel):
     """A block cut by a document or window boundary (:mod:`ringbook.masks`): its mask from the rows' token
@@ -162,20 +173,28 @@ class Masked(Kernel):
         return dict(causal=self.causal, q_pos=self.q_pos, k_pos=self.k_pos, q_doc=self.q_doc, k_doc=self.k_doc,
                     window=self.window)
 
-    @functools.cached_property
-    def _launches(self) -> list | None:
-        """The block as variable-length launches (:func:`ringbook.fast.varlen.pieces`), on the rows' device."""
-        launches = varlen.pieces(self.q_pos, self.k_pos, causal=self.causal, q_doc=self.q_doc, k_doc=self.k_doc,
-                                 window=self.window)
-        return None if launches is None else [x.to(self.q_pos.device) for x in launches]
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)  # launches per (batch rows, device)
+
+    def launches(self, batch: int, device: torch.device | str = "cpu") -> list | None:
+        """The block over ``batch`` batch rows as variable-length launches (:func:`ringbook.fast.varlen.pieces`;
+        the documents' rows must match, or be one row shared by all), on ``device``; None where they cannot
+        express it. Built once per (batch, device)."""
+        key = (batch, str(device))
+        if key not in self._cache:
+            q_doc, k_doc = self.q_doc, self.k_doc
+            if q_doc is not None and q_doc.shape[0] != batch:
+                q_doc, k_doc = q_doc.expand(batch, -1), k_doc.expand(batch, -1)
+            found = varlen.pieces(self.q_pos, self.k_pos, causal=self.causal, q_doc=q_doc, k_doc=k_doc,
+                                  window=self.window, batch=batch)
+            self._cache[key] = None if found is None else [x.to(device) for x in found]
+        return self._cache[key]
 
     def _fused(self, q: Tensor, backend: str) -> list | None:
         """The launches where the fused variable-length kernel runs this block (CUDA, half precision, a head
         size it takes, ``backend`` not einops), else None."""
-        if backend == "einops" or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) \
-                or q.shape[-1] > 256 or q.shape[-1] % 8:
+        if not fused_ok(q, backend):
             return None
-        return self._launches
+        return self.launches(q.shape[0], q.device)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
         h = q.shape[2]
@@ -203,6 +222,66 @@ class Masked(Kernel):
                     q_doc=None if self.q_doc is None else self.q_doc[:1].cpu(),
                     k_doc=None if self.k_doc is None else self.k_doc[:1].cpu())
         return n_q * n_k if seen is None else int(seen.sum())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: it holds tensors
+class MaskedRanks(Kernel):
+    """Masked blocks of consecutive ranks of one ring step, stacked along the batch (one process): ``parts[p]``
+    is rank ``r0 + p``'s :class:`Masked` block, its rows batch rows ``[p·b, (p+1)·b)`` of the stack.
+
+    On the fused path their variable-length launches are stacked (:func:`ringbook.fast.varlen.stack`): one
+    launch per band for every rank at once, each with enough sequences to fill the GPU, where a launch per
+    rank would leave it idle between small ones. Elsewhere (or where a part cannot run fused) each part runs
+    its own kernel on its rows.
+    """
+
+    parts: tuple[Masked, ...]
+    needs_delta = True
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)  # stacked launches per (shapes, device)
+
+    def _stacked(self, q: Tensor, k: Tensor, backend: str) -> list | None:
+        """The stacked launches where every part runs fused, else None."""
+        if not fused_ok(q, backend):
+            return None
+        p = len(self.parts)
+        b, i, j = q.shape[0] // p, q.shape[1], k.shape[1]
+        key = (b, i, j, str(q.device))
+        if key not in self._cache:
+            per = [x.launches(b) for x in self.parts]
+            self._cache[key] = None if None in per else [x.to(q.device) for x in varlen.stack(per, b * i, b * j)]
+        return self._cache[key]
+
+    def _split(self, *xs: Tensor) -> list[tuple[Tensor, ...]]:
+        return list(zip(*(x.chunk(len(self.parts)) for x in xs)))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+        launches = self._stacked(q, k, backend)
+        if launches is not None:
+            h = q.shape[2]
+            return varlen.varlen_forward(q, expand_kv(k, h), expand_kv(v, h), launches, scale=scale)
+        res = [part.forward(*xs, scale=scale, backend=backend) for part, xs in zip(self.parts, self._split(q, k, v))]
+        work = functools.reduce(torch.promote_types, (r[0].dtype for r in res))  # fused parts: input dtype
+        return torch.cat([r[0].to(work) for r in res]), torch.cat([r[1] for r in res])
+
+    def backward(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, *,
+                 delta: Tensor | None, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+        launches = self._stacked(q, k, backend)
+        if launches is not None:
+            h, hk = q.shape[2], k.shape[2]
+            dq, dk, dv = varlen.varlen_backward(q, expand_kv(k, h), expand_kv(v, h), out, lse, dout, launches,
+                                                scale=scale)
+            return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
+        xs = self._split(q, k, v, out, lse, dout, *(() if delta is None else (delta,)))
+        res = [part.backward(*x[:6], delta=None if delta is None else x[6], scale=scale, backend=backend)
+               for part, x in zip(self.parts, xs)]
+        return tuple(torch.cat([r[i] for r in res]) for i in range(3))
+
+    def visible(self, n_q: int, n_k: int) -> int:
+        """Per batch row, averaged over the parts (:meth:`scores` counts each part's own)."""
+        return sum(p.visible(n_q, n_k) for p in self.parts) // len(self.parts)
+
+    def scores(self, copies: int, n_q: int, n_k: int) -> int:
+        return copies // len(self.parts) * sum(p.visible(n_q, n_k) for p in self.parts)
 
 
 # --------------------------------------------------------------------------- places
@@ -308,7 +387,7 @@ class Block:
     def scores(self, batch: int, heads: int) -> int:
         """The (query, key) scores this call computes, over its batch rows and heads (4·d FLOPs each forward)."""
         copies, n_q, n_k = self.at.shape(batch, heads)
-        return copies * self.kernel.visible(n_q, n_k)
+        return self.kernel.scores(copies, n_q, n_k)
 
 
 # --------------------------------------------------------------------------- dilated rows: gathered blocks

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -48,7 +49,20 @@ from .._utils import check_bool, check_positive_int
 from ..masks import MaskSpec
 from ..ring_dilated import DilatedRingPlan
 from ..schedule import check_layout, gathered_rows, layout_positions, schedule_for
-from .blocks import CAUSAL, FULL, Block, Kernel, Masked, Positions, Strided, box, gather_spec, gathered_block, head_slots
+from .blocks import (
+    CAUSAL,
+    FULL,
+    Block,
+    Kernel,
+    Masked,
+    MaskedRanks,
+    Positions,
+    Strided,
+    box,
+    gather_spec,
+    gathered_block,
+    head_slots,
+)
 from .engine import Plan
 
 PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
@@ -195,7 +209,10 @@ def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causa
       all of it, ranks ``t … w−1`` all their queries to its first half.
 
     With documents or a window (``mask``) a block a boundary cuts is a
-    ``"masked"`` launch of its one rank (its positions are its own); empty
+    ``"masked"`` launch: consecutive ranks with such a block over the same
+    rows are one launch (each keeps its own positions and documents; the
+    fused path stacks their variable-length sequences into one kernel call),
+    cut where the held shards wrap past the last one at step t > 0. Empty
     blocks and the steps nobody needs are left out.
     """
     check_positive_int(n, "n")
@@ -204,14 +221,23 @@ def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causa
     if layout not in PRODUCTION_LAYOUTS:
         raise ValueError(_striped_message(layout))
     plan = []
-    for row in rank_calls(n, ring_size, layout, causal, mask):
+    for t, row in enumerate(rank_calls(n, ring_size, layout, causal, mask)):
         launches, r0 = [], 0
         for r in range(1, ring_size + 1):
             if r == ring_size or row[r] != row[r0]:
                 launches += [Launch((r0, r), call.q, call.kv, call.kind) for call in row[r0] if call.kind != "masked"]
-                launches += [Launch((x, x + 1), call.q, call.kv, call.kind) for x in range(r0, r) for call in row[x]
-                             if call.kind == "masked"]
                 r0 = r
+        masked: dict[tuple[Rows, Rows], list[int]] = {}
+        for x in range(ring_size):
+            for call in row[x]:
+                if call.kind == "masked":
+                    masked.setdefault((call.q, call.kv), []).append(x)
+        for (q_rows, kv_rows), ranks in masked.items():
+            start = ranks[0]
+            for a, b in zip(ranks, [*ranks[1:], None]):
+                if b is None or b != a + 1 or (t > 0 and b == t):  # a gap, or the held shards wrap at rank t
+                    launches.append(Launch((start, a + 1), q_rows, kv_rows, "masked"))
+                    start = b
         plan.append(tuple(launches))
     return plan
 
@@ -222,7 +248,8 @@ def _wraps(launch: Launch, t: int, world: int) -> bool:
     return (r0 - t) % world + (r1 - r0) > world
 
 
-def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool, kernel: Kernel | None = None) -> list[Block]:
+def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool,
+            kernel_for: Callable[[tuple[int, int]], Kernel | None] = lambda ranks: None) -> list[Block]:
     """The launch at step t as stacked block calls.
 
     Rank r holds shard ``(r − t) mod w``. With ``doubled`` the K/V are the
@@ -233,15 +260,21 @@ def _pieces(launch: Launch, t: int, world: int, batch: int, doubled: bool, kerne
     """
     b, w = batch, world
     (r0, r1), qr, kr = launch.ranks, launch.q, launch.kv
-    kernel = kernel or (CAUSAL if launch.kind == "causal" else FULL)
+
+    def kernel(ranks):
+        return kernel_for(ranks) or (CAUSAL if launch.kind == "causal" else FULL)
+
     if doubled:
         base = (w - t) % w
-        return [box(qr, kr, q_batch=(r0 * b, r1 * b), kv_batch=((base + r0) * b, (base + r1) * b), kernel=kernel)]
+        return [box(qr, kr, q_batch=(r0 * b, r1 * b), kv_batch=((base + r0) * b, (base + r1) * b),
+                    kernel=kernel((r0, r1)))]
     s0 = (r0 - t) % w
     split = min(r1, r0 + (w - s0))  # ranks r0 … split−1 hold shards s0 … w−1; the rest hold 0 …
-    blocks = [box(qr, kr, q_batch=(r0 * b, split * b), kv_batch=(s0 * b, (s0 + split - r0) * b), kernel=kernel)]
+    blocks = [box(qr, kr, q_batch=(r0 * b, split * b), kv_batch=(s0 * b, (s0 + split - r0) * b),
+                  kernel=kernel((r0, split)))]
     if split < r1:
-        blocks.append(box(qr, kr, q_batch=(split * b, r1 * b), kv_batch=(0, (r1 - split) * b), kernel=kernel))
+        blocks.append(box(qr, kr, q_batch=(split * b, r1 * b), kv_batch=(0, (r1 - split) * b),
+                          kernel=kernel((split, r1))))
     return blocks
 
 
@@ -262,18 +295,22 @@ def stacked_plan(n: int, world: int, batch: int, kv_heads: int, *, layout: str, 
     launches = production_plan(n, world, layout=layout, causal=causal, mask=mask)
     spec = mask or MaskSpec(bool(causal))
     steps = tuple(tuple(blk for launch in step for blk in _pieces(
-        launch, t, world, batch, doubled, _launch_kernel(launch, t, n, world, layout, spec, device)))
+        launch, t, world, batch, doubled,
+        functools.partial(_launch_kernel, launch, t, n, world, layout, spec, device)))
         for t, step in enumerate(launches))
     return Plan(steps, merge_group=merge_group, grad_group=grad_group,
                 **_ring_traffic(n, world, kv_heads, len(launches)))
 
 
-def _launch_kernel(launch: Launch, t: int, n: int, world: int, layout: str, spec: MaskSpec, device: str):
-    """A masked launch's kernel (its one rank's positions and documents); None for the others (FULL/CAUSAL)."""
+def _launch_kernel(launch: Launch, t: int, n: int, world: int, layout: str, spec: MaskSpec, device: str,
+                   ranks: tuple[int, int] | None = None) -> Kernel | None:
+    """A masked launch's kernel over its ranks ``ranks`` (default: all of them): each rank's positions and
+    documents (:class:`Masked`, stacked as :class:`MaskedRanks`); None for the others (FULL/CAUSAL)."""
     if launch.kind != "masked":
         return None
-    r = launch.ranks[0]
-    return kernel_of(Call(launch.q, launch.kv, "masked"), r, (r - t) % world, n, world, layout, spec, device)
+    parts = tuple(kernel_of(Call(launch.q, launch.kv, "masked"), r, (r - t) % world, n, world, layout, spec, device)
+                  for r in range(*(ranks or launch.ranks)))
+    return parts[0] if len(parts) == 1 else MaskedRanks(parts)
 
 
 @functools.lru_cache(maxsize=256)
@@ -290,7 +327,7 @@ def part_plan(n: int, world: int, batch: int, ranks: tuple[int, int], *, layout:
             r0, r1 = max(launch.ranks[0], g0), min(launch.ranks[1], g1)
             if r0 < r1:
                 rows = ((r0 - g0) * batch, (r1 - g0) * batch)
-                kernel = _launch_kernel(launch, t, n, world, layout, spec, device)
+                kernel = _launch_kernel(launch, t, n, world, layout, spec, device, (r0, r1))
                 blocks.append(box(launch.q, launch.kv, q_batch=rows, kv_batch=rows,
                                   kernel=kernel or (CAUSAL if launch.kind == "causal" else FULL)))
         steps.append(tuple(blocks))

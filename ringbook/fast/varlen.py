@@ -159,6 +159,33 @@ def pieces(q_pos: Tensor, k_pos: Tensor, *, causal: bool, q_doc: Tensor | None =
     return out
 
 
+def stack(parts: list[list[Launch]], q_rows: int, k_rows: int) -> list[Launch]:
+    """The launches of several blocks stacked along the batch (part p's query rows start at ``p · q_rows`` of the
+    flattened stack, its key rows at ``p · k_rows``): one launch per band over every part's sequences.
+
+    One process runs the ranks of a ring step side by side: their masked blocks become one launch per band
+    instead of one per rank, so each launch has enough sequences to fill the GPU.
+    """
+    bands: dict[tuple[int, int], list] = {}
+    for p, launches in enumerate(parts):
+        for x in launches:
+            bands.setdefault((x.left, x.right), []).append((p, x))
+    out = []
+    for (left, right), group in bands.items():
+        q_runs = [(p * q_rows + x.q_span[0], x.q_span[1] - x.q_span[0]) if x.q_span else None for p, x in group]
+        k_runs = [(p * k_rows + x.k_span[0], x.k_span[1] - x.k_span[0]) if x.k_span else None for p, x in group]
+        cu_q, cu_k = [0], [0]
+        for _, x in group:
+            cu_q += (x.cu_q[1:].long() + cu_q[-1]).tolist()
+            cu_k += (x.cu_k[1:].long() + cu_k[-1]).tolist()
+        out.append(Launch(torch.cat([x.q_rows + p * q_rows for p, x in group]),
+                          torch.cat([x.k_rows + p * k_rows for p, x in group]),
+                          torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
+                          max(x.max_q for _, x in group), max(x.max_k for _, x in group), left, right,
+                          None if None in q_runs else _span(q_runs), None if None in k_runs else _span(k_runs)))
+    return out
+
+
 def _span(runs: list[tuple[int, int]]) -> Rows | None:
     """``[start, stop)`` where the ``(start, length)`` runs follow one another with no gap, else None."""
     for (a, n), (b, _) in zip(runs, runs[1:]):
