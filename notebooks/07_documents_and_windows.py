@@ -343,7 +343,8 @@ _ = check_layout_imbalance(layout_imbalance)
 #
 # (a window of $W = c + 1$ needs one hop, not two: the often-quoted $\lceil W/c \rceil$ is one too many whenever
 # $c$ divides $W - 1$). The engine's plan (`production_plan`) drops the steps nobody needs; here are its
-# launches per step for a few windows, and the hops read from it:
+# launches per step for a few windows (the cut blocks of neighbouring ranks over the same rows share one launch,
+# one kernel call over all their pieces), and the hops read from it:
 
 # %%
 N_HOPS, C_HOPS = 64, 64 // W
