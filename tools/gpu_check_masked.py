@@ -2,7 +2,7 @@
 
     python tools/gpu_check_masked.py [--out DIR]
 
-(a) correctness, bf16, b=1 h=8 (2 kv heads) d=64, n = 4096: forward and
+(a) correctness, bf16, b=2 h=8 (2 kv heads) d=64, n = 4096: forward and
     backward of ``production_ring_attention(..., document_ids=, window=)`` at
     ring sizes 1, 4 and 8, contiguous and zigzag, causal or not, against
     ``naive_attention`` with the same mask in float64, under flash-attention's
@@ -38,6 +38,7 @@ from ringbook.bench.measure import time_interleaved  # noqa: E402
 from ringbook.masks import visible_pairs  # noqa: E402
 
 DTYPE, B, H, HKV, D = torch.bfloat16, 1, 8, 2, 64
+B_CHECK = 2  # batch rows of the correctness cases: every row's pieces must be launched
 ROWS: list[dict] = []
 
 
@@ -64,9 +65,9 @@ def expand(x: torch.Tensor) -> torch.Tensor:
 
 def correctness(n: int, ring: int, layout: str, causal: bool, ids, window, backend: str) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(ring * 7 + causal)
-    q = torch.randn(B, n, H, D, generator=gen, device="cuda", dtype=DTYPE)
-    k, v = (torch.randn(B, n, HKV, D, generator=gen, device="cuda", dtype=DTYPE) for _ in range(2))
-    dout = torch.randn(B, n, H, D, generator=gen, device="cuda", dtype=DTYPE)
+    q = torch.randn(B_CHECK, n, H, D, generator=gen, device="cuda", dtype=DTYPE)
+    k, v = (torch.randn(B_CHECK, n, HKV, D, generator=gen, device="cuda", dtype=DTYPE) for _ in range(2))
+    dout = torch.randn(B_CHECK, n, H, D, generator=gen, device="cuda", dtype=DTYPE)
     mask = {"document_ids": ids, "window": window}
 
     def grads(fn, *xs):
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     p.add_argument("--seq-len", type=int, default=131072)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--no-timing", action="store_true", help="correctness only (tools/gpu_masked.py times the peers)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check_masked needs a CUDA device")
@@ -150,13 +152,15 @@ def main(argv=None) -> int:
                     record("correctness", f"{name} ring {ring} {layout} causal={causal} {backend}",
                            lambda: correctness(n, ring, layout, causal, ids, window, backend))
     big = args.seq_len
-    for name, ids, window in (("16 docs", ids_of([big // 16] * 16), None), ("1024 docs", ids_of([big // 1024] * 1024),
-                                                                            None), ("window 4096", None, 4096)):
+    timed = (("16 docs", ids_of([big // 16] * 16), None), ("1024 docs", ids_of([big // 1024] * 1024), None),
+             ("window 4096", None, 4096))
+    for name, ids, window in () if args.no_timing else timed:
         for backward in (False, True):
             record("timing", f"{name} {'fwd+bwd' if backward else 'fwd'}",
                    lambda: timing(big, name, ids, window, [1, 8], backward, args.rounds))
     path = args.out / "gpu_check_masked.json"
     path.write_text(json.dumps({"env": environment(torch.device("cuda")), "dtype": "bfloat16", "batch": B,
+                                "batch_correctness": B_CHECK,
                                 "heads": H, "kv_heads": HKV, "head_dim": D, "rows": ROWS}, indent=1, default=str))
     print(f"wrote {path}")
     return 0 if all(r["status"] == "ok" for r in ROWS) else 1
