@@ -9,6 +9,8 @@ so every number in the README and docs/results.md comes from a file under figure
 """
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -368,30 +370,50 @@ def strategies_table() -> str:
     return "\n".join(lines)
 
 
+def _masked_whole(data: dict) -> dict:
+    """``{(mask, n, mode): {column: ms}}`` of gpu_masked.py's whole-sequence rows; ringbook columns by ring size."""
+    table: dict = {}
+    for r in data["rows"]:
+        if r.get("where") != "whole" or r.get("status") != "ok":
+            continue
+        cand = r["candidate"]
+        if cand.startswith("ringbook"):
+            cand = "ring " + re.search(r"ring_size=(\d+)", r["path"]).group(1)
+        elif cand in ("flex", "flex_direct"):
+            cand = "flex"
+        slot = table.setdefault((r["mask"], r["nq"], r["mode"]), {})
+        slot[cand] = min(slot.get(cand, math.inf), r["ms"])
+    return table
+
+
 def masks_table() -> str:
-    """Documents and a window at 131K: production against flex_attention and varlen_attn (tools/gpu_masked.py)."""
+    """Documents and a window: production at several ring sizes against flex_attention and varlen_attn
+    (tools/gpu_masked.py), each row's times from one run."""
     data = json.loads((ROOT / MASKS).read_text())
     check = json.loads((ROOT / MASKS_CHECK).read_text())
-    lines = ["| H100, bf16, 131,072 tokens, causal | production, ring 8 | flex_attention | varlen_attn | "
-             "production / faster peer |", "|---|---|---|---|---|"]
-    for name, modes in data["choice"]["whole"].items():
-        for mode, r in modes.items():
-            lines.append(f"| {name.split('/')[0]}, {mode} | {r['ringbook_production']:.2f} ms | "
-                         f"{min(r['flex'], r['flex_direct']):.2f} ms | {r['varlen']:.2f} ms | "
-                         f"{r['ringbook_over_fastest_peer']:.1f}× |")
+    table = _masked_whole(data)
+    rings = sorted({int(c.split()[1]) for slot in table.values() for c in slot if c.startswith("ring ")})
+    gpu = "H100" if "H100" in data["env"]["device"] else "H200" if "H200" in data["env"]["device"] else "GPU"
+    lines = [f"| {gpu}, bf16, causal | " + " | ".join(f"production, ring {w} (/ faster peer)" for w in rings)
+             + " | flex_attention | varlen_attn | cuDNN dense causal |", "|---|" + "---|" * (len(rings) + 3)]
+    for (mask, n, mode), ms in table.items():
+        peer = min(ms[p] for p in ("flex", "varlen") if p in ms) if any(p in ms for p in ("flex", "varlen")) else None
+        cells = [f"{ms[f'ring {w}']:.2f} ms ({ms[f'ring {w}'] / peer:.2f}×)" if f"ring {w}" in ms and peer else
+                 (f"{ms[f'ring {w}']:.2f} ms" if f"ring {w}" in ms else "–") for w in rings]
+        cells += [f"{ms[p]:.2f} ms" if p in ms else "–" for p in ("flex", "varlen", "dense_upper_bound")]
+        lines.append(f"| {mask}, {n:,}, {mode} | " + " | ".join(cells) + " |")
     auto = [r for r in check["rows"] if r["section"] == "correctness" and r["name"].endswith("auto")]
     einops = [r for r in check["rows"] if r["section"] == "correctness" and r["name"].endswith("einops")]
-    lines += ["", f"`{MASKS}`: {data['env']['device']}, PyTorch {data['env']['torch_version']}; documents 16 "
-              "(shifted half a document, so their boundaries cut blocks) and 1,024, and a window of 4,096; the "
-              "fastest of two BlockMask constructions for flex_attention. Production runs the blocks a boundary cuts "
-              "on FlashAttention's variable-length kernel (`ringbook.fast.varlen`); "
-              f"`{MASKS_CHECK}` checks it against float64 forward and backward: "
-              f"{sum(r['status'] == 'ok' for r in auto)} of {len(auto)} cases within the 2× rule (the einops "
-              f"backend on CUDA: {sum(r['status'] == 'ok' for r in einops)} of {len(einops)}, the two others "
-              "wrong with documents, under investigation). The target, within 1.1× of the faster peer, is missed by "
-              "far: the kernel is varlen_attn's own, so the time goes elsewhere in the one-process call (ring 1 adds about "
-              "3.5 ms at 131K to every mask, `gpu-check-masked-h100.json`'s timing rows); "
-              "`tools/profile_masked.py` is written to find where and has not run yet."]
+    code = data.get("code", {})
+    lines += ["", f"`{MASKS}`: {data['env']['device']}, PyTorch {data['env']['torch_version']}, ringbook at "
+              f"{code.get('ringbook_commit', '?')} ({code.get('note', '')}); documents 16 and 1,024 (equal, shifted "
+              "half a document, so their boundaries cut blocks) and a causal window of 4,096; flex_attention is the "
+              "faster of two BlockMask constructions. Production runs the blocks a boundary cuts on FlashAttention's "
+              f"variable-length kernel (`ringbook.fast.varlen`). `{MASKS_CHECK}` ({check['env']['device']}) checks it "
+              "against float64 forward and backward: "
+              f"{sum(r['status'] == 'ok' for r in auto)} of {len(auto)} cases within the 2× rule; the einops backend "
+              f"on CUDA {sum(r['status'] == 'ok' for r in einops)} of {len(einops)}. The issue's target is within "
+              "1.1× of the faster peer."]
     return "\n".join(lines)
 
 
