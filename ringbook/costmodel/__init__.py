@@ -5,7 +5,8 @@
 * :mod:`.model` — a :class:`Workload`, every strategy's schedule
   (:func:`ringbook.strategy_schedule`) turned into compute and transfer
   seconds per step, memory per device, constraints; :func:`compare`.
-* :mod:`.visible` — the pairs a block's documents and window leave, in closed form.
+* :mod:`.visible` — the pairs a block's documents and window leave, and the
+  tiles a fused kernel computes for them, in closed form.
 * :mod:`.simulate` — one compute and one communication stream per device.
 * :mod:`.check` — the model against every committed measurement and the
   published anchors.
@@ -13,7 +14,19 @@
 Needs only the standard library and ringbook (no plotting).
 """
 
-from .machine import KERNELS, LINKS, PRESETS, KernelRate, Link, Machine, fit_kernel, fit_rows, preset
+from .machine import (
+    FUSED,
+    KERNELS,
+    LINKS,
+    PRESETS,
+    FusedMasked,
+    KernelRate,
+    Link,
+    Machine,
+    fit_kernel,
+    fit_rows,
+    preset,
+)
 from .model import (
     Prediction,
     StepCost,
@@ -31,7 +44,8 @@ from .model import (
 from .simulate import Interval, Phase, Timeline, Transfer, simulate
 
 __all__ = [
-    "KERNELS", "LINKS", "PRESETS", "KernelRate", "Link", "Machine", "fit_kernel", "fit_rows", "preset",
+    "FUSED", "KERNELS", "LINKS", "PRESETS", "FusedMasked", "KernelRate", "Link", "Machine", "fit_kernel", "fit_rows",
+    "preset",
     "Prediction", "StepCost", "Workload", "candidates", "compare", "fold_bytes", "ideal", "memory_per_device",
     "overlap_threshold", "packed", "pass_kv_preferred", "predict",
     "Interval", "Phase", "Timeline", "Transfer", "simulate",

@@ -18,15 +18,26 @@ call's partial result is merged into float32 accumulators (the online-softmax
 merge of (out, lse) forward, dq and dK/dV added backward); see
 :func:`ringbook.costmodel.model.fold_bytes`. None: no fold term.
 
-Blocks a document or window boundary cuts (``"masked"``): with
-``masked=None`` a fused masked kernel (flex_attention, FlashAttention's
-varlen/window path) that skips the tiles no query sees, so a masked block
-costs its *visible* pairs at the causal rate (the causal kernel is the same
-kind of kernel: the benchmarks count its visible half and the fit is on that
-count). With ``masked=`` a :class:`KernelRate`: a dense kernel that computes
-every pair of the block and masks afterwards, at that kernel's full rate;
-``KERNELS["h100-einops"]`` is what ringbook's engine runs on such blocks today
-(:class:`ringbook.fast.blocks.Masked`, the einops path).
+Blocks a document or window boundary cuts (``"masked"``), three ways:
+
+* ``fused=`` a :class:`FusedMasked` (the H100 presets: FlashAttention-2's
+  variable-length kernel, which ringbook's engine runs on such blocks on
+  CUDA, :mod:`ringbook.fast.varlen`): a tiled kernel skips the tiles no
+  query sees and computes every other tile *whole*, so a masked block costs
+  the tiles its visible pairs touch, plus what a tile row and a masked tile
+  cost beyond a tile's FLOPs (:meth:`FusedMasked.call_time`);
+* ``fused=None`` (and ``masked=None``): an ideal fused kernel, the block's
+  *visible* pairs at the causal rate (no tile rounding, no per-row cost): a
+  lower bound, 20–60% under the committed masked rows;
+* ``masked=`` a :class:`KernelRate`: a dense kernel that computes every pair
+  of the block and masks afterwards, at that kernel's full rate;
+  ``KERNELS["h100-einops"]`` is ringbook's einops path (what the engine runs
+  on such blocks on the CPU). It takes precedence over ``fused``.
+
+The fused constants are fitted from the committed whole-sequence rows of
+``figures/masks/gpu-masked-peers-h100.json`` (varlen_attn and flex_attention
+on 131K tokens in 16 or 1,024 documents, or under a 4,096-token window; see
+:data:`FUSED` and :func:`ringbook.costmodel.check.fit_fused`).
 """
 
 from __future__ import annotations
@@ -64,6 +75,67 @@ class KernelRate:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedMasked:
+    """A fused masked kernel: what a block a boundary cuts costs on it, counted in ``tile × tile`` tiles.
+
+    The tiles come from :func:`ringbook.costmodel.visible.tile_counts`
+    (``aligned``: ``"piece"`` tiles each document piece from its own start, as
+    a variable-length kernel sees it; ``"block"`` tiles the block's grid, as
+    flex_attention's BlockMask does). With ``τ = 4·b·h·d·tile²/peak_causal``
+    one tile's forward seconds at ``kernel``'s causal rate (the causal fit
+    counts a whole causal call's visible half, which at the fitted lengths is
+    within 1–3% of the tiles it computes), a call of ``T`` tiles, ``P`` of
+    them partial (the mask evaluated element by element), in ``R`` tile rows,
+    takes
+
+        forward    t0 + τ·(T + row·R + mask·M),   M = P (+ the banded full tiles if masks_banded)
+        backward   backward·(t0 + τ·T) + τ·(row_backward·R + mask·P)
+
+    ``row``: a tile row's work item beyond its tiles (load the queries, write
+    out and lse; nothing to overlap them with when the row has one or two
+    tiles), in tiles; ``row_backward`` the same in the backward (its work item
+    also adds its dq through float32 atomics, and the kernel's pre- and
+    post-passes over dq run per token); ``mask``: the element-wise mask on a
+    partial tile, in tiles; ``masks_banded``: FlashAttention-2 masks every
+    tile of a piece whose band it calls local (a window: ``Is_local`` sets
+    ``Need_masking`` in its main loop), in the forward only (the committed
+    window rows' backward costs what the 16-document rows' does).
+    """
+
+    name: str
+    kernel: KernelRate
+    tile: int
+    aligned: str
+    row: float
+    row_backward: float
+    mask: float
+    masks_banded: bool
+    source: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kernel, KernelRate):
+            raise TypeError(f"kernel must be a KernelRate, got {type(self.kernel).__name__}")
+        check_positive_int(self.tile, "tile")
+        if self.aligned not in ("piece", "block"):
+            raise ValueError(f"aligned must be 'piece' or 'block', got {self.aligned!r}")
+        for name in ("row", "row_backward", "mask"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be ≥ 0 (tiles), got {getattr(self, name)}")
+
+    def call_time(self, tile_flops: float, tiles: float, partial: float, rows: float, banded: float = 0.0,
+                  backward: bool = False) -> float:
+        """Seconds of one call (class docstring); ``tile_flops`` = ``4·b·h·d·tile²``, the counts per head."""
+        if tiles <= 0:
+            return 0.0
+        k = self.kernel
+        tau = tile_flops / k.peak_causal
+        if backward:
+            return k.backward * (k.t0_causal + tau * tiles) + tau * (self.row_backward * rows + self.mask * partial)
+        masked = partial + (banded if self.masks_banded else 0.0)
+        return k.t0_causal + tau * (tiles + self.row * rows + self.mask * masked)
+
+
+@dataclasses.dataclass(frozen=True)
 class Link:
     """``latency + nbytes / bandwidth`` seconds for one message (bandwidth: bytes/s one way per GPU)."""
 
@@ -89,10 +161,13 @@ class Machine:
     memory: float
     source: str
     hbm: float | None = None  # bytes/s of device memory, for the folds; None: no fold term
-    masked: KernelRate | None = None  # None: a fused masked kernel (visible pairs at the causal rate)
+    masked: KernelRate | None = None  # a dense masked kernel (every pair at its full rate); None: see fused
+    fused: FusedMasked | None = None  # a fused masked kernel (its tiles); None: visible pairs at the causal rate
 
     def __post_init__(self) -> None:
         check_positive_int(self.gpus_per_node, "gpus_per_node")
+        if self.fused is not None and not isinstance(self.fused, FusedMasked):
+            raise TypeError(f"fused must be a FusedMasked or None, got {type(self.fused).__name__}")
         for kern, name in ((self.kernel, "kernel"), (self.masked, "masked")):
             if not isinstance(kern, KernelRate) and (name == "kernel" or kern is not None):
                 raise TypeError(f"{name} must be a KernelRate{' or None' if name == 'masked' else ''}, got "
@@ -166,6 +241,28 @@ KERNELS: dict[str, KernelRate] = {
                              "backward taken from the H100 rows"),
 }
 
+_H100_MASKED = "figures/masks/gpu-masked-peers-h100.json"
+_FLEX_SPEED = 0.7843  # flex_attention's seconds per tile ÷ FlashAttention-2's (fitted, FUSED's source)
+
+FUSED: dict[str, FusedMasked] = {
+    "h100-varlen": FusedMasked(
+        "FlashAttention-2 varlen (varlen_attn, ringbook.fast.varlen), H100, bf16, d=64", KERNELS["h100-flash"],
+        128, "piece", 1.286, 9.116, 0.5116, True,
+        f"rate: the h100-flash fit; row and mask: least squares (relative error) over the three forward varlen rows "
+        f"of {_H100_MASKED} (131K tokens: 16 or 1,024 documents, window 4,096); row_backward: over their backward "
+        "parts (forward+backward − forward); the tile size is FlashAttention-2's for d ≤ 128"),
+    "h100-flex": FusedMasked(
+        "flex_attention (torch.compile, BlockMask 128), H100, bf16, d=64",
+        dataclasses.replace(KERNELS["h100-flash"], name="flex_attention, H100, bf16, d=64",
+                            peak_full=KERNELS["h100-flash"].peak_full / _FLEX_SPEED,
+                            peak_causal=KERNELS["h100-flash"].peak_causal / _FLEX_SPEED, measured=False,
+                            source="h100-flash's fit with its peaks ÷ 0.784 (fitted: no unmasked flex row is "
+                                   "committed); backward ratio and per-call cost h100-flash's"),
+        128, "block", 1.286, 9.116, 2.033, False,
+        f"speed (0.784 × FlashAttention-2's seconds per tile) and mask: least squares over the six forward "
+        f"flex/flex_direct rows of {_H100_MASKED}; row and row_backward FlashAttention-2's (h100-varlen)"),
+}
+
 _GB = 1e9
 NVLINK_H100 = Link("NVLink 4 (H100/H200)", 380 * _GB, 5e-6,
                    "380 of the nominal 450 GB/s one way, p2pBandwidthLatencyTest in NVIDIA/nccl issue 1264 "
@@ -183,11 +280,17 @@ LINKS: dict[str, Link] = {"nvlink": NVLINK_H100, "ib": IB_400, "tcp": TCP_100}
 HBM = {"h100": 3.35e12, "h200": 4.8e12}  # nominal HBM3 / HBM3e bytes/s (NVIDIA's data sheets)
 
 
+FUSED_FOR_GPU = {"h100": FUSED["h100-varlen"]}  # the engine's masked kernel per GPU (none fitted for the H200)
+
+
 def _node(name: str, kernel: str, inter: Link, memory_gb: float, intra: Link = NVLINK_H100) -> Machine:
-    hbm = HBM[kernel.split("-")[0]]
+    gpu = kernel.split("-")[0]
+    hbm, fused = HBM[gpu], FUSED_FOR_GPU.get(gpu)
     return Machine(name, KERNELS[kernel], intra, inter, 8, memory_gb * _GB,
                    f"kernel: {KERNELS[kernel].source}; links: {intra.source} / {inter.source}; "
-                   f"memory {memory_gb:g} GB and {hbm / 1e12:g} TB/s nominal", hbm=hbm)
+                   f"memory {memory_gb:g} GB and {hbm / 1e12:g} TB/s nominal; masked blocks: "
+                   f"{fused.name if fused else 'visible pairs at the causal rate (no fused fit for this GPU)'}",
+                   hbm=hbm, fused=fused)
 
 
 PRESETS: dict[str, Machine] = {
@@ -198,16 +301,22 @@ PRESETS: dict[str, Machine] = {
 
 
 def preset(name: str, *, kernel: str | None = None, gpus_per_node: int | None = None,
-           inter: str | None = None) -> Machine:
-    """A preset machine, optionally with another kernel of :data:`KERNELS` (and its GPU's ``hbm``), node size or
-    inter-node link."""
+           inter: str | None = None, fused: str | None = None) -> Machine:
+    """A preset machine, optionally with another kernel of :data:`KERNELS` (and its GPU's ``hbm`` and fused masked
+    kernel), another fused masked kernel of :data:`FUSED`, node size or inter-node link."""
     if name not in PRESETS:
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     m = PRESETS[name]
     if kernel is not None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-        m = dataclasses.replace(m, kernel=KERNELS[kernel], hbm=HBM.get(kernel.split("-")[0], m.hbm))
+        gpu = kernel.split("-")[0]
+        m = dataclasses.replace(m, kernel=KERNELS[kernel], hbm=HBM.get(gpu, m.hbm),
+                                fused=FUSED_FOR_GPU.get(gpu) if gpu in HBM else m.fused)
+    if fused is not None:
+        if fused not in FUSED:
+            raise ValueError(f"fused must be one of {sorted(FUSED)}, got {fused!r}")
+        m = dataclasses.replace(m, fused=FUSED[fused])
     if inter is not None:
         if inter not in LINKS:
             raise ValueError(f"inter must be one of {sorted(LINKS)}, got {inter!r}")

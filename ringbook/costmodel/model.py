@@ -19,9 +19,13 @@ nobody needs; so communication counts only the hops that are sent. Each
 block left is counted in tokens of the workload
 (:func:`ringbook.costmodel.visible.visible_pairs`, exact): ``"full"`` when
 every pair is seen, ``"causal"`` when only the causal mask cuts it (half its
-area, as the benchmarks count), else ``"masked"``, costed by its visible
-pairs at the causal rate or, with ``Machine.masked``, as the whole block on a
-dense masked kernel (see :mod:`ringbook.costmodel.machine`).
+area, as the benchmarks count), else ``"masked"``. A masked call is costed
+by the tiles a fused kernel computes for it (``Machine.fused``: the tiles its
+visible pairs touch, :func:`ringbook.costmodel.visible.tile_counts`, each
+computed whole, plus a cost per tile row and per masked tile,
+:meth:`~ringbook.costmodel.machine.FusedMasked.call_time`), by its visible
+pairs at the causal rate without one, or, with ``Machine.masked``, as the
+whole block on a dense masked kernel (see :mod:`ringbook.costmodel.machine`).
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from .._utils import check_bool, check_positive_int
 from ..masks import check_window
 from ..schedule import Step, layout_pieces
 from ..strategies import CommStep, Work, bytes_sent, lcm_heads, strategy_schedule
-from .machine import Machine
+from .machine import FusedMasked, Machine
 from .simulate import Phase, Timeline, Transfer, simulate
-from .visible import visible_pairs
+from .visible import Tiles, tile_counts, visible_pairs
 
 RESULTS = frozenset({"out", "lse", "dq", "dK/dV"})  # sent after the step's compute
 MAX_SCHEDULED = 64  # ring steps and all-gather peers read exactly up to this many; beyond, see predict
@@ -190,6 +194,9 @@ def fold_bytes(rows: int, keys: int, heads: float, work: Workload, backward: boo
     return b * rows * heads * (d * (e + 8) + 12)
 
 
+_NO_TILES = Tiles(0, 0, 0, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """One kernel call: query rows and key rows (tokens), heads, its kind, area and counted pairs (per head)."""
@@ -202,6 +209,7 @@ class _Call:
     kind: str  # "full", "causal" or "masked"
     area: float
     pairs: float  # full: the area; causal: half of it (the benchmarks' count); masked: the visible pairs
+    tiles: Tiles = _NO_TILES  # masked, with a fused kernel: the tiles it computes (per head; averaged when stacked)
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,54 +231,72 @@ def _tokens(rows: tuple[int, int], pieces: tuple[tuple[int, int], ...], k: int) 
     return (first + rows[0] - off) * k, (first + rows[1] - off) * k
 
 
-def _blocks(wk: Work, st: Step, work: Workload, n: int, k: int) -> Iterator[tuple[tuple[int, int], str, int, float]]:
-    """``(query rows, kind, area, pairs)`` of each block ``st`` computes, in tokens of ``work`` (module docstring).
+def _blocks(wk: Work, st: Step, work: Workload, n: int, k: int,
+            fused: FusedMasked | None = None) -> Iterator[tuple[tuple[int, int], str, int, float, Tiles]]:
+    """``(query rows, kind, area, pairs, tiles)`` of each block ``st`` computes, in tokens of ``work`` (module
+    docstring).
 
     The schedule was read at ``n = seq_len/k`` tokens. Without documents or a
     window its kinds stand (a causal block counts half its area). With them
     every block is counted exactly in tokens: all pairs seen → full; only the
-    causal mask cuts → causal; else masked, counted by its visible pairs.
+    causal mask cuts → causal; else masked, counted by its visible pairs and,
+    with ``fused``, by the tiles that kernel computes for it.
     """
     for blk in st.blocks:
         area = blk.area * k * k
         if not work.masked:
-            yield blk.q, blk.kind, area, area / 2 if blk.kind == "causal" else area
+            yield blk.q, blk.kind, area, area / 2 if blk.kind == "causal" else area, _NO_TILES
             continue
         offsets = _offsets(n, wk.shards, wk.layout)
         q, kv = _tokens(blk.q, offsets[st.rank], k), _tokens(blk.kv, offsets[st.kv_rank], k)
         seen = visible_pairs(q, kv, causal=work.causal, window=work.window, starts=work.starts, n=work.seq_len)
         if seen == area:
-            yield blk.q, "full", area, area
+            yield blk.q, "full", area, area, _NO_TILES
         elif work.causal and seen == visible_pairs(q, kv, causal=True):
-            yield blk.q, "causal", area, area / 2
+            yield blk.q, "causal", area, area / 2, _NO_TILES
         elif seen:
-            yield blk.q, "masked", area, seen
+            tiles = _NO_TILES if fused is None else tile_counts(
+                q, kv, causal=work.causal, window=work.window, starts=work.starts, n=work.seq_len, tile=fused.tile,
+                aligned=fused.aligned)
+            yield blk.q, "masked", area, seen, tiles
 
 
-def _calls(cs: CommStep, work: Workload, n: int, k: int) -> Iterator[_Call]:
+def _add(a: Tiles, b: Tiles, wa: float = 1.0, wb: float = 1.0) -> Tiles:
+    """``wa·a + wb·b``, field by field (tile counts of calls stacked into one)."""
+    if b is _NO_TILES and wa == 1.0:
+        return a
+    return Tiles(wa * a.tiles + wb * b.tiles, wa * a.partial + wb * b.partial, wa * a.rows + wb * b.rows,
+                 wa * a.banded + wb * b.banded)
+
+
+def _calls(cs: CommStep, work: Workload, n: int, k: int, fused: FusedMasked | None = None) -> Iterator[_Call]:
     """The kernel calls of a step: each rank's blocks of one Step grouped by query rows and kind (keys stacked)."""
     for wk in cs.work:
         nh = wk.heads[1] - wk.heads[0]
         for st in wk.steps:
-            group: dict[tuple, list] = defaultdict(lambda: [0, 0, 0.0])
-            for q, kind, area, pairs in _blocks(wk, st, work, n, k):
+            group: dict[tuple, list] = defaultdict(lambda: [0, 0, 0.0, _NO_TILES])
+            for q, kind, area, pairs, tiles in _blocks(wk, st, work, n, k, fused):
                 acc = group[(q, kind)]
                 acc[0] += area // ((q[1] - q[0]) * k)  # key rows
                 acc[1] += area
                 acc[2] += pairs
-            for (q, kind), (keys, area, pairs) in group.items():
-                yield _Call(wk.rank, st.step, (q[1] - q[0]) * k, keys, nh, kind, area, pairs)
+                acc[3] = _add(acc[3], tiles)
+            for (q, kind), (keys, area, pairs, tiles) in group.items():
+                yield _Call(wk.rank, st.step, (q[1] - q[0]) * k, keys, nh, kind, area, pairs, tiles)
 
 
 def _seconds(c: _Call, work: Workload, machine: Machine, backward: bool) -> float:
     """A call's kernel seconds (4·b·h·d FLOPs per counted pair) plus its fold at the machine's memory bandwidth."""
     per_pair = 4 * work.batch * c.heads * work.head_dim
+    fold = fold_bytes(c.rows, c.keys, c.heads, work, backward) / machine.hbm if machine.hbm else 0.0
     if c.kind == "masked" and machine.masked is not None:  # a dense masked kernel: every pair, at its full rate
         kern, t = machine.masked, machine.masked.call_time(per_pair * c.area, False)
+    elif c.kind == "masked" and machine.fused is not None:  # a fused masked kernel: the tiles it computes
+        fz, tl = machine.fused, c.tiles
+        return fz.call_time(per_pair * fz.tile ** 2, tl.tiles, tl.partial, tl.rows, tl.banded, backward) + fold
     else:  # full at the full rate; causal and masked by the pairs they count, at the causal rate
         kern, t = machine.kernel, machine.kernel.call_time(per_pair * c.pairs, c.kind != "full")
     t *= kern.backward if backward else 1.0
-    fold = fold_bytes(c.rows, c.keys, c.heads, work, backward) / machine.hbm if machine.hbm else 0.0
     return t + fold
 
 
@@ -281,17 +307,18 @@ def _phases(schedule: list[CommStep], work: Workload, machine: Machine, devices:
         backward = cs.phase == "backward"
         if one_process:  # the same call of every rank: one launch, the ranks stacked like heads
             launches: dict[tuple, _Call] = {}
-            for c in _calls(cs, work, n, k):
+            for c in _calls(cs, work, n, k, machine.fused):
                 key = (c.step, c.rows, c.area, c.kind)
                 prev = launches.get(key)
+                heads = None if prev is None else prev.heads + c.heads
                 launches[key] = c if prev is None else dataclasses.replace(
-                    prev, heads=prev.heads + c.heads, pairs=(prev.pairs * prev.heads + c.pairs * c.heads)
-                    / (prev.heads + c.heads))
+                    prev, heads=heads, pairs=(prev.pairs * prev.heads + c.pairs * c.heads) / heads,
+                    tiles=_add(prev.tiles, c.tiles, prev.heads / heads, c.heads / heads))
             sec = sum(_seconds(c, work, machine, backward) for c in launches.values())
             phases.append(Phase(f"{cs.phase} {cs.step}", (sec,), ()))
             continue
         comp = [0.0] * devices
-        for c in _calls(cs, work, n, k):
+        for c in _calls(cs, work, n, k, machine.fused):
             comp[c.rank] += _seconds(c, work, machine, backward)
         sync = cs.collective not in ("p2p", "")
         per_pair: dict[tuple, float] = defaultdict(float)

@@ -101,7 +101,8 @@ def plot_predicted_vs_measured(cases: Sequence, *, bound: float = 0.25, title: s
     ax.set_xlabel("measured (ms)")
     ax.set_ylabel("predicted (ms)")
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title or "model vs every committed run, H100 and H200 rows (open: blocks < 8K rows)", fontsize=10)
+    ax.set_title(title or "model vs every committed run, H100 and H200 rows\n(open: not held — blocks < 8K rows, "
+                          "engine-bound masked rows)", fontsize=10)
     return fig
 
 
