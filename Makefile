@@ -50,17 +50,19 @@ browser-deps:
 # The notebooks save their figures into a temporary folder here, so testing leaves the clone clean;
 # `make sync-notebooks` refreshes the committed figures, `make screenshots` the browser pictures.
 test: $(VENV)/.test browser-deps lint
-	$(PY) -m pytest -q tests
-	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env notebooks
+	$(PY) -m pytest -q -n 2 tests --deselect tests/test_browser.py
+	$(PY) -m pytest -q tests/test_browser.py
+	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q -n 2 --dist loadfile --nbval --nbval-current-env notebooks
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check .
 
 unit: $(VENV)/.test browser-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests --deselect tests/test_browser.py
+	$(PY) -m pytest -q tests/test_browser.py
 
 notebooks: $(VENV)/.test
-	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env notebooks
+	RINGBOOK_FIGURES_OUT=$$(mktemp -d) $(PY) -m pytest -q -n 2 --dist loadfile --nbval --nbval-current-env notebooks
 
 ## Refresh the committed screenshots of the notebooks in a real browser (figures/browser/).
 screenshots: $(VENV)/.test browser-deps
