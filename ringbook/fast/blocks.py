@@ -14,8 +14,11 @@ ask what kind of block they hold:
 * **which kernel** it runs — a :class:`Kernel`: :data:`FULL` (every key seen),
   :data:`CAUSAL` (the kernels' top-left mask: a diagonal block), or
   :class:`Positions` (a causal mask by token positions, which the fused
-  kernels cannot express: the einops path). Packed documents and sliding
-  windows will be kernels too. A kernel brings its forward and its backward.
+  kernels cannot express: the einops path), :class:`Masked` (a block a
+  document or window boundary cuts: FlashAttention's variable-length kernel
+  on CUDA, the einops path elsewhere) and :class:`MaskedRanks` (the masked
+  blocks of neighbouring ranks of one step, launched together). A kernel
+  brings its forward and its backward.
 
 Each block also says how much work it is (:meth:`Block.scores`: the
 (query, key) pairs whose score is computed, heads included), so a plan's work
