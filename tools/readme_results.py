@@ -414,6 +414,12 @@ def masks_table() -> str:
               f"{sum(r['status'] == 'ok' for r in auto)} of {len(auto)} cases within the 2× rule; the einops backend "
               f"on CUDA {sum(r['status'] == 'ok' for r in einops)} of {len(einops)}. The issue's target is within "
               "1.1× of the faster peer."]
+    if code.get("ringbook_commit") == "782f30f":
+        lines[-1] += (" The masked path has changed since that run and is not re-measured yet: the document ids are "
+                      "scanned on the host with numpy (the H100 profile `figures/masks/profile-masked-h100.json` "
+                      "found 17–32 ms a call in torch CPU ops there), cut blocks read and write slices instead of "
+                      "gathers, the cut blocks of a step's ranks are one launch, the Triton merge touches only the "
+                      "rows a block covers, and ring size 1 runs without the layout's permutation.")
     return "\n".join(lines)
 
 
