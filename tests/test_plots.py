@@ -208,3 +208,21 @@ def test_plot_ring_timeline_waits_only_when_the_transfer_is_longer():
         plot_ring_timeline(0, {"x": (1.0, 1.0)})
     with pytest.raises(ValueError, match=r"cases\['x'\] must be \(compute, transfer\), two positive finite times"):
         plot_ring_timeline(2, {"x": (1.0, -1.0)})
+
+
+def test_masked_timings_table_and_bars():
+    from ringbook.viz.masks import masked_timings, plot_masked_timings
+
+    def row(cand, ms, mode="fwd", **kw):
+        return {"where": "whole", "status": "ok", "candidate": cand, "ms": ms, "mask": "docs16", "nq": 1024,
+                "mode": mode, **kw}
+    data = {"rows": [row("ringbook_production", 9.0, path="production_ring_attention(ring_size=8, layout=zigzag)"),
+                     row("ringbook_ring1", 5.0, path="production_ring_attention(ring_size=1, layout=zigzag)"),
+                     row("flex", 3.0), row("flex_direct", 2.5), row("varlen", 4.0), row("varlen", 8.0, "fwd+bwd"),
+                     {**row("varlen", 1.0), "status": "error"}, {**row("flex", 1.0), "where": "block"}]}
+    table = masked_timings(data)
+    assert table == {("docs16", 1024, "fwd"): {"ring 8": 9.0, "ring 1": 5.0, "flex": 2.5, "varlen": 4.0},
+                     ("docs16", 1024, "fwd+bwd"): {"varlen": 8.0}}
+    fig = plot_masked_timings(table, title="t")
+    assert [ax.get_title() for ax in fig.axes] == ["fwd", "fwd+bwd"]
+    assert [len(ax.patches) for ax in fig.axes[:2]] == [4, 4]  # every column in every panel (absent: no height)

@@ -9,8 +9,6 @@ so every number in the README and docs/results.md comes from a file under figure
 """
 
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from ringbook.bench.published import TARGETS  # noqa: E402
 from ringbook.bench.results import load_rows  # noqa: E402
+from ringbook.viz.masks import masked_timings  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ONE_GPU = "figures/bench-nvidia-h100-80gb-hbm3-bfloat16.json"
@@ -370,28 +369,12 @@ def strategies_table() -> str:
     return "\n".join(lines)
 
 
-def _masked_whole(data: dict) -> dict:
-    """``{(mask, n, mode): {column: ms}}`` of gpu_masked.py's whole-sequence rows; ringbook columns by ring size."""
-    table: dict = {}
-    for r in data["rows"]:
-        if r.get("where") != "whole" or r.get("status") != "ok":
-            continue
-        cand = r["candidate"]
-        if cand.startswith("ringbook"):
-            cand = "ring " + re.search(r"ring_size=(\d+)", r["path"]).group(1)
-        elif cand in ("flex", "flex_direct"):
-            cand = "flex"
-        slot = table.setdefault((r["mask"], r["nq"], r["mode"]), {})
-        slot[cand] = min(slot.get(cand, math.inf), r["ms"])
-    return table
-
-
 def masks_table() -> str:
     """Documents and a window: production at several ring sizes against flex_attention and varlen_attn
     (tools/gpu_masked.py), each row's times from one run."""
     data = json.loads((ROOT / MASKS).read_text())
     check = json.loads((ROOT / MASKS_CHECK).read_text())
-    table = _masked_whole(data)
+    table = masked_timings(data)
     rings = sorted({int(c.split()[1]) for slot in table.values() for c in slot if c.startswith("ring ")})
     gpu = "H100" if "H100" in data["env"]["device"] else "H200" if "H200" in data["env"]["device"] else "GPU"
     lines = [f"| {gpu}, bf16, causal | " + " | ".join(f"production, ring {w} (/ faster peer)" for w in rings)

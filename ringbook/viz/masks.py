@@ -230,3 +230,61 @@ def plot_window_hops(windows: Sequence[int], hops: Mapping[str, Sequence[int]], 
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return fig
+
+
+def masked_timings(data: Mapping) -> dict[tuple[str, int, str], dict[str, float]]:
+    """``{(mask, n, mode): {column: ms}}`` from a ``tools/gpu_masked.py`` file's whole-sequence rows (status ok).
+
+    Columns: ``"ring w"`` for ringbook's production ring of size w (read from
+    the row's ``path``), ``"flex"`` (the faster of the two BlockMask
+    constructions), ``"varlen"`` and ``"dense_upper_bound"`` (cuDNN dense
+    causal, the mask ignored: what not skipping costs).
+    """
+    import re
+
+    table: dict[tuple[str, int, str], dict[str, float]] = {}
+    for r in data.get("rows", []):
+        if r.get("where") != "whole" or r.get("status") != "ok" or r.get("ms") is None:
+            continue
+        name = r["candidate"]
+        if name.startswith("ringbook"):
+            found = re.search(r"ring_size=(\d+)", r.get("path") or "")
+            if found is None:
+                continue
+            name = f"ring {found.group(1)}"
+        elif name in ("flex", "flex_direct"):
+            name = "flex"
+        slot = table.setdefault((r["mask"], int(r["nq"]), r["mode"]), {})
+        slot[name] = min(slot.get(name, float("inf")), float(r["ms"]))
+    return table
+
+
+def plot_masked_timings(table: Mapping[tuple[str, int, str], Mapping[str, float]], *, title: str = "") -> Figure:
+    """One panel per pass (fwd, fwd+bwd): for each mask, bars of ms per column of :func:`masked_timings`
+    (log scale); ringbook's rings in the rank colours, the peers in grey tones."""
+    modes = sorted({mode for _, _, mode in table}, key=lambda m: (len(m), m))
+    labels = {"flex": "flex_attention", "varlen": "varlen_attn", "dense_upper_bound": "cuDNN dense causal"}
+    peer_colors = {"flex": "#8c8c8c", "varlen": "#555555", "dense_upper_bound": "#d0d0d0"}
+    order = list(labels)
+    columns = sorted({c for slot in table.values() for c in slot}, key=lambda c: (
+        (0, int(c.split()[1])) if c.startswith("ring ") else (1, order.index(c) if c in order else len(order))))
+    fig, axes = new_figure(1, len(modes), figsize=(5.2 * len(modes), 4.0), sharey=True)
+    width = 0.8 / max(len(columns), 1)
+    for ax, mode in zip(axes[0], modes):
+        keys = [k for k in table if k[2] == mode]
+        x = np.arange(len(keys))
+        for j, col in enumerate(columns):
+            vals = [table[k].get(col, np.nan) for k in keys]
+            color = rank_color(int(col.split()[1]).bit_length()) if col.startswith("ring ") else peer_colors.get(col)
+            ax.bar(x + (j - (len(columns) - 1) / 2) * width, vals, width, color=color,
+                   label=f"production, {col}" if col.startswith("ring ") else labels.get(col, col))
+        ax.set_xticks(x, [f"{m}\n{n:,}" for m, n, _ in keys], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(mode, fontsize=10)
+        ax.grid(alpha=0.3, axis="y", which="both")
+    axes[0, 0].set_ylabel("ms (median)")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=len(columns), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
