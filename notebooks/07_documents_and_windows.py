@@ -58,8 +58,15 @@ from ringbook import LAYOUTS, naive_attention, production_plan, production_ring_
 from ringbook.exercises.masks import check_document_block, check_layout_imbalance, check_window_hops
 from ringbook.masks import document_ids_from_cu_seqlens, keep, mask_spec
 from ringbook.schedule import best_layout, head_tail_positions, layout_pieces, layout_positions, layout_report
-from ringbook.viz.masks import (masked_timings, plot_layout_work, plot_mask_ring, plot_masked_timings,
-                                plot_window_hops, rank_work, ring_blocks)
+from ringbook.viz.masks import (
+    masked_timings,
+    plot_layout_work,
+    plot_mask_ring,
+    plot_masked_timings,
+    plot_window_hops,
+    rank_work,
+    ring_blocks,
+)
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
