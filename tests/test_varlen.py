@@ -70,9 +70,18 @@ def test_launches_group_pieces_by_band_and_skip_what_no_query_sees():
                          k_doc=ids[:, :16]) == []  # documents end at the block boundary: nothing to launch
 
 
-def test_a_document_whose_keys_sit_in_two_runs_is_left_to_the_einops_path():
-    k_pos = torch.cat([torch.arange(0, 4), torch.arange(12, 16)])
-    assert varlen.pieces(torch.arange(4, 12), k_pos, causal=False) is None
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_document_whose_keys_sit_in_two_runs_meets_its_queries_in_two_layers(causal, window):
+    k_pos = torch.cat([torch.arange(0, 4), torch.arange(12, 16)])  # one document, keys in two runs
+    launches = _check(torch.arange(4, 12), k_pos, causal=causal, window=window)
+    if not causal and window is None:
+        assert sorted(x.layer for x in launches) == [0, 1]
+    # a shard dealt head and tail (each document's first and last chunk), against the same shard
+    ids = _ids([8, 8, 16])
+    shard = torch.cat([torch.arange(0, 2), torch.arange(6, 8), torch.arange(8, 10), torch.arange(14, 16),
+                       torch.arange(16, 20), torch.arange(28, 32)])
+    _check(shard, shard, causal=causal, window=window, ids=ids[None].expand(2, -1))
 
 
 def test_the_kernels_lse_layouts_round_trip():

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .._utils import compute_dtype
+from ..online_softmax import merge_partials
 
 Rows = tuple[int, int]
 
@@ -59,6 +60,10 @@ class Launch:
     the rows are one run ``[start, stop)`` (each sequence starts where the one
     before it ends, as the documents of a block do), that run: the kernel then
     reads and writes slices of the block, with no gather or scatter.
+    ``layer``: where a document's keys sit in several runs of the block (a
+    shard dealt head and tail, say), its queries meet run ``layer`` here: the
+    launches of one layer hold each query row at most once, and the layers'
+    results are merged (equation (M)).
     """
 
     q_rows: Tensor
@@ -71,6 +76,7 @@ class Launch:
     right: int
     q_span: Rows | None = None
     k_span: Rows | None = None
+    layer: int = 0
 
     def to(self, device: torch.device | str) -> Launch:
         return dataclasses.replace(self, **{f: getattr(self, f).to(device)
@@ -112,50 +118,45 @@ def _band(shift: int, causal: bool, window: int | None) -> tuple[int, int]:
 
 def pieces(q_pos: Tensor, k_pos: Tensor, *, causal: bool, q_doc: Tensor | None = None,
            k_doc: Tensor | None = None, window: int | None = None, batch: int = 1) -> list[Launch] | None:
-    """The launches that compute a masked block exactly, or None where the kernel's bands cannot express it.
+    """The launches that compute a masked block exactly (a list; ``None`` is kept for callers of the older form,
+    which returned it where a document's keys sat in two runs of the block).
 
     ``q_pos``/``k_pos``: the block's token positions (``i``, ``j``); ``q_doc``/
     ``k_doc``: document ids ``b i``/``b j`` (None: one document; rows of the
-    batch may differ); ``batch``: b, when there are no ids. None where a
-    query's document has keys in two runs of the block (it would sit in two
-    sequences, whose results a launch does not merge): the caller keeps the
-    einops path for it.
+    batch may differ); ``batch``: b, when there are no ids. A document whose
+    keys sit in several runs of the block meets its queries once per run, each
+    run in its own *layer* (:class:`Launch`), merged after.
     """
     q_pos, k_pos = q_pos.cpu(), k_pos.cpu()
     rows = batch if q_doc is None else q_doc.shape[0]
     n_q, n_k = q_pos.numel(), k_pos.numel()
-    groups: dict[tuple[int, int], list] = {}
+    groups: dict[tuple[int, int, int], list] = {}  # (layer, left, right) -> sequences
     for r in range(rows):
         qd = None if q_doc is None else q_doc[r].cpu()
         kd = None if k_doc is None else k_doc[r].cpu()
         k_runs = _runs(k_pos, kd)
-        k_of = {}  # the key run of each document (None: the block's one document)
+        k_of: dict = {}  # the key runs of each document (None: the block's one document)
         for a, b in k_runs:
-            doc = None if kd is None else int(kd[a])
-            if doc in k_of:
-                return None
-            k_of[doc] = (a, b)
+            k_of.setdefault(None if kd is None else int(kd[a]), []).append((a, b))
         for a, b in _runs(q_pos, qd):
             doc = None if qd is None else int(qd[a])
-            if doc not in k_of:
-                continue
-            c, d = k_of[doc]
-            qs, ks = int(q_pos[a]), int(k_pos[c])
-            qs2, qe2, ks2, ke2 = _trim(qs, qs + b - a, ks, ks + d - c, causal, window)
-            if qe2 <= qs2 or ke2 <= ks2:
-                continue
-            band = _band(qe2 - ke2, causal, window)
-            q0, k0 = r * n_q + a + qs2 - qs, r * n_k + c + ks2 - ks
-            groups.setdefault(band, []).append((q0, qe2 - qs2, k0, ke2 - ks2))
+            for layer, (c, d) in enumerate(k_of.get(doc, ())):
+                qs, ks = int(q_pos[a]), int(k_pos[c])
+                qs2, qe2, ks2, ke2 = _trim(qs, qs + b - a, ks, ks + d - c, causal, window)
+                if qe2 <= qs2 or ke2 <= ks2:
+                    continue
+                q0, k0 = r * n_q + a + qs2 - qs, r * n_k + c + ks2 - ks
+                groups.setdefault((layer, *_band(qe2 - ke2, causal, window)), []).append(
+                    (q0, qe2 - qs2, k0, ke2 - ks2))
     out = []
-    for (left, right), seqs in groups.items():
+    for (layer, left, right), seqs in sorted(groups.items(), key=lambda kv: kv[0][0]):
         q_rows = torch.cat([torch.arange(q0, q0 + nq) for q0, nq, _, _ in seqs])
         k_rows = torch.cat([torch.arange(k0, k0 + nk) for _, _, k0, nk in seqs])
         cu_q = torch.tensor([0, *torch.tensor([s[1] for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
         cu_k = torch.tensor([0, *torch.tensor([s[3] for s in seqs]).cumsum(0).tolist()], dtype=torch.int32)
         out.append(Launch(q_rows, k_rows, cu_q, cu_k, max(s[1] for s in seqs), max(s[3] for s in seqs),
                           left, right, _span([(q0, nq) for q0, nq, _, _ in seqs]),
-                          _span([(k0, nk) for _, _, k0, nk in seqs])))
+                          _span([(k0, nk) for _, _, k0, nk in seqs]), layer))
     return out
 
 
@@ -166,12 +167,12 @@ def stack(parts: list[list[Launch]], q_rows: int, k_rows: int) -> list[Launch]:
     One process runs the ranks of a ring step side by side: their masked blocks become one launch per band
     instead of one per rank, so each launch has enough sequences to fill the GPU.
     """
-    bands: dict[tuple[int, int], list] = {}
+    bands: dict[tuple[int, int, int], list] = {}
     for p, launches in enumerate(parts):
         for x in launches:
-            bands.setdefault((x.left, x.right), []).append((p, x))
+            bands.setdefault((x.layer, x.left, x.right), []).append((p, x))
     out = []
-    for (left, right), group in bands.items():
+    for (layer, left, right), group in sorted(bands.items(), key=lambda kv: kv[0][0]):
         q_runs = [(p * q_rows + x.q_span[0], x.q_span[1] - x.q_span[0]) if x.q_span else None for p, x in group]
         k_runs = [(p * k_rows + x.k_span[0], x.k_span[1] - x.k_span[0]) if x.k_span else None for p, x in group]
         cu_q, cu_k = [0], [0]
@@ -182,7 +183,8 @@ def stack(parts: list[list[Launch]], q_rows: int, k_rows: int) -> list[Launch]:
                           torch.cat([x.k_rows + p * k_rows for p, x in group]),
                           torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
                           max(x.max_q for _, x in group), max(x.max_k for _, x in group), left, right,
-                          None if None in q_runs else _span(q_runs), None if None in k_runs else _span(k_runs)))
+                          None if None in q_runs else _span(q_runs), None if None in k_runs else _span(k_runs),
+                          layer))
     return out
 
 
@@ -273,6 +275,16 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, launches: list[Launch], *, s
                    kernel: Callable[..., tuple[Tensor, Tensor]] = _flash) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of a masked block (``b i h d``, ``b h i``, float32 for half precision) from its launches; k/v have q's heads
     (expanded by the caller). ``kernel``: the CUDA kernel, or :func:`reference_varlen` (the tests)."""
+    out = lse = None
+    for layer in sorted({x.layer for x in launches}) or [0]:  # keys of a document in several runs: merged layers
+        part = _one_layer(q, k, v, [x for x in launches if x.layer == layer], scale, kernel)
+        out, lse = part if out is None else merge_partials(out, lse, *part)
+    return out, lse
+
+
+def _one_layer(q: Tensor, k: Tensor, v: Tensor, launches: list[Launch], scale: float,
+               kernel: Callable[..., tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """:func:`varlen_forward` of launches that hold each query row at most once (one layer)."""
     b, i, h, d = q.shape
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     if len(launches) == 1 and launches[0].q_span == (0, b * i):  # one launch over every row: its result is the block's
