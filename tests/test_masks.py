@@ -112,6 +112,30 @@ def test_production_with_documents_and_windows_is_exact(docs, window):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=case)
 
 
+@pytest.mark.parametrize("window", [None, 3, 100])
+def test_production_with_the_head_tail_layout_is_exact(window):
+    """layout="doc_headtail": each rank's whole shard against each held one is one masked block (keys of a
+    document in two runs: two layers), forward and backward in float64 at ring sizes 1–4."""
+    ids = document_ids_from_cu_seqlens([0, 16, 24, 48])
+    q, k, v = _qkv(n=48, seed=11)
+    for causal in (False, True):
+        ref_out, ref_lse = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        g = torch.randn(ref_out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+        ref = torch.autograd.grad((ref_out * g).sum(), (q, k, v))
+        for w in (1, 2, 4):
+            out, lse = ringbook.production_ring_attention(q, k, v, ring_size=w, causal=causal, layout="doc_headtail",
+                                                          document_ids=ids, window=window)
+            case = f"window={window} causal={causal} w={w}"
+            assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), case
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10, msg=case)
+            for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=case)
+    plan = production_plan(48, 4, layout="doc_headtail", causal=True, mask=mask_spec(True, ids[None], None))
+    assert [len(step) for step in plan] == [1, 2, 2, 2]  # one stacked launch per step (two where the shards wrap)
+    with pytest.raises(ValueError, match="document_ids"):
+        ringbook.production_ring_attention(q, k, v, ring_size=2, layout="doc_headtail")
+
+
 def test_low_precision_within_the_2x_rule():
     q, k, v = (x.detach() for x in _qkv(seed=9))
     ids = _docs("random")

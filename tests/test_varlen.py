@@ -126,6 +126,34 @@ def test_the_fused_path_of_production_is_exact_with_the_kernel_replaced_by_its_d
             assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse)), case
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_fused_path_with_the_head_tail_layout(monkeypatch, window):
+    """layout="doc_headtail" on the fused path (kernel replaced by its definition): every rank's whole shard is
+    one masked block whose documents' keys sit in two runs (two layers), stacked over the ranks of a step."""
+    import ringbook
+    from ringbook.fast import blocks
+
+    monkeypatch.setattr(blocks, "fused_ok", lambda q, backend: backend != "einops")
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(sorted({x.layer for x in args[3]}))
+        return varlen_forward(*args, kernel=varlen.reference_varlen, **kwargs)
+
+    varlen_forward = varlen.varlen_forward
+    monkeypatch.setattr(varlen, "varlen_forward", forward)
+    ids = _ids([8, 8, 16])
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 32, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (True, False):
+        want, _ = ringbook.naive_attention(q, k, v, causal=causal, document_ids=ids, window=window)
+        with torch.no_grad():
+            out, _ = ringbook.production_ring_attention(q, k, v, ring_size=2, causal=causal, layout="doc_headtail",
+                                                        document_ids=ids, window=window)
+        torch.testing.assert_close(out.double(), want, rtol=1e-10, atol=1e-10)
+    assert [0, 1] in calls  # the layers ran
+
+
 def test_stacked_launches_keep_each_rank_in_its_rows():
     ids = _ids([8, 8, 8, 8])[None]
     a = varlen.pieces(torch.arange(0, 16), torch.arange(0, 16), causal=True, q_doc=ids[:, :16], k_doc=ids[:, :16])

@@ -48,7 +48,7 @@ import torch
 from .._utils import check_bool, check_positive_int
 from ..masks import MaskSpec
 from ..ring_dilated import DilatedRingPlan
-from ..schedule import check_layout, gathered_rows, layout_positions, schedule_for
+from ..schedule import DOC_HEADTAIL, check_layout, gathered_rows, layout_positions, schedule_for
 from .blocks import (
     CAUSAL,
     FULL,
@@ -65,7 +65,15 @@ from .blocks import (
 )
 from .engine import Plan
 
-PRODUCTION_LAYOUTS = ("contiguous", "zigzag")
+PRODUCTION_LAYOUTS = ("contiguous", "zigzag")  # and "doc_headtail" with documents (positions_of)
+
+
+@functools.lru_cache(maxsize=64)
+def positions_of(n: int, world: int, layout: str, mask: MaskSpec | None = None) -> torch.Tensor:
+    """``(w, c)``: the token positions each rank holds (:func:`~ringbook.schedule.layout_positions`; for
+    ``"doc_headtail"`` dealt from the mask's documents). Cached per call shape."""
+    ids = mask.ids() if mask is not None and layout == DOC_HEADTAIL else None
+    return layout_positions(n, world, layout, ids)
 Rows = tuple[int, int]
 
 
@@ -124,8 +132,10 @@ def rank_calls(n: int, world: int, layout: str, causal: bool,
     spec = mask if mask is not None else MaskSpec(bool(causal))
     if spec.causal != bool(causal):
         raise ValueError(f"rank_calls: the mask says causal={spec.causal} but causal={causal}")
-    positions = layout_positions(n, world, layout)
     c = n // world
+    if layout == DOC_HEADTAIL:  # two chunks of every document per rank: the whole shard is one masked call
+        return tuple(tuple((Call((0, c), (0, c), "masked"),) for _ in range(world)) for _ in range(world))
+    positions = positions_of(n, world, layout, mask)
     out = []
     for row in schedule_for(n, world, layout, spec):
         steps = []
@@ -156,7 +166,7 @@ def kernel_of(call: Call, rank: int, src: int, n: int, world: int, layout: str, 
         return FULL
     if call.kind == "causal":
         return CAUSAL
-    positions = layout_positions(n, world, layout)
+    positions = positions_of(n, world, layout, spec if layout == DOC_HEADTAIL else None)
     qp, kp = positions[rank, call.q[0]:call.q[1]], positions[src, call.kv[0]:call.kv[1]]
     if call.kind == "positions":
         return Positions(qp.to(device), kp.to(device))
@@ -217,8 +227,10 @@ def production_plan(n: int, ring_size: int, *, layout: str = "contiguous", causa
     """
     check_positive_int(n, "n")
     causal = check_bool(causal, "causal")
-    check_layout(n, ring_size, layout)
-    if layout not in PRODUCTION_LAYOUTS:
+    check_layout(n, ring_size, layout, None if mask is None else mask.ids())
+    if layout == DOC_HEADTAIL and (mask is None or mask.starts is None):
+        raise ValueError(f"layout={DOC_HEADTAIL!r} is dealt from the documents: give the mask's document ids")
+    if layout not in PRODUCTION_LAYOUTS + (DOC_HEADTAIL,):
         raise ValueError(_striped_message(layout))
     plan = []
     for t, row in enumerate(rank_calls(n, ring_size, layout, causal, mask)):

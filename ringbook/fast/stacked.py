@@ -60,11 +60,11 @@ from einops import rearrange
 
 from .._utils import available_bytes, check_bool, check_qkv, compute_dtype, resolve_scale
 from ..masks import MaskSpec, check_document_ids, check_window, mask_spec
-from ..schedule import check_layout, layout_positions
+from ..schedule import DOC_HEADTAIL, check_layout
 from .dilated import production_dilated_attention
 from .engine import Job, Mover, Part, Settings, StackedMover, check_graph, run
 from .kernels import check_backend
-from .plans import PRODUCTION_LAYOUTS, _striped_message, part_plan, production_plan, stacked_plan, wraps
+from .plans import PRODUCTION_LAYOUTS, _striped_message, part_plan, positions_of, production_plan, stacked_plan, wraps
 from .strategies import check_strategy, run_strategy
 from .tuning import Tuning, check_tuning
 
@@ -72,11 +72,11 @@ __all__ = ["GatherMover", "production_plan", "production_ring_attention"]
 
 
 @functools.lru_cache(maxsize=64)
-def _layout_order(n: int, world: int, layout: str, device: str) -> torch.Tensor | None:
+def _layout_order(n: int, world: int, layout: str, device: str, mask: MaskSpec | None = None) -> torch.Tensor | None:
     """The stacked token order on ``device`` (None when contiguous); cached per call shape."""
     if layout == "contiguous":
         return None
-    return layout_positions(n, world, layout).reshape(-1).to(device)
+    return positions_of(n, world, layout, mask).reshape(-1).to(device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +196,7 @@ def _parts(n: int, world: int, batch: int, layout: str, causal: bool, result_byt
     size = _part_ranks(world, whole_extra, per_rank, budget)
     if size == world:
         return None
-    positions = _positions_on(n, world, layout, str(q.device))
+    positions = _positions_on(n, world, layout, str(q.device), mask)
     return _part_iter(n, world, batch, layout, causal, size, positions, tuning, q, k, v, mask=mask)
 
 
@@ -217,9 +217,9 @@ def _put_ranks(index: torch.Tensor, count: int, out, lse, acc_out, acc_lse) -> N
 
 
 @functools.lru_cache(maxsize=64)
-def _positions_on(n: int, world: int, layout: str, device: str) -> torch.Tensor:
-    """:func:`~ringbook.schedule.layout_positions` on ``device`` (cached per call shape)."""
-    return layout_positions(n, world, layout).to(device)
+def _positions_on(n: int, world: int, layout: str, device: str, mask: MaskSpec | None = None) -> torch.Tensor:
+    """:func:`~ringbook.fast.plans.positions_of` on ``device`` (cached per call shape)."""
+    return positions_of(n, world, layout, mask).to(device)
 
 
 def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ring_size: int = 1, causal: bool = False,
@@ -237,7 +237,11 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ring_size: ranks ``w``; must divide ``n`` (``2w`` must, for zigzag).
         causal: key j is seen by query i only if j ≤ i (original positions).
         layout: ``"zigzag"`` (default when causal) or ``"contiguous"``
-            (default otherwise); ``"striped"`` is refused (module docstring).
+            (default otherwise); ``"doc_headtail"`` with ``document_ids``
+            (every document dealt head and tail, PyTorch's per-document
+            head-tail balancer: each rank's whole shard against each held one
+            is one masked block, its documents' pieces one variable-length
+            launch per band); ``"striped"`` is refused (module docstring).
         segment_lengths, dilation_rates, heads: given together, dilated
             attention (equation (D)) on the ring engine, one gathered block
             per (pair, head group) (:mod:`ringbook.fast.dilated`; contiguous
@@ -303,18 +307,22 @@ def production_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"shard of both), got seq_q={n} and seq_k={k.shape[1]}; use naive_attention or "
                          "blockwise_attention for cross-attention")
     layout = layout if layout is not None else ("zigzag" if causal else "contiguous")
-    if layout not in PRODUCTION_LAYOUTS:
+    if layout == DOC_HEADTAIL and (document_ids is None or strategy != "ring"):
+        raise ValueError(f"layout={DOC_HEADTAIL!r} is dealt from the documents: pass document_ids= (strategy='ring')")
+    if layout not in PRODUCTION_LAYOUTS + (DOC_HEADTAIL,):
         if layout == "striped":
             raise ValueError(_striped_message(layout))
-        raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS}, got {layout!r}")
-    check_layout(n, ring_size, layout)
+        raise ValueError(f"layout must be one of {PRODUCTION_LAYOUTS} or {DOC_HEADTAIL!r} (with document_ids), got "
+                         f"{layout!r}")
+    window = check_window(window)
+    ids = check_document_ids(document_ids, b, n)
+    check_layout(n, ring_size, layout, ids)
     if ring_size == 1:
         layout = "contiguous"  # one rank holds every token in order whatever the layout: no permutation to pay
     check_strategy(strategy, heads=h, ring_size=ring_size)
-    window = check_window(window)
-    ids = check_document_ids(document_ids, b, n)
     mask = None if ids is None and window is None else mask_spec(causal, ids, window)
-    stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device)))
+    stacking = _Stacking(ring_size, _layout_order(n, ring_size, layout, str(q.device),
+                                                  mask if layout == DOC_HEADTAIL else None))
     result_bytes = q.nbytes + 4 * q.numel() // d  # a held result: out (input dtype) and its float32 lse
     settings = Settings(resolve_scale(scale, d), backend, who="production_ring_attention", graph=graph, tuning=tuning)
     if strategy != "ring":
