@@ -203,11 +203,21 @@ def _rank(rank, world):
                                          timeout=30)
             out.sum().backward()
             res[(layout, window)] = (q, k, v, out.detach(), lse.detach(), [x.grad for x in xs])
+    head_tail = document_ids_from_cu_seqlens([0, 2 * world, n])  # every document a multiple of 2w
+    for window in (None, 3):  # the per-document head-tail layout: shards dealt from the documents
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, n, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+        xs = [rd.shard(x, rank, world, "doc_headtail", document_ids=head_tail).requires_grad_() for x in (q, k, v)]
+        out, lse = rd.ring_attention(*xs, causal=True, layout="doc_headtail", document_ids=head_tail, window=window,
+                                     timeout=30)
+        out.sum().backward()
+        res[("doc_headtail", window)] = (q, k, v, out.detach(), lse.detach(), [x.grad for x in xs])
     bad = ids.clone()
     if rank == 1:
         bad[-1] += 1  # rank 1 describes another sequence
     qs = rd.shard(torch.randn(1, n, 2, 3, dtype=torch.float64), rank, world)
     res["disagree"] = refusal(lambda: rd.ring_attention(qs, qs, qs, causal=True, document_ids=bad, timeout=10))
+    res["no ids"] = refusal(lambda: rd.ring_attention(qs, qs, qs, causal=True, layout="doc_headtail", timeout=10))
     return res
 
 
@@ -219,23 +229,25 @@ def test_the_distributed_ring_with_documents_and_a_window():
     ids = document_ids_from_cu_seqlens([0, 1, 7, n])
     checked = 0
     for key in results[0]:
-        if key == "disagree":
+        if key in ("disagree", "no ids"):
             continue
         layout, window = key
+        docs = document_ids_from_cu_seqlens([0, 2 * world, n]) if layout == "doc_headtail" else ids
         for rank, res in enumerate(results):
             q, k, v, out, lse, grads = res[key]
             ref = [x.clone().requires_grad_() for x in (q, k, v)]
-            ro, rl = ringbook.naive_attention(*ref, causal=True, document_ids=ids, window=window)
+            ro, rl = ringbook.naive_attention(*ref, causal=True, document_ids=docs, window=window)
             ro.sum().backward()
-            pos = layout_positions(n, world, layout)[rank]
+            pos = layout_positions(n, world, layout, docs)[rank]
             torch.testing.assert_close(out, ro[:, pos].detach(), rtol=1e-10, atol=1e-10)
             assert torch.equal(torch.isneginf(lse), torch.isneginf(rl[:, :, pos]))
             for a, b in zip(grads, ref):
                 torch.testing.assert_close(a, b.grad[:, pos], rtol=1e-10, atol=1e-10)
             checked += 1
-    assert checked == 4 * world
+    assert checked == 6 * world
     for res in results:
         assert res["disagree"]["type"] == "ValueError" and "same document_ids and window" in res["disagree"]["msg"]
+        assert res["no ids"]["type"] == "ValueError" and "'doc_headtail' with document_ids" in res["no ids"]["msg"]
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 40])

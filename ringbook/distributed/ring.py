@@ -39,20 +39,21 @@ from ..fast.kernels import BACKENDS
 from ..fast.plans import rank_plan
 from ..fast.tuning import Tuning, check_tuning
 from ..masks import MaskSpec, check_document_ids, check_window, mask_spec
-from ..schedule import LAYOUTS, check_layout
+from ..schedule import DOC_HEADTAIL, LAYOUTS, check_layout
 from .comm import _exchange, _Ring, _wait, agree
 from .entry import open_group, run_on_group
 
 
-def _local_problem(q, k, v, causal, layout, scale, backend="einops"):
+def _local_problem(q, k, v, causal, layout, scale, backend="einops", layouts: tuple[str, ...] = LAYOUTS):
     """``(problem, scale)``: the first thing wrong with this rank's own input (or None) and the resolved scale."""
     try:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_qkv(q, k, v, allow_gqa=True)
         check_bool(causal, "causal")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout not in layouts:
+            also = f" ({DOC_HEADTAIL!r} with document_ids)" if DOC_HEADTAIL not in layouts else ""
+            raise ValueError(f"layout must be one of {layouts}{also}, got {layout!r}")
         if k.shape[1] != q.shape[1]:
             raise ValueError(
                 f"each rank must hold q and k/v shards of the same length, got q {q.shape[1]} and "
@@ -81,11 +82,12 @@ def local_mask(q: torch.Tensor, world: int, causal: bool, document_ids: torch.Te
 
 
 def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einops", extra: tuple = (),
-                     problem: Exception | None = None) -> float:
+                     problem: Exception | None = None, mask: MaskSpec | None = None) -> float:
     """The one agreement check (:func:`~ringbook.distributed.comm.agree`): inputs that do not fit together are
     refused on every rank. ``extra``: more ``(name, value)`` options a strategy needs the same on every rank.
     Returns the resolved scale (the same on every rank: its bits are compared)."""
-    own, scale = _local_problem(q, k, v, causal, layout, scale, backend)
+    layouts = LAYOUTS + ((DOC_HEADTAIL,) if mask is not None and mask.starts is not None else ())
+    own, scale = _local_problem(q, k, v, causal, layout, scale, backend, layouts)
     problem = problem or own
     names = ("batch", "heads", "head_dim", "layout", "causal", "dtype", "k/v heads", "scale", "backend")
     values = [None] * len(names) if problem is not None else [
@@ -94,7 +96,7 @@ def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einop
     agree(ring, problem, q.shape[1] if problem is None else -1, fields,
           how_to_shard="cut the sequence with ringbook.distributed.shard(x, rank, world_size, layout), which needs a "
                        "length divisible by world_size (2·world_size for zigzag)",
-          choices={"layout": LAYOUTS, "dtype": FLOAT_DTYPES, "backend": BACKENDS})
+          choices={"layout": layouts, "dtype": FLOAT_DTYPES, "backend": BACKENDS})
     c = q.shape[1]  # the common shard length
     if layout == "zigzag" and c % 2:
         raise ValueError(
@@ -102,7 +104,7 @@ def _check_agreement(q, k, v, causal, layout, scale, ring: _Ring, backend="einop
             f"even, got {c}; shard with layout='zigzag' (sequence length divisible by "
             f"2·world_size = {2 * ring.world}) or pass the layout the shards were made with"
         )
-    check_layout(c * ring.world, ring.world, layout)
+    check_layout(c * ring.world, ring.world, layout, mask.ids() if layout == DOC_HEADTAIL else None)
     return scale
 
 
@@ -194,7 +196,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             with the same ``layout``; the sequence is ``n = w · c`` tokens.
         causal: key j is seen by query i only if j ≤ i (positions in the
             original token order, whatever the layout).
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (:mod:`ringbook.schedule`).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (:mod:`ringbook.schedule`), or
+            ``"doc_headtail"`` with ``document_ids`` (shards from
+            ``shard(x, rank, world_size, "doc_headtail", document_ids=ids)``).
         group: the process group (default: the world).
         scale: softmax scale, default ``1/sqrt(head_dim)``.
         timeout: seconds to wait for any peer (default ``$RINGBOOK_P2P_TIMEOUT`` or 60).
@@ -245,7 +249,7 @@ def _ring_attention(q, k, v, *, causal, layout, group, scale, timeout, backend, 
     ring = open_group(group, timeout, op)
     mask, problem = local_mask(q, ring.world, causal, document_ids, window)
     scale = _check_agreement(q, k, v, causal, layout, scale, ring, backend, extra=(("document_ids and window", mask),),
-                             problem=problem)
+                             problem=problem, mask=mask)
     causal = bool(causal)  # checked: True/False or numpy.bool_
     # Results are fresh kernel outputs, so a rank may hold a few across steps and fold them in one pass (the
     # one-process ring's box merge); a step's block gradients are summed together before they travel on.

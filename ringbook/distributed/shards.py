@@ -38,9 +38,10 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
     and for ``"contiguous"`` whatever the size).
 
     ``document_ids``: the whole sequence's ``(n,)`` ids, for
-    ``layout="doc_headtail"`` (:func:`ringbook.schedule.head_tail_positions`);
-    the distributed attentions take only :data:`ringbook.LAYOUTS`, so such
-    shards are for code of your own (or :func:`unshard`).
+    ``layout="doc_headtail"`` (:func:`ringbook.schedule.head_tail_positions`),
+    which :func:`ringbook.distributed.ring_attention` and
+    :func:`~ringbook.distributed.production_ring_attention` take with the same
+    ``document_ids`` (the other strategies take :data:`ringbook.LAYOUTS`).
 
     Raises TypeError/ValueError naming the argument: ``x`` not a tensor,
     ``rank`` not an int in ``0..world_size-1``, ``world_size`` not a positive
