@@ -273,8 +273,9 @@ def _probe(device: torch.device) -> dict:
 
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, launches: list[Launch], *, scale: float,
                    kernel: Callable[..., tuple[Tensor, Tensor]] = _flash) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of a masked block (``b i h d``, ``b h i``, float32 for half precision) from its launches; k/v have q's heads
-    (expanded by the caller). ``kernel``: the CUDA kernel, or :func:`reference_varlen` (the tests)."""
+    """``(out, lse)`` of a masked block (``b i h d``, ``b h i``) from its launches; k/v have q's heads (expanded
+    by the caller). ``out`` is the kernel's own (input dtype) where one launch covers every row, else float32
+    for half precision; lse float32. ``kernel``: the CUDA kernel, or :func:`reference_varlen` (the tests)."""
     out = lse = None
     for layer in sorted({x.layer for x in launches}) or [0]:  # keys of a document in several runs: merged layers
         part = _one_layer(q, k, v, [x for x in launches if x.layer == layer], scale, kernel)
