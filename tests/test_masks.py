@@ -112,6 +112,20 @@ def test_production_with_documents_and_windows_is_exact(docs, window):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=case)
 
 
+@pytest.mark.parametrize("layout,w", [("contiguous", 4), ("zigzag", 4), ("zigzag", 3), ("doc_headtail", 2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_the_stacked_plan_counts_the_pairs_the_mask_leaves(layout, w, window):
+    """Plan.work (each block kind's scores: masked blocks of several ranks stacked in one launch included) sums to
+    the visible pairs of the whole mask: nothing is computed twice or left out."""
+    from ringbook.fast.plans import stacked_plan
+    from ringbook.masks import visible_pairs
+
+    ids = document_ids_from_cu_seqlens([0, 12, 16, 48])
+    spec = mask_spec(True, ids[None], window)
+    plan = stacked_plan(48, w, 2, 1, layout=layout, causal=True, doubled=False, mask=spec, merge_group=4)
+    assert sum(plan.work(batch=2, heads=3)) == 2 * 3 * visible_pairs(48, causal=True, document_ids=ids, window=window)
+
+
 @pytest.mark.parametrize("window", [None, 3, 100])
 def test_production_with_the_head_tail_layout_is_exact(window):
     """layout="doc_headtail": each rank's whole shard against each held one is one masked block (keys of a
