@@ -118,7 +118,10 @@ def _merge_kernel(acc_ptr, acc_lse_ptr, sa_b, sa_n, sa_h, sal_b, sal_h, sal_n, n
     cols = tl.arange(0, BLOCK_D)
     dmask = cols < D
     a_off = (bb * sa_b + ii * sa_n + hh * sa_h)[:, None] + cols[None, :]
-    put = rmask if INIT else cov
+    if INIT:
+        put = rmask
+    else:
+        put = cov
     mask2 = put[:, None] & dmask[None, :]
     # Σ_j e^{lse_j − m} O_j and Σ_j e^{lse_j − m}
     num = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
