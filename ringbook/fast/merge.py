@@ -78,14 +78,17 @@ def _self_check_triton(fn, device, add_fn=None):
         lse_b[0, 1, :3 + j % 4] = float("-inf")
         blk[0, :3 + j % 4, 1] = 0  # a kernel's output for a row that saw no key
         items.append(((b0, b1, n0, n1), blk, lse_b))
+    partial = [items[3], items[8]]  # a pass leaving rows uncovered (batch row 2, rows 0-19 of 0): they keep their values
     want_o, want_l = acc.clone(), lse.clone()
     _torch_boxes(want_o, want_l, items)
+    _torch_boxes(want_o, want_l, partial)
     want_init_o, want_init_l = torch.empty_like(acc), torch.empty_like(lse)
     _torch_boxes(want_init_o, want_init_l, items[2:], initialise=True)  # some rows covered by no box
     init_o, init_l = torch.full_like(acc, float("nan")), torch.full_like(lse, float("nan"))
     try:
         fn(acc, lse, items[:1])
         fn(acc, lse, items[1:])
+        fn(acc, lse, partial)
         fn(init_o, init_l, items[2:], initialise=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
