@@ -45,8 +45,11 @@ PATHS = notebook_paths()
 ROOT, FIGURES, SAVE = PATHS
 
 # %%
+import json
+
 import torch
 from einops import repeat
+from IPython.display import display
 
 import ringbook
 from ringbook import (
@@ -60,7 +63,7 @@ from ringbook import (
 )
 from ringbook.exercises.strategies import check_step_bytes, check_ulysses_heads, check_usp_groups
 from ringbook.strategies import Wire, bytes_sent, head_split, lcm_heads
-from ringbook.viz.strategies import plot_bytes_per_rank, plot_strategy_schedule
+from ringbook.viz.strategies import plot_bytes_per_rank, plot_strategy_engine_cost, plot_strategy_schedule
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -441,6 +444,33 @@ fig_bytes
 # %% jupyter={"source_hidden": true}
 # Saved for the README and the docs (hidden in JupyterLab).
 fig_bytes.savefig(SAVE / "06_beyond_the_ring.png", dpi=110, metadata={"Software": None})
+
+# %% [markdown]
+# ### 5b · What each strategy's engine costs, measured on one GPU
+#
+# Bytes are half the story; the other half is what the engine spends around the kernels. With every rank played
+# on one GPU there is no network, so a strategy's time beside one cuDNN call on the whole sequence is its
+# engine's cost alone: the extra launches, merges and copies (1.0 would be free). `tools/gpu_strategies.py`
+# measured it, each output checked against float64 first; the committed file says on what:
+
+# %%
+strategies_path = PATHS.result("strategies/gpu-strategies-h100.json")
+if strategies_path is not None:
+    measured = json.loads(strategies_path.read_text())
+    print(f"{measured['env']['device']}, PyTorch {measured['env']['torch_version']}, ringbook at "
+          f"{measured['code']['ringbook_commit']}, bf16, b=1 h=8 d=64, forward")
+    for r in measured["rows"]:
+        cells = "  ".join(f"{s} {r['ratio_vs_cudnn'][s]:.2f}×" if s in r["ratio_vs_cudnn"] else f"{s} –"
+                          for s in ("ring", "allgather", "ulysses"))
+        print(f"{r['seq_len']:>7,} tokens, {r['ring_size']:2} ranks, {'causal' if r['causal'] else 'full  '}: "
+              f"cuDNN {r['ms']['cudnn']:6.2f} ms   {cells}")
+    display(plot_strategy_engine_cost(measured["rows"], title="one GPU playing every rank: cuDNN time / "
+                                                               "strategy time (dashed: 0.95)"))
+
+# %% [markdown]
+# At 131K tokens and 8 ranks every strategy costs within about 7% of the fused kernel, Ulysses nothing at all
+# (it is one full-attention call per head group). At 16K the calls are short and the launches and merges show,
+# most for all-gather with 16 ranks. Ulysses has no bar at 16 ranks: 8 heads do not split over 16 ranks.
 
 # %% [markdown]
 # **Takeaway:** at a fixed sequence, the ring and all-gather send more per rank as $w$ grows (towards

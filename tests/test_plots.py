@@ -226,3 +226,14 @@ def test_masked_timings_table_and_bars():
     fig = plot_masked_timings(table, title="t")
     assert [ax.get_title() for ax in fig.axes] == ["fwd", "fwd+bwd"]
     assert [len(ax.patches) for ax in fig.axes[:2]] == [4, 4]  # every column in every panel (absent: no height)
+
+
+def test_strategy_engine_cost_bars():
+    from ringbook.viz.strategies import plot_strategy_engine_cost
+
+    rows = [{"seq_len": 1024, "ring_size": 8, "causal": c, "ratio_vs_cudnn": {"ring": 0.9, "allgather": 0.8}}
+            for c in (False, True)] + [{"seq_len": 4096, "ring_size": 8, "causal": True,
+                                        "ratio_vs_cudnn": {"ring": 0.95, "allgather": 0.97, "ulysses": 1.0}}]
+    fig = plot_strategy_engine_cost(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["1,024 tokens", "4,096 tokens"]
+    assert [len(ax.patches) for ax in fig.axes] == [2 * 3, 1 * 3]  # (rows) × (ring, allgather, ulysses)

@@ -136,3 +136,31 @@ def plot_bytes_per_rank(ring_sizes: Sequence[int], bytes_per_rank: Mapping[str, 
         ax2.grid(alpha=0.3, which="both")
         ax2.set_title("bytes per unit of work (lower hides more easily)", fontsize=10)
     return fig
+
+
+def plot_strategy_engine_cost(rows: Sequence[Mapping], *, title: str = "") -> Figure:
+    """Each strategy's time on one GPU as a fraction of one cuDNN call on the whole sequence (the engine's cost
+    with no network: 1.0 is free), from ``tools/gpu_strategies.py`` rows; one panel per sequence length, bars per
+    (ring size, causal), the issue's 0.95 line dashed."""
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = new_figure(1, len(lengths), figsize=(5.0 * len(lengths), 3.8), sharey=True)
+    strategies = [s for s in STRATEGY_COLORS if any(s in r["ratio_vs_cudnn"] for r in rows)]
+    width = 0.8 / max(len(strategies), 1)
+    for ax, n in zip(axes[0], lengths):
+        group = [r for r in rows if r["seq_len"] == n]
+        x = np.arange(len(group))
+        for j, s in enumerate(strategies):
+            vals = [r["ratio_vs_cudnn"].get(s, np.nan) for r in group]
+            ax.bar(x + (j - (len(strategies) - 1) / 2) * width, vals, width, color=STRATEGY_COLORS[s], label=s)
+        ax.axhline(0.95, color="#222222", ls="--", lw=1)
+        ax.set_xticks(x, [f"{r['ring_size']} ranks\n{'causal' if r['causal'] else 'full'}" for r in group],
+                      fontsize=8)
+        ax.set_title(f"{n:,} tokens", fontsize=10)
+        ax.set_ylim(0, 1.1)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("cuDNN time / strategy time")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=len(strategies), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
