@@ -18,6 +18,15 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] =
     return fig, axes
 
 
+def legend_below(fig: Figure, ax: Any, *, title: str = "") -> Figure:
+    """One legend for every panel, under them (from ``ax``'s labelled artists), and the figure's title."""
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=max(len(names), 1), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def _np(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .figure import new_figure
+from .figure import legend_below, new_figure
 from .palette import COLORS, rank_color
 
 Blocks = list[list[list[tuple[torch.Tensor, torch.Tensor, str]]]]
@@ -283,8 +283,4 @@ def plot_masked_timings(table: Mapping[tuple[str, int, str], Mapping[str, float]
         ax.set_title(mode, fontsize=10)
         ax.grid(alpha=0.3, axis="y", which="both")
     axes[0, 0].set_ylabel("ms (median)")
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=len(columns), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
+    return legend_below(fig, axes[0, 0], title=title)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figure import new_figure
+from .figure import legend_below, new_figure
 from .palette import MESSAGE_COLORS, STRATEGY_COLORS, rank_color
 
 
@@ -159,8 +159,4 @@ def plot_strategy_engine_cost(rows: Sequence[Mapping], *, title: str = "") -> Fi
         ax.set_ylim(0, 1.1)
         ax.grid(alpha=0.3, axis="y")
     axes[0, 0].set_ylabel("cuDNN time / strategy time")
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=len(strategies), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
+    return legend_below(fig, axes[0, 0], title=title)
