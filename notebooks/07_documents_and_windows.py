@@ -489,8 +489,8 @@ if masked_path is not None:
 
 # %% [markdown]
 # Skipping pays: every masked call is far below the dense one. But the ring in this run is 3–23× slower than the
-# peers, although its cut blocks run on `varlen_attn`'s own kernel: the time goes elsewhere. A profile of that
-# code on the same GPU (`figures/masks/profile-masked-h100.json`) found most of it on the host: 17–32 ms per
+# peers, although its cut blocks run on `varlen_attn`'s own kernel: the time goes elsewhere. A profile of the
+# same masked code on an H100 (`figures/masks/profile-masked-h100.json`) found most of it on the host: 17–32 ms per
 # call scanning the document ids with torch's CPU ops. That scan, the copies around each cut block and the launch
 # per rank have been replaced since (see the notes in `docs/results.md`); the ring has not been measured again yet.
 # The target the project set itself is within 1.1× of the faster peer. Until a run shows it, read these bars as
