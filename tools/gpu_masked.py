@@ -736,6 +736,19 @@ def block_makers(c: Case, q, k, v, dout, scale, args) -> dict:
             return out, lse, grads
         return call, lambda res: res, info
 
+    def boolmask(mode):
+        fwd, info = make_boolmask(c, scale, device)
+        return (*autograd_call(fwd, q, k, v, dout, mode), info)
+
+    makers = {"ringbook_masked": masked, **peer_makers(c, q, k, v, dout, scale), "sdpa_boolmask": boolmask}
+    return {name: m for name, m in makers.items() if name in wanted}
+
+
+def peer_makers(c: Case, q, k, v, dout, scale) -> dict:
+    """The makers of the peers a block row and a whole-sequence row share: flex_attention (two BlockMask
+    constructions), varlen_attn, and the unmasked dense upper bound."""
+    device = q.device
+
     def flex(direct):
         def make(mode):
             fwd, info = make_flex(c, scale, device, direct)
@@ -744,10 +757,6 @@ def block_makers(c: Case, q, k, v, dout, scale, args) -> dict:
 
     def varlen(mode):
         fwd, info = make_varlen(c, scale, device)
-        return (*autograd_call(fwd, q, k, v, dout, mode), info)
-
-    def boolmask(mode):
-        fwd, info = make_boolmask(c, scale, device)
         return (*autograd_call(fwd, q, k, v, dout, mode), info)
 
     def dense(mode):
@@ -761,9 +770,7 @@ def block_makers(c: Case, q, k, v, dout, scale, args) -> dict:
             return out, lse, bwd(q, k, v, out, lse, dout)
         return call, lambda res: res, info
 
-    makers = {"ringbook_masked": masked, "flex": flex(False), "flex_direct": flex(True), "varlen": varlen,
-              "sdpa_boolmask": boolmask, "dense_upper_bound": dense}
-    return {name: m for name, m in makers.items() if name in wanted}
+    return {"flex": flex(False), "flex_direct": flex(True), "varlen": varlen, "dense_upper_bound": dense}
 
 
 # --------------------------------------------------------------------------- block cases and whole sequences
@@ -844,32 +851,16 @@ def run_whole(args, device, dtype) -> None:
             return (*autograd_call(fwd, q, k, v, dout, mode),
                     {"path": f"production_ring_attention(ring_size={ring}, layout=zigzag)"})
 
-        def flex(direct):
-            def make(mode):
-                fwd, info = make_flex(c, scale, device, direct)
-                return (*autograd_call(fwd, q, k, v, dout, mode), info)
-            return make
+        peers = peer_makers(c, q, k, v, dout, scale)
 
-        def varlen(mode):
-            fwd, info = make_varlen(c, scale, device)
-            return (*autograd_call(fwd, q, k, v, dout, mode), info)
-
-        def dense(mode):
+        def dense(mode, n=n, peers=peers):
             if n > 131072:
                 raise Unavailable("the unmasked upper bound is skipped beyond 131072 tokens (dense n² is seconds)")
-            fwd, bwd, info = dense_block(c, scale)
-            if mode == "fwd":
-                return lambda: fwd(q, k, v), lambda res: (res[0], res[1], None), info
-
-            def call():
-                out, lse = fwd(q, k, v)
-                out = out.to(q.dtype)
-                return out, lse, bwd(q, k, v, out, lse, dout)
-            return call, lambda res: res, info
+            return peers["dense_upper_bound"](mode)
 
         makers = {"ringbook_production": production,
                   **{f"ringbook_ring{w}": functools.partial(production, ring=w) for w in args.rings[1:]},
-                  "flex": flex(False), "flex_direct": flex(True), "varlen": varlen, "dense_upper_bound": dense}
+                  **peers, "dense_upper_bound": dense}
         makers = {name: m for name, m in makers.items() if name in wanted or name.startswith("ringbook_")}
         for mode in args.modes:
             run_group(c, mode, makers, q, k, v, dout, ref, None, rows, counts, visible, args,

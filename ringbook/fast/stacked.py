@@ -76,7 +76,7 @@ def _layout_order(n: int, world: int, layout: str, device: str, mask: MaskSpec |
     """The stacked token order on ``device`` (None when contiguous); cached per call shape."""
     if layout == "contiguous":
         return None
-    return positions_of(n, world, layout, mask).reshape(-1).to(device)
+    return _positions_on(n, world, layout, device, mask).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
